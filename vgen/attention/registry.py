@@ -1,0 +1,134 @@
+"""Attention methods by name: a config dataclass and a callable per method."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from vgen.attention.layout import VideoLayout
+from vgen.kernels import dense_attention
+
+__all__ = [
+    "AttentionMethod",
+    "MethodConfig",
+    "available_methods",
+    "create_method",
+    "register_method",
+]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Settings every method shares.
+
+    Args:
+        dense_steps: the first ``dense_steps`` denoising steps run dense attention.
+        dense_layers: indices of self-attention layers that always run dense.
+    """
+
+    dense_steps: int = 0
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise ValueError(f"dense_steps must be a non-negative int, got {self.dense_steps!r}")
+        layers = self.dense_layers
+        if isinstance(layers, int) or not all(isinstance(i, int) and i >= 0 for i in layers):
+            raise ValueError(f"dense_layers must be a sequence of non-negative ints, got {layers!r}")
+        object.__setattr__(self, "dense_layers", tuple(layers))
+
+
+class AttentionMethod:
+    """A sparse (or dense) attention method over ``[B, S, H, D]`` tensors.
+
+    Subclasses set ``config_class`` and implement :meth:`forward`; :meth:`__call__`
+    routes dense warm-up steps and dense layers to exact dense attention.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layout: VideoLayout,
+        step: int,
+        layer: int,
+        scale: float | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention output ``[B, S, H, D]`` for q, k, v ``[B, S, H, D]``.
+
+        ``attn_mask`` is what the model hands to SDPA (bool or additive, broadcastable
+        to ``[B, H, S, S]``), e.g. HunyuanVideo's padding mask over text tokens.
+        """
+        if step < self.config.dense_steps or layer in self.config.dense_layers:
+            return dense_attention(q, k, v, scale=scale, attn_mask=attn_mask)
+        return self.forward(q, k, v, layout=layout, step=step, layer=layer, scale=scale, attn_mask=attn_mask)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layout: VideoLayout,
+        step: int,
+        layer: int,
+        scale: float | None,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+_METHODS: dict[str, type[AttentionMethod]] = {}
+
+
+def register_method(name: str):
+    """Class decorator: make an :class:`AttentionMethod` subclass available as ``name``."""
+
+    def wrap(cls: type[AttentionMethod]) -> type[AttentionMethod]:
+        if name in _METHODS:
+            raise ValueError(f"attention method {name!r} is already registered by {_METHODS[name].__name__}")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_methods() -> list[str]:
+    """Names accepted by :func:`create_method`, sorted."""
+    return sorted(_METHODS)
+
+
+def create_method(name: str, **config: Any) -> AttentionMethod:
+    """Build the method registered as ``name`` from keyword settings.
+
+    Raises:
+        ValueError: unknown ``name`` (the valid names are listed) or unknown config key
+            (the method's valid keys are listed), or a value its config rejects.
+    """
+    if name not in _METHODS:
+        raise ValueError(f"unknown attention method {name!r}; available: {', '.join(available_methods())}")
+    cls = _METHODS[name]
+    fields = [f.name for f in dataclasses.fields(cls.config_class)]
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(map(repr, unknown))} for attention method {name!r}; "
+            f"valid keys: {', '.join(fields)}"
+        )
+    return cls(cls.config_class(**config))

@@ -1,0 +1,1 @@
+"""Procedural data (moving-shapes videos with captions, deforming shapes) lands here."""

@@ -1,0 +1,284 @@
+"""One mechanism that routes every video self-attention of a diffusers transformer to a vgen method.
+
+Data flow::
+
+    pipeline step ──> transformer.forward ──(model hook: token grid, step index)──> blocks
+        └─> self-attention module ──(module hook: layer index, enters SDPA interceptor)──>
+            diffusers processor (projections, norms, RoPE) ──> SDPA call [B, H, S, D]
+            └─ intercepted ──> method(q, k, v [B, S, H, D], layout, step, layer) ──> back to the processor
+
+The processors stay diffusers' own: the interceptor catches their call to
+``torch.nn.functional.scaled_dot_product_attention`` (diffusers' ``native`` backend, and
+CogVideoX's processor, call it) through a ``TorchFunctionMode`` that is active only while a
+self-attention module runs. Cross-attention and other modules are never touched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+from torch.overrides import TorchFunctionMode
+
+from vgen.attention import AttentionMethod, VideoLayout, create_method
+
+__all__ = [
+    "TRANSFORMER_SPECS",
+    "TransformerSpec",
+    "apply_sparse_attention",
+    "remove_sparse_attention",
+    "self_attention_modules",
+    "sparse_attention_method",
+    "transformer_spec",
+]
+
+_HOOK = "vgen.sparse_attention"
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """What vgen must know of one diffusers video transformer class.
+
+    Args:
+        self_attention: regex matching the qualified names of the modules that run
+            self-attention over the video tokens (joint with text in some models).
+        text_position: where extra context tokens sit in those attentions:
+            ``"none"``, ``"before"`` or ``"after"`` the video part.
+        latent: how the forward receives the latent video: ``"BCFHW"``, ``"BFCHW"``, or
+            ``"packed"`` (``[B, S, C]`` with ``num_frames``/``height``/``width`` arguments).
+    """
+
+    self_attention: str
+    text_position: str
+    latent: str
+
+
+TRANSFORMER_SPECS: dict[str, TransformerSpec] = {
+    "WanTransformer3DModel": TransformerSpec(r"blocks\.\d+\.attn1", "none", "BCFHW"),
+    "SkyReelsV2Transformer3DModel": TransformerSpec(r"blocks\.\d+\.attn1", "none", "BCFHW"),
+    "LTXVideoTransformer3DModel": TransformerSpec(r"transformer_blocks\.\d+\.attn1", "none", "packed"),
+    "CogVideoXTransformer3DModel": TransformerSpec(r"transformer_blocks\.\d+\.attn1", "before", "BFCHW"),
+    "HunyuanVideoTransformer3DModel": TransformerSpec(
+        r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn", "after", "BCFHW"
+    ),
+    "MotifVideoTransformer3DModel": TransformerSpec(
+        r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn", "after", "BCFHW"
+    ),
+}
+
+
+def transformer_spec(transformer: torch.nn.Module) -> TransformerSpec:
+    """The :class:`TransformerSpec` of ``transformer``'s class, or a ValueError naming the supported ones."""
+    name = type(transformer).__name__
+    if name not in TRANSFORMER_SPECS:
+        raise ValueError(
+            f"transformer of class {name} is not supported; supported: {', '.join(sorted(TRANSFORMER_SPECS))}"
+        )
+    return TRANSFORMER_SPECS[name]
+
+
+def self_attention_modules(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The video self-attention modules of ``transformer``, in layer order."""
+    pattern = re.compile(transformer_spec(transformer).self_attention)
+    return [(name, module) for name, module in transformer.named_modules() if pattern.fullmatch(name)]
+
+
+def patch_size(config: Any) -> tuple[int, int, int]:
+    """(t, h, w) patch of a transformer config, whichever way the model spells it."""
+    size = config.patch_size
+    if isinstance(size, (tuple, list)):
+        return tuple(int(s) for s in size)
+    return (int(getattr(config, "patch_size_t", None) or 1), int(size), int(size))
+
+
+def _forward_token_grid(spec: TransformerSpec, config: Any, arguments: dict[str, Any]) -> tuple[int, int, int]:
+    """(frames, height, width) in tokens for one forward call's bound arguments."""
+    pt, ph, pw = patch_size(config)
+    if spec.latent == "packed":
+        f, h, w = (int(arguments[k]) for k in ("num_frames", "height", "width"))
+    else:
+        shape = arguments["hidden_states"].shape
+        f, h, w = (shape[2], shape[3], shape[4]) if spec.latent == "BCFHW" else (shape[1], shape[3], shape[4])
+    return f // pt, h // ph, w // pw
+
+
+class _CallCount(BaseState):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.calls = 0
+
+
+class _Run:
+    """What the self-attention hooks read during one transformer forward."""
+
+    def __init__(self, spec: TransformerSpec, method: AttentionMethod) -> None:
+        self.spec = spec
+        self.method = method
+        self.grid: VideoLayout | None = None
+        self.step = 0
+
+    def attend(
+        self,
+        layer: int,
+        module_name: str,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        if self.grid is None:
+            raise RuntimeError(f"{module_name} ran outside its transformer's forward; vgen cannot place its tokens")
+        if dropout_p or is_causal:
+            raise NotImplementedError(
+                f"{module_name}: vgen methods compute non-causal attention without dropout "
+                f"(got dropout_p={dropout_p}, is_causal={is_causal})"
+            )
+        if key.shape[1] != query.shape[1] or key.shape[2] != query.shape[2]:
+            raise NotImplementedError(
+                f"{module_name}: vgen methods need self-attention with as many key as query heads and tokens; "
+                f"got query {tuple(query.shape)}, key {tuple(key.shape)} ([B, H, S, D])"
+            )
+        layout = self.grid.with_context(query.shape[2], self.spec.text_position)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        out = self.method(q, k, v, layout=layout, step=self.step, layer=layer, scale=scale, attn_mask=attn_mask)
+        return out.transpose(1, 2)
+
+
+class _Interceptor(TorchFunctionMode):
+    """Sends the SDPA call of one self-attention module to the run's method."""
+
+    def __init__(self, run: _Run, layer: int, module_name: str) -> None:
+        super().__init__()
+        self.run, self.layer, self.module_name = run, layer, module_name
+        self.calls = 0
+
+    def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        return self.run.attend(self.layer, self.module_name, *args, **kwargs)
+
+
+class _TransformerHook(ModelHook):
+    """Reads the token grid and the denoising step from each transformer call.
+
+    The step is the pipeline's ``cache_context(step_index=...)`` when it gives one, else the
+    number of earlier calls in the same cache context ("cond", "uncond", or none), so
+    classifier-free guidance in separate calls counts once per step. Pipelines reset it at
+    the end of each generation (``maybe_free_model_hooks``).
+    """
+
+    _is_stateful = True
+
+    def __init__(self, run: _Run) -> None:
+        super().__init__()
+        self.run = run
+        self.contexts = StateManager(_CallCount)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.signature = inspect.signature(type(module).forward)
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        bound = self.signature.bind(module, *args, **kwargs).arguments
+        self.run.grid = VideoLayout(*_forward_token_grid(self.run.spec, module.config, bound))
+        try:
+            context = self.contexts.context
+        except ValueError:
+            context = None
+        if context is not None and context.step_index is not None:
+            self.run.step = int(context.step_index)
+        else:
+            key = context.name if context is not None else ""
+            self.run.step = self.calls[key]
+            self.calls[key] += 1
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self.run.grid = None
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.calls.clear()
+        self.contexts.reset()
+        return module
+
+
+class _SelfAttentionHook(ModelHook):
+    """Runs one self-attention module with its SDPA call routed to the method."""
+
+    def __init__(self, run: _Run, layer: int, module_name: str) -> None:
+        super().__init__()
+        self.run, self.layer, self.module_name = run, layer, module_name
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        interceptor = _Interceptor(self.run, self.layer, self.module_name)
+        with interceptor:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        if interceptor.calls != 1:
+            raise RuntimeError(
+                f"{self.module_name} called torch's scaled_dot_product_attention {interceptor.calls} times "
+                "(expected once): vgen needs the module's processor to compute attention through SDPA, "
+                "i.e. diffusers' 'native' attention backend (see transformer.reset_attention_backend())"
+            )
+        return out
+
+
+def apply_sparse_attention(transformer: torch.nn.Module, name: str, **config: Any) -> AttentionMethod:
+    """Route every video self-attention of ``transformer`` to the method registered as ``name``.
+
+    Works on the diffusers video transformers in :data:`TRANSFORMER_SPECS`. Applying again
+    replaces the previous method; :func:`remove_sparse_attention` restores the stock model.
+
+    Args:
+        transformer: a diffusers video transformer, e.g. ``WanTransformer3DModel``.
+        name: a registered method (``vgen.attention.available_methods()``).
+        **config: the method's settings, checked by its config dataclass.
+
+    Returns:
+        The method instance (its config, and any statistics it keeps).
+    """
+    spec = transformer_spec(transformer)
+    method = create_method(name, **config)
+    modules = self_attention_modules(transformer)
+    if not modules:
+        raise ValueError(f"{type(transformer).__name__} has no module matching {spec.self_attention!r}")
+    remove_sparse_attention(transformer)
+    run = _Run(spec, method)
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_TransformerHook(run), _HOOK)
+    for layer, (module_name, module) in enumerate(modules):
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(
+            _SelfAttentionHook(run, layer, module_name), _HOOK
+        )
+    return method
+
+
+def sparse_attention_method(transformer: torch.nn.Module) -> AttentionMethod | None:
+    """The method applied to ``transformer``, or None."""
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.get_hook(_HOOK) if registry is not None else None
+    return hook.run.method if hook is not None else None
+
+
+def remove_sparse_attention(transformer: torch.nn.Module) -> None:
+    """Undo :func:`apply_sparse_attention`: every module runs stock diffusers code again."""
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None:
+        registry.remove_hook(_HOOK, recurse=True)
