@@ -1,0 +1,272 @@
+"""Block-sparse attention against SDPA (cuDNN, flash), FlexAttention and xformers on one GPU.
+
+    python benchmarks/attention.py --out benchmarks/results/attention.md [--sweep]
+
+For each shape (full-size presets from vgen/configs/shapes.yaml) and each density, with a
+random and a local-3D block mask, it times the forward and forward+backward of vgen's kernel
+and of FlexAttention with the identical mask, and the dense SDPA backends, in one process
+(triton.testing.do_bench medians, bf16, B=1). Each mask is checked against FlexAttention
+before timing: a row whose outputs disagree prints MISMATCH instead of a speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+from torch.nn.attention.flex_attention import flex_attention
+
+from vgen.attention import VideoLayout
+from vgen.attention.block_mask import BlockMask, local_window_mask
+from vgen.configs import load_shape
+from vgen.kernels import block_sparse
+from vgen.kernels.block_sparse import block_sparse_attention
+
+DENSITIES = (1.0, 0.5, 0.25, 0.1)
+BLOCK = 128
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def shape_of(name: str) -> tuple[int, int, VideoLayout]:
+    preset = load_shape(name)
+    cfg, clip, vae = preset["config"], preset["clip"], preset["vae"]
+    patch = cfg["patch_size"][1] if isinstance(cfg["patch_size"], list) else cfg["patch_size"]
+    grid = VideoLayout((clip["num_frames"] - 1) // vae["temporal"] + 1, clip["height"] // (vae["spatial"] * patch),
+                       clip["width"] // (vae["spatial"] * patch))
+    return cfg["num_attention_heads"], cfg["attention_head_dim"], grid
+
+
+def random_mask(heads: int, seq: int, density: float, device) -> BlockMask:
+    blocks = triton.cdiv(seq, BLOCK)
+    keep = max(1, round(density * blocks))
+    scores = torch.rand(1, heads, blocks, blocks, device=device)
+    dense = scores >= scores.topk(keep, dim=-1).values[..., -1:]
+    return BlockMask.from_dense(dense, block_size=(BLOCK, BLOCK), seq_lens=(seq, seq))
+
+
+def local_mask(grid: VideoLayout, density: float, device) -> tuple[BlockMask, tuple[int, int, int]]:
+    """The local-3D window whose block density is closest to ``density`` (bisection on its scale)."""
+    lo, hi = 0.0, 1.0
+    best = None
+    for _ in range(14):
+        r = (lo + hi) / 2
+        window = tuple(max(0, round(r * n)) for n in (grid.frames, grid.height, grid.width))
+        mask = local_window_mask(grid, window, block_size=(BLOCK, BLOCK), device=device)
+        d = mask.density()
+        if best is None or abs(d - density) < abs(best[0] - density):
+            best = (d, mask, window)
+        lo, hi = (r, hi) if d < density else (lo, r)
+    return best[1], best[2]
+
+
+def flex_mask(mask: BlockMask) -> FlexBlockMask:
+    """The same blocks as a FlexAttention BlockMask, all marked full (no mask_mod work)."""
+    zeros = torch.zeros_like(mask.kv_num_blocks)
+    return FlexBlockMask.from_kv_blocks(
+        zeros, mask.kv_indices, mask.kv_num_blocks, mask.kv_indices, BLOCK_SIZE=mask.block_size,
+        seq_lengths=mask.seq_lens,
+    )
+
+
+def err_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).square().mean().sqrt() / b.float().square().mean().sqrt()).item()
+
+
+def fwd_bwd(fn, inputs, grad):
+    def run():
+        for x in inputs:
+            x.grad = None
+        fn().backward(grad)
+
+    return run
+
+
+def sweep(heads: int, head_dim: int, seq: int, device) -> list[dict]:
+    """Time candidate tiles of each kernel at densities 1.0 and 0.25; keep the fastest."""
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    candidates = {
+        "fwd": [(128, 128, 8, 3, False), (128, 64, 4, 3, False), (128, 128, 4, 3, False), (64, 128, 4, 3, False),
+                (128, 64, 8, 4, False), (128, 128, 8, 2, False), (128, 128, 8, 3, True)],
+        "dkdv": [(64, 128, 8, 2, False), (128, 128, 8, 2, False), (64, 128, 4, 3, False), (64, 64, 4, 3, False)],
+        "dq": [(128, 64, 8, 2, False), (64, 64, 4, 3, False), (128, 128, 8, 2, False), (64, 128, 4, 3, False)],
+    }
+    rows = []
+    masks = {d: random_mask(heads, seq, d, device) for d in (1.0, 0.25)}
+    for kind, options in candidates.items():
+        best = None
+        for tiles in options:
+            block_sparse.CUDA_TILES[kind] = tiles
+            times = []
+            try:
+                for mask in masks.values():
+                    if kind == "fwd":
+                        with torch.no_grad():
+                            times.append(bench(lambda m=mask: block_sparse_attention(q, k, v, m)))
+                    else:
+                        times.append(bench(fwd_bwd(lambda m=mask: block_sparse_attention(q, k, v, m), (q, k, v),
+                                                   grad)))
+            except Exception as err:  # a tile the compiler rejects on this GPU
+                rows.append({"kernel": kind, "tiles": tiles, "error": str(err).splitlines()[0][:120]})
+                continue
+            rows.append({"kernel": kind, "tiles": tiles, "ms_d1.0": times[0], "ms_d0.25": times[1]})
+            if best is None or sum(times) < best[0]:
+                best = (sum(times), tiles)
+        if best is not None:
+            block_sparse.CUDA_TILES[kind] = best[1]
+    return rows
+
+
+def run_shape(name: str, device, xformers) -> tuple[list[dict], list[dict]]:
+    heads, head_dim, grid = shape_of(name)
+    seq = grid.num_video_tokens
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    grad_t = grad.transpose(1, 2).contiguous()
+    flex = torch.compile(flex_attention, dynamic=False)
+    pair_flops = 4 * heads * head_dim  # QK^T and PV per kept (query, key) pair
+
+    dense_rows = []
+    for label, backend in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION), ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
+        with sdpa_kernel(backend):
+            with torch.no_grad():
+                t_f = bench(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+            t_fb = bench(fwd_bwd(lambda: F.scaled_dot_product_attention(qt, kt, vt), (qt, kt, vt), grad_t))
+        dense_rows.append({"shape": name, "method": label, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
+                           "fwd_tflops": pair_flops * seq * seq / t_f / 1e9})
+    if xformers is not None:
+        with torch.no_grad():
+            t_f = bench(lambda: xformers.ops.memory_efficient_attention(q, k, v))
+        t_fb = bench(fwd_bwd(lambda: xformers.ops.memory_efficient_attention(q, k, v), (q, k, v), grad))
+        dense_rows.append({"shape": name, "method": "xformers mem-efficient", "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
+                           "fwd_tflops": pair_flops * seq * seq / t_f / 1e9})
+
+    rows = []
+    ours_dense = None
+    for kind in ("random", "local-3D"):
+        for density in DENSITIES:
+            window = None
+            if density == 1.0:
+                mask = BlockMask.full(1, 1, (seq, seq), (BLOCK, BLOCK), device)
+            elif kind == "random":
+                mask = random_mask(heads, seq, density, device)
+            else:
+                mask, window = local_mask(grid, density, device)
+            actual = mask.density()
+            fmask = flex_mask(mask)
+            with torch.no_grad():
+                ours_out = block_sparse_attention(q, k, v, mask)
+                flex_out = flex(qt, kt, vt, block_mask=fmask).transpose(1, 2)
+                err = err_ratio(ours_out, flex_out)
+                t_ours = bench(lambda m=mask: block_sparse_attention(q, k, v, m))
+                t_flex = bench(lambda m=fmask: flex(qt, kt, vt, block_mask=m))
+            t_ours_fb = bench(fwd_bwd(lambda m=mask: block_sparse_attention(q, k, v, m), (q, k, v), grad))
+            t_flex_fb = bench(fwd_bwd(lambda m=fmask: flex(qt, kt, vt, block_mask=m), (qt, kt, vt), grad_t))
+            t_build = (bench(lambda w=window: local_window_mask(grid, w, block_size=(BLOCK, BLOCK), device=device))
+                       if window is not None else None)
+            if density == 1.0:
+                ours_dense = t_ours
+            kept = actual * seq * seq
+            rows.append({
+                "shape": name, "mask": kind, "density": actual, "window": window, "err_vs_flex": err,
+                "ours_fwd_ms": t_ours, "flex_fwd_ms": t_flex, "ours_fwd_bwd_ms": t_ours_fb,
+                "flex_fwd_bwd_ms": t_flex_fb, "ours_fwd_tflops": pair_flops * kept / t_ours / 1e9,
+                "flex_fwd_tflops": pair_flops * kept / t_flex / 1e9,
+                "ours_fwd_bwd_tflops": 3.5 * pair_flops * kept / t_ours_fb / 1e9,
+                "linearity": t_ours / (actual * ours_dense), "mask_build_ms": t_build,
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    return dense_rows, rows
+
+
+def markdown(meta: dict, sweep_rows: list[dict], dense_rows: list[dict], rows: list[dict]) -> str:
+    lines = [f"### Attention kernels, {meta['date']}, commit {meta['commit']}, {meta['gpu']}",
+             "", f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; bf16, B=1, "
+             "head_dim 128, do_bench medians. TFLOP/s count kept work only (4·H·D per kept pair forward; "
+             "x3.5 forward+backward).", ""]
+    lines += ["| shape | dense method | fwd ms | fwd TFLOP/s | fwd+bwd ms |", "|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['method']} | {r['fwd_ms']:.2f} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_ms']:.2f} |"
+              for r in dense_rows]
+    lines += ["", "| shape | mask | density | vgen fwd ms | Flex fwd ms | **fwd speedup vs Flex** | vgen TFLOP/s | "
+              "time / (density x vgen dense) | vgen fwd+bwd ms | Flex fwd+bwd ms | **fwd+bwd speedup** | "
+              "mask build (% of vgen fwd) | err vs Flex |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = r["err_vs_flex"] < 2e-2
+        speed = f"{r['flex_fwd_ms'] / r['ours_fwd_ms']:.2f}x" if ok else "MISMATCH"
+        speed_fb = f"{r['flex_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.2f}x" if ok else "MISMATCH"
+        build = (f"{r['mask_build_ms']:.3f} ms ({100 * r['mask_build_ms'] / r['ours_fwd_ms']:.1f}%)"
+                 if r["mask_build_ms"] is not None else "-")
+        lines.append(
+            f"| {r['shape']} | {r['mask']} | {r['density']:.3f} | {r['ours_fwd_ms']:.2f} | {r['flex_fwd_ms']:.2f} | "
+            f"{speed} | {r['ours_fwd_tflops']:.0f} | {r['linearity']:.2f} | {r['ours_fwd_bwd_ms']:.2f} | "
+            f"{r['flex_fwd_bwd_ms']:.2f} | {speed_fb} | {build} | {r['err_vs_flex']:.1e} |")
+    if sweep_rows:
+        lines += ["", "Tile sweep (wan1.3b-480p shape, random masks; the fastest was used above):", "",
+                  "| kernel | (BLOCK_M, BLOCK_N, warps, stages, warp-specialized) | ms at density 1.0 | ms at 0.25 |",
+                  "|---|---|---|---|"]
+        for r in sweep_rows:
+            if "error" in r:
+                lines.append(f"| {r['kernel']} | {r['tiles']} | failed: {r['error']} | |")
+            else:
+                lines.append(f"| {r['kernel']} | {r['tiles']} | {r['ms_d1.0']:.2f} | {r['ms_d0.25']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["wan1.3b-480p", "wan14b-720p"])
+    parser.add_argument("--sweep", action="store_true", help="time candidate tiles first and use the fastest")
+    parser.add_argument("--out", type=Path, help="write the Markdown table here (and a .json beside it)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    try:
+        import xformers.ops
+    except ImportError:
+        xformers = None
+        print("xformers not installed: its row is left out", flush=True)
+    commit = os.environ.get("VGEN_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"date": datetime.date.today().isoformat(), "commit": commit or "unknown",
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "command": "python " + " ".join(sys.argv)}
+    sweep_rows = []
+    if args.sweep:
+        heads, head_dim, grid = shape_of("wan1.3b-480p")
+        sweep_rows = sweep(heads, head_dim, grid.num_video_tokens, device)
+        print(json.dumps(sweep_rows), flush=True)
+        meta["tiles"] = dict(block_sparse.CUDA_TILES)
+    dense_rows, rows = [], []
+    for name in args.shapes:
+        d, r = run_shape(name, device, xformers)
+        dense_rows += d
+        rows += r
+    text = markdown(meta, sweep_rows, dense_rows, rows)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"meta": meta, "sweep": sweep_rows, "dense": dense_rows, "rows": rows}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

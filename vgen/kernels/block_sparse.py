@@ -1,0 +1,402 @@
+"""Block-sparse attention: Triton forward and backward over a BlockMask.
+
+q, k, v are ``[B, S, H, D]`` (any strides with a unit last stride). Each program owns one
+query tile and walks the key blocks its mask row keeps (the backward's dK/dV programs walk
+the transposed mask). Ragged last blocks are masked in the kernel. The softmax runs in
+base 2 with the scale folded into one multiply; the log-sum-exp is returned in natural log.
+
+File order: forward kernel, backward kernels, host launchers, autograd.Function, public function.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from vgen.attention.block_mask import BlockMask
+
+__all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, OUT, LSE, KV_NUM, KV_IDX,
+    s_qb, s_qs, s_qh,
+    s_kb, s_ks, s_kh,
+    s_vb, s_vs, s_vh,
+    s_ob, s_os, s_oh,
+    s_nb, s_nh, s_nm,
+    s_ib, s_ih, s_im,
+    H, SQ, SK, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, EVEN_N: tl.constexpr, WARP_SPEC: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_row = i_m * BLOCK_M // MASK_M
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = o_m < SQ, o_d < D
+    p_q = Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+
+    n_kv = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm)
+    p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_row * s_im
+    K += i_b * s_kb + i_h * s_kh
+    V += i_b * s_vb + i_h * s_vh
+
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for j in tl.range(n_kv, warp_specialize=WARP_SPEC):
+        i_kb = tl.load(p_idx + j)
+        for i_sub in tl.static_range(MASK_N // BLOCK_N):
+            o_n = i_kb * MASK_N + i_sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_n = o_n < SK
+            m_nd = m_n[:, None] & m_d[None, :]
+            b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
+            b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
+            b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+            if not EVEN_N:
+                b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            # a tile whose keys are all past SK leaves -inf maxima: keep exp2 finite
+            b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+            b_p = tl.exp2(b_s - b_m_safe[:, None])
+            b_alpha = tl.exp2(b_m - b_m_safe)
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+            b_m = b_m_new
+
+    b_empty = b_l == 0.0
+    b_o = b_acc / tl.where(b_empty, 1.0, b_l)[:, None]
+    # natural-log LSE: (m + log2 l) / log2(e); a row with no key kept gets -inf
+    b_lse = tl.where(b_empty, float("-inf"), (b_m + tl.log2(tl.where(b_empty, 1.0, b_l))) * 0.6931471805599453)
+    p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
+    tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    tl.store(LSE + i_bh * SQ + o_m, b_lse, mask=m_m)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    OUT, DO, DLSE, DELTA,
+    s_ob, s_os, s_oh,
+    s_db, s_ds, s_dh,
+    H, SQ,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_md = (o_m < SQ)[:, None] & (o_d < D)[None, :]
+    b_o = tl.load(OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :], mask=m_md, other=0.0)
+    b_do = tl.load(DO + i_b * s_db + i_h * s_dh + o_m[:, None] * s_ds + o_d[None, :], mask=m_md, other=0.0)
+    # delta = rowsum(dO * O) - dLSE: the softmax backward's row term, with the LSE's own gradient folded in
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    if HAS_DLSE:
+        b_delta -= tl.load(DLSE + i_bh * SQ + o_m, mask=o_m < SQ, other=0.0)
+    tl.store(DELTA + i_bh * SQ + o_m, b_delta, mask=o_m < SQ)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX,
+    s_qb, s_qs, s_qh,
+    s_kb, s_ks, s_kh,
+    s_vb, s_vs, s_vh,
+    s_db, s_ds, s_dh,
+    s_dkb, s_dks, s_dkh,
+    s_nb, s_nh, s_nm,
+    s_ib, s_ih, s_im,
+    H, SQ, SK, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr,
+):
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_col = i_n * BLOCK_N // MASK_N
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_nd = (o_n < SK)[:, None] & (o_d < D)[None, :]
+    b_k = tl.load(K + i_b * s_kb + i_h * s_kh + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
+    b_v = tl.load(V + i_b * s_vb + i_h * s_vh + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
+
+    n_q = tl.load(Q_NUM + i_b * s_nb + i_h * s_nh + i_col * s_nm)
+    p_idx = Q_IDX + i_b * s_ib + i_h * s_ih + i_col * s_im
+    Q += i_b * s_qb + i_h * s_qh
+    DO += i_b * s_db + i_h * s_dh
+    LSE += i_bh * SQ
+    DELTA += i_bh * SQ
+
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for j in range(n_q):
+        i_qb = tl.load(p_idx + j)
+        for i_sub in tl.static_range(MASK_M // BLOCK_M):
+            o_m = i_qb * MASK_M + i_sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_m = o_m < SQ
+            m_md = m_m[:, None] & (o_d < D)[None, :]
+            b_q = tl.load(Q + o_m[:, None] * s_qs + o_d[None, :], mask=m_md, other=0.0)
+            b_do = tl.load(DO + o_m[:, None] * s_ds + o_d[None, :], mask=m_md, other=0.0)
+            b_lse = tl.load(LSE + o_m, mask=m_m, other=0.0) * 1.4426950408889634
+            b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
+            # [BLOCK_N, BLOCK_M]: P^T recomputed from the saved LSE; padded queries contribute nothing
+            b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q)) * qk_scale - b_lse[None, :])
+            b_pt = tl.where(m_m[None, :], b_pt, 0.0)
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
+            b_dpt = tl.dot(b_v, tl.trans(b_do))
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+
+    p_dk = DK + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
+    p_dv = DV + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
+    tl.store(p_dk, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_nd)
+    tl.store(p_dv, b_dv.to(DV.dtype.element_ty), mask=m_nd)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX,
+    s_qb, s_qs, s_qh,
+    s_kb, s_ks, s_kh,
+    s_vb, s_vs, s_vh,
+    s_db, s_ds, s_dh,
+    s_dqb, s_dqs, s_dqh,
+    s_nb, s_nh, s_nm,
+    s_ib, s_ih, s_im,
+    H, SQ, SK, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_row = i_m * BLOCK_M // MASK_M
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = o_m < SQ, o_d < D
+    m_md = m_m[:, None] & m_d[None, :]
+    b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :], mask=m_md, other=0.0)
+    b_do = tl.load(DO + i_b * s_db + i_h * s_dh + o_m[:, None] * s_ds + o_d[None, :], mask=m_md, other=0.0)
+    b_lse = tl.load(LSE + i_bh * SQ + o_m, mask=m_m, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(DELTA + i_bh * SQ + o_m, mask=m_m, other=0.0)
+
+    n_kv = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm)
+    p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_row * s_im
+    K += i_b * s_kb + i_h * s_kh
+    V += i_b * s_vb + i_h * s_vh
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for j in range(n_kv):
+        i_kb = tl.load(p_idx + j)
+        for i_sub in tl.static_range(MASK_N // BLOCK_N):
+            o_n = i_kb * MASK_N + i_sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_n = o_n < SK
+            m_nd = m_n[:, None] & m_d[None, :]
+            b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
+            b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
+            b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k)) * qk_scale - b_lse[:, None])
+            if not EVEN_N:
+                b_p = tl.where(m_n[None, :], b_p, 0.0)
+            b_ds = b_p * (tl.dot(b_do, tl.trans(b_v)) - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+
+    p_dq = DQ + i_b * s_dqb + i_h * s_dqh + o_m[:, None] * s_dqs + o_d[None, :]
+    tl.store(p_dq, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_md)
+
+
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, seq, head) strides of a [B, S, H, D] tensor."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _mask_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, block) strides of a [B, H, M, ...] mask tensor; 0 on a broadcast dimension."""
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) per kernel on CUDA, capped by the mask's block sizes.
+CUDA_TILES: dict[str, tuple[int, int, int, int, bool]] = {
+    "fwd": (128, 128, 8, 3, False),
+    "dkdv": (64, 128, 8, 2, False),
+    "dq": (128, 64, 8, 2, False),
+}
+
+
+def _tiles(kind: str, mask_m: int, mask_n: int, is_cuda: bool) -> tuple[int, int, int, int, bool]:
+    if not is_cuda:  # the interpreter: one tile per mask block is fastest
+        return mask_m, mask_n, 4, 1, False
+    block_m, block_n, warps, stages, warp_spec = CUDA_TILES[kind]
+    return min(block_m, mask_m), min(block_n, mask_n), warps, stages, warp_spec
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [B, S, H, D], got shape {tuple(x.shape)}")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == block_mask.kv_indices.device):
+        raise ValueError("q, k, v and block_mask must be on one device")
+    b, sq, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
+        raise ValueError(f"k and v must be [B, Sk, H, D] with q's B, H, D; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if d > 256:
+        raise ValueError(f"head_dim must be at most 256, got {d}")
+    if block_mask.seq_lens != (sq, k.shape[1]):
+        raise ValueError(f"block_mask covers seq_lens {block_mask.seq_lens}, but q, k have {(sq, k.shape[1])}")
+    mb, mh = block_mask.kv_num_blocks.shape[:2]
+    if mb not in (1, b) or mh not in (1, h):
+        raise ValueError(f"block_mask batch/heads {(mb, mh)} do not broadcast to q's {(b, h)}")
+    for name, size in zip(("query", "key"), block_mask.block_size, strict=True):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"block_mask {name} block size must be a power of two >= 16, got {size}")
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch_forward(q, k, v, block_mask, scale):
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    mask_m, mask_n = block_mask.block_size
+    block_m, block_n, warps, stages, warp_spec = _tiles("fwd", mask_m, mask_n, q.is_cuda)
+    out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(sq, block_m), b * h)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+        *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
+        h, sq, sk, scale * _LOG2E,
+        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+        MASK_M=mask_m, MASK_N=mask_n, EVEN_N=sk % block_n == 0, WARP_SPEC=warp_spec,
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    mask_m, mask_n = block_mask.block_size
+    block_d = max(16, triton.next_power_of_2(d))
+    dout = _unit_last(dout)
+    delta = torch.empty_like(lse)
+    pre_m = 64
+    _bwd_preprocess_kernel[(triton.cdiv(sq, pre_m), b * h)](
+        out, dout, dlse if dlse is not None else lse, delta, *_strides3(out), *_strides3(dout), h, sq,
+        D=d, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None,
+    )
+    dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
+    dk = torch.empty(b, sk, h, d, device=q.device, dtype=k.dtype)
+    dv = torch.empty(b, sk, h, d, device=q.device, dtype=v.dtype)
+    block_m, block_n, warps, stages, _ = _tiles("dkdv", mask_m, mask_n, q.is_cuda)
+    _bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * h)](
+        q, k, v, dout, lse, delta, dk, dv, block_mask.q_num_blocks, block_mask.q_indices,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk),
+        *_mask_strides(block_mask.q_num_blocks), *_mask_strides(block_mask.q_indices),
+        h, sq, sk, scale * _LOG2E, scale,
+        D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
+        num_warps=warps, num_stages=stages,
+    )
+    block_m, block_n, warps, stages, _ = _tiles("dq", mask_m, mask_n, q.is_cuda)
+    _bwd_dq_kernel[(triton.cdiv(sq, block_m), b * h)](
+        q, k, v, dout, lse, delta, dq, block_mask.kv_num_blocks, block_mask.kv_indices,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
+        *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
+        h, sq, sk, scale * _LOG2E, scale,
+        D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
+        EVEN_N=sk % block_n == 0, num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv
+
+
+class BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, scale):
+        q, k, v = (_unit_last(x) for x in (q, k, v))
+        out, lse = _launch_forward(q, k, v, block_mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.block_mask, ctx.scale = block_mask, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:  # only the LSE was used
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _launch_backward(q, k, v, out, lse, dout, dlse, ctx.block_mask, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query block to the key blocks ``block_mask`` keeps.
+
+    Args:
+        q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, H, D]``; float16, bfloat16 or float32, any
+            strides with a unit last stride (others are copied). D up to 256.
+        block_mask: a :class:`~vgen.attention.BlockMask` with ``seq_lens == (Sq, Sk)``,
+            batch and heads equal to q's or 1 (broadcast), block sizes powers of two >= 16.
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the natural-log log-sum-exp ``[B, H, Sq]`` (fp32); a row
+            with no key kept has output 0 and LSE ``-inf``. Gradients flow through both.
+
+    Returns:
+        ``[B, Sq, H, D]`` in q's dtype (and the LSE when asked).
+
+    Runs the Triton kernels on CUDA (and under ``TRITON_INTERPRET=1``); elsewhere the
+    PyTorch reference, which expands the mask to tokens (small sizes only).
+    """
+    _check_inputs(q, k, v, block_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    if _use_triton(q):
+        out, lse = BlockSparseAttention.apply(q, k, v, block_mask, scale)
+    else:
+        out, lse = block_sparse_attention_reference(q, k, v, block_mask, scale=scale, return_lse=True)
+    return (out, lse) if return_lse else out
+
+
+def block_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """fp32 PyTorch block-sparse attention: the token-level mask applied to dense scores."""
+    from vgen.kernels.reference import attention_reference
+
+    return attention_reference(q, k, v, scale=scale, mask=block_mask.expand_tokens(), return_lse=return_lse)
