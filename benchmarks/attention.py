@@ -95,39 +95,27 @@ def fwd_bwd(fn, inputs, grad):
 
 
 def sweep(heads: int, head_dim: int, seq: int, device) -> list[dict]:
-    """Time candidate tiles of each kernel at densities 1.0 and 0.25; keep the fastest."""
-    q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    grad = torch.randn_like(q)
-    candidates = {
-        "fwd": [(128, 128, 8, 3, False), (128, 64, 4, 3, False), (128, 128, 4, 3, False), (64, 128, 4, 3, False),
-                (128, 64, 8, 4, False), (128, 128, 8, 2, False), (128, 128, 8, 3, True)],
-        "dkdv": [(64, 128, 8, 2, False), (128, 128, 8, 2, False), (64, 128, 4, 3, False), (64, 64, 4, 3, False)],
-        "dq": [(128, 64, 8, 2, False), (64, 64, 4, 3, False), (128, 128, 8, 2, False), (64, 128, 4, 3, False)],
-    }
+    """Time candidate forward variants (tiles, pipelined QK^T, TMA) at densities 1.0 and 0.25; keep the fastest."""
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    # (BLOCK_M, BLOCK_N, warps, stages, pipelined QK^T), TMA
+    candidates = [((128, 128, 8, 3, False), False), ((128, 128, 8, 3, False), True), ((128, 128, 8, 3, True), False),
+                  ((128, 128, 8, 3, True), True), ((128, 128, 8, 2, True), True), ((128, 64, 8, 3, True), True),
+                  ((128, 128, 8, 4, False), True)]
     rows = []
-    masks = {d: random_mask(heads, seq, d, device) for d in (1.0, 0.25)}
-    for kind, options in candidates.items():
-        best = None
-        for tiles in options:
-            block_sparse.CUDA_TILES[kind] = tiles
-            times = []
-            try:
-                for mask in masks.values():
-                    if kind == "fwd":
-                        with torch.no_grad():
-                            times.append(bench(lambda m=mask: block_sparse_attention(q, k, v, m)))
-                    else:
-                        times.append(bench(fwd_bwd(lambda m=mask: block_sparse_attention(q, k, v, m), (q, k, v),
-                                                   grad)))
-            except Exception as err:  # a tile the compiler rejects on this GPU
-                rows.append({"kernel": kind, "tiles": tiles, "error": str(err).splitlines()[0][:120]})
-                continue
-            rows.append({"kernel": kind, "tiles": tiles, "ms_d1.0": times[0], "ms_d0.25": times[1]})
-            if best is None or sum(times) < best[0]:
-                best = (sum(times), tiles)
-        if best is not None:
-            block_sparse.CUDA_TILES[kind] = best[1]
+    masks = [random_mask(heads, seq, d, device) for d in (1.0, 0.25)]
+    best = None
+    for tiles, tma in candidates:
+        block_sparse.CUDA_TILES["fwd"], block_sparse.USE_TMA = tiles, tma
+        try:
+            with torch.no_grad():
+                times = [bench(lambda m=mask: block_sparse_attention(q, k, v, m)) for mask in masks]
+        except Exception as err:  # a variant the compiler rejects on this GPU
+            rows.append({"kernel": "fwd", "tiles": tiles, "tma": tma, "error": str(err).splitlines()[0][:120]})
+            continue
+        rows.append({"kernel": "fwd", "tiles": tiles, "tma": tma, "ms_d1.0": times[0], "ms_d0.25": times[1]})
+        if best is None or sum(times) < best[0]:
+            best = (sum(times), tiles, tma)
+    block_sparse.CUDA_TILES["fwd"], block_sparse.USE_TMA = best[1], best[2]
     return rows
 
 
@@ -218,21 +206,23 @@ def markdown(meta: dict, sweep_rows: list[dict], dense_rows: list[dict], rows: l
             f"{speed} | {r['ours_fwd_tflops']:.0f} | {r['linearity']:.2f} | {r['ours_fwd_bwd_ms']:.2f} | "
             f"{r['flex_fwd_bwd_ms']:.2f} | {speed_fb} | {build} | {r['err_vs_flex']:.1e} |")
     if sweep_rows:
-        lines += ["", "Tile sweep (wan1.3b-480p shape, random masks; the fastest was used above):", "",
-                  "| kernel | (BLOCK_M, BLOCK_N, warps, stages, warp-specialized) | ms at density 1.0 | ms at 0.25 |",
-                  "|---|---|---|---|"]
+        lines += ["", "Forward variants (wan1.3b-480p shape, random masks; the fastest was used above):", "",
+                  "| kernel | (BLOCK_M, BLOCK_N, warps, stages, pipelined QK^T) | TMA | ms at density 1.0 | "
+                  "ms at 0.25 |",
+                  "|---|---|---|---|---|"]
         for r in sweep_rows:
             if "error" in r:
-                lines.append(f"| {r['kernel']} | {r['tiles']} | failed: {r['error']} | |")
+                lines.append(f"| {r['kernel']} | {r['tiles']} | {r['tma']} | failed: {r['error']} | |")
             else:
-                lines.append(f"| {r['kernel']} | {r['tiles']} | {r['ms_d1.0']:.2f} | {r['ms_d0.25']:.2f} |")
+                lines.append(f"| {r['kernel']} | {r['tiles']} | {r['tma']} | {r['ms_d1.0']:.2f} | "
+                             f"{r['ms_d0.25']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["wan1.3b-480p", "wan14b-720p"])
-    parser.add_argument("--sweep", action="store_true", help="time candidate tiles first and use the fastest")
+    parser.add_argument("--sweep", action="store_true", help="time forward variants first and use the fastest")
     parser.add_argument("--out", type=Path, help="write the Markdown table here (and a .json beside it)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -254,6 +244,7 @@ def main() -> None:
         sweep_rows = sweep(heads, head_dim, grid.num_video_tokens, device)
         print(json.dumps(sweep_rows), flush=True)
         meta["tiles"] = dict(block_sparse.CUDA_TILES)
+        meta["tma"] = block_sparse.USE_TMA
     dense_rows, rows = [], []
     for name in args.shapes:
         d, r = run_shape(name, device, xformers)

@@ -9,7 +9,13 @@ from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
 from vgen.attention.block_mask import BlockMask
-from vgen.kernels import attention_reference, block_sparse_attention, merge_attention, merge_attention_reference
+from vgen.kernels import (
+    attention_reference,
+    block_sparse,
+    block_sparse_attention,
+    merge_attention,
+    merge_attention_reference,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -56,7 +62,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("b, sq, sk, h, d, block_size, dtype, layout", CASES)
-def test_matches_fp32_reference(b, sq, sk, h, d, block_size, dtype, layout):
+@pytest.mark.parametrize("pipeline_qk", [False, True], ids=["plain", "pipelined-qk"])
+def test_matches_fp32_reference(b, sq, sk, h, d, block_size, dtype, layout, pipeline_qk, monkeypatch):
+    monkeypatch.setitem(block_sparse.CUDA_TILES, "fwd", block_sparse.CUDA_TILES["fwd"][:4] + (pipeline_qk,))
     q, k, v = qkv(b, sq, sk, h, d, dtype, seed=sq + sk, layout=layout)
     dense = random_mask(b, h, (sq, sk), block_size, seed=d)
     dense[0, 0, 0] = False  # a query block that attends nothing

@@ -11,12 +11,13 @@ File order: forward kernel, backward kernels, host launchers, autograd.Function,
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
+
+from vgen.kernels.runtime import use_triton
 
 if TYPE_CHECKING:
     from vgen.attention.block_mask import BlockMask
@@ -24,6 +25,21 @@ if TYPE_CHECKING:
 __all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
 
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kv_start(p_idx, it, SUB: tl.constexpr, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First key of the ``it``-th key tile of a mask row (each kept mask block holds SUB tiles)."""
+    return tl.load(p_idx + it // SUB) * MASK_N + (it % SUB) * BLOCK_N
+
+
+@triton.jit
+def _load_tile(ptr, desc, start, stride, SK, o_d, m_d, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] rows ``start ..`` of K or V; rows past SK and columns past D read as 0."""
+    if USE_TMA:
+        return desc.load([start, 0])
+    o_n = start + tl.arange(0, BLOCK_N)
+    return tl.load(ptr + o_n[:, None] * stride + o_d[None, :], mask=(o_n < SK)[:, None] & m_d[None, :], other=0.0)
 
 
 @triton.jit
@@ -37,11 +53,13 @@ def _fwd_kernel(
     s_ib, s_ih, s_im,
     H, SQ, SK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_M: tl.constexpr, MASK_N: tl.constexpr, EVEN_N: tl.constexpr, WARP_SPEC: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, PIPELINE_QK: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_row = i_m * BLOCK_M // MASK_M
+    SUB: tl.constexpr = MASK_N // BLOCK_N
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
@@ -49,33 +67,46 @@ def _fwd_kernel(
     p_q = Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
-    n_kv = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm)
+    n_it = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm) * SUB
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_row * s_im
     K += i_b * s_kb + i_h * s_kh
     V += i_b * s_vb + i_h * s_vh
+    desc_k = None
+    desc_v = None
+    if USE_TMA:
+        desc_k = tl.make_tensor_descriptor(K, shape=[SK, D], strides=[s_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
+        desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
 
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for j in tl.range(n_kv, warp_specialize=WARP_SPEC):
-        i_kb = tl.load(p_idx + j)
-        for i_sub in tl.static_range(MASK_N // BLOCK_N):
-            o_n = i_kb * MASK_N + i_sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_n = o_n < SK
-            m_nd = m_n[:, None] & m_d[None, :]
-            b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
-            b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
-            b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
-            if not EVEN_N:
-                b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-            # a tile whose keys are all past SK leaves -inf maxima: keep exp2 finite
-            b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-            b_p = tl.exp2(b_s - b_m_safe[:, None])
-            b_alpha = tl.exp2(b_m - b_m_safe)
-            b_l = b_l * b_alpha + tl.sum(b_p, 1)
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-            b_m = b_m_new
+    if PIPELINE_QK:
+        # QK^T of the next tile is issued before the softmax of this one, so the tensor
+        # cores work while the exponentials run (the last prefetch is of a valid tile, unused)
+        start = _kv_start(p_idx, 0, SUB, MASK_N, BLOCK_N) if n_it > 0 else 0
+        b_s_next = tl.dot(b_q, tl.trans(_load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)),
+                          input_precision=DOT_PRECISION)
+    for it in range(n_it):
+        start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
+        if PIPELINE_QK:
+            b_s = b_s_next * qk_scale
+            nxt = _kv_start(p_idx, tl.minimum(it + 1, n_it - 1), SUB, MASK_N, BLOCK_N)
+            b_k = _load_tile(K, desc_k, nxt, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
+            b_s_next = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+        else:
+            b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+        b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
+        if not EVEN_N:
+            b_s = tl.where((start + tl.arange(0, BLOCK_N) < SK)[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        # a tile whose keys are all past SK leaves -inf maxima: keep exp2 finite
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_m = b_m_new
 
     b_empty = b_l == 0.0
     b_o = b_acc / tl.where(b_empty, 1.0, b_l)[:, None]
@@ -226,19 +257,35 @@ def _mask_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) per kernel on CUDA, capped by the mask's block sizes.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, pipelined QK^T) per kernel on CUDA, capped by the mask's block sizes.
 CUDA_TILES: dict[str, tuple[int, int, int, int, bool]] = {
     "fwd": (128, 128, 8, 3, False),
     "dkdv": (64, 128, 8, 2, False),
-    "dq": (128, 64, 8, 2, False),
+    "dq": (128, 128, 8, 2, False),
 }
+
+
+# K and V tiles through tensor-memory-accelerator descriptors on Hopper and newer GPUs.
+USE_TMA = True
+
+
+def _tma_ok(x: torch.Tensor) -> bool:
+    """TMA needs compute capability 9+, 16-byte aligned rows and base."""
+    return (torch.cuda.get_device_capability(x.device)[0] >= 9 and x.stride(1) * x.element_size() % 16 == 0
+            and x.stride(0) * x.element_size() % 16 == 0 and x.stride(2) * x.element_size() % 16 == 0
+            and x.data_ptr() % 16 == 0)
+
+
+def _dot_precision(x: torch.Tensor) -> str:
+    """fp32 inputs get exact fp32 products (no TF32); half types ignore it."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _tiles(kind: str, mask_m: int, mask_n: int, is_cuda: bool) -> tuple[int, int, int, int, bool]:
     if not is_cuda:  # the interpreter: one tile per mask block is fastest
-        return mask_m, mask_n, 4, 1, False
-    block_m, block_n, warps, stages, warp_spec = CUDA_TILES[kind]
-    return min(block_m, mask_m), min(block_n, mask_n), warps, stages, warp_spec
+        return mask_m, mask_n, 4, 1, CUDA_TILES[kind][4]
+    block_m, block_n, warps, stages, pipeline_qk = CUDA_TILES[kind]
+    return min(block_m, mask_m), min(block_n, mask_n), warps, stages, pipeline_qk
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> None:
@@ -275,7 +322,10 @@ def _launch_forward(q, k, v, block_mask, scale):
     b, sq, h, d = q.shape
     sk = k.shape[1]
     mask_m, mask_n = block_mask.block_size
-    block_m, block_n, warps, stages, warp_spec = _tiles("fwd", mask_m, mask_n, q.is_cuda)
+    block_m, block_n, warps, stages, pipeline_qk = _tiles("fwd", mask_m, mask_n, q.is_cuda)
+    use_tma = q.is_cuda and USE_TMA and all(_tma_ok(x) for x in (k, v))
+    if use_tma:  # device-side descriptors live in a scratch buffer Triton asks for
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
     out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(sq, block_m), b * h)
@@ -285,8 +335,8 @@ def _launch_forward(q, k, v, block_mask, scale):
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
         h, sq, sk, scale * _LOG2E,
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        MASK_M=mask_m, MASK_N=mask_n, EVEN_N=sk % block_n == 0, WARP_SPEC=warp_spec,
-        num_warps=warps, num_stages=stages,
+        MASK_M=mask_m, MASK_N=mask_n, EVEN_N=sk % block_n == 0, DOT_PRECISION=_dot_precision(q),
+        USE_TMA=use_tma, PIPELINE_QK=pipeline_qk, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -346,9 +396,6 @@ class BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def block_sparse_attention(
     q: torch.Tensor,
@@ -380,7 +427,7 @@ def block_sparse_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale}")
-    if _use_triton(q):
+    if use_triton(q):
         out, lse = BlockSparseAttention.apply(q, k, v, block_mask, scale)
     else:
         out, lse = block_sparse_attention_reference(q, k, v, block_mask, scale=scale, return_lse=True)

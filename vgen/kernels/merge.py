@@ -8,11 +8,11 @@ block-external attention and ring attention rest on.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from vgen.kernels.runtime import use_triton
 
 __all__ = ["merge_attention", "merge_attention_reference"]
 
@@ -103,7 +103,7 @@ def merge_attention(
     for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
         if lse.shape != (b, h, s):
             raise ValueError(f"{name} must be [B, H, S] = {(b, h, s)}, got {tuple(lse.shape)}")
-    if out_a.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if use_triton(out_a):
         if out_a.stride(-1) != 1 or out_b.stride(-1) != 1:
             out_a, out_b = out_a.contiguous(), out_b.contiguous()
         return _Merge.apply(out_a, lse_a.float(), out_b, lse_b.float())
