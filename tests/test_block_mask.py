@@ -352,12 +352,13 @@ def test_window_kernel_matches_the_pytorch_builder(seed):
     layout = VideoLayout(frames, height, width, text_before=before * (seed % 2), text_after=after * (seed % 3 == 0))
     block_size = ((16, 16), (16, 32), (32, 16))[seed % 3]
     reach = {axis: int(r) for axis, r in enumerate(torch.randint(0, 3, (3,), generator=g)) if seed % 4 != axis}
-    expected = _window_blocks_reference(layout, reach, block_size, "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    expected = _window_blocks_reference(layout, reach, block_size, device)
     grid = (frames, height, width)
     reaches = tuple(reach.get(axis) for axis in range(3))
     for (num, idx), (ref_num, ref_idx) in zip(
-        [window_block_indices(layout.seq_len, block_size, grid, layout.text_before, reaches, "cpu"),
-         window_block_indices(layout.seq_len, block_size[::-1], grid, layout.text_before, reaches, "cpu")],
+        [window_block_indices(layout.seq_len, block_size, grid, layout.text_before, reaches, device),
+         window_block_indices(layout.seq_len, block_size[::-1], grid, layout.text_before, reaches, device)],
         [expected[:2], expected[2:]], strict=True,
     ):
         assert torch.equal(num, ref_num)

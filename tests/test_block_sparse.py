@@ -11,7 +11,6 @@ from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 from vgen.attention.block_mask import BlockMask
 from vgen.kernels import (
     attention_reference,
-    block_sparse,
     block_sparse_attention,
     merge_attention,
     merge_attention_reference,
@@ -62,9 +61,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("b, sq, sk, h, d, block_size, dtype, layout", CASES)
-@pytest.mark.parametrize("pipeline_qk", [False, True], ids=["plain", "pipelined-qk"])
-def test_matches_fp32_reference(b, sq, sk, h, d, block_size, dtype, layout, pipeline_qk, monkeypatch):
-    monkeypatch.setitem(block_sparse.CUDA_TILES, "fwd", block_sparse.CUDA_TILES["fwd"][:4] + (pipeline_qk,))
+def test_matches_fp32_reference(b, sq, sk, h, d, block_size, dtype, layout):
     q, k, v = qkv(b, sq, sk, h, d, dtype, seed=sq + sk, layout=layout)
     dense = random_mask(b, h, (sq, sk), block_size, seed=d)
     dense[0, 0, 0] = False  # a query block that attends nothing

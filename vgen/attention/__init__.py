@@ -1,5 +1,6 @@
 """Attention methods: token layouts, the method registry, and one module per method."""
 
+from vgen.attention.block_mask import BlockMask, frame_mask, local_window_mask, position_mask
 from vgen.attention.dense import DenseAttention
 from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import (
@@ -12,10 +13,14 @@ from vgen.attention.registry import (
 
 __all__ = [
     "AttentionMethod",
+    "BlockMask",
     "DenseAttention",
     "MethodConfig",
     "VideoLayout",
     "available_methods",
     "create_method",
+    "frame_mask",
+    "local_window_mask",
+    "position_mask",
     "register_method",
 ]

@@ -7,6 +7,7 @@ builders are tensor ops on the mask's device, so they can run inside a denoising
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -333,7 +334,8 @@ def local_window_mask(
         device: where the mask's tensors are built.
 
     Returns:
-        A :class:`BlockMask` of shape ``[1, 1, Mq, Mk]`` (the same for every batch and head).
+        A :class:`BlockMask` of shape ``[1, 1, Mq, Mk]`` (the same for every batch and head),
+        cached per arguments: treat its tensors as read-only.
     """
     if not isinstance(layout, VideoLayout):
         raise ValueError(f"layout must be a VideoLayout, got {type(layout).__name__}")
@@ -341,22 +343,32 @@ def local_window_mask(
         raise ValueError(f"window must be a (t, h, w) triple of non-negative ints or None, got {window!r}")
     window = tuple(_reach(f"window[{axis}]", value, optional=True) for axis, value in enumerate(window))
     block_size = _int_pair("block_size", block_size)
+    return _window_mask(layout, window, block_size, torch.device("cpu" if device is None else device))
+
+
+@functools.lru_cache(maxsize=64)
+def _window_mask(
+    layout: VideoLayout, window: tuple[int | None, int | None, int | None], block_size: tuple[int, int],
+    device: torch.device,
+) -> BlockMask:
+    """:func:`local_window_mask` after validation, cached: every layer and step of a generation asks for
+    the same mask, so it is built once per (layout, window, block size, device)."""
     seq_lens = (layout.seq_len, layout.seq_len)
     extents = (layout.frames, layout.height, layout.width)
     # A reach of extent - 1 or more spans the whole axis: that axis constrains nothing.
     reach = {axis: w for axis, w in enumerate(window) if w is not None and w < extents[axis] - 1}
     if not reach:
         return BlockMask.full(1, 1, seq_lens, block_size, device)
-    if use_triton(torch.device("cpu") if device is None else device):
+    if use_triton(device):
         grid = (layout.frames, layout.height, layout.width)
         reaches = tuple(reach.get(axis) for axis in range(3))
         kv_num_blocks, kv_indices = window_block_indices(
-            layout.seq_len, block_size, grid, layout.text_before, reaches, device or "cpu")
-        if block_size[0] == block_size[1]:
+            layout.seq_len, block_size, grid, layout.text_before, reaches, device)
+        if block_size[0] == block_size[1]:  # a symmetric pattern: the transposed form is the same tensors
             q_num_blocks, q_indices = kv_num_blocks, kv_indices
         else:
             q_num_blocks, q_indices = window_block_indices(
-                layout.seq_len, block_size[::-1], grid, layout.text_before, reaches, device or "cpu")
+                layout.seq_len, block_size[::-1], grid, layout.text_before, reaches, device)
     else:
         kv_num_blocks, kv_indices, q_num_blocks, q_indices = _window_blocks_reference(layout, reach, block_size, device)
     return BlockMask(

@@ -53,8 +53,7 @@ def _fwd_kernel(
     s_ib, s_ih, s_im,
     H, SQ, SK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_M: tl.constexpr, MASK_N: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, PIPELINE_QK: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -80,24 +79,12 @@ def _fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if PIPELINE_QK:
-        # QK^T of the next tile is issued before the softmax of this one, so the tensor
-        # cores work while the exponentials run (the last prefetch is of a valid tile, unused)
-        start = _kv_start(p_idx, 0, SUB, MASK_N, BLOCK_N) if n_it > 0 else 0
-        b_s_next = tl.dot(b_q, tl.trans(_load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)),
-                          input_precision=DOT_PRECISION)
     for it in range(n_it):
         start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
-        if PIPELINE_QK:
-            b_s = b_s_next * qk_scale
-            nxt = _kv_start(p_idx, tl.minimum(it + 1, n_it - 1), SUB, MASK_N, BLOCK_N)
-            b_k = _load_tile(K, desc_k, nxt, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
-            b_s_next = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-        else:
-            b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+        b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
-        if not EVEN_N:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+        if start + BLOCK_N > SK:  # only the ragged last tile has keys to mask
             b_s = tl.where((start + tl.arange(0, BLOCK_N) < SK)[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         # a tile whose keys are all past SK leaves -inf maxima: keep exp2 finite
@@ -151,7 +138,7 @@ def _bwd_dkdv_kernel(
     s_ib, s_ih, s_im,
     H, SQ, SK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_M: tl.constexpr, MASK_N: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -183,12 +170,12 @@ def _bwd_dkdv_kernel(
             b_lse = tl.load(LSE + o_m, mask=m_m, other=0.0) * 1.4426950408889634
             b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
             # [BLOCK_N, BLOCK_M]: P^T recomputed from the saved LSE; padded queries contribute nothing
-            b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q)) * qk_scale - b_lse[None, :])
+            b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale - b_lse[None, :])
             b_pt = tl.where(m_m[None, :], b_pt, 0.0)
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
-            b_dpt = tl.dot(b_v, tl.trans(b_do))
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
             b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
 
     p_dk = DK + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
     p_dv = DV + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
@@ -208,7 +195,7 @@ def _bwd_dq_kernel(
     s_ib, s_ih, s_im,
     H, SQ, SK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_M: tl.constexpr, MASK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -237,11 +224,11 @@ def _bwd_dq_kernel(
             m_nd = m_n[:, None] & m_d[None, :]
             b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
             b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
-            b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k)) * qk_scale - b_lse[:, None])
-            if not EVEN_N:
+            b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale - b_lse[:, None])
+            if i_kb * MASK_N + (i_sub + 1) * BLOCK_N > SK:  # only the ragged last tile has keys to mask
                 b_p = tl.where(m_n[None, :], b_p, 0.0)
-            b_ds = b_p * (tl.dot(b_do, tl.trans(b_v)) - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+            b_ds = b_p * (tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION) - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
 
     p_dq = DQ + i_b * s_dqb + i_h * s_dqh + o_m[:, None] * s_dqs + o_d[None, :]
     tl.store(p_dq, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_md)
@@ -257,11 +244,12 @@ def _mask_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, pipelined QK^T) per kernel on CUDA, capped by the mask's block sizes.
-CUDA_TILES: dict[str, tuple[int, int, int, int, bool]] = {
-    "fwd": (128, 128, 8, 3, False),
-    "dkdv": (64, 128, 8, 2, False),
-    "dq": (128, 128, 8, 2, False),
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on CUDA, capped by the mask's block sizes
+# (chosen by benchmarks/attention.py --sweep on an H200).
+CUDA_TILES: dict[str, tuple[int, int, int, int]] = {
+    "fwd": (128, 128, 8, 3),
+    "dkdv": (64, 128, 8, 2),
+    "dq": (128, 128, 8, 2),
 }
 
 
@@ -281,11 +269,11 @@ def _dot_precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _tiles(kind: str, mask_m: int, mask_n: int, is_cuda: bool) -> tuple[int, int, int, int, bool]:
+def _tiles(kind: str, mask_m: int, mask_n: int, is_cuda: bool) -> tuple[int, int, int, int]:
     if not is_cuda:  # the interpreter: one tile per mask block is fastest
-        return mask_m, mask_n, 4, 1, CUDA_TILES[kind][4]
-    block_m, block_n, warps, stages, pipeline_qk = CUDA_TILES[kind]
-    return min(block_m, mask_m), min(block_n, mask_n), warps, stages, pipeline_qk
+        return mask_m, mask_n, 4, 1
+    block_m, block_n, warps, stages = CUDA_TILES[kind]
+    return min(block_m, mask_m), min(block_n, mask_n), warps, stages
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> None:
@@ -322,7 +310,7 @@ def _launch_forward(q, k, v, block_mask, scale):
     b, sq, h, d = q.shape
     sk = k.shape[1]
     mask_m, mask_n = block_mask.block_size
-    block_m, block_n, warps, stages, pipeline_qk = _tiles("fwd", mask_m, mask_n, q.is_cuda)
+    block_m, block_n, warps, stages = _tiles("fwd", mask_m, mask_n, q.is_cuda)
     use_tma = q.is_cuda and USE_TMA and all(_tma_ok(x) for x in (k, v))
     if use_tma:  # device-side descriptors live in a scratch buffer Triton asks for
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
@@ -335,8 +323,8 @@ def _launch_forward(q, k, v, block_mask, scale):
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
         h, sq, sk, scale * _LOG2E,
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        MASK_M=mask_m, MASK_N=mask_n, EVEN_N=sk % block_n == 0, DOT_PRECISION=_dot_precision(q),
-        USE_TMA=use_tma, PIPELINE_QK=pipeline_qk, num_warps=warps, num_stages=stages,
+        MASK_M=mask_m, MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
+        num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -356,23 +344,23 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
     dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, sk, h, d, device=q.device, dtype=k.dtype)
     dv = torch.empty(b, sk, h, d, device=q.device, dtype=v.dtype)
-    block_m, block_n, warps, stages, _ = _tiles("dkdv", mask_m, mask_n, q.is_cuda)
+    block_m, block_n, warps, stages = _tiles("dkdv", mask_m, mask_n, q.is_cuda)
     _bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * h)](
         q, k, v, dout, lse, delta, dk, dv, block_mask.q_num_blocks, block_mask.q_indices,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk),
         *_mask_strides(block_mask.q_num_blocks), *_mask_strides(block_mask.q_indices),
         h, sq, sk, scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q), num_warps=warps, num_stages=stages,
     )
-    block_m, block_n, warps, stages, _ = _tiles("dq", mask_m, mask_n, q.is_cuda)
+    block_m, block_n, warps, stages = _tiles("dq", mask_m, mask_n, q.is_cuda)
     _bwd_dq_kernel[(triton.cdiv(sq, block_m), b * h)](
         q, k, v, dout, lse, delta, dq, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
         h, sq, sk, scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        EVEN_N=sk % block_n == 0, num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q), num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 
