@@ -83,13 +83,14 @@ def _fwd_kernel(
         start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
         b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
         if start + BLOCK_N > SK:  # only the ragged last tile has keys to mask
             b_s = tl.where((start + tl.arange(0, BLOCK_N) < SK)[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        # maxima in scaled units, so the scale folds into one multiply-add per score
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
         # a tile whose keys are all past SK leaves -inf maxima: keep exp2 finite
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        b_p = tl.exp2(b_s * qk_scale - b_m_safe[:, None])
         b_alpha = tl.exp2(b_m - b_m_safe)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
