@@ -117,7 +117,7 @@ def sweep(heads: int, head_dim: int, seq: int, device) -> list[dict]:
     return rows
 
 
-def run_shape(name: str, device, xformers) -> tuple[list[dict], list[dict]]:
+def run_shape(name: str, device, xformers, forward_only: bool) -> tuple[list[dict], list[dict]]:
     heads, head_dim, grid = shape_of(name)
     seq = grid.num_video_tokens
     q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -133,13 +133,15 @@ def run_shape(name: str, device, xformers) -> tuple[list[dict], list[dict]]:
         with sdpa_kernel(backend):
             with torch.no_grad():
                 t_f = bench(lambda: F.scaled_dot_product_attention(qt, kt, vt))
-            t_fb = bench(fwd_bwd(lambda: F.scaled_dot_product_attention(qt, kt, vt), (qt, kt, vt), grad_t))
+            t_fb = float("nan") if forward_only else bench(
+                fwd_bwd(lambda: F.scaled_dot_product_attention(qt, kt, vt), (qt, kt, vt), grad_t))
         dense_rows.append({"shape": name, "method": label, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
                            "fwd_tflops": pair_flops * seq * seq / t_f / 1e9})
     if xformers is not None:
         with torch.no_grad():
             t_f = bench(lambda: xformers.ops.memory_efficient_attention(q, k, v))
-        t_fb = bench(fwd_bwd(lambda: xformers.ops.memory_efficient_attention(q, k, v), (q, k, v), grad))
+        t_fb = float("nan") if forward_only else bench(
+            fwd_bwd(lambda: xformers.ops.memory_efficient_attention(q, k, v), (q, k, v), grad))
         dense_rows.append({"shape": name, "method": "xformers mem-efficient", "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
                            "fwd_tflops": pair_flops * seq * seq / t_f / 1e9})
 
@@ -162,8 +164,11 @@ def run_shape(name: str, device, xformers) -> tuple[list[dict], list[dict]]:
                 err = err_ratio(ours_out, flex_out)
                 t_ours = bench(lambda m=mask: block_sparse_attention(q, k, v, m))
                 t_flex = bench(lambda m=fmask: flex(qt, kt, vt, block_mask=m))
-            t_ours_fb = bench(fwd_bwd(lambda m=mask: block_sparse_attention(q, k, v, m), (q, k, v), grad))
-            t_flex_fb = bench(fwd_bwd(lambda m=fmask: flex(qt, kt, vt, block_mask=m), (qt, kt, vt), grad_t))
+            if forward_only:
+                t_ours_fb = t_flex_fb = float("nan")
+            else:
+                t_ours_fb = bench(fwd_bwd(lambda m=mask: block_sparse_attention(q, k, v, m), (q, k, v), grad))
+                t_flex_fb = bench(fwd_bwd(lambda m=fmask: flex(qt, kt, vt, block_mask=m), (qt, kt, vt), grad_t))
             # the build itself (the cache bypassed), and a cached call as every later layer and step makes it
             t_build = (bench(lambda w=window: _window_mask.__wrapped__(grid, w, (BLOCK, BLOCK), device))
                        if window is not None else None)
@@ -224,6 +229,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["wan1.3b-480p", "wan14b-720p"])
     parser.add_argument("--sweep", action="store_true", help="time forward variants first and use the fastest")
+    parser.add_argument("--forward-only", action="store_true", help="skip the forward+backward timings")
     parser.add_argument("--out", type=Path, help="write the Markdown table here (and a .json beside it)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -248,7 +254,7 @@ def main() -> None:
         meta["tma"] = block_sparse.USE_TMA
     dense_rows, rows = [], []
     for name in args.shapes:
-        d, r = run_shape(name, device, xformers)
+        d, r = run_shape(name, device, xformers, args.forward_only)
         dense_rows += d
         rows += r
     text = markdown(meta, sweep_rows, dense_rows, rows)

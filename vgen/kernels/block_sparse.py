@@ -93,7 +93,8 @@ def _fwd_kernel(
         b_p = tl.exp2(b_s * qk_scale - b_m_safe[:, None])
         b_alpha = tl.exp2(b_m - b_m_safe)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        # the rescaled accumulator goes into the MMA as its addend: no separate add pass
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=DOT_PRECISION)
         b_m = b_m_new
 
     b_empty = b_l == 0.0
