@@ -61,6 +61,49 @@ def _info(args: argparse.Namespace) -> None:
         print(describe(args.model, args.frames, args.height, args.width, args.text_tokens))
 
 
+def _parse_sweep(text: str) -> tuple[str, list[Any]]:
+    key, sep, values = text.partition("=")
+    if not sep or not key or not values:
+        raise argparse.ArgumentTypeError(f"--sweep expects KEY=V1,V2,..., got {text!r}")
+    return key, [_parse_setting(f"{key}={v}")[1] for v in values.split(",")]
+
+
+def _bench_quality(args: argparse.Namespace) -> None:
+    import torch
+
+    from vgen.pipelines.quality import plot_density_psnr, quality_report
+    from vgen.pipelines.video import VideoPipeline
+
+    if args.prompts < 1 or args.seeds < 1:
+        raise ValueError(f"--prompts and --seeds must be >= 1, got {args.prompts} and {args.seeds}")
+    prompts = args.prompt or _held_out_captions(args.prompts)
+    pipe = VideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype), device=args.device)
+    base = dict(args.set)
+    key, values = args.sweep if args.sweep else (None, [None])
+    generate = {"num_frames": args.frames, "height": args.height, "width": args.width,
+                "num_inference_steps": args.steps}
+    reports = []
+    for value in values:
+        config = dict(base, **({key: value} if key else {}))
+        print(f"{args.attention} {config or ''}: {len(prompts)} prompts x {args.seeds} seeds", file=sys.stderr)
+        reports.append(quality_report(pipe, args.attention, config, prompts, list(range(args.seeds)), **generate))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(r.to_markdown() for r in reports)
+    (out / "quality.md").write_text(text)
+    plot = plot_density_psnr(reports, out / "density_psnr.png")
+    print(text)
+    print(f"wrote {out / 'quality.md'} and {plot}")
+
+
+def _held_out_captions(count: int) -> list[str]:
+    """Shapes captions from the evaluation split: never seen in training."""
+    from vgen.data import ShapesDataset
+
+    held_out = ShapesDataset(count, frames=1, height=16, width=16, split="eval")
+    return [held_out.clip(i).caption for i in range(count)]
+
+
 def _tiny(args: argparse.Namespace) -> None:
     from vgen.pipelines.tiny import save_tiny_pipeline
 
@@ -106,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--width", type=int)
     info.add_argument("--text-tokens", type=int, help="text tokens (default: the pipeline's max_sequence_length)")
     info.set_defaults(run=_info)
+
+    bench = commands.add_parser("bench", help="measure attention methods").add_subparsers(dest="bench", required=True)
+    quality = bench.add_parser("quality", help="a method against dense: PSNR/SSIM, adherence, per-layer error")
+    quality.add_argument("--model", required=True, help="diffusers-format model folder")
+    quality.add_argument("--attention", required=True, choices=available_methods())
+    quality.add_argument("--set", action="append", type=_parse_setting, default=[], metavar="KEY=VALUE",
+                         help="method setting, repeatable")
+    quality.add_argument("--sweep", type=_parse_sweep, metavar="KEY=V1,V2,...",
+                         help="one report per value of one setting (a point each on the density-PSNR plot)")
+    quality.add_argument("--prompt", action="append", help="prompt, repeatable (default: held-out shapes captions)")
+    quality.add_argument("--prompts", type=int, default=4, help="how many held-out captions without --prompt")
+    quality.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
+    quality.add_argument("--frames", type=int)
+    quality.add_argument("--height", type=int)
+    quality.add_argument("--width", type=int)
+    quality.add_argument("--steps", type=int)
+    quality.add_argument("--dtype", default="float32", choices=_DTYPES)
+    quality.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    quality.add_argument("--out", required=True, help="folder for quality.md and density_psnr.png")
+    quality.set_defaults(run=_bench_quality)
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight pipeline (for trying vgen out)")
     tiny.add_argument("family", help="wan, hunyuan, cogvideox, ltx, motif or skyreels")

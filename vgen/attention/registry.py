@@ -45,7 +45,9 @@ class AttentionMethod:
     """A sparse (or dense) attention method over ``[B, S, H, D]`` tensors.
 
     Subclasses set ``config_class`` and implement :meth:`forward`; :meth:`__call__`
-    routes dense warm-up steps and dense layers to exact dense attention.
+    routes dense warm-up steps and dense layers to exact dense attention. A sparse
+    ``forward`` sets ``self.last_density`` (a float or a 0-d tensor, so that no host sync is
+    needed) to the fraction of attention work it kept, for quality reports.
     """
 
     name: ClassVar[str]
@@ -53,6 +55,7 @@ class AttentionMethod:
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
+        self.last_density: float | torch.Tensor = 1.0
 
     def __call__(
         self,
@@ -72,6 +75,7 @@ class AttentionMethod:
         to ``[B, H, S, S]``), e.g. HunyuanVideo's padding mask over text tokens.
         """
         if step < self.config.dense_steps or layer in self.config.dense_layers:
+            self.last_density = 1.0
             return dense_attention(q, k, v, scale=scale, attn_mask=attn_mask)
         return self.forward(q, k, v, layout=layout, step=step, layer=layer, scale=scale, attn_mask=attn_mask)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import inspect
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +30,14 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch.overrides import TorchFunctionMode
 
 from vgen.attention import AttentionMethod, VideoLayout, create_method
+from vgen.kernels import dense_attention
 
 __all__ = [
     "TRANSFORMER_SPECS",
+    "AttentionCall",
     "TransformerSpec",
     "apply_sparse_attention",
+    "record_attention",
     "remove_sparse_attention",
     "self_attention_modules",
     "sparse_attention_method",
@@ -118,6 +122,20 @@ class _CallCount(BaseState):
         self.calls = 0
 
 
+@dataclass(frozen=True)
+class AttentionCall:
+    """One self-attention call seen by :func:`record_attention`.
+
+    ``rel_error`` is ``||out - dense|| / ||dense||`` over the whole call; ``density`` the
+    fraction of attention work the method kept (``AttentionMethod.last_density``).
+    """
+
+    step: int
+    layer: int
+    density: float
+    rel_error: float
+
+
 class _Run:
     """What the self-attention hooks read during one transformer forward."""
 
@@ -126,6 +144,7 @@ class _Run:
         self.method = method
         self.grid: VideoLayout | None = None
         self.step = 0
+        self.record: list[AttentionCall] | None = None
 
     def attend(
         self,
@@ -155,6 +174,10 @@ class _Run:
         layout = self.grid.with_context(query.shape[2], self.spec.text_position)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         out = self.method(q, k, v, layout=layout, step=self.step, layer=layer, scale=scale, attn_mask=attn_mask)
+        if self.record is not None:
+            dense = dense_attention(q, k, v, scale=scale, attn_mask=attn_mask).float()
+            error = (out.float() - dense).norm() / dense.norm().clamp_min(1e-30)
+            self.record.append(AttentionCall(self.step, layer, float(self.method.last_density), error.item()))
         return out.transpose(1, 2)
 
 
@@ -275,6 +298,24 @@ def sparse_attention_method(transformer: torch.nn.Module) -> AttentionMethod | N
     registry = getattr(transformer, "_diffusers_hook", None)
     hook = registry.get_hook(_HOOK) if registry is not None else None
     return hook.run.method if hook is not None else None
+
+
+@contextmanager
+def record_attention(transformer: torch.nn.Module) -> Iterator[list[AttentionCall]]:
+    """Within the block, also compute dense attention beside every method call and record the
+    method's density and relative error per (step, layer); yields the growing list.
+
+    Costs a dense attention per call and a host sync: a measurement tool, not for production.
+    """
+    method = sparse_attention_method(transformer)
+    if method is None:
+        raise ValueError("record_attention needs a method applied first (apply_sparse_attention)")
+    run = transformer._diffusers_hook.get_hook(_HOOK).run
+    run.record = []
+    try:
+        yield run.record
+    finally:
+        run.record = None
 
 
 def remove_sparse_attention(transformer: torch.nn.Module) -> None:
