@@ -177,6 +177,8 @@ def test_resume_continues_stage_3_only(run):
 def test_bad_arguments_are_named(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--config", "tiny", "--vae-steps", "-1"]) == 2
     assert "vae_steps" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--config", "tiny", "--set", "lr=fast"]) == 2
+    assert "lr must be float" in capsys.readouterr().err
     with pytest.raises(ValueError, match="batch"):
         default_settings("tiny", batch=0).check()
     with pytest.raises(ValueError, match="vae_frames"):

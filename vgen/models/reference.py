@@ -51,6 +51,7 @@ __all__ = [
     "word_tokenizer",
 ]
 
+_LOGVAR_INIT = -8.0  # posterior log-variance at initialisation (std 0.02): training is not spent shrinking it
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "</s>", "<unk>")
 """Word-level tokenizer specials, ids 0, 1, 2: padding, end of sequence (appended, as UMT5 does), unknown word."""
 _PAD_ID, _EOS_ID = 0, 1
@@ -240,7 +241,7 @@ def word_tokenizer(words: Sequence[str] = VOCABULARY, model_max_length: int = 51
 
 
 def _vae(config: ReferenceConfig) -> AutoencoderKLWan:
-    return AutoencoderKLWan(
+    vae = AutoencoderKLWan(
         base_dim=config.vae_base_dim,
         z_dim=config.z_dim,
         dim_mult=list(config.vae_dim_mult),
@@ -251,6 +252,9 @@ def _vae(config: ReferenceConfig) -> AutoencoderKLWan:
         scale_factor_temporal=config.temporal_factor,
         scale_factor_spatial=config.spatial_factor,
     )
+    with torch.no_grad():
+        vae.quant_conv.bias[config.z_dim :].fill_(_LOGVAR_INIT)  # quant_conv outputs [mean, log-variance]
+    return vae
 
 
 def _text_encoder(config: ReferenceConfig) -> UMT5EncoderModel:
@@ -299,7 +303,8 @@ def build_reference_pipeline(config: ReferenceConfig = REFERENCE, seed: int = 0)
     """A ``WanPipeline`` of ``config``'s sizes with random weights, deterministic in ``seed``.
 
     The global torch RNG is seeded before each network is built and restored afterwards.
-    The VAE's ``latents_mean`` / ``latents_std`` start at 0 / 1; training sets them.
+    The VAE's ``latents_mean`` / ``latents_std`` start at 0 / 1 (training sets them), and its
+    posterior's log-variance starts at -8, so that a short training is not spent shrinking it.
 
     Returns:
         The pipeline in float32 on CPU.

@@ -2,14 +2,16 @@
 
 ::
 
-    python -m vgen.models.train --out build/train --minutes 14 --device cuda   # the H200 run
-    python -m vgen.models.train --out /tmp/t --config tiny --device cpu          # a CPU smoke run
+    python -m vgen.models.train --out build/train --minutes 14 --device cuda    # one run of 14 minutes
+    python -m vgen.models.train --out build/train --minutes 9.5 --vae-minutes 3 --dit-minutes 10.5 --device cuda
+    python -m vgen.models.train --out /tmp/t --config tiny --device cpu           # a CPU smoke run
 
 Stages, each resumed from ``OUT`` when the command is run again:
 
 1. ``vae``: the ``AutoencoderKLWan`` learns to reconstruct random crops (``vae_frames`` x
-   ``vae_size``^2 windows of 33 x 256 x 256 renders): L1 + L2 on pixels plus a small KL term,
-   through diffusers' own chunked causal ``encode`` / ``decode``. It then stays frozen.
+   ``vae_size``^2 windows of 33 x 256 x 256 renders: the pixel scale it will encode) with L1 + L2
+   on pixels plus a small KL term, through diffusers' own chunked causal ``encode`` / ``decode``.
+   It then stays frozen.
 2. ``cache``: ``clips`` training clips per training size, and ``eval_clips`` held-out clips (eval
    captions), are rendered and encoded once (posterior means, bf16) into ``OUT/cache``; the
    per-channel ``latents_mean`` / ``latents_std`` over the training latents go into the VAE's config,
@@ -31,12 +33,14 @@ Why the text encoder trains: the captions' meaning is in word order ("a red circ
 square ..."), and a random frozen UMT5 carries order only through random relative-position biases;
 training it costs under 1% of a step, and the empty-prompt embedding used for guidance is learned too.
 
-Time: ``--minutes M`` bounds the whole run. Stage 1 gets ``vae_share`` of it; stage 3 ends
-``final_reserve_s`` before the end. Steps left unset with ``--minutes`` are calibrated: a stage
-times its first steps (synchronised), then fixes its step count to fill its time, so the cosine
-schedule ends on time; the count is stored and reused on resume. Given steps are followed exactly
-(and the run is then reproducible from ``--seed`` up to GPU non-determinism); the time limit still
-stops a stage early, and a stage-3 run cut short still writes ``OUT/model`` and resumes later.
+Time: ``--minutes M`` bounds this invocation: stage 3 stops ``final_reserve_s`` before its end
+(a stage cut short keeps its checkpoint and resumes when the command is run again; a cut stage 3
+still writes ``OUT/model``). Step counts left unset are calibrated: a stage times its first steps
+(synchronised), then fixes its step count so that its cosine schedule fills ``--vae-minutes`` /
+``--dit-minutes`` of training (default: ``vae_share`` of ``--minutes`` for stage 1, the rest of
+this invocation for stage 3); the count is stored, so a schedule can span several invocations
+(the second example: two commands of under 10 minutes each). Given step counts are followed
+exactly, and the run is then reproducible from ``--seed`` up to GPU non-determinism.
 
 Outputs: ``OUT/model/``, ``OUT/log.json`` (settings, losses, throughput, eval), ``OUT/loss.png``,
 ``OUT/samples-*.png`` (held-out prompts, one row per clip), ``OUT/checkpoints/``, ``OUT/cache/``.
@@ -82,6 +86,18 @@ _MANY_CLIPS = 10**9  # procedural datasets are indexed lazily; this is just thei
 _STAGE_KEYS = {"vae": 1, "dit": 2, "val": 3, "crop": 4}
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "int | None": (int, type(None)),
+    "float | None": (int, float, type(None)),
+    "tuple[int, int]": (tuple,),
+    "tuple[float, float]": (tuple,),
+}
+
+
 @dataclass
 class TrainSettings:
     """Everything a training run depends on besides the :class:`ReferenceConfig`.
@@ -90,10 +106,11 @@ class TrainSettings:
         config: name of the :class:`ReferenceConfig` (``"reference"`` or ``"tiny"``).
         seed: seeds the initial weights, the data and every step's noise.
         device: ``"cuda"`` or ``"cpu"``; bf16 autocast on CUDA, float32 on CPU.
-        minutes: wall-clock bound for the whole run (None: none).
+        minutes: wall-clock bound for this invocation (None: none).
         workers: DataLoader processes that render clips (0: in the main process).
         compile: ``torch.compile`` the transformer's blocks (optional; off by default).
-        vae_steps: stage-1 steps (None: calibrated to ``vae_share`` of ``minutes``).
+        vae_steps: stage-1 steps (None: calibrated to ``vae_minutes``).
+        vae_minutes: stage-1 training time that calibrated steps fill (None: ``vae_share`` x ``minutes``).
         vae_batch: stage-1 crops per step.
         vae_frames, vae_size: stage-1 crop: consecutive frames (``1 + 4k``), square side in pixels.
         vae_lr, vae_kl_weight: stage-1 peak learning rate and KL weight (per latent element,
@@ -104,14 +121,15 @@ class TrainSettings:
         eval_clips: held-out clips encoded for the validation loss.
         shard_clips: clips per cache file.
         cache_batch: clips per encoder call.
-        dit_steps: stage-3 steps (None: calibrated to the time left).
-        batch: stage-3 clips per step at the training size (the demo size takes about as many tokens).
+        dit_steps: stage-3 steps (None: calibrated to ``dit_minutes``).
+        dit_minutes: stage-3 training time that calibrated steps fill (None: the rest of ``minutes``).
+        batch: stage-3 clips per step at the training size.
         lr, weight_decay, betas, warmup, grad_clip: AdamW and schedule (cosine to ``lr_floor`` x lr).
         lr_floor: final learning rate as a fraction of the peak, for both stages.
         caption_dropout: fraction of captions replaced by the empty prompt.
         ema_decay: EMA decay of the stage-3 weights (0: no EMA).
         demo_every: every this-many-th stage-3 step trains at the demo size (0: never).
-        demo_batch: clips per demo-size step.
+        demo_batch: clips per demo-size step (the reference's 32 x 1,280 tokens ~ half of 8 x 9,216).
         checkpoint_every, log_every, eval_every: in steps (eval: held-out loss).
         calibration_steps: (warm-up, timed) steps used to calibrate step counts and measure throughput.
         samples: held-out prompts generated per size at the end (0: skip).
@@ -126,18 +144,20 @@ class TrainSettings:
     workers: int = 6
     compile: bool = False
     vae_steps: int | None = 2000
-    vae_batch: int = 8
-    vae_frames: int = 17
+    vae_minutes: float | None = None
+    vae_batch: int = 16
+    vae_frames: int = 9
     vae_size: int = 128
-    vae_lr: float = 5e-4
+    vae_lr: float = 3e-4
     vae_kl_weight: float = 1e-6
-    vae_share: float = 0.2
+    vae_share: float = 0.3
     vae_eval_clips: int = 4
     clips: int = 6144
     eval_clips: int = 64
     shard_clips: int = 512
     cache_batch: int = 8
     dit_steps: int | None = 4000
+    dit_minutes: float | None = None
     batch: int = 8
     lr: float = 5e-4
     weight_decay: float = 0.01
@@ -159,19 +179,28 @@ class TrainSettings:
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
+        for setting in dataclasses.fields(self):
+            value, kinds = getattr(self, setting.name), _FIELD_TYPES[setting.type]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"{setting.name} must be {setting.type}, got {value!r}")
+            if isinstance(value, tuple) and (len(value) != 2 or not all(isinstance(v, int | float) for v in value)):
+                raise ValueError(f"{setting.name} must be {setting.type}, got {value!r}")
         reference_config(self.config)
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"minutes must be > 0, got {self.minutes!r}")
-        for name in ("vae_steps", "dit_steps"):
-            value = getattr(self, name)
-            if value is None and self.minutes is None:
-                raise ValueError(f"{name} may only be left unset (calibrated) when minutes is set")
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        for name in ("minutes", "vae_minutes", "dit_minutes"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for stage in ("vae", "dit"):
+            steps = getattr(self, f"{stage}_steps")
+            if steps is None and self.minutes is None and getattr(self, f"{stage}_minutes") is None:
+                raise ValueError(
+                    f"{stage}_steps may only be left unset (calibrated) when minutes or {stage}_minutes is set"
+                )
+            if steps is not None and steps < 0:
+                raise ValueError(f"{stage}_steps must be an int >= 0, got {steps!r}")
         positive = ("vae_batch", "vae_frames", "vae_size", "clips", "eval_clips", "shard_clips", "cache_batch", "batch")
         positive += ("checkpoint_every", "log_every", "eval_every", "vae_eval_clips", "sample_steps")
         for name in positive:
@@ -343,11 +372,21 @@ class _Clock:
 
     The ``warm`` steps after the start are untimed (allocator, autotuning, compilation), the next
     ``timed`` steps are synchronised and timed per key; then, if no total was given, the total is set
-    so that the remaining steps end at the deadline.
+    so that the remaining steps end at ``schedule_end`` (``time.monotonic()`` seconds). ``deadline``
+    is the hard stop.
     """
 
-    def __init__(self, start: int, total: int | None, deadline: float, calibration: tuple[int, int], device: str):
-        self.step, self.total, self.deadline, self.device = start, total, deadline, device
+    def __init__(
+        self,
+        start: int,
+        total: int | None,
+        deadline: float,
+        schedule_end: float,
+        calibration: tuple[int, int],
+        device: str,
+    ) -> None:
+        self.step, self.total, self.deadline, self.schedule_end = start, total, deadline, schedule_end
+        self.device = device
         self.warm_end = start + calibration[0]
         self.timed_end = self.warm_end + calibration[1]
         self.times: dict[str, list[float]] = {}
@@ -377,7 +416,7 @@ class _Clock:
         self.step += 1
         if self.total is None and self.step == self.timed_end:
             per_step = sum(sum(v) for v in self.times.values()) / sum(len(v) for v in self.times.values())
-            self.total = self.step + max(1, int(0.97 * (self.deadline - time.monotonic()) / per_step))
+            self.total = self.step + max(1, int(0.97 * (self.schedule_end - time.monotonic()) / per_step))
 
     def step_seconds(self) -> dict[str, float]:
         return {key: sum(v) / len(v) for key, v in self.times.items()}
@@ -392,9 +431,14 @@ def _train_vae(
     settings: TrainSettings,
     out: Path,
     deadline: float,
+    schedule_end: float,
     log: dict[str, Any],
-) -> None:
-    """Stage 1: train ``vae`` in place (resuming from OUT/checkpoints/vae.pt); leave it frozen on the device."""
+) -> bool:
+    """Stage 1: train ``vae`` in place (resuming from OUT/checkpoints/vae.pt); leave it frozen on the device.
+
+    Returns:
+        Whether the stage is complete (else the deadline cut it; its checkpoint resumes it).
+    """
     device, path = settings.device, out / "checkpoints" / "vae.pt"
     state = _load(path)
     entry = log.setdefault("vae", {"loss": []})
@@ -404,7 +448,7 @@ def _train_vae(
     vae.to(device)
     if state is not None and state["done"]:
         vae.eval().requires_grad_(False)
-        return
+        return True
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, betas=settings.betas, weight_decay=0.0)
     start, total = 0, settings.vae_steps
@@ -412,7 +456,7 @@ def _train_vae(
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         total = settings.vae_steps if settings.vae_steps is not None else state["total_steps"]
-    clock = _Clock(start, total, deadline, settings.calibration_steps, device)
+    clock = _Clock(start, total, deadline, schedule_end, settings.calibration_steps, device)
     shapes = ShapesDataset(_MANY_CLIPS, config.num_frames, config.height, config.width, seed=settings.seed + 2)
     dataset = _Clips(shapes, crop=(settings.vae_frames, settings.vae_size), seed=settings.seed)
     batch = settings.vae_batch
@@ -424,7 +468,7 @@ def _train_vae(
         _save_atomic({**state, "total_steps": clock.total, "done": done, "log": entry}, path)
 
     began, running = time.monotonic(), []
-    bar = tqdm(total=total, initial=start, desc="stage 1 vae", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="stage 1 vae", dynamic_ncols=True, mininterval=1.0)
     stopped = clock.done()
     for video, _ in loader:
         if stopped:
@@ -463,11 +507,16 @@ def _train_vae(
     seconds = time.monotonic() - began
     entry["stopped_by"] = stopped or "steps"
     entry["seconds"] = entry.get("seconds", 0.0) + seconds
-    entry["clips_per_second"] = (clock.step - start) * batch / max(seconds, 1e-9)
+    if "vae" in clock.step_seconds():
+        entry["crops_per_second"] = batch / clock.step_seconds()["vae"]
     vae.eval().requires_grad_(False)
+    if stopped == "time":
+        save(done=False)
+        return False
     entry["psnr"] = _vae_psnr(vae, config, settings)
     save(done=True)
     print(f"stage 1 vae: {clock.step} steps, held-out PSNR {entry['psnr']:.2f} dB at full size", file=sys.stderr)
+    return True
 
 
 @torch.no_grad()
@@ -508,7 +557,7 @@ def _encode_clips(
     if first_missing < len(shards):
         batch = math.gcd(settings.cache_batch, per_shard)
         loader = _loader(_Clips(shapes), range(first_missing * per_shard, count), batch, settings)
-        bar = tqdm(total=count, initial=first_missing * per_shard, desc=desc, dynamic_ncols=True)
+        bar = tqdm(total=count, initial=first_missing * per_shard, desc=desc, dynamic_ncols=True, mininterval=1.0)
         latents, captions, shard = [], [], first_missing
         for video, caption in loader:
             with _autocast(settings.device):
@@ -651,6 +700,7 @@ def _held_out_loss(
     model: _Denoiser, held_out: _Latents, mean: torch.Tensor, std: torch.Tensor, settings: TrainSettings
 ) -> float:
     """Flow-matching loss on the held-out clips at fixed noise and evenly spread noise levels."""
+    training = model.training
     model.eval()
     total, n = 0.0, len(held_out.captions)
     for start in range(0, n, settings.batch):
@@ -660,7 +710,7 @@ def _held_out_loss(
         generator = _generator(settings.device, settings.seed, _STAGE_KEYS["val"], start)
         with _autocast(settings.device):
             total += model.loss(x0, held_out.captions[start:stop], generator, u=u).item() * (stop - start)
-    model.train()
+    model.train(training)
     return total / n
 
 
@@ -670,6 +720,7 @@ def _train_dit(
     settings: TrainSettings,
     out: Path,
     deadline: float,
+    schedule_end: float,
     cache: tuple[dict[tuple[int, int, int], _Latents], _Latents, torch.Tensor, torch.Tensor],
     log: dict[str, Any],
 ) -> None:
@@ -709,7 +760,7 @@ def _train_dit(
     on_device = {s: data[s].latents.to(device) for s in set(cycle)}
     held_out = _Latents(held_out.latents.to(device), held_out.captions)
     mean, std = mean.to(device), std.to(device)
-    clock = _Clock(start, total, deadline, settings.calibration_steps, device)
+    clock = _Clock(start, total, deadline, schedule_end, settings.calibration_steps, device)
 
     def save(done: bool) -> None:
         entry.update(steps=clock.step, total_steps=clock.total, step_seconds=clock.step_seconds(), batches=batches_log)
@@ -720,7 +771,7 @@ def _train_dit(
     batches_log = {_size_name(s): batches[s] for s in set(cycle)}
     seen = {_size_name(s): 0 for s in set(cycle)}
     began, running = time.monotonic(), []
-    bar = tqdm(total=total, initial=start, desc="stage 3 dit", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="stage 3 dit", dynamic_ncols=True, mininterval=1.0)
     stopped = clock.done()
     while not stopped:
         size = cycle[clock.step % len(cycle)]
@@ -862,7 +913,8 @@ def _plot(log: dict[str, Any], path: Path) -> None:
             ax.plot(steps, values, "o-", label="held out", markersize=3)
         ax.set(title=title, xlabel="step", ylabel="loss", yscale="log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -896,12 +948,18 @@ def train(out: str | Path, settings: TrainSettings) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name() if settings.device == "cuda" else "cpu",
     }
     pipe = build_reference_pipeline(config, settings.seed)
-    vae_deadline = started + settings.vae_share * (end - started)
-    _train_vae(pipe.vae, config, settings, out, vae_deadline, log)
+    stop = end - settings.final_reserve_s
+    vae_minutes = settings.vae_minutes or (settings.vae_share * settings.minutes if settings.minutes else None)
+    vae_end = time.monotonic() + vae_minutes * 60 if vae_minutes else math.inf
+    if not _train_vae(pipe.vae, config, settings, out, stop, vae_end, log):
+        _write_log(log, out)
+        print("stage 1 stopped by --minutes; run the same command again to resume", file=sys.stderr)
+        return log
     _write_log(log, out)
     cache = _cache(pipe.vae, config, settings, out, log)
     _write_log(log, out)
-    _train_dit(pipe, config, settings, out, end - settings.final_reserve_s, cache, log)
+    dit_end = time.monotonic() + settings.dit_minutes * 60 if settings.dit_minutes else stop
+    _train_dit(pipe, config, settings, out, stop, dit_end, cache, log)
     folder = save_pipeline(pipe.to("cpu"), out / "model")
     log["model"] = {"folder": str(folder), **folder_bytes(folder)}
     _write_log(log, out)
@@ -913,41 +971,57 @@ def train(out: str | Path, settings: TrainSettings) -> dict[str, Any]:
     return log
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m vgen.models.train",
         description="Train the reference Wan-format text-to-video model on procedural shapes clips (resumable).",
     )
+    calibrated = "default: fitted to the stage's minutes if --minutes is given, else the config's"
     parser.add_argument("--out", required=True, help="run folder: model/, log.json, loss.png, checkpoints/, cache/")
     parser.add_argument("--config", default="reference", choices=["reference", "tiny"])
-    parser.add_argument("--vae-steps", type=int, help="stage-1 steps (default: fit the time with --minutes)")
-    parser.add_argument("--dit-steps", type=int, help="stage-3 steps (default: fit the time with --minutes)")
+    parser.add_argument("--vae-steps", type=int, help=f"stage-1 steps ({calibrated})")
+    parser.add_argument("--dit-steps", type=int, help=f"stage-3 steps ({calibrated})")
     parser.add_argument("--batch", type=int, help="stage-3 clips per step at the training size")
     parser.add_argument("--vae-batch", type=int, help="stage-1 crops per step")
     parser.add_argument("--clips", type=int, help="training clips encoded per size")
-    parser.add_argument("--minutes", type=float, help="wall-clock bound for the whole run")
+    parser.add_argument("--minutes", type=float, help="wall-clock bound for this invocation (it resumes)")
+    parser.add_argument("--vae-minutes", type=float, help="stage-1 training time (default: vae_share x --minutes)")
+    parser.add_argument("--dit-minutes", type=float, help="stage-3 training time (default: the rest of --minutes)")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--workers", type=int, help="DataLoader processes rendering clips")
     parser.add_argument("--samples", type=int, help="held-out prompts generated per size at the end (0: none)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    parser.add_argument(
+        "--set", action="append", type=_setting, default=[], metavar="KEY=VALUE",
+        help="any other TrainSettings field, e.g. --set vae_lr=2e-4 (VALUE read as JSON when it parses)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _arguments(argv)
-    overrides: dict[str, Any] = {
-        name: getattr(args, name)
-        for name in ("vae_steps", "dit_steps", "batch", "vae_batch", "clips", "minutes", "device", "seed")
-        + ("workers", "samples")
-        if getattr(args, name) is not None
-    }
+    named = ("vae_steps", "dit_steps", "batch", "vae_batch", "clips", "minutes", "vae_minutes", "dit_minutes")
+    named += ("device", "seed", "workers", "samples")
+    overrides: dict[str, Any] = {name: getattr(args, name) for name in named if getattr(args, name) is not None}
     if args.compile:
         overrides["compile"] = True
-    if args.minutes is not None:  # unset step counts are calibrated to the time
-        overrides.setdefault("vae_steps", None)
-        overrides.setdefault("dit_steps", None)
+    for stage in ("vae", "dit"):  # unset step counts are calibrated to the time
+        if args.minutes is not None or getattr(args, f"{stage}_minutes") is not None:
+            overrides.setdefault(f"{stage}_steps", None)
+    for key, value in args.set:
+        overrides[key] = tuple(value) if isinstance(value, list) else value
     try:
         settings = default_settings(args.config, **overrides)
         settings.check()
@@ -955,6 +1029,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vgen.models.train: error: {err}", file=sys.stderr)
         return 2
     log = train(args.out, settings)
+    if "model" not in log:
+        return 0  # stage 1 was cut by --minutes; train() said how to resume
     model = log["model"]
     print(f"wrote {model['folder']}: {model['bytes'] / 1e6:.1f} MB in {model['files']} files")
     for name, result in log.get("samples", {}).items():
