@@ -141,14 +141,14 @@ class TrainSettings:
     seed: int = 0
     device: str = "cuda"
     minutes: float | None = None
-    workers: int = 6
+    workers: int = 12
     compile: bool = False
     vae_steps: int | None = 2000
     vae_minutes: float | None = None
-    vae_batch: int = 16
+    vae_batch: int = 32
     vae_frames: int = 9
     vae_size: int = 128
-    vae_lr: float = 3e-4
+    vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     vae_share: float = 0.3
     vae_eval_clips: int = 4
@@ -167,13 +167,13 @@ class TrainSettings:
     lr_floor: float = 0.1
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    demo_every: int = 4
+    demo_every: int = 2
     demo_batch: int = 32
     checkpoint_every: int = 400
     log_every: int = 10
     eval_every: int = 250
     calibration_steps: tuple[int, int] = (4, 16)
-    samples: int = 16
+    samples: int = 20
     sample_steps: int = 30
     final_reserve_s: float = 45.0
 
