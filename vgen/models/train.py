@@ -83,11 +83,12 @@ from vgen.models.reference import (
 __all__ = ["TrainSettings", "default_settings", "flow_matching_loss", "main", "train"]
 
 _MANY_CLIPS = 10**9  # procedural datasets are indexed lazily; this is just their nominal length
-_STAGE_KEYS = {"vae": 1, "dit": 2, "val": 3, "crop": 4}
+_STAGE_KEYS = {"vae": 1, "dit": 2, "val": 3, "crop": 4, "decoder": 5}
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
+    "str | None": (str, type(None)),
     "int": (int,),
     "float": (int, float),
     "bool": (bool,),
@@ -117,6 +118,13 @@ class TrainSettings:
             against mean per-pixel L1 + L2).
         vae_share: fraction of ``minutes`` for stage 1.
         vae_eval_clips: held-out full-size clips for the reconstruction PSNR.
+        decoder_steps: stage-1b steps (None: calibrated to ``decoder_minutes``; 0: skip the stage).
+        decoder_minutes: stage-1b training time that calibrated steps fill.
+        decoder_batch, decoder_demo_batch: stage-1b whole clips per step at the training and the demo
+            size (the steps alternate between the two sizes).
+        decoder_lr: stage-1b peak learning rate.
+        from_model: a saved pipeline folder to start from instead of training stages 1 and 3:
+            only stage 1b (if ``decoder_steps`` != 0) and the samples run.
         clips: training clips encoded per training size (stage 2).
         eval_clips: held-out clips encoded for the validation loss.
         shard_clips: clips per cache file.
@@ -152,6 +160,12 @@ class TrainSettings:
     vae_kl_weight: float = 1e-6
     vae_share: float = 0.3
     vae_eval_clips: int = 4
+    decoder_steps: int | None = 1000
+    decoder_minutes: float | None = None
+    decoder_batch: int = 2
+    decoder_demo_batch: int = 8
+    decoder_lr: float = 5e-4
+    from_model: str | None = None
     clips: int = 6144
     eval_clips: int = 64
     shard_clips: int = 512
@@ -190,10 +204,10 @@ class TrainSettings:
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
-        for name in ("minutes", "vae_minutes", "dit_minutes"):
+        for name in ("minutes", "vae_minutes", "dit_minutes", "decoder_minutes"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for stage in ("vae", "dit"):
+        for stage in ("vae", "dit", "decoder"):
             steps = getattr(self, f"{stage}_steps")
             if steps is None and self.minutes is None and getattr(self, f"{stage}_minutes") is None:
                 raise ValueError(
@@ -202,6 +216,7 @@ class TrainSettings:
             if steps is not None and steps < 0:
                 raise ValueError(f"{stage}_steps must be an int >= 0, got {steps!r}")
         positive = ("vae_batch", "vae_frames", "vae_size", "clips", "eval_clips", "shard_clips", "cache_batch", "batch")
+        positive += ("decoder_batch", "decoder_demo_batch")
         positive += ("checkpoint_every", "log_every", "eval_every", "vae_eval_clips", "sample_steps")
         for name in positive:
             value = getattr(self, name)
@@ -229,7 +244,9 @@ class TrainSettings:
             raise ValueError(f"lr_floor must be in [0, 1], got {self.lr_floor!r}")
         if self.demo_every == 1:
             raise ValueError("demo_every must be 0 (never) or >= 2 (one demo-size step in that many)")
-        for name in ("lr", "vae_lr", "grad_clip"):
+        if self.from_model is not None and not (Path(self.from_model) / "model_index.json").is_file():
+            raise ValueError(f"from_model must be a saved pipeline folder (with model_index.json), got {self.from_model!r}")
+        for name in ("lr", "vae_lr", "decoder_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         warm, timed = self.calibration_steps
@@ -246,6 +263,9 @@ _TINY_SETTINGS = {
     "vae_size": 16,
     "vae_lr": 1e-3,
     "vae_eval_clips": 1,
+    "decoder_steps": 2,
+    "decoder_batch": 1,
+    "decoder_demo_batch": 2,
     "clips": 4,
     "eval_clips": 2,
     "shard_clips": 2,
@@ -513,26 +533,131 @@ def _train_vae(
     if stopped == "time":
         save(done=False)
         return False
-    entry["psnr"] = _vae_psnr(vae, config, settings)
+    entry.update(_vae_psnr(vae, config, settings))
     save(done=True)
     print(f"stage 1 vae: {clock.step} steps, held-out PSNR {entry['psnr']:.2f} dB at full size", file=sys.stderr)
     return True
 
 
 @torch.no_grad()
-def _vae_psnr(vae: AutoencoderKLWan, config: ReferenceConfig, settings: TrainSettings) -> float:
-    """Mean reconstruction PSNR (dB, pixels in [0, 1]) of held-out clips at the full training size."""
+def _vae_psnr(vae: AutoencoderKLWan, config: ReferenceConfig, settings: TrainSettings) -> dict[str, Any]:
+    """Reconstruction PSNR (dB, pixels in [0, 1]) of held-out clips at the full training size.
+
+    Returns:
+        ``psnr`` (mean over clips) and ``psnr_by_frame`` (per frame, mean over clips): a causal VAE
+        that has not learnt long clips loses quality frame by frame.
+    """
     shapes = ShapesDataset(
         settings.vae_eval_clips, config.num_frames, config.height, config.width, seed=settings.seed, split="eval"
     )
-    values = []
+    values, by_frame = [], []
     for i in range(len(shapes)):
         x = _pixels(_Clips(shapes)[i][0][None], settings.device)
         with _autocast(settings.device):
             reconstruction = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
-        mse = ((reconstruction - x) / 2).square().mean().clamp_min(1e-10)
-        values.append(-10 * math.log10(mse.item()))
-    return sum(values) / len(values)
+        mse = ((reconstruction - x) / 2).square().mean(dim=(0, 1, 3, 4)).clamp_min(1e-10)  # [F]
+        values.append(-10 * math.log10(mse.mean().item()))
+        by_frame.append(-10 * torch.log10(mse))
+    return {"psnr": sum(values) / len(values), "psnr_by_frame": torch.stack(by_frame).mean(0).tolist()}
+
+
+def _train_decoder(
+    vae: AutoencoderKLWan,
+    config: ReferenceConfig,
+    settings: TrainSettings,
+    out: Path,
+    deadline: float,
+    schedule_end: float,
+    log: dict[str, Any],
+) -> bool:
+    """Stage 1b: the decoder (and ``post_quant_conv``) learns whole clips; the encoder stays frozen.
+
+    Stage 1 sees short crops, but the decoder's causal convolutions reach many latent frames back, so
+    it has to see clips as long as it will decode. The encoder is not touched, so latents (and a
+    transformer trained on them) stay valid. Steps alternate between the training and the demo size;
+    the loss is L1 + L2 of the decoded posterior means. Resumes from OUT/checkpoints/decoder.pt.
+
+    Returns:
+        Whether the stage is complete (else the deadline cut it; its checkpoint resumes it).
+    """
+    device, path = settings.device, out / "checkpoints" / "decoder.pt"
+    state = _load(path)
+    entry = log.setdefault("decoder", {"loss": []})
+    trained = [vae.decoder, vae.post_quant_conv]
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        entry.update(state["log"])
+    vae.to(device).eval().requires_grad_(False)
+    if settings.decoder_steps == 0 or (state is not None and state["done"]):
+        return True
+    params = [p for module in trained for p in module.parameters()]
+    for module in trained:
+        module.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=settings.decoder_lr, betas=settings.betas, weight_decay=0.0)
+    start, total = 0, settings.decoder_steps
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        total = settings.decoder_steps if settings.decoder_steps is not None else state["total_steps"]
+    clock = _Clock(start, total, deadline, schedule_end, settings.calibration_steps, device)
+    sizes = {"train": (config.clip_size, settings.decoder_batch), "demo": (config.demo_size, settings.decoder_demo_batch)}
+    loaders = {}
+    for i, (name, (size, batch)) in enumerate(sizes.items()):
+        shapes = ShapesDataset(_MANY_CLIPS, *size, seed=settings.seed + 10 + i)
+        first = (start + 1 - i) // 2 * batch  # steps alternate: even steps train size, odd steps demo size
+        loaders[name] = iter(_loader(_Clips(shapes), range(first, _MANY_CLIPS), batch, settings))
+
+    def save(done: bool) -> None:
+        entry.update(steps=clock.step, total_steps=clock.total, step_seconds=clock.step_seconds())
+        state = {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": clock.step}
+        _save_atomic({**state, "total_steps": clock.total, "done": done, "log": entry}, path)
+
+    began, running = time.monotonic(), []
+    bar = tqdm(total=total, initial=start, desc="stage 1b decoder", dynamic_ncols=True, mininterval=1.0)
+    stopped = clock.done()
+    while not stopped:
+        name = "train" if clock.step % 2 == 0 else "demo"
+        video, _ = next(loaders[name])
+        x = _pixels(video, device)
+        lr = _lr(clock.step, clock.total, settings.decoder_lr, settings.warmup, settings.lr_floor)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        clock.begin()
+        with _autocast(device):
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mode()
+            reconstruction = vae.decode(z).sample.float()
+        error = reconstruction - x
+        loss = error.abs().mean() + error.square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        optimizer.step()
+        running.append(loss.detach())
+        clock.end(name)
+        bar.total = clock.total
+        bar.update()
+        if clock.step % settings.log_every == 0:
+            value = torch.stack(running).mean().item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"stage 1b loss is {value} at step {clock.step}")
+            entry["loss"].append([clock.step, value])
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            running = []
+        stopped = clock.done()
+        if clock.step % settings.checkpoint_every == 0 and not stopped:
+            save(done=False)
+    bar.close()
+    entry["stopped_by"] = stopped
+    entry["seconds"] = entry.get("seconds", 0.0) + time.monotonic() - began
+    vae.eval().requires_grad_(False)
+    if stopped == "time":
+        save(done=False)
+        return False
+    entry.update(_vae_psnr(vae, config, settings))
+    save(done=True)
+    print(f"stage 1b decoder: {clock.step} steps, held-out PSNR {entry['psnr']:.2f} dB at full size", file=sys.stderr)
+    return True
 
 
 # ---------------------------------------------------------------------------------------- stage 2
@@ -902,8 +1027,10 @@ def _plot(log: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "vae", "stage 1: VAE (L1 + L2 + KL)"), (axes[1], "dit", "stage 3: flow matching")):
+    panels = [("vae", "stage 1: VAE (L1 + L2 + KL)"), ("decoder", "stage 1b: decoder, whole clips (L1 + L2)")]
+    panels = [p for p in panels if log.get(p[0], {}).get("loss")] + [("dit", "stage 3: flow matching")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
         entry = log.get(key, {})
         if entry.get("loss"):
             steps, values = zip(*entry["loss"], strict=True)
@@ -927,6 +1054,20 @@ def _write_log(log: dict[str, Any], out: Path) -> None:
     (out / "log.json").write_text(json.dumps(log, indent=1))
 
 
+def _from_model(folder: str, log: dict[str, Any]) -> WanPipeline:
+    """The pipeline saved in ``folder`` (float32, CPU); the stage logs of its run, if beside it, go into ``log``."""
+    pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    log["from_model"] = {"folder": str(folder)}
+    earlier = Path(folder).parent / "log.json"
+    if earlier.is_file():
+        previous = json.loads(earlier.read_text())
+        for key in ("vae", "cache", "dit"):
+            if key in previous:
+                log[key] = previous[key]
+        log["from_model"]["settings"] = previous.get("settings")
+    return pipe
+
+
 def train(out: str | Path, settings: TrainSettings) -> dict[str, Any]:
     """Run (or resume) all stages into ``out``; return the log (also written to ``out/log.json``)."""
     started = time.monotonic()
@@ -947,19 +1088,30 @@ def train(out: str | Path, settings: TrainSettings) -> dict[str, Any]:
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if settings.device == "cuda" else "cpu",
     }
-    pipe = build_reference_pipeline(config, settings.seed)
     stop = end - settings.final_reserve_s
-    vae_minutes = settings.vae_minutes or (settings.vae_share * settings.minutes if settings.minutes else None)
-    vae_end = time.monotonic() + vae_minutes * 60 if vae_minutes else math.inf
-    if not _train_vae(pipe.vae, config, settings, out, stop, vae_end, log):
+
+    def stage_end(minutes: float | None) -> float:
+        return time.monotonic() + minutes * 60 if minutes else stop
+
+    if settings.from_model is not None:
+        pipe = _from_model(settings.from_model, log)
+    else:
+        pipe = build_reference_pipeline(config, settings.seed)
+        vae_minutes = settings.vae_minutes or (settings.vae_share * settings.minutes if settings.minutes else None)
+        if not _train_vae(pipe.vae, config, settings, out, stop, stage_end(vae_minutes) if vae_minutes else math.inf, log):
+            _write_log(log, out)
+            print("stage 1 stopped by --minutes; run the same command again to resume", file=sys.stderr)
+            return log
         _write_log(log, out)
-        print("stage 1 stopped by --minutes; run the same command again to resume", file=sys.stderr)
+    if not _train_decoder(pipe.vae, config, settings, out, stop, stage_end(settings.decoder_minutes), log):
+        _write_log(log, out)
+        print("stage 1b stopped by --minutes; run the same command again to resume", file=sys.stderr)
         return log
     _write_log(log, out)
-    cache = _cache(pipe.vae, config, settings, out, log)
-    _write_log(log, out)
-    dit_end = time.monotonic() + settings.dit_minutes * 60 if settings.dit_minutes else stop
-    _train_dit(pipe, config, settings, out, stop, dit_end, cache, log)
+    if settings.from_model is None:
+        cache = _cache(pipe.vae, config, settings, out, log)
+        _write_log(log, out)
+        _train_dit(pipe, config, settings, out, stop, stage_end(settings.dit_minutes), cache, log)
     folder = save_pipeline(pipe.to("cpu"), out / "model")
     log["model"] = {"folder": str(folder), **folder_bytes(folder)}
     _write_log(log, out)
@@ -997,6 +1149,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, help="wall-clock bound for this invocation (it resumes)")
     parser.add_argument("--vae-minutes", type=float, help="stage-1 training time (default: vae_share x --minutes)")
     parser.add_argument("--dit-minutes", type=float, help="stage-3 training time (default: the rest of --minutes)")
+    parser.add_argument("--decoder-steps", type=int, help="stage-1b steps (0: skip the stage)")
+    parser.add_argument("--decoder-minutes", type=float, help="stage-1b training time that calibrated steps fill")
+    parser.add_argument(
+        "--from-model", help="start from this saved pipeline folder: skip stages 1-3, run stage 1b and the samples"
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--workers", type=int, help="DataLoader processes rendering clips")
@@ -1013,12 +1170,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _arguments(argv)
     named = ("vae_steps", "dit_steps", "batch", "vae_batch", "clips", "minutes", "vae_minutes", "dit_minutes")
-    named += ("device", "seed", "workers", "samples")
+    named += ("device", "seed", "workers", "samples", "decoder_steps", "decoder_minutes", "from_model")
     overrides: dict[str, Any] = {name: getattr(args, name) for name in named if getattr(args, name) is not None}
     if args.compile:
         overrides["compile"] = True
-    for stage in ("vae", "dit"):  # unset step counts are calibrated to the time
-        if args.minutes is not None or getattr(args, f"{stage}_minutes") is not None:
+    for stage in ("vae", "dit", "decoder"):  # unset step counts are calibrated to the time
+        if getattr(args, f"{stage}_minutes") is not None or (args.minutes is not None and stage != "decoder"):
             overrides.setdefault(f"{stage}_steps", None)
     for key, value in args.set:
         overrides[key] = tuple(value) if isinstance(value, list) else value
