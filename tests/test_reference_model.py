@@ -165,6 +165,42 @@ def test_reloads_with_video_pipeline(run):
     assert pipe.token_grid(*REFERENCE.clip_size).seq_len == REFERENCE.video_tokens()
 
 
+def _weights(folder, name):
+    saved = {}
+    for shard in (folder / name).glob("*.safetensors"):
+        saved.update(load_file(shard))
+    return saved
+
+
+def test_decoder_stage_leaves_the_encoder_alone(run):
+    log = json.loads((run / "log.json").read_text())
+    assert log["decoder"]["steps"] == 2
+    assert len(log["decoder"]["psnr_by_frame"]) == TINY.num_frames
+    stage_1 = torch.load(run / "checkpoints" / "vae.pt", weights_only=True)["model"]
+    saved = _weights(run / "model", "vae")
+    trained = ("decoder.", "post_quant_conv.")
+    changed = {k for k, v in saved.items() if not torch.equal(v, stage_1[k].to(torch.bfloat16))}
+    assert changed and all(k.startswith(trained) for k in changed), sorted(changed)[:5]
+
+
+def test_from_model_continues_the_transformer(run, tmp_path):
+    out = tmp_path / "continued"
+    argv = ["--out", str(out), "--config", "tiny", "--device", "cpu", "--from-model", str(run / "model")]
+    assert main([*argv, "--decoder-steps", "0", "--dit-steps", "2", "--samples", "0"]) == 0
+    log = json.loads((out / "log.json").read_text())
+    assert log["from_model"] == str(run / "model") and len(log["history"]) == 1
+    assert log["history"][0]["dit"]["steps"] >= 3 and log["dit"]["steps"] == 2
+    assert "vae" not in log and (out / "loss.png").is_file()
+    vae_before, vae_after = _weights(run / "model", "vae"), _weights(out / "model", "vae")
+    assert vae_after.keys() == vae_before.keys()
+    assert all(torch.equal(v, vae_before[k]) for k, v in vae_after.items())  # no decoder steps: VAE untouched
+    before, after = _weights(run / "model", "transformer"), _weights(out / "model", "transformer")
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+    old = json.loads((run / "model" / "vae" / "config.json").read_text())
+    new = json.loads((out / "model" / "vae" / "config.json").read_text())
+    assert new["latents_mean"] == old["latents_mean"] and new["latents_std"] == old["latents_std"]
+
+
 def test_resume_continues_stage_3_only(run):
     before = json.loads((run / "log.json").read_text())
     assert main(["--out", str(run), "--config", "tiny", "--device", "cpu", "--dit-steps", "5", "--samples", "0"]) == 0
@@ -189,3 +225,5 @@ def test_bad_arguments_are_named(tmp_path, capsys):
         default_settings("tiny", dit_steps=None).check()
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--config", "nope"])
+    assert main(["--out", str(tmp_path), "--config", "tiny", "--from-model", str(tmp_path / "missing")]) == 2
+    assert "from_model must be a saved pipeline folder" in capsys.readouterr().err

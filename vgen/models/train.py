@@ -123,8 +123,9 @@ class TrainSettings:
         decoder_batch, decoder_demo_batch: stage-1b whole clips per step at the training and the demo
             size (the steps alternate between the two sizes).
         decoder_lr: stage-1b peak learning rate.
-        from_model: a saved pipeline folder to start from instead of training stages 1 and 3:
-            only stage 1b (if ``decoder_steps`` != 0) and the samples run.
+        from_model: a saved pipeline folder to start from instead of random weights: stage 1 is
+            skipped, stages 1b and 3 continue its weights (fresh optimisers) unless their steps are 0,
+            and the latent normalisation stays the model's.
         clips: training clips encoded per training size (stage 2).
         eval_clips: held-out clips encoded for the validation loss.
         shard_clips: clips per cache file.
@@ -714,6 +715,9 @@ def _cache(
     stats_file = root / "stats.json"
     if stats_file.is_file():
         stats = json.loads(stats_file.read_text())
+    elif settings.from_model is not None:  # the transformer learnt the model's normalisation: keep it
+        stats = {"latents_mean": list(vae.config.latents_mean), "latents_std": list(vae.config.latents_std)}
+        stats_file.write_text(json.dumps(stats))
     else:
         main = data[train_sizes[0]].latents
         total = torch.zeros(config.z_dim, dtype=torch.float64, device=settings.device)
@@ -1027,18 +1031,23 @@ def _plot(log: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("vae", "stage 1: VAE (L1 + L2 + KL)"), ("decoder", "stage 1b: decoder, whole clips (L1 + L2)")]
-    panels = [p for p in panels if log.get(p[0], {}).get("loss")] + [("dit", "stage 3: flow matching")]
+    runs = [*log.get("history", []), log]
+    titles = {"vae": "stage 1: VAE (L1 + L2 + KL)", "decoder": "stage 1b: decoder, whole clips (L1 + L2)"}
+    titles["dit"] = "stage 3: flow matching"
+    panels = [key for key in titles if any(run.get(key, {}).get("loss") for run in runs)] or ["dit"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels, strict=True):
-        entry = log.get(key, {})
-        if entry.get("loss"):
-            steps, values = zip(*entry["loss"], strict=True)
-            ax.plot(steps, values, label="train", linewidth=1)
-        if entry.get("held_out_loss"):
-            steps, values = zip(*entry["held_out_loss"], strict=True)
-            ax.plot(steps, values, "o-", label="held out", markersize=3)
-        ax.set(title=title, xlabel="step", ylabel="loss", yscale="log")
+    for ax, key in zip(axes[0], panels, strict=True):
+        offset = 0
+        for i, run in enumerate(runs):  # runs that continue a model go on where it stopped
+            entry = run.get(key, {})
+            label = f" (run {i + 1})" if len(runs) > 1 else ""
+            for series, style in (("loss", "-"), ("held_out_loss", "o-")):
+                if entry.get(series):
+                    steps, values = zip(*entry[series], strict=True)
+                    name = "train" if series == "loss" else "held out"
+                    ax.plot([offset + s for s in steps], values, style, label=name + label, linewidth=1, markersize=3)
+            offset += entry.get("steps", 0)
+        ax.set(title=titles[key], xlabel="step", ylabel="loss", yscale="log")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
@@ -1054,18 +1063,28 @@ def _write_log(log: dict[str, Any], out: Path) -> None:
     (out / "log.json").write_text(json.dumps(log, indent=1))
 
 
+_STAGES = ("vae", "decoder", "cache", "dit")
+
+
 def _from_model(folder: str, log: dict[str, Any]) -> WanPipeline:
-    """The pipeline saved in ``folder`` (float32, CPU); the stage logs of its run, if beside it, go into ``log``."""
+    """The pipeline saved in ``folder`` (float32, CPU).
+
+    If the run that made it left its ``log.json`` beside the folder, that run (and the runs before
+    it) go into ``log["history"]``, oldest first, so that the loss plot shows the whole training.
+    """
     pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    log["from_model"] = {"folder": str(folder)}
+    log["from_model"] = str(folder)
     earlier = Path(folder).parent / "log.json"
     if earlier.is_file():
         previous = json.loads(earlier.read_text())
-        for key in ("vae", "cache", "dit"):
-            if key in previous:
-                log[key] = previous[key]
-        log["from_model"]["settings"] = previous.get("settings")
+        run = {key: previous[key] for key in ("settings", "from_model", *_STAGES) if key in previous}
+        log["history"] = [*previous.get("history", []), run]
     return pipe
+
+
+def _step_offset(log: dict[str, Any], stage: str) -> int:
+    """Steps that earlier runs (``log["history"]``) trained ``stage`` for."""
+    return sum(run.get(stage, {}).get("steps", 0) for run in log.get("history", []))
 
 
 def train(out: str | Path, settings: TrainSettings) -> dict[str, Any]:
@@ -1108,7 +1127,7 @@ def train(out: str | Path, settings: TrainSettings) -> dict[str, Any]:
         print("stage 1b stopped by --minutes; run the same command again to resume", file=sys.stderr)
         return log
     _write_log(log, out)
-    if settings.from_model is None:
+    if settings.from_model is None or settings.dit_steps != 0:
         cache = _cache(pipe.vae, config, settings, out, log)
         _write_log(log, out)
         _train_dit(pipe, config, settings, out, stop, stage_end(settings.dit_minutes), cache, log)
@@ -1152,7 +1171,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decoder-steps", type=int, help="stage-1b steps (0: skip the stage)")
     parser.add_argument("--decoder-minutes", type=float, help="stage-1b training time that calibrated steps fill")
     parser.add_argument(
-        "--from-model", help="start from this saved pipeline folder: skip stages 1-3, run stage 1b and the samples"
+        "--from-model", help="continue this saved pipeline: skip stage 1; stages 1b and 3 run unless given 0 steps"
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("--seed", type=int)
