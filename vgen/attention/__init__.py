@@ -10,6 +10,7 @@ from vgen.attention.registry import (
     create_method,
     register_method,
 )
+from vgen.attention.window import WindowAttention, WindowConfig
 
 __all__ = [
     "AttentionMethod",
@@ -17,6 +18,8 @@ __all__ = [
     "DenseAttention",
     "MethodConfig",
     "VideoLayout",
+    "WindowAttention",
+    "WindowConfig",
     "available_methods",
     "create_method",
     "frame_mask",
