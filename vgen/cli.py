@@ -96,6 +96,38 @@ def _bench_quality(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'quality.md'} and {plot}")
 
 
+def _bench_speed(args: argparse.Namespace) -> None:
+    import torch
+
+    from vgen.pipelines.speed import speed_report
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
+        raise ValueError("bench speed times GPU kernels and torch sees no CUDA device; pass --device cpu to time the CPU")
+    reports = []
+    for shape in args.shape:
+        print(f"{shape}: dense vs {args.attention}", file=sys.stderr)
+        reports.append(
+            speed_report(
+                shape,
+                args.attention,
+                dict(args.set),
+                device=device,
+                dtype=getattr(torch, args.dtype),
+                repeats=args.repeats,
+                warmup=args.warmup,
+                steps=args.steps,
+                pipeline=not args.no_pipeline,
+            )
+        )
+        print(reports[-1].to_markdown())
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(r.to_markdown() for r in reports))
+        print(f"wrote {out}")
+
+
 def _held_out_captions(count: int) -> list[str]:
     """Shapes captions from the evaluation split: never seen in training."""
     from vgen.data import ShapesDataset
@@ -169,6 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     quality.add_argument("--out", required=True, help="folder for quality.md and density_psnr.png")
     quality.set_defaults(run=_bench_quality)
+
+    speed = bench.add_parser("speed", help="transformer forward and whole pipeline, dense vs a method, full size")
+    speed.add_argument("--shape", action="append", required=True, choices=shape_names(),
+                       help="full-size preset, repeatable (random weights)")
+    speed.add_argument("--attention", required=True, choices=available_methods())
+    speed.add_argument("--set", action="append", type=_parse_setting, default=[], metavar="KEY=VALUE",
+                       help="method setting, repeatable")
+    speed.add_argument("--repeats", type=int, default=3, help="timed transformer forwards per attention (median)")
+    speed.add_argument("--warmup", type=int, default=1, help="untimed transformer forwards first")
+    speed.add_argument("--steps", type=int, default=4, help="denoising steps of the timed pipeline runs")
+    speed.add_argument("--no-pipeline", action="store_true", help="time the transformer forward only")
+    speed.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    speed.add_argument("--device", help="default: cuda (an error without one unless --device cpu)")
+    speed.add_argument("--out", help="also write the Markdown tables to this file")
+    speed.set_defaults(run=_bench_speed)
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight pipeline (for trying vgen out)")
     tiny.add_argument("family", help="wan, hunyuan, cogvideox, ltx, motif or skyreels")
