@@ -65,11 +65,14 @@ class SpeedReport:
     def to_markdown(self) -> str:
         config = ", ".join(f"{k}={v}" for k, v in self.config.items()) or "defaults"
         density = "n/a" if self.density is None else f"{self.density:.3f}"
+        timed = f"transformer: median of {self.repeats}"
+        if any(t.what.startswith("pipeline") for t in self.timings):
+            timed += f"; pipeline: {self.steps} steps with guidance, once each"
         lines = [
             f"### {self.shape}: {self.attention} ({config}) vs dense",
             "",
             f"{self.device}, {self.dtype}, video tokens {self.grid[0]}x{self.grid[1]}x{self.grid[2]} = {self.tokens:,}, "
-            f"density {density}; transformer: median of {self.repeats}; pipeline: {self.steps} steps, once each",
+            f"density {density}; {timed}",
             "",
             "| measured | dense (s) | method (s) | speedup |",
             "| --- | ---: | ---: | ---: |",
