@@ -5,6 +5,8 @@
     python -m vgen.models.train --out build/train --minutes 14 --device cuda    # one run of 14 minutes
     python -m vgen.models.train --out build/train --minutes 9.5 --vae-minutes 3 --dit-minutes 10.5 --device cuda
     python -m vgen.models.train --out /tmp/t --config tiny --device cpu           # a CPU smoke run
+    python -m vgen.models.train --out build/more --from-model assets/reference/model --decoder-steps 0 \
+        --minutes 17 --set size_cycle=[1,3] --set demo_batch=96 --set lr=3e-4     # continue a saved model
 
 Stages, each resumed from ``OUT`` when the command is run again:
 
@@ -12,6 +14,10 @@ Stages, each resumed from ``OUT`` when the command is run again:
    ``vae_size``^2 windows of 33 x 256 x 256 renders: the pixel scale it will encode) with L1 + L2
    on pixels plus a small KL term, through diffusers' own chunked causal ``encode`` / ``decode``.
    It then stays frozen.
+1b. ``decoder``: the decoder alone (encoder frozen, so latents do not change) learns whole clips at
+   both sizes. Stage 1's short crops leave the decoder's causal convolutions, which reach many
+   latent frames back, unused to long clips: without this stage reconstructions lose quality
+   frame by frame (``psnr_by_frame`` in the log shows it).
 2. ``cache``: ``clips`` training clips per training size, and ``eval_clips`` held-out clips (eval
    captions), are rendered and encoded once (posterior means, bf16) into ``OUT/cache``; the
    per-channel ``latents_mean`` / ``latents_std`` over the training latents go into the VAE's config,
@@ -23,8 +29,8 @@ Stages, each resumed from ``OUT`` when the command is run again:
    ``x_s = (1 - s) x0 + s noise``, the model gets timestep ``1000 s`` and the prompt embeddings
    exactly as ``WanPipeline.encode_prompt`` makes them, and regresses the velocity ``noise - x0``.
    10% of captions are replaced by ``""`` (the pipeline's default negative prompt), which is what
-   classifier-free guidance needs. Every ``demo_every``-th step trains at the small demo size with a
-   batch holding about as many tokens. AdamW, linear warm-up then cosine decay, gradient clipping,
+   classifier-free guidance needs. Steps cycle between the training size and the small demo size
+   (``size_cycle``; the demo batch holds more clips). AdamW, linear warm-up then cosine decay, gradient clipping,
    an EMA of the weights (kept if its held-out loss is lower).
 4. ``final``: ``OUT/model`` (bf16 safetensors, no file over 15 MB), then held-out prompts are
    generated from that folder at both sizes and scored with :func:`vgen.data.score_video`.
@@ -41,6 +47,11 @@ still writes ``OUT/model``). Step counts left unset are calibrated: a stage time
 this invocation for stage 3); the count is stored, so a schedule can span several invocations
 (the second example: two commands of under 10 minutes each). Given step counts are followed
 exactly, and the run is then reproducible from ``--seed`` up to GPU non-determinism.
+
+``--from-model DIR`` starts from a saved pipeline instead of random weights: stage 1 is skipped,
+stages 1b and 3 continue its weights with fresh optimisers unless given 0 steps, and the run's log
+keeps the earlier runs' logs (``history``) so that ``loss.png`` shows the whole training. The shipped
+``assets/reference`` model and the commands that made it are described in ``assets/reference/README.md``.
 
 Outputs: ``OUT/model/``, ``OUT/log.json`` (settings, losses, throughput, eval), ``OUT/loss.png``,
 ``OUT/samples-*.png`` (held-out prompts, one row per clip), ``OUT/checkpoints/``, ``OUT/cache/``.
@@ -126,7 +137,10 @@ class TrainSettings:
         from_model: a saved pipeline folder to start from instead of random weights: stage 1 is
             skipped, stages 1b and 3 continue its weights (fresh optimisers) unless their steps are 0,
             and the latent normalisation stays the model's.
-        clips: training clips encoded per training size (stage 2).
+        clips: training clips encoded at the training size (stage 2).
+        demo_clips: training clips encoded at the demo size (None: ``clips``); demo-size clips
+            encode about 4x faster and are seen in larger batches, so a run that spends most steps
+            on them wants more of them.
         eval_clips: held-out clips encoded for the validation loss.
         shard_clips: clips per cache file.
         cache_batch: clips per encoder call.
@@ -137,7 +151,8 @@ class TrainSettings:
         lr_floor: final learning rate as a fraction of the peak, for both stages.
         caption_dropout: fraction of captions replaced by the empty prompt.
         ema_decay: EMA decay of the stage-3 weights (0: no EMA).
-        demo_every: every this-many-th stage-3 step trains at the demo size (0: never).
+        size_cycle: stage-3 steps at the training size, then at the demo size, per cycle (``(1, 1)``
+            alternates; ``(1, 3)`` spends most steps on the cheap demo size; ``(1, 0)``: no demo size).
         demo_batch: clips per demo-size step (the reference's 32 x 1,280 tokens ~ half of 8 x 9,216).
         checkpoint_every, log_every, eval_every: in steps (eval: held-out loss).
         calibration_steps: (warm-up, timed) steps used to calibrate step counts and measure throughput.
@@ -168,6 +183,7 @@ class TrainSettings:
     decoder_lr: float = 5e-4
     from_model: str | None = None
     clips: int = 6144
+    demo_clips: int | None = None
     eval_clips: int = 64
     shard_clips: int = 512
     cache_batch: int = 8
@@ -182,7 +198,7 @@ class TrainSettings:
     lr_floor: float = 0.1
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    demo_every: int = 2
+    size_cycle: tuple[int, int] = (1, 1)
     demo_batch: int = 32
     checkpoint_every: int = 400
     log_every: int = 10
@@ -223,7 +239,7 @@ class TrainSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("seed", "workers", "warmup", "demo_every", "demo_batch", "samples"):
+        for name in ("seed", "workers", "warmup", "demo_batch", "samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -243,8 +259,10 @@ class TrainSettings:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not 0.0 <= self.lr_floor <= 1.0:
             raise ValueError(f"lr_floor must be in [0, 1], got {self.lr_floor!r}")
-        if self.demo_every == 1:
-            raise ValueError("demo_every must be 0 (never) or >= 2 (one demo-size step in that many)")
+        if self.demo_clips is not None and self.demo_clips < 1:
+            raise ValueError(f"demo_clips must be a positive int or None, got {self.demo_clips!r}")
+        if not all(isinstance(n, int) and n >= 0 for n in self.size_cycle) or self.size_cycle[0] < 1:
+            raise ValueError(f"size_cycle must be (training-size steps >= 1, demo-size steps >= 0), got {self.size_cycle!r}")
         if self.from_model is not None and not (Path(self.from_model) / "model_index.json").is_file():
             raise ValueError(f"from_model must be a saved pipeline folder (with model_index.json), got {self.from_model!r}")
         for name in ("lr", "vae_lr", "decoder_lr", "grad_clip"):
@@ -275,7 +293,7 @@ _TINY_SETTINGS = {
     "batch": 2,
     "lr": 1e-3,
     "warmup": 1,
-    "demo_every": 2,
+    "size_cycle": (1, 1),
     "demo_batch": 4,
     "checkpoint_every": 2,
     "log_every": 1,
@@ -704,11 +722,12 @@ def _cache(
 ) -> tuple[dict[tuple[int, int, int], _Latents], _Latents, torch.Tensor, torch.Tensor]:
     """Stage 2: the encoded training clips per size, the held-out clips, and the latents' mean and std ``[C]``."""
     began = time.monotonic()
-    train_sizes = [config.clip_size, config.demo_size] if settings.demo_every else [config.clip_size]
+    train_sizes = [config.clip_size, config.demo_size] if settings.size_cycle[1] else [config.clip_size]
     root = out / "cache"
     data = {}
     for i, size in enumerate(train_sizes):
-        shapes = ShapesDataset(settings.clips, *size, seed=settings.seed + i)
+        count = settings.clips if i == 0 or settings.demo_clips is None else settings.demo_clips
+        shapes = ShapesDataset(count, *size, seed=settings.seed + i)
         data[size] = _encode_clips(vae, shapes, root / f"train-{_size_name(size)}", settings, f"stage 2 cache {size}")
     shapes = ShapesDataset(settings.eval_clips, *train_sizes[0], seed=settings.seed, split="eval")
     held_out = _encode_clips(vae, shapes, root / f"eval-{_size_name(train_sizes[0])}", settings, "stage 2 eval")
@@ -884,7 +903,7 @@ def _train_dit(
         model.transformer.compile_repeated_blocks()
 
     main_size, demo_size = config.clip_size, config.demo_size
-    cycle = [main_size] * max(1, settings.demo_every - 1) + ([demo_size] if settings.demo_every else [])
+    cycle = [main_size] * settings.size_cycle[0] + [demo_size] * settings.size_cycle[1]
     batches = {main_size: settings.batch, demo_size: settings.demo_batch}
     on_device = {s: data[s].latents.to(device) for s in set(cycle)}
     held_out = _Latents(held_out.latents.to(device), held_out.captions)
