@@ -118,3 +118,56 @@ def test_bench_quality_bad_sweep(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "quality", "--model", ".", "--attention", "dense", "--out", ".", "--sweep", "dense_steps"])
     assert "--sweep expects KEY=V1,V2" in capsys.readouterr().err
+
+
+class RenderingPipe:
+    """Stands in for a VideoPipeline: returns the true render of the caption's clip (or noise)."""
+
+    def __init__(self, noise: bool = False) -> None:
+        from vgen.data import ShapesDataset
+
+        held_out = ShapesDataset(6, 17, 64, 64, split="eval")
+        self.clips = {held_out.clip(i).caption: held_out.clip(i) for i in range(6)}
+        self.noise, self.enabled = noise, []
+
+    def __call__(self, prompt, *, seed, progress, **generate):
+        from vgen.data import render
+
+        video = render(self.clips[prompt]).astype(np.float32) / 255
+        return np.random.default_rng(seed).random(video.shape, dtype=np.float32) if self.noise else video
+
+    def enable_sparse_attention(self, name, **config):
+        self.enabled.append(name)
+
+    def disable_sparse_attention(self):
+        self.enabled.append(None)
+
+
+def test_adherence_report_on_true_renders_and_noise(tmp_path):
+    from vgen.pipelines.quality import adherence_report
+
+    pipe = RenderingPipe()
+    prompts = list(pipe.clips)
+    report = adherence_report(pipe, prompts, [0, 1], method="window", sheet=tmp_path / "sheet.png", num_frames=17)
+    assert len(report.clips) == 12 and report.rate() == 1.0 and report.rate("passed") == 1.0
+    assert pipe.enabled == ["window", None] and (tmp_path / "sheet.png").stat().st_size > 0
+    assert "colour + motion **100%**" in report.to_markdown()
+    noise = adherence_report(RenderingPipe(noise=True), prompts, [0])
+    assert noise.rate() <= 0.2 and noise.rate("passed") <= 0.2 and noise.method == "stock"
+    with pytest.raises(ValueError, match="check must be"):
+        report.rate("nope")
+    with pytest.raises(ValueError):
+        adherence_report(pipe, ["a purple elephant sings"], [0])
+
+
+def test_bench_adherence_cli(tmp_path, tiny_dirs, capsys):
+    out = tmp_path / "adh"
+    argv = ["bench", "adherence", "--model", str(tiny_dirs("wan")), "--prompts", "2", "--frames", "5",
+            "--height", "32", "--width", "32", "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    text = (out / "adherence.md").read_text()
+    assert text.count("| 0 |") == 2 and (out / "adherence.png").is_file()
+    assert main([*argv[:-2], "--prompts", "0", "--out", str(out)]) == 2
+    assert "--prompts and --seeds must be >= 1" in capsys.readouterr().err
+    assert main([*argv, "--prompt", "hello world"]) == 2
+    assert "hello" in capsys.readouterr().err

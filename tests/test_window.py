@@ -52,7 +52,8 @@ def test_unbounded_window_is_dense():
 
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory):
-    return save_pipeline(build_reference_pipeline(TINY, seed=1), tmp_path_factory.mktemp("ref") / "model", dtype=torch.float32)
+    folder = tmp_path_factory.mktemp("ref") / "model"
+    return save_pipeline(build_reference_pipeline(TINY, seed=1), folder, dtype=torch.float32)
 
 
 def test_window_in_a_pipeline(tiny_reference):

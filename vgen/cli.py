@@ -96,6 +96,28 @@ def _bench_quality(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'quality.md'} and {plot}")
 
 
+def _bench_adherence(args: argparse.Namespace) -> None:
+    import torch
+
+    from vgen.pipelines.quality import adherence_report
+    from vgen.pipelines.video import VideoPipeline
+
+    if args.prompts < 1 or args.seeds < 1:
+        raise ValueError(f"--prompts and --seeds must be >= 1, got {args.prompts} and {args.seeds}")
+    prompts = args.prompt or _held_out_captions(args.prompts)
+    pipe = VideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype), device=args.device)
+    out = Path(args.out)
+    generate = {"num_frames": args.frames, "height": args.height, "width": args.width,
+                "num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    method = None if args.attention == "stock" else args.attention
+    print(f"{len(prompts)} prompts x {args.seeds} seeds", file=sys.stderr)
+    report = adherence_report(pipe, prompts, list(range(args.seeds)), method, dict(args.set),
+                              sheet=out / "adherence.png", **generate)
+    (out / "adherence.md").write_text(report.to_markdown())
+    print(report.to_markdown())
+    print(f"wrote {out / 'adherence.md'} and {out / 'adherence.png'}")
+
+
 def _bench_speed(args: argparse.Namespace) -> None:
     import torch
 
@@ -103,7 +125,9 @@ def _bench_speed(args: argparse.Namespace) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     if device is None:
-        raise ValueError("bench speed times GPU kernels and torch sees no CUDA device; pass --device cpu to time the CPU")
+        raise ValueError(
+            "bench speed times GPU kernels and torch sees no CUDA device; pass --device cpu to time the CPU"
+        )
     reports = []
     for shape in args.shape:
         print(f"{shape}: dense vs {args.attention}", file=sys.stderr)
@@ -201,6 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     quality.add_argument("--out", required=True, help="folder for quality.md and density_psnr.png")
     quality.set_defaults(run=_bench_quality)
+
+    adherence = bench.add_parser(
+        "adherence", help="prompt adherence on held-out shapes captions (colour, kind, motion)"
+    )
+    adherence.add_argument("--model", required=True, help="diffusers-format model folder")
+    adherence.add_argument("--attention", default="stock", choices=["stock", *available_methods()])
+    adherence.add_argument("--set", action="append", type=_parse_setting, default=[], metavar="KEY=VALUE",
+                           help="method setting, repeatable")
+    adherence.add_argument("--prompt", action="append", help="caption, repeatable (default: held-out captions)")
+    adherence.add_argument("--prompts", type=int, default=20, help="how many held-out captions without --prompt")
+    adherence.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
+    adherence.add_argument("--frames", type=int)
+    adherence.add_argument("--height", type=int)
+    adherence.add_argument("--width", type=int)
+    adherence.add_argument("--steps", type=int)
+    adherence.add_argument("--guidance", type=float)
+    adherence.add_argument("--dtype", default="float32", choices=_DTYPES)
+    adherence.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    adherence.add_argument("--out", required=True, help="folder for adherence.md and adherence.png")
+    adherence.set_defaults(run=_bench_adherence)
 
     speed = bench.add_parser("speed", help="transformer forward and whole pipeline, dense vs a method, full size")
     speed.add_argument("--shape", action="append", required=True, choices=shape_names(),

@@ -262,9 +262,13 @@ class TrainSettings:
         if self.demo_clips is not None and self.demo_clips < 1:
             raise ValueError(f"demo_clips must be a positive int or None, got {self.demo_clips!r}")
         if not all(isinstance(n, int) and n >= 0 for n in self.size_cycle) or self.size_cycle[0] < 1:
-            raise ValueError(f"size_cycle must be (training-size steps >= 1, demo-size steps >= 0), got {self.size_cycle!r}")
+            raise ValueError(
+                f"size_cycle must be (training-size steps >= 1, demo-size steps >= 0), got {self.size_cycle!r}"
+            )
         if self.from_model is not None and not (Path(self.from_model) / "model_index.json").is_file():
-            raise ValueError(f"from_model must be a saved pipeline folder (with model_index.json), got {self.from_model!r}")
+            raise ValueError(
+                f"from_model must be a saved pipeline folder (with model_index.json), got {self.from_model!r}"
+            )
         for name in ("lr", "vae_lr", "decoder_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -619,7 +623,10 @@ def _train_decoder(
         start = state["step"]
         total = settings.decoder_steps if settings.decoder_steps is not None else state["total_steps"]
     clock = _Clock(start, total, deadline, schedule_end, settings.calibration_steps, device)
-    sizes = {"train": (config.clip_size, settings.decoder_batch), "demo": (config.demo_size, settings.decoder_demo_batch)}
+    sizes = {
+        "train": (config.clip_size, settings.decoder_batch),
+        "demo": (config.demo_size, settings.decoder_demo_batch),
+    }
     loaders = {}
     for i, (name, (size, batch)) in enumerate(sizes.items()):
         shapes = ShapesDataset(_MANY_CLIPS, *size, seed=settings.seed + 10 + i)
@@ -1136,7 +1143,8 @@ def train(out: str | Path, settings: TrainSettings) -> dict[str, Any]:
     else:
         pipe = build_reference_pipeline(config, settings.seed)
         vae_minutes = settings.vae_minutes or (settings.vae_share * settings.minutes if settings.minutes else None)
-        if not _train_vae(pipe.vae, config, settings, out, stop, stage_end(vae_minutes) if vae_minutes else math.inf, log):
+        vae_end = stage_end(vae_minutes) if vae_minutes else math.inf
+        if not _train_vae(pipe.vae, config, settings, out, stop, vae_end, log):
             _write_log(log, out)
             print("stage 1 stopped by --minutes; run the same command again to resume", file=sys.stderr)
             return log

@@ -71,7 +71,8 @@ class SpeedReport:
         lines = [
             f"### {self.shape}: {self.attention} ({config}) vs dense",
             "",
-            f"{self.device}, {self.dtype}, video tokens {self.grid[0]}x{self.grid[1]}x{self.grid[2]} = {self.tokens:,}, "
+            f"{self.device}, {self.dtype}, "
+            f"video tokens {self.grid[0]}x{self.grid[1]}x{self.grid[2]} = {self.tokens:,}, "
             f"density {density}; {timed}",
             "",
             "| measured | dense (s) | method (s) | speedup |",
@@ -130,7 +131,9 @@ def build_shape_pipeline(
         text_encoder = UMT5EncoderModel(UMT5Config(**preset["text_encoder"])).eval()
         vae = diffusers.AutoencoderKLWan(**preset.get("vae_config", {})).eval()
     tokenizer = word_tokenizer(model_max_length=preset["text_tokens"])
-    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    scheduler = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0
+    )
     pipe = diffusers.WanPipeline(tokenizer, text_encoder, vae, scheduler, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -138,7 +141,8 @@ def build_shape_pipeline(
 
 def _latent_grid(preset: dict[str, Any]) -> tuple[int, int, int]:
     clip, factors = preset["clip"], preset["vae"]
-    return (clip["num_frames"] - 1) // factors["temporal"] + 1, clip["height"] // factors["spatial"], clip["width"] // factors["spatial"]
+    frames = (clip["num_frames"] - 1) // factors["temporal"] + 1
+    return frames, clip["height"] // factors["spatial"], clip["width"] // factors["spatial"]
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
@@ -197,7 +201,9 @@ def speed_report(
     tokens = (grid[0] // patch[0], grid[1] // patch[1], grid[2] // patch[2])
     generator = torch.Generator(device).manual_seed(seed)
     inputs = {
-        "hidden_states": torch.randn(1, transformer.config.in_channels, *grid, generator=generator, device=device, dtype=dtype),
+        "hidden_states": torch.randn(
+            1, transformer.config.in_channels, *grid, generator=generator, device=device, dtype=dtype
+        ),
         "timestep": torch.tensor([500.0], device=device),
         "encoder_hidden_states": torch.randn(
             1, preset["text_tokens"], transformer.config.text_dim, generator=generator, device=device, dtype=dtype
@@ -205,7 +211,8 @@ def speed_report(
         "return_dict": False,
     }
     measure = _timer(device)
-    report = SpeedReport(name, attention, config, str(device), str(dtype).removeprefix("torch."), tokens, steps, repeats)
+    dtype_name = str(dtype).removeprefix("torch.")
+    report = SpeedReport(name, attention, config, str(device), dtype_name, tokens, steps, repeats)
 
     def forward() -> None:
         with torch.inference_mode():
