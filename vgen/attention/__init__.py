@@ -10,6 +10,7 @@ from vgen.attention.registry import (
     create_method,
     register_method,
 )
+from vgen.attention.vmoba import MoBAConfig, MoBAttention, VMoBAConfig, VMoBAttention
 from vgen.attention.window import WindowAttention, WindowConfig
 
 __all__ = [
@@ -17,6 +18,10 @@ __all__ = [
     "BlockMask",
     "DenseAttention",
     "MethodConfig",
+    "MoBAConfig",
+    "MoBAttention",
+    "VMoBAConfig",
+    "VMoBAttention",
     "VideoLayout",
     "WindowAttention",
     "WindowConfig",
