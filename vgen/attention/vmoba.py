@@ -44,7 +44,16 @@ from vgen.attention.registry import AttentionMethod, MethodConfig, register_meth
 from vgen.kernels import block_sparse_attention, permute_tokens, unpermute_tokens
 from vgen.kernels.permute import tile_order
 
-__all__ = ["ChunkPlan", "MoBAConfig", "MoBAttention", "VMoBAConfig", "VMoBAttention", "chunk_plan", "select_blocks"]
+__all__ = [
+    "ChunkPlan",
+    "MoBAConfig",
+    "MoBAttention",
+    "VMoBAConfig",
+    "VMoBAttention",
+    "chunk_plan",
+    "select_blocks",
+    "select_dense_blocks",
+]
 
 _PARTITIONS = ("1d", "2d", "3d")
 
@@ -268,16 +277,17 @@ def chunk_plan(
 
 def _chunk_scores(q: torch.Tensor, k: torch.Tensor, plan: ChunkPlan, scale: float) -> torch.Tensor:
     """fp32 ``[B, H, Mq, C]``: mean query of each query block . mean key of each chunk x scale + log(size)."""
-    batch, seq, heads, dim = q.shape
-    block_q = plan.block_size[0]
-    blocks = -(-seq // block_q)
-    padded = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, blocks * block_q - seq))
-    q_mean = padded.view(batch, blocks, block_q, heads, dim).sum(2) / plan.block_tokens[0].view(1, -1, 1, 1)
+    seq, block_q = q.shape[1], plan.block_size[0]
+    full = seq // block_q * block_q  # sums read the inputs in place, accumulating in fp32 (no fp32 copies)
+    q_sum = q[:, :full].unflatten(1, (seq // block_q, block_q)).sum(2, dtype=torch.float32)
+    if full < seq:
+        q_sum = torch.cat([q_sum, q[:, full:].sum(1, keepdim=True, dtype=torch.float32)], 1)
+    q_mean = q_sum / plan.block_tokens[0].view(1, -1, 1, 1)
     begin = plan.layout.text_before
-    video = k[:, begin : begin + plan.layout.num_video_tokens].float()
-    prefix = torch.nn.functional.pad(video.cumsum(1), (0, 0, 0, 0, 1, 0))  # [B, N + 1, H, D]
-    k_sum = prefix[:, plan.starts + plan.sizes] - prefix[:, plan.starts]  # [B, C, H, D]
-    k_mean = k_sum / plan.sizes.view(1, -1, 1, 1).float()
+    prefix = k[:, begin : begin + plan.layout.num_video_tokens].cumsum(1, dtype=torch.float32)  # [B, N, H, D]
+    ends = prefix[:, plan.starts + plan.sizes - 1]
+    before = prefix[:, (plan.starts - 1).clamp(min=0)] * (plan.starts > 0).view(1, -1, 1, 1)
+    k_mean = (ends - before) / plan.sizes.view(1, -1, 1, 1).float()
     scores = torch.einsum("bmhd,bchd->bhmc", q_mean, k_mean) * scale
     return scores + plan.sizes.float().log()
 
@@ -291,6 +301,22 @@ def select_blocks(
     topk: int = 1,
     per_row: bool = False,
 ) -> BlockMask:
+    """The block mask that keeps the selected (query block, chunk) pairs of ``scores``; see
+    :func:`select_dense_blocks` for the arguments."""
+    seq_len = plan.layout.seq_len
+    dense = select_dense_blocks(scores, plan, selection=selection, threshold=threshold, topk=topk, per_row=per_row)
+    return BlockMask.from_dense(dense, plan.block_size, (seq_len, seq_len))
+
+
+def select_dense_blocks(
+    scores: torch.Tensor,
+    plan: ChunkPlan,
+    *,
+    selection: str,
+    threshold: float = 0.25,
+    topk: int = 1,
+    per_row: bool = False,
+) -> torch.Tensor:
     """The block mask that keeps the selected (query block, chunk) pairs of ``scores``.
 
     Args:
@@ -303,8 +329,8 @@ def select_blocks(
         per_row: rank per query block instead of over the whole head.
 
     Returns:
-        A ``[B, H, Mq, Mk]`` :class:`BlockMask`; every query block also keeps the chunks it
-        overlaps, text rows keep everything and text key blocks are kept by every row.
+        bool ``[B, H, Mq, Mk]``: the kept block pairs. Every query block also keeps the chunks
+        it overlaps, text rows keep everything and text key blocks are kept by every row.
     """
     batch, heads, rows, chunks = scores.shape
     if per_row:
@@ -327,8 +353,7 @@ def select_blocks(
     blocks = (keep.float() @ plan.overlap) > 0  # [B, H, Mq, Mk]
     blocks |= plan.text_keys
     blocks |= plan.text_queries[:, None]
-    seq_len = plan.layout.seq_len
-    return BlockMask.from_dense(blocks, plan.block_size, (seq_len, seq_len))
+    return blocks
 
 
 def _density(mask_dense: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
@@ -348,7 +373,8 @@ class _ChunkAttention(AttentionMethod):
     def _plan(self, layout: VideoLayout, layer: int, device: torch.device) -> ChunkPlan:
         raise NotImplementedError
 
-    def _select(self, scores: torch.Tensor, plan: ChunkPlan) -> BlockMask:
+    def _select(self, scores: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
+        """bool [B, H, Mq, Mk] kept block pairs."""
         raise NotImplementedError
 
     def forward(
@@ -378,8 +404,9 @@ class _ChunkAttention(AttentionMethod):
             q, k, v = (permute_tokens(x, plan.perm) for x in (q, k, v))
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         with torch.no_grad():
-            mask = self._select(_chunk_scores(q, k, plan, scale), plan)
-            self.last_density = _density(mask.to_dense(), plan)
+            dense = self._select(_chunk_scores(q, k, plan, scale), plan)
+            self.last_density = _density(dense, plan)
+            mask = BlockMask.from_dense(dense, plan.block_size, (layout.seq_len, layout.seq_len))
         self.last_mask = mask
         out = block_sparse_attention(q, k, v, mask, scale=scale)
         return out if plan.perm is None else unpermute_tokens(out, plan.perm)
@@ -395,9 +422,9 @@ class VMoBAttention(_ChunkAttention):
     def _plan(self, layout: VideoLayout, layer: int, device: torch.device) -> ChunkPlan:
         return chunk_plan(layout, self.config.tile(layer, layout), self.config.block_size, device)
 
-    def _select(self, scores: torch.Tensor, plan: ChunkPlan) -> BlockMask:
+    def _select(self, scores: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
         c = self.config
-        return select_blocks(scores, plan, selection=c.selection, threshold=c.threshold, topk=c.topk)
+        return select_dense_blocks(scores, plan, selection=c.selection, threshold=c.threshold, topk=c.topk)
 
 
 @register_method("moba")
@@ -415,6 +442,6 @@ class MoBAttention(_ChunkAttention):
             )
         return chunk_plan(layout, self.config.chunk_tokens, self.config.block_size, device)
 
-    def _select(self, scores: torch.Tensor, plan: ChunkPlan) -> BlockMask:
-        return select_blocks(scores, plan, selection="topk", topk=self.config.topk, per_row=True)
+    def _select(self, scores: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
+        return select_dense_blocks(scores, plan, selection="topk", topk=self.config.topk, per_row=True)
 
