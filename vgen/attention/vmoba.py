@@ -40,7 +40,7 @@ import torch
 
 from vgen.attention.block_mask import BlockMask
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.attention.registry import AttentionMethod, MethodConfig, check_self_attention, register_method
 from vgen.kernels import block_sparse_attention, permute_tokens, unpermute_tokens
 from vgen.kernels.permute import tile_order
 
@@ -389,16 +389,7 @@ class _ChunkAttention(AttentionMethod):
         scale: float | None,
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        if attn_mask is not None:
-            raise ValueError(
-                f"the {self.name} method takes no attention mask (e.g. HunyuanVideo's text padding mask); "
-                "run such layers dense (dense_layers) or use the dense method"
-            )
-        if q.shape[1] != layout.seq_len or k.shape[1] != layout.seq_len:
-            raise ValueError(
-                f"{self.name} needs query and key lengths equal to the layout's {layout.seq_len} tokens, "
-                f"got {q.shape[1]} and {k.shape[1]}"
-            )
+        check_self_attention(self.name, q, k, layout, attn_mask)
         plan = self._plan(layout, layer, q.device)
         if plan.perm is not None:
             q, k, v = (permute_tokens(x, plan.perm) for x in (q, k, v))

@@ -16,7 +16,7 @@ import torch
 
 from vgen.attention.block_mask import local_window_mask
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.attention.registry import AttentionMethod, MethodConfig, check_self_attention, register_method
 from vgen.kernels import block_sparse_attention
 
 __all__ = ["WindowAttention", "WindowConfig"]
@@ -76,16 +76,7 @@ class WindowAttention(AttentionMethod):
         scale: float | None,
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        if attn_mask is not None:
-            raise ValueError(
-                "the window method takes no attention mask (e.g. HunyuanVideo's text padding mask); "
-                "add the model's padded text tokens to dense_layers or use the dense method"
-            )
-        if q.shape[1] != layout.seq_len or k.shape[1] != layout.seq_len:
-            raise ValueError(
-                f"window attention needs query and key lengths equal to the layout's {layout.seq_len} tokens, "
-                f"got {q.shape[1]} and {k.shape[1]}"
-            )
+        check_self_attention(self.name, q, k, layout, attn_mask)
         mask = local_window_mask(layout, self.config.window, self.config.block_size, device=q.device)
         key = (layout, q.device)
         if key not in self._densities:  # the mask is cached, so this host sync happens once per layout
