@@ -465,6 +465,35 @@ class _Clock:
         return {key: sum(v) / len(v) for key, v in self.times.items()}
 
 
+def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, clip: float) -> None:
+    """One optimiser step on ``loss`` with gradient-norm clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
+class _LossLog:
+    """Running training loss of a stage: every ``log_every`` steps its mean goes into ``entry["loss"]``
+    and the progress bar (one host sync per ``log_every`` steps); a non-finite mean stops the run."""
+
+    def __init__(self, stage: str, entry: dict[str, Any], bar: tqdm, every: int) -> None:
+        self.stage, self.entry, self.bar, self.every = stage, entry, bar, every
+        self.running: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, clock: _Clock, lr: float) -> None:
+        self.running.append(loss.detach())
+        self.bar.total = clock.total
+        self.bar.update()
+        if clock.step % self.every == 0:
+            value = torch.stack(self.running).mean().item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{self.stage} loss is {value} at step {clock.step}")
+            self.entry["loss"].append([clock.step, value])
+            self.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            self.running = []
+
+
 # ---------------------------------------------------------------------------------------- stage 1
 
 
@@ -510,8 +539,9 @@ def _train_vae(
         state = {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": clock.step}
         _save_atomic({**state, "total_steps": clock.total, "done": done, "log": entry}, path)
 
-    began, running = time.monotonic(), []
+    began = time.monotonic()
     bar = tqdm(total=total, initial=start, desc="stage 1 vae", dynamic_ncols=True, mininterval=1.0)
+    losses = _LossLog("stage 1", entry, bar, settings.log_every)
     stopped = clock.done()
     for video, _ in loader:
         if stopped:
@@ -528,21 +558,9 @@ def _train_vae(
         error = reconstruction - x
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
         loss = error.abs().mean() + error.square().mean() + settings.vae_kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), settings.grad_clip)
-        optimizer.step()
-        running.append(loss.detach())
+        _update(loss, optimizer, vae.parameters(), settings.grad_clip)
         clock.end("vae")
-        bar.total = clock.total
-        bar.update()
-        if clock.step % settings.log_every == 0:
-            value = torch.stack(running).mean().item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"stage 1 loss is {value} at step {clock.step}")
-            entry["loss"].append([clock.step, value])
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-            running = []
+        losses.add(loss, clock, lr)
         stopped = clock.done()
         if clock.step % settings.checkpoint_every == 0 and not stopped:
             save(done=False)
@@ -638,8 +656,9 @@ def _train_decoder(
         state = {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": clock.step}
         _save_atomic({**state, "total_steps": clock.total, "done": done, "log": entry}, path)
 
-    began, running = time.monotonic(), []
+    began = time.monotonic()
     bar = tqdm(total=total, initial=start, desc="stage 1b decoder", dynamic_ncols=True, mininterval=1.0)
+    losses = _LossLog("stage 1b", entry, bar, settings.log_every)
     stopped = clock.done()
     while not stopped:
         name = "train" if clock.step % 2 == 0 else "demo"
@@ -655,21 +674,9 @@ def _train_decoder(
             reconstruction = vae.decode(z).sample.float()
         error = reconstruction - x
         loss = error.abs().mean() + error.square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
-        running.append(loss.detach())
+        _update(loss, optimizer, params, settings.grad_clip)
         clock.end(name)
-        bar.total = clock.total
-        bar.update()
-        if clock.step % settings.log_every == 0:
-            value = torch.stack(running).mean().item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"stage 1b loss is {value} at step {clock.step}")
-            entry["loss"].append([clock.step, value])
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-            running = []
+        losses.add(loss, clock, lr)
         stopped = clock.done()
         if clock.step % settings.checkpoint_every == 0 and not stopped:
             save(done=False)
@@ -925,8 +932,9 @@ def _train_dit(
 
     batches_log = {_size_name(s): batches[s] for s in set(cycle)}
     seen = {_size_name(s): 0 for s in set(cycle)}
-    began, running = time.monotonic(), []
+    began = time.monotonic()
     bar = tqdm(total=total, initial=start, desc="stage 3 dit", dynamic_ncols=True, mininterval=1.0)
+    losses = _LossLog("stage 3", entry, bar, settings.log_every)
     stopped = clock.done()
     while not stopped:
         size = cycle[clock.step % len(cycle)]
@@ -942,24 +950,12 @@ def _train_dit(
         x0 = (latents[index.to(device)].float() - mean) / std
         with _autocast(device):
             loss = model.loss(x0, captions, _generator(device, settings.seed, _STAGE_KEYS["dit"], clock.step))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
+        _update(loss, optimizer, params, settings.grad_clip)
         if ema is not None:
             ema.update(clock.step)
-        running.append(loss.detach())
         clock.end(_size_name(size))
         seen[_size_name(size)] += batch
-        bar.total = clock.total
-        bar.update()
-        if clock.step % settings.log_every == 0:
-            value = torch.stack(running).mean().item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"stage 3 loss is {value} at step {clock.step}")
-            entry["loss"].append([clock.step, value])
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-            running = []
+        losses.add(loss, clock, lr)
         stopped = clock.done()
         if clock.step % settings.eval_every == 0 or stopped:
             entry["held_out_loss"].append([clock.step, _held_out_loss(model, held_out, mean, std, settings)])
