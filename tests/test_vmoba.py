@@ -255,7 +255,7 @@ def test_bad_vmoba_configs_are_named():
         create_method("vmoba", temporal_chunk=3)(q, q, q, layout=layout, step=0, layer=0)
     with pytest.raises(ValueError, match="chunk_tokens = 99 is larger than the 80 video tokens"):
         create_method("moba", chunk_tokens=99)(q, q, q, layout=layout, step=0, layer=0)
-    with pytest.raises(ValueError, match="takes no attention mask"):
+    with pytest.raises(ValueError, match="bool key-padding mask"):
         create_method("vmoba")(q, q, q, layout=layout, step=0, layer=0, attn_mask=torch.ones(80, 80, dtype=torch.bool))
 
 

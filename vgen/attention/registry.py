@@ -15,7 +15,6 @@ __all__ = [
     "AttentionMethod",
     "MethodConfig",
     "available_methods",
-    "check_self_attention",
     "create_method",
     "register_method",
 ]
@@ -96,22 +95,6 @@ class AttentionMethod:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
-
-
-def check_self_attention(
-    name: str, q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, attn_mask: torch.Tensor | None
-) -> None:
-    """For block-sparse methods: raise ValueError unless this is unmasked self-attention over ``layout``."""
-    if attn_mask is not None:
-        raise ValueError(
-            f"the {name} method takes no attention mask (e.g. HunyuanVideo's text padding mask); "
-            "run such layers dense (dense_layers) or use the dense method"
-        )
-    if q.shape[1] != layout.seq_len or k.shape[1] != layout.seq_len:
-        raise ValueError(
-            f"{name} needs query and key lengths equal to the layout's {layout.seq_len} tokens, "
-            f"got {q.shape[1]} and {k.shape[1]}"
-        )
 
 
 _METHODS: dict[str, type[AttentionMethod]] = {}

@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import torch
 
 from vgen.attention.block_mask import BlockMask
+from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, MethodConfig, check_self_attention, register_method
+from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
 from vgen.kernels import block_sparse_attention, permute_tokens, unpermute_tokens
 from vgen.kernels.permute import tile_order
 
@@ -389,7 +390,8 @@ class _ChunkAttention(AttentionMethod):
         scale: float | None,
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        check_self_attention(self.name, q, k, layout, attn_mask)
+        check_self_attention(self.name, q, k, layout)
+        lengths = key_lengths(attn_mask, q.shape[0], layout)
         plan = self._plan(layout, layer, q.device)
         if plan.perm is not None:
             q, k, v = (permute_tokens(x, plan.perm) for x in (q, k, v))
@@ -399,7 +401,10 @@ class _ChunkAttention(AttentionMethod):
             self.last_density = _density(dense, plan)
             mask = BlockMask.from_dense(dense, plan.block_size, (layout.seq_len, layout.seq_len))
         self.last_mask = mask
-        out = block_sparse_attention(q, k, v, mask, scale=scale)
+        if lengths is None:
+            out = block_sparse_attention(q, k, v, mask, scale=scale)
+        else:  # padded text keys sit at the end, in place under the permutation: drop them per batch element
+            out = run_block_sparse(q, k, v, dense, plan.block_size, scale, lengths)
         return out if plan.perm is None else unpermute_tokens(out, plan.perm)
 
 

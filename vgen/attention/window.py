@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from vgen.attention.block_mask import local_window_mask
+from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, MethodConfig, check_self_attention, register_method
+from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
 from vgen.kernels import block_sparse_attention
 
 __all__ = ["WindowAttention", "WindowConfig"]
@@ -76,10 +77,13 @@ class WindowAttention(AttentionMethod):
         scale: float | None,
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        check_self_attention(self.name, q, k, layout, attn_mask)
+        check_self_attention(self.name, q, k, layout)
+        lengths = key_lengths(attn_mask, q.shape[0], layout)
         mask = local_window_mask(layout, self.config.window, self.config.block_size, device=q.device)
         key = (layout, q.device)
         if key not in self._densities:  # the mask is cached, so this host sync happens once per layout
             self._densities[key] = mask.density()
         self.last_density = self._densities[key]
-        return block_sparse_attention(q, k, v, mask, scale=scale)
+        if lengths is None:
+            return block_sparse_attention(q, k, v, mask, scale=scale)
+        return run_block_sparse(q, k, v, mask.to_dense(), self.config.block_size, scale, lengths)

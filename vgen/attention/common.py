@@ -1,0 +1,85 @@
+"""Pieces the block-sparse methods share: input checks, key-padding masks, the kernel call."""
+
+from __future__ import annotations
+
+import torch
+
+from vgen.attention.block_mask import BlockMask
+from vgen.attention.layout import VideoLayout
+from vgen.kernels import block_sparse_attention
+
+__all__ = ["check_self_attention", "key_lengths", "run_block_sparse"]
+
+
+_LENGTHS_CACHE: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, list[int]]] = {}
+
+
+def key_lengths(attn_mask: torch.Tensor | None, batch: int, layout: VideoLayout) -> list[int] | None:
+    """Valid key counts per batch element of a key-padding mask, or None when every key is valid.
+
+    Block-sparse methods take the one mask form the joint-attention models (HunyuanVideo, Motif)
+    pass: bool ``[B or 1, 1, 1, S]`` (or ``[B, S]``) keeping a prefix of the keys, the padded text
+    tokens at the end masked. Reading it costs one host sync per mask; the transformer passes the same
+    mask tensor to every layer, so the answer is cached per tensor.
+    """
+    if attn_mask is None:
+        return None
+    seq_len = layout.seq_len
+    key = (attn_mask.data_ptr(), attn_mask._version, tuple(attn_mask.shape))
+    cached = _LENGTHS_CACHE.get(key)
+    if cached is not None and cached[0] is attn_mask:
+        lengths = cached[1]
+    else:
+        mask = attn_mask
+        if mask.dtype != torch.bool or mask.shape[-1] != seq_len or mask.numel() not in (seq_len, batch * seq_len):
+            raise ValueError(
+                "block-sparse methods take only a bool key-padding mask [B, 1, 1, S] (the padded text of "
+                f"HunyuanVideo or Motif); got {mask.dtype} {list(mask.shape)} for {seq_len} tokens"
+            )
+        rows = mask.reshape(-1, seq_len)
+        counts = rows.sum(-1)
+        prefix = torch.arange(seq_len, device=mask.device) < counts[:, None]
+        if not bool((prefix == rows).all()):
+            raise ValueError("block-sparse methods need the attention mask to keep a prefix of the keys in every row")
+        lengths = counts.tolist()
+        _LENGTHS_CACHE.clear()
+        _LENGTHS_CACHE[key] = (attn_mask, lengths)
+    lengths = lengths * batch if len(lengths) == 1 else lengths
+    if min(lengths) < layout.text_before + layout.num_video_tokens:
+        raise ValueError(
+            f"the attention mask hides video tokens (it keeps {min(lengths)} keys of {seq_len}, of which "
+            f"{layout.text_before + layout.num_video_tokens} are text before the video and video); "
+            "block-sparse methods only drop padded text after the video"
+        )
+    return None if all(n == seq_len for n in lengths) else lengths
+
+
+def check_self_attention(name: str, q: torch.Tensor, k: torch.Tensor, layout: VideoLayout) -> None:
+    """For block-sparse methods: raise ValueError unless this is self-attention over ``layout``."""
+    if q.shape[1] != layout.seq_len or k.shape[1] != layout.seq_len:
+        raise ValueError(
+            f"{name} needs query and key lengths equal to the layout's {layout.seq_len} tokens, "
+            f"got {q.shape[1]} and {k.shape[1]}"
+        )
+
+
+def run_block_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocks: torch.Tensor,
+    block_size: tuple[int, int],
+    scale: float | None,
+    lengths: list[int] | None,
+) -> torch.Tensor:
+    """:func:`vgen.kernels.block_sparse_attention` over the kept block pairs ``blocks`` (bool
+    ``[B or 1, H or 1, Mq, Mk]``), per batch element over its first ``lengths[b]`` keys when given."""
+    seq = q.shape[1]
+    if lengths is None:
+        return block_sparse_attention(q, k, v, BlockMask.from_dense(blocks, block_size, (seq, seq)), scale=scale)
+    outs = []
+    for b, n in enumerate(lengths):
+        kept = blocks[b : b + 1] if blocks.shape[0] > 1 else blocks
+        mask = BlockMask.from_dense(kept[..., : -(-n // block_size[1])].contiguous(), block_size, (seq, n))
+        outs.append(block_sparse_attention(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], mask, scale=scale))
+    return torch.cat(outs)
