@@ -166,6 +166,26 @@ def _tiny(args: argparse.Namespace) -> None:
     print(f"wrote a tiny random-weight {args.family} pipeline to {save_tiny_pipeline(args.family, args.out)}")
 
 
+def _generation_arguments(parser: argparse.ArgumentParser, *, required_method: bool, prompts: int) -> None:
+    """Model, method, prompts, seeds, sizes, dtype and device: what the bench commands that generate share."""
+    from vgen.attention import available_methods
+
+    parser.add_argument("--model", required=True, help="diffusers-format model folder")
+    if required_method:
+        parser.add_argument("--attention", required=True, choices=available_methods())
+    else:
+        parser.add_argument("--attention", default="stock", choices=["stock", *available_methods()])
+    parser.add_argument("--set", action="append", type=_parse_setting, default=[], metavar="KEY=VALUE",
+                        help="method setting, repeatable")
+    parser.add_argument("--prompt", action="append", help="prompt, repeatable (default: held-out shapes captions)")
+    parser.add_argument("--prompts", type=int, default=prompts, help="how many held-out captions without --prompt")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
+    for name in ("--frames", "--height", "--width", "--steps"):
+        parser.add_argument(name, type=int)
+    parser.add_argument("--dtype", default="float32", choices=_DTYPES)
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vgen import __version__
     from vgen.attention import available_methods
@@ -208,41 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure attention methods").add_subparsers(dest="bench", required=True)
     quality = bench.add_parser("quality", help="a method against dense: PSNR/SSIM, adherence, per-layer error")
-    quality.add_argument("--model", required=True, help="diffusers-format model folder")
-    quality.add_argument("--attention", required=True, choices=available_methods())
-    quality.add_argument("--set", action="append", type=_parse_setting, default=[], metavar="KEY=VALUE",
-                         help="method setting, repeatable")
+    _generation_arguments(quality, required_method=True, prompts=4)
     quality.add_argument("--sweep", type=_parse_sweep, metavar="KEY=V1,V2,...",
                          help="one report per value of one setting (a point each on the density-PSNR plot)")
-    quality.add_argument("--prompt", action="append", help="prompt, repeatable (default: held-out shapes captions)")
-    quality.add_argument("--prompts", type=int, default=4, help="how many held-out captions without --prompt")
-    quality.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
-    quality.add_argument("--frames", type=int)
-    quality.add_argument("--height", type=int)
-    quality.add_argument("--width", type=int)
-    quality.add_argument("--steps", type=int)
-    quality.add_argument("--dtype", default="float32", choices=_DTYPES)
-    quality.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     quality.add_argument("--out", required=True, help="folder for quality.md and density_psnr.png")
     quality.set_defaults(run=_bench_quality)
 
     adherence = bench.add_parser(
         "adherence", help="prompt adherence on held-out shapes captions (colour, kind, motion)"
     )
-    adherence.add_argument("--model", required=True, help="diffusers-format model folder")
-    adherence.add_argument("--attention", default="stock", choices=["stock", *available_methods()])
-    adherence.add_argument("--set", action="append", type=_parse_setting, default=[], metavar="KEY=VALUE",
-                           help="method setting, repeatable")
-    adherence.add_argument("--prompt", action="append", help="caption, repeatable (default: held-out captions)")
-    adherence.add_argument("--prompts", type=int, default=20, help="how many held-out captions without --prompt")
-    adherence.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
-    adherence.add_argument("--frames", type=int)
-    adherence.add_argument("--height", type=int)
-    adherence.add_argument("--width", type=int)
-    adherence.add_argument("--steps", type=int)
+    _generation_arguments(adherence, required_method=False, prompts=20)
     adherence.add_argument("--guidance", type=float)
-    adherence.add_argument("--dtype", default="float32", choices=_DTYPES)
-    adherence.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     adherence.add_argument("--out", required=True, help="folder for adherence.md and adherence.png")
     adherence.set_defaults(run=_bench_adherence)
 
