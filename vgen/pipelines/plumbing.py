@@ -145,6 +145,7 @@ class _Run:
         self.grid: VideoLayout | None = None
         self.step = 0
         self.record: list[AttentionCall] | None = None
+        self.last: tuple[VideoLayout, int] | None = None  # the last forward's grid and step, for recomputation
 
     def attend(
         self,
@@ -159,7 +160,12 @@ class _Run:
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> torch.Tensor:
-        if self.grid is None:
+        grid, step = self.grid, self.step
+        if grid is None and self.last is not None and torch._C._current_graph_task_id() != -1:
+            # Gradient checkpointing recomputes the block inside the backward pass, after the transformer's
+            # forward returned: it belongs to the most recent forward.
+            grid, step = self.last
+        if grid is None:
             raise RuntimeError(f"{module_name} ran outside its transformer's forward; vgen cannot place its tokens")
         if dropout_p or is_causal:
             raise NotImplementedError(
@@ -171,13 +177,13 @@ class _Run:
                 f"{module_name}: vgen methods need self-attention with as many key as query heads and tokens; "
                 f"got query {tuple(query.shape)}, key {tuple(key.shape)} ([B, H, S, D])"
             )
-        layout = self.grid.with_context(query.shape[2], self.spec.text_position)
+        layout = grid.with_context(query.shape[2], self.spec.text_position)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-        out = self.method(q, k, v, layout=layout, step=self.step, layer=layer, scale=scale, attn_mask=attn_mask)
+        out = self.method(q, k, v, layout=layout, step=step, layer=layer, scale=scale, attn_mask=attn_mask)
         if self.record is not None:
             dense = dense_attention(q, k, v, scale=scale, attn_mask=attn_mask).float()
             error = (out.float() - dense).norm() / dense.norm().clamp_min(1e-30)
-            self.record.append(AttentionCall(self.step, layer, float(self.method.last_density), error.item()))
+            self.record.append(AttentionCall(step, layer, float(self.method.last_density), error.item()))
         return out.transpose(1, 2)
 
 
@@ -235,6 +241,7 @@ class _TransformerHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self.run.last = (self.run.grid, self.run.step)
         self.run.grid = None
         return output
 
