@@ -24,14 +24,12 @@ Everything runs in one process; the tables go to ``--out`` (Markdown) and a ``.j
    of each partition (1D, 2D, 3D). Random queries and keys give near-uniform chunk scores, so these
    densities say little about real inputs; the times are what matter.
 3. **Transformer forward**, dense vs vmoba (default config), random full-size weights, through
-   :func:`vgen.pipelines.speed.speed_report` (its density is the last layer's).
+   :func:`vgen.pipelines.speed.speed_report` (density: mean over layers).
 4. **Training step**: forward + backward of a random bf16 ``WanTransformer3DModel`` with the
    Wan2.1-1.3B config, gradient checkpointing on, at 24 x 36 x 64 = 55,296 tokens (latents
    ``[1, 16, 24, 72, 128]``, random text states ``[1, 512, 4096]``, loss = mean squared output),
    dense vs vmoba (default config); median of 3 after a warm-up, synchronised, with the peak memory;
-   the density is the mean over layers of one untimed forward (``record_attention``). If vgen's
-   plumbing cannot run under checkpointing (a block recomputed in the backward pass finds no token
-   grid), vmoba is timed with a checkpoint function that restores the grid, and the report says so.
+   the density is the mean over layers of one untimed forward (``record_attention``).
 
 Kernel-level times are ``triton.testing.do_bench`` medians (ms); whole-model times are seconds.
 Speedups: "vmoba vs cuDNN" = dense cuDNN time / whole vmoba call; "kernel vs Flex" = Flex time /
@@ -79,7 +77,6 @@ from vgen.configs import load_shape
 from vgen.data import ShapesDataset, render
 from vgen.kernels import block_sparse_attention, dense_attention, permute_tokens
 from vgen.models.reference import encode_prompts
-from vgen.pipelines import plumbing
 from vgen.pipelines.plumbing import apply_sparse_attention, record_attention, remove_sparse_attention
 from vgen.pipelines.speed import build_shape_transformer, speed_report
 
@@ -448,35 +445,6 @@ def part_forward(sizes: Sizes) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- part 4
 
 
-def _grid_keeping_checkpoint(transformer: torch.nn.Module) -> Callable[..., Any]:
-    """Activation checkpointing that replays a block with vgen's token grid and step set as in its forward.
-
-    vgen's plumbing knows the grid only during the transformer's forward, so a block recomputed in
-    the backward pass finds none (``RuntimeError: ... ran outside its transformer's forward``).
-    This wrapper, used only if that happens, reads vgen's private run state: a benchmark workaround.
-    """
-    hooks = getattr(transformer, "_diffusers_hook", None)
-    hook = hooks.get_hook(plumbing._HOOK) if hooks is not None else None
-    run = hook.run if hook is not None else None
-
-    def checkpoint(block: torch.nn.Module, *args: Any) -> Any:
-        if run is None:
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        grid, step = run.grid, run.step
-
-        def replay(*inputs: Any) -> Any:
-            saved = run.grid, run.step
-            run.grid, run.step = grid, step
-            try:
-                return block(*inputs)
-            finally:
-                run.grid, run.step = saved
-
-        return torch.utils.checkpoint.checkpoint(replay, *args, use_reentrant=False)
-
-    return checkpoint
-
-
 def part_training(sizes: Sizes) -> dict[str, Any]:
     device, dtype = sizes.device, sizes.dtype
     torch.manual_seed(0)
@@ -505,18 +473,7 @@ def part_training(sizes: Sizes) -> dict[str, Any]:
     dense_s, dense_gib = median_step()
     apply_sparse_attention(model, "vmoba", **sizes.shape_config)
     note = ""
-    try:
-        vmoba_s, vmoba_gib = median_step()
-    except RuntimeError as err:
-        if "outside its transformer's forward" not in str(err):
-            raise
-        note = (
-            "vgen's plumbing loses the token grid when checkpointing recomputes a block in the backward pass; "
-            "timed with a checkpoint function that restores it (same torch.utils.checkpoint, non-reentrant)"
-        )
-        print(f"warning: {note}", flush=True)
-        model.enable_gradient_checkpointing(_grid_keeping_checkpoint(model))
-        vmoba_s, vmoba_gib = median_step()
+    vmoba_s, vmoba_gib = median_step()
     model.zero_grad(set_to_none=True)
     # every layer's density, from one untimed forward (no checkpointing without grad)
     with torch.no_grad(), record_attention(model) as calls:
@@ -612,9 +569,9 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         lines += [
             "#### 3. Transformer forward, random weights (`vgen.pipelines.speed.speed_report`)",
             "",
-            "The density is the last layer's (what `speed_report` records).",
+            "The density is the mean over self-attention layers (what `speed_report` records).",
             "",
-            "| shape | tokens | vmoba config | density (last layer) | timed | dense s | vmoba s | **speedup** |",
+            "| shape | tokens | vmoba config | density (mean over layers) | timed | dense s | vmoba s | **speedup** |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in results["forward"]["rows"]:

@@ -279,13 +279,14 @@ def chunk_plan(
 def _chunk_scores(q: torch.Tensor, k: torch.Tensor, plan: ChunkPlan, scale: float) -> torch.Tensor:
     """fp32 ``[B, H, Mq, C]``: mean query of each query block . mean key of each chunk x scale + log(size)."""
     seq, block_q = q.shape[1], plan.block_size[0]
-    full = seq // block_q * block_q  # sums read the inputs in place, accumulating in fp32 (no fp32 copies)
+    full = seq // block_q * block_q  # block sums read q in place, accumulating in fp32
     q_sum = q[:, :full].unflatten(1, (seq // block_q, block_q)).sum(2, dtype=torch.float32)
     if full < seq:
         q_sum = torch.cat([q_sum, q[:, full:].sum(1, keepdim=True, dtype=torch.float32)], 1)
     q_mean = q_sum / plan.block_tokens[0].view(1, -1, 1, 1)
     begin = plan.layout.text_before
-    prefix = k[:, begin : begin + plan.layout.num_video_tokens].cumsum(1, dtype=torch.float32)  # [B, N, H, D]
+    # fp32 prefix sums of the video keys, [B, N, H, D]: one pass, then two gathers per chunk boundary
+    prefix = k[:, begin : begin + plan.layout.num_video_tokens].cumsum(1, dtype=torch.float32)
     ends = prefix[:, plan.starts + plan.sizes - 1]
     before = prefix[:, (plan.starts - 1).clamp(min=0)] * (plan.starts > 0).view(1, -1, 1, 1)
     k_mean = (ends - before) / plan.sizes.view(1, -1, 1, 1).float()
