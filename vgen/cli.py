@@ -152,6 +152,30 @@ def _bench_speed(args: argparse.Namespace) -> None:
         print(f"wrote {out}")
 
 
+def _calibrate_paro(args: argparse.Namespace) -> None:
+    import torch
+
+    from vgen.attention.paro import calibrate_paro
+    from vgen.pipelines.video import VideoPipeline
+
+    if args.prompts < 1 or args.seeds < 1:
+        raise ValueError(f"--prompts and --seeds must be >= 1, got {args.prompts} and {args.seeds}")
+    prompts = args.prompt or _held_out_captions(args.prompts)
+    pipe = VideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype), device=args.device)
+    generate = {"num_frames": args.frames, "height": args.height, "width": args.width,
+                "num_inference_steps": args.steps}
+    print(f"calibrating on {len(prompts)} prompts x {args.seeds} seeds (dense generations)", file=sys.stderr)
+    calibration = calibrate_paro(pipe, prompts, args.out, density=args.density, buckets=args.buckets,
+                                 block_size=args.block_size, seeds=tuple(range(args.seeds)), **generate)
+    meta = calibration.meta
+    orders = [[meta["orders"][int(o)] for o in row] for row in calibration.orders]
+    print(f"token grid {meta['grid'][:3]} (text {meta['grid'][3:]}), {meta['steps']} steps in {meta['buckets']} "
+          f"buckets, density {meta['density']}, block {meta['block_size']}")
+    for layer, row in enumerate(orders):
+        print(f"layer {layer:2d}: orders {' '.join(row)}; mass captured {meta['captured'][layer]}")
+    print(f"wrote {args.out}")
+
+
 def _held_out_captions(count: int) -> list[str]:
     """Shapes captions from the evaluation split: never seen in training."""
     from vgen.data import ShapesDataset
@@ -256,6 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--device", help="default: cuda (an error without one unless --device cpu)")
     speed.add_argument("--out", help="also write the Markdown tables to this file")
     speed.set_defaults(run=_bench_speed)
+
+    calibrate = commands.add_parser("calibrate", help="offline calibration of a method").add_subparsers(
+        dest="method", required=True
+    )
+    paro = calibrate.add_parser("paro", help="PAROAttention: per-head token orders and block masks")
+    paro.add_argument("--model", required=True, help="diffusers-format model folder")
+    paro.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
+    paro.add_argument("--prompt", action="append", help="prompt, repeatable (default: held-out shapes captions)")
+    paro.add_argument("--prompts", type=int, default=2, help="how many held-out captions without --prompt")
+    paro.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
+    for name in ("--frames", "--height", "--width", "--steps"):
+        paro.add_argument(name, type=int)
+    paro.add_argument("--density", type=float, default=0.3, help="kept share of token pairs, in (0, 1]")
+    paro.add_argument("--buckets", type=int, default=4, help="timestep buckets with their own masks")
+    paro.add_argument("--block-size", type=int, default=128, help="kernel block size in tokens")
+    paro.add_argument("--dtype", default="float32", choices=_DTYPES)
+    paro.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    paro.set_defaults(run=_calibrate_paro)
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight pipeline (for trying vgen out)")
     tiny.add_argument("family", help="wan, hunyuan, cogvideox, ltx, motif or skyreels")

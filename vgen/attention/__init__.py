@@ -3,6 +3,7 @@
 from vgen.attention.block_mask import BlockMask, frame_mask, local_window_mask, position_mask
 from vgen.attention.dense import DenseAttention
 from vgen.attention.layout import VideoLayout
+from vgen.attention.paro import PAROAttention, PAROConfig
 from vgen.attention.registry import (
     AttentionMethod,
     MethodConfig,
@@ -20,6 +21,8 @@ __all__ = [
     "MethodConfig",
     "MoBAConfig",
     "MoBAttention",
+    "PAROAttention",
+    "PAROConfig",
     "VMoBAConfig",
     "VMoBAttention",
     "VideoLayout",

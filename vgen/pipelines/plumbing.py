@@ -271,7 +271,9 @@ class _SelfAttentionHook(ModelHook):
         return out
 
 
-def apply_sparse_attention(transformer: torch.nn.Module, name: str, **config: Any) -> AttentionMethod:
+def apply_sparse_attention(
+    transformer: torch.nn.Module, name: str | AttentionMethod, **config: Any
+) -> AttentionMethod:
     """Route every video self-attention of ``transformer`` to the method registered as ``name``.
 
     Works on the diffusers video transformers in :data:`TRANSFORMER_SPECS`. Applying again
@@ -279,14 +281,20 @@ def apply_sparse_attention(transformer: torch.nn.Module, name: str, **config: An
 
     Args:
         transformer: a diffusers video transformer, e.g. ``WanTransformer3DModel``.
-        name: a registered method (``vgen.attention.available_methods()``).
+        name: a registered method (``vgen.attention.available_methods()``), or a method instance
+            (e.g. a measuring one that is not registered; then ``config`` must be empty).
         **config: the method's settings, checked by its config dataclass.
 
     Returns:
         The method instance (its config, and any statistics it keeps).
     """
     spec = transformer_spec(transformer)
-    method = create_method(name, **config)
+    if isinstance(name, AttentionMethod):
+        if config:
+            raise ValueError("pass settings to the method instance's constructor, not to apply_sparse_attention")
+        method = name
+    else:
+        method = create_method(name, **config)
     modules = self_attention_modules(transformer)
     if not modules:
         raise ValueError(f"{type(transformer).__name__} has no module matching {spec.self_attention!r}")

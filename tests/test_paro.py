@@ -1,0 +1,119 @@
+"""PAROAttention: block mass against explicit softmax pooling, order choice on a known pattern,
+calibration end to end on a tiny model, the method against fp32 attention, mismatch errors, the CLI."""
+
+import numpy as np
+import pytest
+import torch
+
+from vgen import VideoPipeline
+from vgen.attention import VideoLayout, create_method
+from vgen.attention.paro import AXIS_ORDERS, ParoCalibration, _captured, block_mass, calibrate_paro
+from vgen.cli import main
+from vgen.kernels.permute import axis_order
+from vgen.kernels.reference import attention_reference
+from vgen.models import TINY, build_reference_pipeline, save_pipeline
+
+
+def test_block_mass_pools_the_softmax():
+    torch.manual_seed(0)
+    layout = VideoLayout(frames=2, height=3, width=5, text_after=3)  # 33 tokens, ragged 8-blocks
+    q, k = torch.randn(2, 33, 2, 8), torch.randn(2, 33, 2, 8)
+    mass = block_mass(q, k, layout, block_size=8, query_chunk=7)
+    p = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 8**-0.5, -1).sum(0)  # [H, S, S]
+    for o, order in enumerate(AXIS_ORDERS):
+        perm = axis_order(layout, order)
+        permuted = p[:, perm][:, :, perm]
+        expected = torch.zeros(2, 5, 5, dtype=torch.float64)
+        for i in range(33):
+            for j in range(33):
+                expected[:, i // 8, j // 8] += permuted[:, i, j]
+        torch.testing.assert_close(mass[o].double(), expected, atol=1e-5, rtol=1e-5)
+    assert mass.sum().item() == pytest.approx(6 * 2 * 2 * 33, rel=1e-5)
+
+
+def test_temporal_heads_choose_a_pixel_major_order():
+    layout = VideoLayout(frames=8, height=4, width=4)  # 128 tokens; a 16-block holds 2 pixels' 8 frames in "hwt"
+    t, y, x = torch.meshgrid(torch.arange(8), torch.arange(4), torch.arange(4), indexing="ij")
+    pixel = (y * 4 + x).flatten()
+    q = torch.nn.functional.one_hot(pixel, 16).float()[None, :, None] * 6.0  # attends its own pixel over time
+    mass = block_mass(q, q, layout, block_size=16)
+    captured = _captured(mass[:, 0], keep=8)  # 8 of 64 blocks: the diagonal in the right order
+    best = AXIS_ORDERS[int(captured.argmax())]
+    assert best in ("hwt", "wht") and captured.max() > 0.9 > captured[AXIS_ORDERS.index("thw")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_pipeline(build_reference_pipeline(TINY, seed=2), tmp_path_factory.mktemp("m") / "model",
+                         dtype=torch.float32)  # fmt: skip
+
+
+GENERATE = dict(num_frames=9, height=64, width=64, num_inference_steps=3)  # 3 x 8 x 8 = 192 tokens
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_model, tmp_path_factory):
+    pipe = VideoPipeline.from_pretrained(tiny_model, torch_dtype=torch.float32, device="cpu")
+    path = tmp_path_factory.mktemp("cal") / "paro.safetensors"
+    calibrate_paro(pipe, ["a red circle moves left"], path, density=0.4, buckets=2, block_size=16, **GENERATE)
+    return path
+
+
+def test_calibration_file(calibration):
+    cal = ParoCalibration.load(calibration)
+    assert cal.orders.shape == (2, 2) and int(cal.orders.max()) < 6  # TINY: 2 layers x 2 heads
+    assert cal.masks.shape == (2, 2, 2, 12, 12)
+    assert cal.masks[..., torch.arange(12), torch.arange(12)].all()  # the diagonal is always kept
+    assert cal.meta["grid"] == [3, 8, 8, 0, 0] and cal.meta["steps"] == 3 and cal.meta["density"] == 0.4
+    kept = cal.masks.float().mean().item()
+    assert 0.4 <= kept < 0.4 + 2 / 12  # at least the target, at most one block row over per head (uniform blocks)
+    assert [cal.bucket(s) for s in range(5)] == [0, 0, 1, 1, 1]
+
+
+def test_paro_matches_fp32_attention_under_its_masks(calibration):
+    torch.manual_seed(1)
+    cal = ParoCalibration.load(calibration)
+    layout = VideoLayout(frames=3, height=8, width=8)
+    q, k, v = (torch.randn(1, 192, 2, 16) for _ in range(3))
+    method = create_method("paro", calibration=str(calibration))
+    for step, layer in ((0, 0), (2, 1)):
+        out = method(q, k, v, layout=layout, step=step, layer=layer)
+        mask = torch.empty(1, 2, 192, 192, dtype=torch.bool)
+        for h in range(2):
+            perm = axis_order(layout, AXIS_ORDERS[int(cal.orders[layer, h])])
+            blocks = cal.masks[cal.bucket(step), layer, h]
+            tokens = blocks[torch.arange(192) // 16][:, torch.arange(192) // 16]
+            mask[0, h, perm[:, None], perm[None, :]] = tokens
+        torch.testing.assert_close(out, attention_reference(q, k, v, mask=mask), atol=3e-5, rtol=3e-5)
+        assert method.last_density == pytest.approx(mask.float().mean().item())
+
+
+def test_paro_in_the_pipeline_and_mismatches(tiny_model, calibration):
+    pipe = VideoPipeline.from_pretrained(tiny_model, torch_dtype=torch.float32, device="cpu")
+    dense = pipe("a blue square grows", progress=False, **GENERATE)
+    pipe.enable_sparse_attention("paro", calibration=str(calibration))
+    sparse = pipe("a blue square grows", progress=False, **GENERATE)
+    assert np.isfinite(sparse).all() and 0 < np.abs(sparse - dense).mean()
+    with pytest.raises(ValueError, match="calibration is for the token grid"):
+        pipe("a blue square grows", progress=False, **dict(GENERATE, height=32))
+    pipe.disable_sparse_attention()
+    method = create_method("paro", calibration=str(calibration))
+    q = torch.randn(1, 192, 3, 16)
+    with pytest.raises(ValueError, match="a different model"):
+        method(q, q, q, layout=VideoLayout(frames=3, height=8, width=8), step=0, layer=0)
+    with pytest.raises(FileNotFoundError, match="vgen calibrate paro"):
+        create_method("paro", calibration="/nonexistent.safetensors")
+    with pytest.raises(ValueError, match="calibration must be the path"):
+        create_method("paro")
+
+
+def test_calibrate_cli(tiny_model, tmp_path, capsys):
+    out = tmp_path / "cal.safetensors"
+    argv = ["calibrate", "paro", "--model", str(tiny_model), "--out", str(out), "--prompts", "1", "--frames", "9",
+            "--height", "64", "--width", "64", "--steps", "2", "--block-size", "16", "--buckets", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert "layer  1: orders" in capsys.readouterr().out and ParoCalibration.load(out).masks.shape[0] == 1
+    assert main([*argv, "--density", "1.5"]) == 2
+    assert "density must be in (0, 1]" in capsys.readouterr().err
+    assert main([*argv, "--block-size", "24"]) == 2
+    assert "block_size must be a power of two" in capsys.readouterr().err

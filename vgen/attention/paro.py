@@ -1,0 +1,353 @@
+"""`paro`: PAROAttention's pattern-aware token reordering with offline-calibrated block masks.
+
+Attention heads of video transformers tend to follow one axis: some attend along a row, some a
+column, some across frames at the same pixel. In frame-major order those patterns are scattered
+stripes. Reordering one head's tokens along its axis order makes its attention a few dense
+blocks, which a block mask can keep at low density.
+
+Calibration (:func:`calibrate_paro`, ``vgen calibrate paro``) runs dense denoising passes and,
+per self-attention call, accumulates the block-pooled attention mass ``sum softmax(q k^T)`` under
+each of the six axis orders of (frame, row, column) (:func:`block_mass`). Two choices follow from
+that mass:
+- The order of each (layer, head): the one whose ``density`` share of heaviest blocks captures
+  the most mass.
+- The mask of each (timestep bucket, layer, head): the heaviest blocks in that order until
+  ``density`` of the token pairs is kept, the diagonal blocks always included.
+
+Both go into one safetensors file with JSON metadata, which names the model and the token grid it
+was calibrated for. ``enable_sparse_attention("paro", calibration=FILE)`` loads it. At run time,
+each head's q/k/v are permuted into its order, the block-sparse kernel runs with the head's mask,
+and the output is permuted back. Text tokens stay in place and dense. A grid, model or layer
+count that does not match the file gets a clear error.
+
+The quantised INT8/INT4 kernels of the paper are not part of this module yet: ``paro`` runs the
+bf16/fp16 block-sparse kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse
+from vgen.attention.layout import VideoLayout
+from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.kernels import permute_tokens, unpermute_tokens
+from vgen.kernels.permute import axis_order
+
+__all__ = ["AXIS_ORDERS", "ParoCalibration", "PAROAttention", "PAROConfig", "block_mass", "calibrate_paro"]
+
+AXIS_ORDERS: tuple[str, ...] = ("thw", "twh", "htw", "hwt", "wth", "wht")
+_FORMAT = "vgen-paro-calibration/1"
+
+
+def _block_of(perm: torch.Tensor, block: int) -> torch.Tensor:
+    """Block index of each token (original position) when tokens are laid out in ``perm`` order."""
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(perm.numel(), device=perm.device)
+    return position // block
+
+
+def block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: VideoLayout,
+    block_size: int = 128,
+    scale: float | None = None,
+    query_chunk: int = 1024,
+) -> torch.Tensor:
+    """Attention mass per (order, head, query block, key block), summed over the batch.
+
+    Args:
+        q, k: ``[B, S, H, D]`` with ``S = layout.seq_len``.
+        layout: the token grid (text tokens stay in place in every order).
+        block_size: tokens per block on both sides.
+        scale: softmax scale (default ``D ** -0.5``).
+        query_chunk: query rows per softmax evaluation (bounds the memory to ``B*H*chunk*S``).
+
+    Returns:
+        fp32 ``[6, H, M, M]`` over :data:`AXIS_ORDERS`, ``M = ceil(S / block_size)``; each query
+        row contributes 1 in total, so the whole tensor sums to ``6 * B * H * S``.
+    """
+    batch, seq, heads, dim = q.shape
+    scale = dim**-0.5 if scale is None else scale
+    blocks = -(-seq // block_size)
+    perms = [axis_order(layout, order).to(q.device) for order in AXIS_ORDERS]
+    block_ids = torch.stack([_block_of(p, block_size) for p in perms])  # [6, S]
+    columns = torch.nn.functional.one_hot(block_ids, blocks).to(torch.float32)  # [6, S, M]
+    mass = torch.zeros(len(AXIS_ORDERS), heads, blocks, blocks, dtype=torch.float32, device=q.device)
+    kt = k.transpose(1, 2).float()  # [B, H, S, D]
+    for start in range(0, seq, query_chunk):
+        rows = slice(start, min(seq, start + query_chunk))
+        p = torch.softmax(q[:, rows].transpose(1, 2).float() @ kt.transpose(-1, -2) * scale, dim=-1)  # [B, H, r, S]
+        p = p.sum(0)  # [H, r, S]
+        for o in range(len(AXIS_ORDERS)):
+            per_key_block = p @ columns[o]  # [H, r, M]
+            mass[o].index_add_(1, block_ids[o, rows], per_key_block)
+    return mass
+
+
+def _captured(mass: torch.Tensor, keep: int) -> torch.Tensor:
+    """Share of each head's mass in its ``keep`` heaviest blocks: ``[..., H]`` from ``[..., H, M, M]``."""
+    flat = mass.flatten(-2)
+    return flat.topk(keep, dim=-1).values.sum(-1) / flat.sum(-1).clamp_min(1e-30)
+
+
+def _token_counts(seq: int, block: int) -> torch.Tensor:
+    return (seq - torch.arange(0, seq, block)).clamp(max=block).to(torch.float64)
+
+
+def _mask_at_density(mass: torch.Tensor, seq: int, block: int, density: float) -> torch.Tensor:
+    """bool ``[H, M, M]``: the diagonal, then the heaviest blocks, until ``density`` of the token pairs."""
+    heads, m, _ = mass.shape
+    tokens = _token_counts(seq, block)
+    pairs = (tokens[:, None] * tokens[None, :]).flatten()  # token pairs per block pair
+    keep = torch.eye(m, dtype=torch.bool).expand(heads, m, m).clone().flatten(1)
+    budget = density * seq * seq
+    for h in range(heads):
+        used = float(pairs[keep[h]].sum())
+        for index in mass[h].flatten().argsort(descending=True).tolist():
+            if used >= budget:
+                break
+            if not keep[h, index]:
+                keep[h, index] = True
+                used += float(pairs[index])
+    return keep.view(heads, m, m)
+
+
+@dataclass(frozen=True, eq=False)
+class ParoCalibration:
+    """Per-head orders and per-(bucket, layer, head) block masks, and what they were made for.
+
+    Args:
+        orders: int64 ``[L, H]``, indices into :data:`AXIS_ORDERS`.
+        masks: bool ``[K, L, H, M, M]`` for ``K`` timestep buckets, in each head's order.
+        meta: model class and transformer sizes, grid, text placement, block size, density,
+            calibration steps and bucket bounds.
+    """
+
+    orders: torch.Tensor
+    masks: torch.Tensor
+    meta: dict[str, Any]
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"orders": self.orders.to(torch.int64).contiguous(), "masks": self.masks.to(torch.uint8).contiguous()}
+        save_file(tensors, str(path), metadata={"format": _FORMAT, "meta": json.dumps(self.meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ParoCalibration:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"calibration file {str(path)!r} does not exist; make one with `vgen calibrate paro`"
+            )
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != _FORMAT:
+                raise ValueError(f"{path} is not a vgen PARO calibration (format {metadata.get('format')!r})")
+            orders, masks = f.get_tensor("orders"), f.get_tensor("masks").bool()
+        return cls(orders, masks, json.loads(metadata["meta"]))
+
+    def bucket(self, step: int) -> int:
+        """Timestep bucket of denoising step ``step`` (steps past the calibrated ones use the last)."""
+        steps, buckets = self.meta["steps"], self.masks.shape[0]
+        return min(buckets - 1, step * buckets // steps)
+
+    def check(self, layout: VideoLayout, layer: int, heads: int) -> None:
+        """Raise ValueError unless this call (grid, layer, heads) is one the file was calibrated for."""
+        grid = (layout.frames, layout.height, layout.width, layout.text_before, layout.text_after)
+        if list(grid) != self.meta["grid"]:
+            raise ValueError(
+                f"the PARO calibration is for the token grid {self.meta['grid'][:3]} with text "
+                f"{self.meta['grid'][3:]} (before, after), but this call has {list(grid[:3])} with text "
+                f"{list(grid[3:])}: calibrate for this size ({self.meta['model']})"
+            )
+        if layer >= self.orders.shape[0] or heads != self.orders.shape[1]:
+            raise ValueError(
+                f"the PARO calibration has {self.orders.shape[0]} layers x {self.orders.shape[1]} heads "
+                f"({self.meta['model']}); this call is layer {layer} with {heads} heads: a different model"
+            )
+
+
+@dataclass(frozen=True)
+class PAROConfig(MethodConfig):
+    """Settings of :class:`PAROAttention`.
+
+    Args:
+        calibration: path of a calibration file (``vgen calibrate paro``).
+    """
+
+    calibration: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.calibration, str | Path) or not str(self.calibration):
+            raise ValueError("calibration must be the path of a file made by `vgen calibrate paro`")
+        object.__setattr__(self, "calibration", str(self.calibration))
+
+
+@register_method("paro")
+class PAROAttention(AttentionMethod):
+    """Per-head axis reordering and a calibrated block mask per (timestep bucket, layer, head)."""
+
+    config_class = PAROConfig
+    config: PAROConfig
+
+    def __init__(self, config: PAROConfig) -> None:
+        super().__init__(config)
+        self.calibration = ParoCalibration.load(config.calibration)
+        self._device_cache: dict[tuple[Any, ...], Any] = {}
+
+    def _perm(self, layout: VideoLayout, layer: int, device: torch.device) -> torch.Tensor:
+        key = ("perm", layout, layer, device)
+        if key not in self._device_cache:
+            perms = [axis_order(layout, AXIS_ORDERS[int(o)]) for o in self.calibration.orders[layer]]
+            self._device_cache[key] = torch.stack(perms).to(device)  # [H, S]
+        return self._device_cache[key]
+
+    def _mask(self, bucket: int, layer: int, seq: int, device: torch.device) -> tuple[torch.Tensor, float]:
+        key = ("mask", bucket, layer, device)
+        if key not in self._device_cache:
+            dense = self.calibration.masks[bucket, layer][None]  # [1, H, M, M]
+            block = self.calibration.meta["block_size"]
+            tokens = _token_counts(seq, block)
+            kept = (dense[0].double() * (tokens[:, None] * tokens)).sum() / (dense.shape[1] * seq * seq)
+            self._device_cache[key] = (dense.to(device), float(kept))
+        return self._device_cache[key]
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layout: VideoLayout,
+        step: int,
+        layer: int,
+        scale: float | None,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        check_self_attention(self.name, q, k, layout)
+        self.calibration.check(layout, layer, q.shape[2])
+        lengths = key_lengths(attn_mask, q.shape[0], layout)
+        perm = self._perm(layout, layer, q.device)
+        dense, density = self._mask(self.calibration.bucket(step), layer, layout.seq_len, q.device)
+        self.last_density = density
+        block = self.calibration.meta["block_size"]
+        q, k, v = (permute_tokens(x, perm) for x in (q, k, v))
+        out = run_block_sparse(q, k, v, dense, (block, block), scale, lengths)
+        return unpermute_tokens(out, perm)
+
+
+class _Calibrator(AttentionMethod):
+    """Dense attention that accumulates :func:`block_mass` per (step, layer) as it goes."""
+
+    name = "paro-calibration"
+
+    def __init__(self, config: MethodConfig, block_size: int, query_chunk: int) -> None:
+        super().__init__(config)
+        self.block_size, self.query_chunk = block_size, query_chunk
+        self.mass: dict[tuple[int, int], torch.Tensor] = {}
+        self.layouts: set[VideoLayout] = set()
+
+    def forward(self, q, k, v, *, layout, step, layer, scale, attn_mask):
+        from vgen.kernels import dense_attention
+
+        self.layouts.add(layout)
+        with torch.no_grad():
+            mass = block_mass(q, k, layout, self.block_size, scale, self.query_chunk).cpu()
+        key = (step, layer)
+        self.mass[key] = self.mass[key] + mass if key in self.mass else mass
+        return dense_attention(q, k, v, scale=scale, attn_mask=attn_mask)
+
+
+def calibrate_paro(
+    pipe: Any,
+    prompts: list[str],
+    out: str | Path,
+    *,
+    density: float = 0.3,
+    buckets: int = 4,
+    block_size: int = 128,
+    seeds: tuple[int, ...] = (0,),
+    query_chunk: int = 1024,
+    **generate: Any,
+) -> ParoCalibration:
+    """Run dense generations with ``pipe`` (a :class:`vgen.VideoPipeline`) and write a calibration.
+
+    Args:
+        pipe: the pipeline; its attention is stock afterwards.
+        prompts: calibration prompts; ``seeds``: seeds per prompt.
+        out: the file to write (safetensors with JSON metadata).
+        density: kept share of token pairs per (bucket, layer, head), in (0, 1].
+        buckets: timestep buckets (the denoising steps are split evenly).
+        block_size: kernel block size in tokens (a power of two >= 16).
+        query_chunk: query rows per softmax evaluation while measuring.
+        **generate: sizes and steps for ``pipe(...)``; the file is valid for that token grid only.
+    """
+    from vgen.pipelines.plumbing import apply_sparse_attention, remove_sparse_attention
+
+    if not prompts:
+        raise ValueError("calibrate_paro needs at least one prompt")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if not isinstance(buckets, int) or buckets < 1:
+        raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+    calibrator = _Calibrator(MethodConfig(), block_size, query_chunk)
+    apply_sparse_attention(pipe.transformer, calibrator)
+    try:
+        for prompt in prompts:
+            for seed in seeds:
+                pipe(prompt, seed=seed, progress=False, **generate)
+    finally:
+        remove_sparse_attention(pipe.transformer)
+    if len(calibrator.layouts) != 1:
+        raise ValueError(f"calibration saw {len(calibrator.layouts)} token grids; generate at one size")
+    layout = next(iter(calibrator.layouts))
+    steps = 1 + max(step for step, _ in calibrator.mass)
+    layers = 1 + max(layer for _, layer in calibrator.mass)
+    heads = next(iter(calibrator.mass.values())).shape[1]
+    blocks = -(-layout.seq_len // block_size)
+    keep = max(1, math.ceil(density * blocks * blocks))
+    # [L, 6, H, M, M]: every step's mass per layer
+    total = torch.stack([sum(calibrator.mass[(s, layer)] for s in range(steps)) for layer in range(layers)])
+    orders = _captured(total, keep).argmax(1)  # [L, H]
+    masks = torch.zeros(buckets, layers, heads, blocks, blocks, dtype=torch.bool)
+    for b in range(buckets):
+        in_bucket = [s for s in range(steps) if min(buckets - 1, s * buckets // steps) == b] or [steps - 1]
+        for layer in range(layers):
+            mass = sum(calibrator.mass[(s, layer)] for s in in_bucket)  # [6, H, M, M]
+            chosen = mass[orders[layer], torch.arange(heads)]  # [H, M, M]
+            masks[b, layer] = _mask_at_density(chosen, layout.seq_len, block_size, density)
+    config = pipe.transformer.config
+    meta = {
+        "model": type(pipe.transformer).__name__,
+        "transformer": {k: config[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim")
+                        if k in config},  # fmt: skip
+        "grid": [layout.frames, layout.height, layout.width, layout.text_before, layout.text_after],
+        "block_size": block_size,
+        "density": density,
+        "steps": steps,
+        "buckets": buckets,
+        "orders": list(AXIS_ORDERS),
+        "prompts": len(prompts) * len(seeds),
+        "captured": _captured(total, keep).gather(1, orders[:, None]).squeeze(1).tolist(),
+    }
+    calibration = ParoCalibration(orders, masks, meta)
+    calibration.save(out)
+    return calibration
+
