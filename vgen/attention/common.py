@@ -7,6 +7,7 @@ import torch
 from vgen.attention.block_mask import BlockMask
 from vgen.attention.layout import VideoLayout
 from vgen.kernels import block_sparse_attention
+from vgen.kernels.quantized import quantized_attention
 
 __all__ = ["check_self_attention", "key_lengths", "run_block_sparse"]
 
@@ -71,15 +72,23 @@ def run_block_sparse(
     block_size: tuple[int, int],
     scale: float | None,
     lengths: list[int] | None,
+    pv_bits: int | None = None,
 ) -> torch.Tensor:
     """:func:`vgen.kernels.block_sparse_attention` over the kept block pairs ``blocks`` (bool
-    ``[B or 1, H or 1, Mq, Mk]``), per batch element over its first ``lengths[b]`` keys when given."""
+    ``[B or 1, H or 1, Mq, Mk]``), per batch element over its first ``lengths[b]`` keys when given;
+    with ``pv_bits`` (8 or 4) the quantised kernel :func:`vgen.kernels.quantized.quantized_attention`."""
     seq = q.shape[1]
+
+    def attend(q, k, v, mask):
+        if pv_bits is None:
+            return block_sparse_attention(q, k, v, mask, scale=scale)
+        return quantized_attention(q, k, v, mask, scale=scale, pv_bits=pv_bits)
+
     if lengths is None:
-        return block_sparse_attention(q, k, v, BlockMask.from_dense(blocks, block_size, (seq, seq)), scale=scale)
+        return attend(q, k, v, BlockMask.from_dense(blocks, block_size, (seq, seq)))
     outs = []
     for b, n in enumerate(lengths):
         kept = blocks[b : b + 1] if blocks.shape[0] > 1 else blocks
         mask = BlockMask.from_dense(kept[..., : -(-n // block_size[1])].contiguous(), block_size, (seq, n))
-        outs.append(block_sparse_attention(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], mask, scale=scale))
+        outs.append(attend(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], mask))
     return torch.cat(outs)

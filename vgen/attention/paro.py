@@ -20,8 +20,8 @@ each head's q/k/v are permuted into its order, the block-sparse kernel runs with
 and the output is permuted back. Text tokens stay in place and dense. A grid, model or layer
 count that does not match the file gets a clear error.
 
-The quantised INT8/INT4 kernels of the paper are not part of this module yet: ``paro`` runs the
-bf16/fp16 block-sparse kernel.
+By default the kernel is the quantised one (:mod:`vgen.kernels.quantized`: INT8 QK^T with
+smoothed keys, and INT8 or INT4 PV); ``quant="none"`` runs the bf16/fp16 block-sparse kernel.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ __all__ = ["AXIS_ORDERS", "ParoCalibration", "PAROAttention", "PAROConfig", "blo
 
 AXIS_ORDERS: tuple[str, ...] = ("thw", "twh", "htw", "hwt", "wth", "wht")
 _FORMAT = "vgen-paro-calibration/1"
+_QUANT_BITS = {"int8": 8, "int4": 4, "none": None}
 
 
 def _block_of(perm: torch.Tensor, block: int) -> torch.Tensor:
@@ -187,12 +188,17 @@ class PAROConfig(MethodConfig):
 
     Args:
         calibration: path of a calibration file (``vgen calibrate paro``).
+        quant: ``"int8"`` (INT8 QK^T and PV), ``"int4"`` (INT8 QK^T, INT4 PV) or ``"none"``
+            (the bf16/fp16 kernel); see :func:`vgen.kernels.quantized.quantized_attention`.
     """
 
     calibration: str = ""
+    quant: str = "int8"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.quant not in _QUANT_BITS:
+            raise ValueError(f"quant must be one of {', '.join(_QUANT_BITS)}, got {self.quant!r}")
         if not isinstance(self.calibration, str | Path) or not str(self.calibration):
             raise ValueError("calibration must be the path of a file made by `vgen calibrate paro`")
         object.__setattr__(self, "calibration", str(self.calibration))
@@ -247,7 +253,7 @@ class PAROAttention(AttentionMethod):
         self.last_density = density
         block = self.calibration.meta["block_size"]
         q, k, v = (permute_tokens(x, perm) for x in (q, k, v))
-        out = run_block_sparse(q, k, v, dense, (block, block), scale, lengths)
+        out = run_block_sparse(q, k, v, dense, (block, block), scale, lengths, pv_bits=_QUANT_BITS[self.config.quant])
         return unpermute_tokens(out, perm)
 
 

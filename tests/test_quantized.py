@@ -1,0 +1,86 @@
+"""Quantised attention: the Triton kernel against its PyTorch reference (same arithmetic), both against
+exact fp32 attention, key smoothing, the `quant` method, bad arguments."""
+
+import pytest
+import torch
+
+from vgen.attention import BlockMask, VideoLayout, create_method
+from vgen.kernels.quantized import quantize_blocks, quantized_attention, quantized_attention_reference
+from vgen.kernels.reference import attention_reference
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def random_mask(heads, sq, sk, block, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    mq, mk = -(-sq // block[0]), -(-sk // block[1])
+    dense = torch.rand(1, heads, mq, mk, generator=g) < density
+    dense[..., 0, :] = False  # a query block that keeps nothing: zeros, not NaN
+    dense[..., 1:, 0] = True
+    return BlockMask.from_dense(dense, block, (sq, sk))
+
+
+@pytest.mark.parametrize("pv_bits", [8, 4])
+@pytest.mark.parametrize("sq,sk,dim,block", [(100, 100, 48, (32, 32)), (70, 130, 64, (32, 64))])
+def test_kernel_matches_its_reference(pv_bits, sq, sk, dim, block):
+    torch.manual_seed(sq + pv_bits)
+    q, k, v = torch.randn(2, sq, 2, dim), torch.randn(2, sk, 2, dim) + 2.0, torch.randn(2, sk, 2, dim)
+    mask = random_mask(2, sq, sk, block, 0.6, seed=sq)
+    out = quantized_attention(q, k, v, mask, pv_bits=pv_bits)
+    torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv_bits=pv_bits), atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+    assert (out[:, :block[0]] == 0).all()  # the empty query block
+    exact = attention_reference(q, k, v, mask=mask.expand_tokens())
+    error = rel(out[:, block[0]:], exact[:, block[0]:])
+    assert error < (0.03 if pv_bits == 8 else 0.35)
+
+
+def test_int8_is_close_and_smoothing_matters():
+    torch.manual_seed(0)
+    q, v = torch.randn(1, 256, 2, 64), torch.randn(1, 256, 2, 64)
+    k = torch.randn(1, 256, 2, 64) + 8.0 * torch.randn(1, 1, 2, 64)  # a large shared key offset
+    full = BlockMask.full(1, 1, (256, 256), (64, 64), "cpu")
+    exact = attention_reference(q, k, v)
+    assert rel(quantized_attention(q, k, v, full), exact) < 0.02
+    # the same arithmetic without smoothing: the offset eats INT8's range
+    q8, qs = quantize_blocks(q, 64)
+    k8, ks = quantize_blocks(k, 64)  # not smoothed
+    s = torch.einsum("bqhd,bkhd->bhqk", q8.float() * qs.repeat_interleave(64, -1).transpose(1, 2)[..., None],
+                     k8.float() * ks.repeat_interleave(64, -1).transpose(1, 2)[..., None]) / 8  # fmt: skip
+    unsmoothed = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+    assert rel(unsmoothed, exact) > 2 * rel(quantized_attention(q, k, v, full), exact)
+
+
+def test_quantize_blocks():
+    x = torch.randn(2, 70, 3, 8)
+    values, scales = quantize_blocks(x, 32)
+    assert values.dtype == torch.int8 and scales.shape == (2, 3, 3) and values.abs().max() <= 127
+    restored = values.float() * scales.repeat_interleave(32, -1)[..., :70].transpose(1, 2)[..., None]
+    assert (restored - x).abs().max() <= scales.max() / 2 + 1e-6
+    values4, scales4 = quantize_blocks(x, 32, bits=4, per_channel=True)
+    assert values4.abs().max() <= 7 and scales4.shape == (2, 3, 3, 8)
+    smoothed, _ = quantize_blocks(x + 100, 32, smooth=True)
+    assert torch.equal(smoothed, quantize_blocks(x - x.mean(1, keepdim=True), 32)[0])
+
+
+def test_quant_method_and_errors():
+    torch.manual_seed(2)
+    layout = VideoLayout(frames=2, height=6, width=8, text_after=4)
+    q, k, v = (torch.randn(1, layout.seq_len, 2, 32) for _ in range(3))
+    method = create_method("quant", block_size=(32, 32))
+    assert rel(method(q, k, v, layout=layout, step=0, layer=0), attention_reference(q, k, v)) < 0.03
+    padded = (torch.arange(layout.seq_len) < layout.seq_len - 3)[None, None, None]
+    out = method(q, k, v, layout=layout, step=0, layer=0, attn_mask=padded)
+    assert rel(out, attention_reference(q, k, v, mask=padded)) < 0.03
+    full = BlockMask.full(1, 1, (100, 100), (32, 32), "cpu")
+    x = torch.randn(1, 100, 1, 16)
+    with pytest.raises(ValueError, match="pv_bits must be 8 or 4"):
+        quantized_attention(x, x, x, full, pv_bits=5)
+    with pytest.raises(ValueError, match="at least 32 tokens"):
+        quantized_attention(x, x, x, BlockMask.full(1, 1, (100, 100), (16, 16), "cpu"))
+    with pytest.raises(ValueError, match="pv_bits must be 8 or 4"):
+        create_method("quant", pv_bits=2)
+    with pytest.raises(ValueError, match="block_size must be two powers of two >= 32"):
+        create_method("quant", block_size=(16, 16))

@@ -1,0 +1,75 @@
+"""The `quant` method: dense attention through the quantised kernel (INT8 QK^T, INT8 or INT4 PV).
+
+PAROAttention's arithmetic without its sparsity: every block pair is kept. It shows what the
+quantisation alone costs in quality and gains in speed (:mod:`vgen.kernels.quantized`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vgen.attention.block_mask import BlockMask
+from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse
+from vgen.attention.layout import VideoLayout
+from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.kernels.quantized import quantized_attention
+
+__all__ = ["QuantAttention", "QuantConfig"]
+
+
+@dataclass(frozen=True)
+class QuantConfig(MethodConfig):
+    """Settings of :class:`QuantAttention`.
+
+    Args:
+        pv_bits: 8 or 4, the bits of P and V.
+        block_size: ``(query, key)`` quantisation and kernel blocks, powers of two >= 32.
+    """
+
+    pv_bits: int = 8
+    block_size: tuple[int, int] = (128, 128)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pv_bits not in (8, 4):
+            raise ValueError(f"pv_bits must be 8 or 4, got {self.pv_bits!r}")
+        sizes = self.block_size
+        if isinstance(sizes, str) or not isinstance(sizes, Sequence) or len(sizes) != 2 or any(
+            not isinstance(n, int) or n < 32 or n & (n - 1) for n in sizes
+        ):
+            raise ValueError(f"block_size must be two powers of two >= 32, got {sizes!r}")
+        object.__setattr__(self, "block_size", tuple(sizes))
+
+
+@register_method("quant")
+class QuantAttention(AttentionMethod):
+    """Dense attention with INT8 QK^T and INT8/INT4 PV."""
+
+    config_class = QuantConfig
+    config: QuantConfig
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layout: VideoLayout,
+        step: int,
+        layer: int,
+        scale: float | None,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        check_self_attention(self.name, q, k, layout)
+        lengths = key_lengths(attn_mask, q.shape[0], layout)
+        seq = layout.seq_len
+        self.last_density = 1.0
+        if lengths is None:
+            mask = BlockMask.full(1, 1, (seq, seq), self.config.block_size, q.device)
+            return quantized_attention(q, k, v, mask, scale=scale, pv_bits=self.config.pv_bits)
+        blocks = -(-seq // self.config.block_size[0]), -(-seq // self.config.block_size[1])
+        dense = torch.ones(1, 1, *blocks, dtype=torch.bool, device=q.device)
+        return run_block_sparse(q, k, v, dense, self.config.block_size, scale, lengths, pv_bits=self.config.pv_bits)

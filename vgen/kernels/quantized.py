@@ -1,0 +1,218 @@
+"""Quantised block-sparse attention (forward only): INT8 QK^T, and PV with INT8 or INT4 values.
+
+This is how PAROAttention computes attention, also usable dense with a full mask. It has three
+steps:
+
+1. Quantise, once per call (:func:`quantize_blocks`). Q and K get one INT8 scale per (batch,
+   head, mask block) from the block's absolute maximum. K is first smoothed: its mean over the
+   tokens is subtracted per (batch, head). That shifts every logit of a query row by the same
+   amount, so the softmax is unchanged, and it takes out the shared offset that would otherwise
+   use up INT8's range. V gets one scale per (batch, head, key block, channel), with values in
+   [-127, 127] for INT8 or [-7, 7] for INT4.
+2. Walk the kept key blocks with an online softmax, as in
+   :func:`vgen.kernels.block_sparse_attention`:
+   - The scores are ``dot(q_i8, k_i8) -> int32``, times the two scales.
+   - The probabilities are ``p = exp2(s - m)`` in [0, 1]. Each row of each key tile is quantised
+     against that row's maximum in the tile, to ``round(p / max * P)`` with P = 127 (INT8) or
+     7 (INT4). The ratio does not depend on the running maximum, and a tile far below the row's
+     peak keeps its resolution.
+   - ``dot(p_q, v_q) -> int32`` is dequantised per channel and accumulated in fp32. The row
+     sums use the same quantised p, so the normalisation matches the weights that were applied.
+3. Divide by the row sums, and store in q's dtype.
+
+INT4 values run on the INT8 tensor cores: Hopper has no INT4 MMA, so INT4 saves storage and
+shows the accuracy of 4-bit PV, not compute.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from vgen.kernels.block_sparse import _check_inputs, _mask_strides, _strides3
+from vgen.kernels.runtime import use_triton
+
+if TYPE_CHECKING:
+    from vgen.attention.block_mask import BlockMask
+
+__all__ = ["quantize_blocks", "quantized_attention", "quantized_attention_reference"]
+
+_LOG2E = 1.4426950408889634
+_LEVELS = {8: 127, 4: 7}
+
+
+def quantize_blocks(
+    x: torch.Tensor, block: int, bits: int = 8, *, per_channel: bool = False, smooth: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantisation of ``x`` ``[B, S, H, D]`` in blocks of ``block`` tokens.
+
+    Args:
+        x: the tensor; ``block``: tokens per scale (the last block may be short).
+        bits: 8 (values in [-127, 127]) or 4 (values in [-7, 7], stored in int8).
+        per_channel: one scale per channel of each block instead of one per block.
+        smooth: subtract the mean over all tokens (per batch and head) first.
+
+    Returns:
+        int8 ``[B, S, H, D]`` values and fp32 scales ``[B, H, M]`` (or ``[B, H, M, D]`` per channel).
+    """
+    if bits not in _LEVELS:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    levels = _LEVELS[bits]
+    xf = x.float()
+    if smooth:
+        xf = xf - xf.mean(1, keepdim=True)
+    batch, seq, heads, dim = xf.shape
+    blocks = -(-seq // block)
+    padded = torch.nn.functional.pad(xf, (0, 0, 0, 0, 0, blocks * block - seq)).view(batch, blocks, block, heads, dim)
+    amax = padded.abs().amax(dim=(2,) if per_channel else (2, 4), keepdim=True)  # [B, M, 1, H, D or 1]
+    scale = (amax / levels).clamp_min(1e-12)
+    values = (padded / scale).round_().clamp_(-levels, levels).to(torch.int8).view(batch, blocks * block, heads, dim)
+    scales = scale.squeeze(2).permute(0, 2, 1, 3)  # [B, H, M, D or 1]
+    return values[:, :seq].contiguous(), (scales if per_channel else scales[..., 0]).contiguous()
+
+
+@triton.jit
+def _quant_fwd_kernel(
+    Q, K, V, QS, KS, VS, OUT, KV_NUM, KV_IDX,
+    s_qb, s_qs, s_qh,
+    s_kb, s_ks, s_kh,
+    s_vb, s_vs, s_vh,
+    s_ob, s_os, s_oh,
+    s_nb, s_nh, s_nm,
+    s_ib, s_ih, s_im,
+    H, SQ, SK, MQ, MK, qk_scale, p_levels,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = o_m < SQ, o_d < D
+    b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
+                  other=0)  # fmt: skip
+    q_scale = tl.load(QS + i_bh * MQ + i_m) * qk_scale  # the softmax scale (in base 2) folded in
+
+    n_it = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_m * s_nm)
+    p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_m * s_im
+    K += i_b * s_kb + i_h * s_kh
+    V += i_b * s_vb + i_h * s_vh
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for it in range(n_it):
+        j = tl.load(p_idx + it)
+        o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < SK
+        tile = m_n[:, None] & m_d[None, :]
+        b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=tile, other=0)
+        b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=tile, other=0)
+        v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32).to(tl.float32) * (q_scale * tl.load(KS + i_bh * MK + j))
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        # P is quantised per (row, key tile) against the tile row's maximum: p / max does not depend on
+        # the running maximum, and tiles far below the row's maximum keep their resolution
+        b_pmax = tl.maximum(tl.max(b_p, 1), 1e-30)
+        b_pq = (b_p / b_pmax[:, None] * p_levels + 0.5).to(tl.int8)  # p >= 0: truncation after +0.5 rounds
+        b_pscale = b_pmax / p_levels
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_l = b_l * b_alpha + tl.sum(b_pq.to(tl.float32), 1) * b_pscale
+        b_pv = tl.dot(b_pq, b_v, out_dtype=tl.int32).to(tl.float32) * (b_pscale[:, None] * v_scale[None, :])
+        b_acc = b_acc * b_alpha[:, None] + b_pv
+        b_m = b_m_new
+    b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
+    p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
+    tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+
+
+def _quantize_all(q, k, v, block_mask, pv_bits):
+    block_m, block_n = block_mask.block_size
+    q8, q_scale = quantize_blocks(q, block_m, 8)
+    k8, k_scale = quantize_blocks(k, block_n, 8, smooth=True)
+    vq, v_scale = quantize_blocks(v, block_n, pv_bits, per_channel=True)
+    return q8, q_scale, k8, k_scale, vq, v_scale
+
+
+def quantized_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float | None = None,
+    pv_bits: int = 8,
+) -> torch.Tensor:
+    """Block-sparse attention with INT8 QK^T and INT8 or INT4 PV; forward only (no autograd).
+
+    Args:
+        q, k, v: ``[B, S, H, D]`` in bf16, fp16 or fp32; ``D`` at most 256.
+        block_mask: the kept blocks; its block sizes are also the quantisation blocks (>= 32 each).
+        scale: softmax scale (default ``D ** -0.5``).
+        pv_bits: 8 or 4.
+
+    Returns:
+        ``[B, Sq, H, D]`` in q's dtype. Triton on CUDA or under ``TRITON_INTERPRET=1``, else
+        :func:`quantized_attention_reference`.
+    """
+    _check_inputs(q, k, v, block_mask)
+    if pv_bits not in _LEVELS:
+        raise ValueError(f"pv_bits must be 8 or 4, got {pv_bits!r}")
+    if min(block_mask.block_size) < 32:
+        raise ValueError(f"quantized attention needs mask blocks of at least 32 tokens, got {block_mask.block_size}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not use_triton(q):
+        return quantized_attention_reference(q, k, v, block_mask, scale=scale, pv_bits=pv_bits)
+    q8, q_scale, k8, k_scale, vq, v_scale = _quantize_all(q, k, v, block_mask, pv_bits)
+    batch, sq, heads, dim = q.shape
+    sk = k.shape[1]
+    block_m, block_n = block_mask.block_size
+    out = torch.empty_like(q)
+    grid = (triton.cdiv(sq, block_m), batch * heads)
+    _quant_fwd_kernel[grid](
+        q8, k8, vq, q_scale, k_scale, v_scale, out, block_mask.kv_num_blocks, block_mask.kv_indices,
+        *_strides3(q8), *_strides3(k8), *_strides3(vq), *_strides3(out),
+        *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
+        heads, sq, sk, q_scale.shape[-1], k_scale.shape[-1], scale * _LOG2E, float(_LEVELS[pv_bits]),
+        D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=8 if q.is_cuda else 4, num_stages=2 if q.is_cuda else 1,
+    )  # fmt: skip
+    return out
+
+
+def quantized_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float | None = None,
+    pv_bits: int = 8,
+) -> torch.Tensor:
+    """The same quantisation in PyTorch with an exact softmax. P is quantised per (row, key block)
+    against its maximum there, as the kernel does, so the two differ only by float rounding."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q8, q_scale, k8, k_scale, vq, v_scale = _quantize_all(q, k, v, block_mask, pv_bits)
+    block_m, block_n = block_mask.block_size
+    sq, sk = q.shape[1], k.shape[1]
+    rows, cols = torch.arange(sq, device=q.device) // block_m, torch.arange(sk, device=q.device) // block_n
+    qd = q8.float() * q_scale[:, :, rows].transpose(1, 2)[..., None]  # [B, S, H, 1] scales
+    kd = k8.float() * k_scale[:, :, cols].transpose(1, 2)[..., None]
+    vd = vq.float() * v_scale[:, :, cols].transpose(1, 2)  # per channel
+    s = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * scale
+    s = s.masked_fill(~block_mask.expand_tokens(), float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m))
+    levels = _LEVELS[pv_bits]
+    batch, heads = p.shape[:2]
+    blocks = -(-sk // block_n)
+    tiles = torch.nn.functional.pad(p, (0, blocks * block_n - sk)).view(batch, heads, sq, blocks, block_n)
+    tile_max = tiles.amax(-1, keepdim=True).clamp_min(1e-30)
+    pq = ((tiles / tile_max * levels + 0.5).floor() * tile_max / levels).flatten(-2)[..., :sk]
+    denom = pq.sum(-1, keepdim=True)
+    out = torch.einsum("bhqk,bkhd->bqhd", pq / torch.where(denom == 0, 1.0, denom), vd)
+    return out.to(q.dtype)
