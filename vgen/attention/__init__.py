@@ -5,6 +5,7 @@ from vgen.attention.dense import DenseAttention
 from vgen.attention.layout import VideoLayout
 from vgen.attention.paro import PAROAttention, PAROConfig
 from vgen.attention.quant import QuantAttention, QuantConfig
+from vgen.attention.rectified import RectifiedAttention, RectifiedConfig
 from vgen.attention.registry import (
     AttentionMethod,
     MethodConfig,
@@ -26,6 +27,8 @@ __all__ = [
     "PAROConfig",
     "QuantAttention",
     "QuantConfig",
+    "RectifiedAttention",
+    "RectifiedConfig",
     "VMoBAConfig",
     "VMoBAttention",
     "VideoLayout",

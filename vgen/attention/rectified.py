@@ -1,0 +1,216 @@
+"""`rectified`: Rectified SpaAttn, sparse attention corrected by an implicit pooled full-attention reference.
+
+Plain block-sparse attention normalises the softmax over the kept blocks only. That biases it in
+two ways, which Liu et al. (2025) correct with pooled keys:
+
+- **Kept (critical) blocks get too much weight.** Their share of the full softmax is estimated
+  from pooled logits, ``s_ij = q_i . mean(k_j) * scale + log(n_j)`` for token ``i`` and block
+  ``j`` of ``n_j`` keys. The estimate is the kept blocks' pooled mass over all blocks' pooled mass,
+  text blocks included. The sparse output is scaled by that ratio ("isolated pooling": kept and
+  full mass come from the same pooled estimate, so the pooling bias cancels).
+- **Dropped blocks get no weight.** Each dropped block contributes its pooled weight
+  ``exp(s_ij - lse_full)`` times its mean value, but only where the expected gain exceeds the
+  pooling error ("gain-aware"). Pooling replaces a block's ``mean(exp(q.k))`` by ``exp(q.mean(k))``.
+  For logits spread with standard deviation ``sigma`` (estimated from ``|q_i|`` and the block's
+  key spread), that is off by about ``exp(sigma^2 / 2) - 1`` of the block's weight. A block is
+  compensated when that relative error is below 1: ``sigma^2 < 2 ln 2``, scaled by
+  ``error_tolerance``.
+
+Selection: pooled queries (per query block) against pooled keys. Each query block keeps key
+blocks in order of pooled softmax mass until ``mass`` of it is covered, its own diagonal block
+always, and text blocks always.
+
+The sparse part runs on :func:`vgen.kernels.block_sparse_attention`, which returns the LSE. The
+pooled part is computed in PyTorch, heads in groups to bound memory. That PyTorch pooled part is
+also the reference; a fused Triton kernel for it is future work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vgen.attention.block_mask import BlockMask
+from vgen.attention.common import check_self_attention, key_lengths
+from vgen.attention.layout import VideoLayout
+from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.kernels import block_sparse_attention
+
+__all__ = ["RectifiedAttention", "RectifiedConfig", "rectified_attention"]
+
+
+@dataclass(frozen=True)
+class RectifiedConfig(MethodConfig):
+    """Settings of :class:`RectifiedAttention`.
+
+    Args:
+        mass: share of each query block's pooled softmax mass its kept blocks cover, in (0, 1].
+        block_size: query and key block size in tokens (a power of two >= 16).
+        rectify_kept: rescale the kept blocks' attention (isolated-pooling reallocation).
+        compensate_dropped: add pooled attention for dropped blocks (gain-aware rectification).
+        error_tolerance: multiplies the gain-aware bound ``2 ln 2`` on the logit variance; 0 turns
+            compensation off, larger values compensate blocks with more spread keys.
+        head_group: heads per pooled-attention chunk (memory ``B * group * S * M`` floats).
+    """
+
+    mass: float = 0.9
+    block_size: int = 128
+    rectify_kept: bool = True
+    compensate_dropped: bool = True
+    error_tolerance: float = 1.0
+    head_group: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.mass, bool) or not isinstance(self.mass, int | float) or not 0.0 < self.mass <= 1.0:
+            raise ValueError(f"mass must be in (0, 1], got {self.mass!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size!r}")
+        if not isinstance(self.error_tolerance, int | float) or self.error_tolerance < 0:
+            raise ValueError(f"error_tolerance must be >= 0, got {self.error_tolerance!r}")
+        if not isinstance(self.head_group, int) or self.head_group < 1:
+            raise ValueError(f"head_group must be a positive int, got {self.head_group!r}")
+
+
+def _block_stats(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block of ``x`` ``[B, S, H, D]``: mean ``[B, H, M, D]``, mean squared distance to the mean
+    ``[B, H, M]`` and token count ``[M]``, in fp32."""
+    batch, seq, heads, dim = x.shape
+    blocks = -(-seq // block)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, blocks * block - seq))
+    tiles = padded.view(batch, blocks, block, heads, dim)
+    counts = (seq - torch.arange(0, seq, block, device=x.device)).clamp(max=block).float()
+    mean = tiles.sum(2) / counts.view(1, -1, 1, 1)
+    valid = (torch.arange(blocks * block, device=x.device) < seq).view(1, blocks, block, 1, 1)
+    squared = ((tiles - mean[:, :, None]).square().sum(-1, keepdim=True) * valid).sum(2)[..., 0]
+    spread = squared / counts.view(1, -1, 1)
+    return mean.transpose(1, 2), spread.transpose(1, 2), counts
+
+
+def _select(
+    q_mean: torch.Tensor,
+    k_mean: torch.Tensor,
+    counts: torch.Tensor,
+    scale: float,
+    mass: float,
+    text_blocks: torch.Tensor,
+) -> torch.Tensor:
+    """bool ``[B, H, M, M]``: per query block, key blocks by pooled mass until ``mass``; diagonal and text kept."""
+    scores = torch.einsum("bhmd,bhnd->bhmn", q_mean, k_mean) * scale + counts.log()
+    p = scores.softmax(-1)
+    order = p.argsort(-1, descending=True)
+    sorted_p = p.gather(-1, order)
+    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < mass
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    blocks = keep.shape[-1]
+    keep |= torch.eye(blocks, dtype=torch.bool, device=keep.device)
+    keep |= text_blocks
+    keep |= text_blocks[:, None]
+    return keep
+
+
+def rectified_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float,
+    rectify_kept: bool = True,
+    compensate_dropped: bool = True,
+    error_tolerance: float = 1.0,
+    head_group: int = 4,
+) -> torch.Tensor:
+    """Sparse attention over the kept block pairs ``keep`` (bool ``[B, H, M, M]``), rectified.
+
+    See the module docstring. With every block kept it equals exact attention.
+    """
+    seq = q.shape[1]
+    mask = BlockMask.from_dense(keep, (block_size, block_size), (seq, seq))
+    out, lse = block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True)  # lse [B, H, S]
+    if not (rectify_kept or compensate_dropped):
+        return out
+    k_mean, k_spread, counts = _block_stats(k, block_size)
+    v_mean = _block_stats(v, block_size)[0]
+    rows = torch.arange(seq, device=q.device) // block_size
+    result = torch.empty_like(out)
+    heads = q.shape[2]
+    for start in range(0, heads, head_group):
+        h = slice(start, min(heads, start + head_group))
+        qh = q[:, :, h].float().transpose(1, 2)  # [B, g, S, D]
+        logits = qh @ k_mean[:, h].transpose(-1, -2) * scale + counts.log()  # [B, g, S, M] pooled
+        kept = keep[:, h][:, :, rows] if keep.shape[1] > 1 else keep[:, :, rows].expand(-1, qh.shape[1], -1, -1)
+        lse_full = logits.logsumexp(-1, keepdim=True)
+        o = out[:, :, h].float().transpose(1, 2)  # [B, g, S, D]
+        if rectify_kept:
+            lse_kept = logits.masked_fill(~kept, float("-inf")).logsumexp(-1, keepdim=True)
+            o = o * torch.exp(lse_kept - lse_full)
+        else:  # compensation on top of the unscaled sparse output: weigh both by their own masses
+            lse_kept = lse[:, h][..., None]
+        if compensate_dropped:
+            # logit spread within block j for query i: |q_i| * sqrt(key spread_j / D) * scale
+            sigma2 = qh.square().sum(-1, keepdim=True) * (k_spread[:, h][:, :, None] / q.shape[-1]) * scale**2
+            gain_wins = sigma2 < 2 * math.log(2) * error_tolerance
+            take = ~kept & gain_wins
+            weights = torch.exp(logits - lse_full).masked_fill(~take, 0.0)  # [B, g, S, M]
+            dropped = weights @ v_mean[:, h]
+            if not rectify_kept:
+                share = torch.exp(lse_kept - lse_full)  # no reallocation: mix by the pooled masses instead
+                o = o * share / (share + weights.sum(-1, keepdim=True))
+                dropped = dropped / (share + weights.sum(-1, keepdim=True))
+            o = o + dropped
+        result[:, :, h] = o.transpose(1, 2).to(out.dtype)
+    return result
+
+
+@register_method("rectified")
+class RectifiedAttention(AttentionMethod):
+    """Rectified SpaAttn on the block-sparse kernel (pooled parts in PyTorch)."""
+
+    config_class = RectifiedConfig
+    config: RectifiedConfig
+
+    def __init__(self, config: RectifiedConfig) -> None:
+        super().__init__(config)
+        self.last_mask: BlockMask | None = None
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layout: VideoLayout,
+        step: int,
+        layer: int,
+        scale: float | None,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        check_self_attention(self.name, q, k, layout)
+        if key_lengths(attn_mask, q.shape[0], layout) is not None:
+            raise ValueError(
+                "rectified does not take padded text yet (HunyuanVideo, Motif): list those layers in dense_layers"
+            )
+        c = self.config
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        block, seq = c.block_size, layout.seq_len
+        blocks = -(-seq // block)
+        position = torch.arange(seq, device=q.device)
+        is_text = (position < layout.text_before) | (position >= layout.text_before + layout.num_video_tokens)
+        text_blocks = torch.zeros(blocks, dtype=torch.bool, device=q.device).index_put_(
+            (position[is_text] // block,), torch.tensor(True, device=q.device)
+        )
+        with torch.no_grad():
+            q_mean = _block_stats(q, block)[0]
+            k_mean, _, counts = _block_stats(k, block)
+            keep = _select(q_mean, k_mean, counts, scale, c.mass, text_blocks)
+            tokens = counts.double()
+            self.last_density = (keep.double() * (tokens[:, None] * tokens)).sum() / (keep[..., 0, 0].numel() * seq**2)
+        self.last_mask = BlockMask.from_dense(keep, (block, block), (seq, seq))
+        return rectified_attention(
+            q, k, v, keep, block_size=block, scale=scale, rectify_kept=c.rectify_kept,
+            compensate_dropped=c.compensate_dropped, error_tolerance=c.error_tolerance, head_group=c.head_group,
+        )  # fmt: skip
