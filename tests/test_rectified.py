@@ -35,7 +35,9 @@ def spelled_out(q, k, v, keep, block, scale, tolerance=1.0):
                 kept_keys = [t for j in range(blocks) if row[j] for t in members[j]]
                 logits = q[b, i, h] @ k[b, kept_keys, h].T * scale
                 sparse = torch.softmax(logits, 0) @ v[b, kept_keys, h]
-                pooled = torch.stack([q[b, i, h] @ k_mean[j] * scale + math.log(len(members[j])) for j in range(blocks)])
+                pooled = torch.stack(
+                    [q[b, i, h] @ k_mean[j] * scale + math.log(len(members[j])) for j in range(blocks)]
+                )
                 full = torch.logsumexp(pooled, 0)
                 kept_mass = torch.logsumexp(pooled[row], 0)
                 o = sparse * torch.exp(kept_mass - full)
