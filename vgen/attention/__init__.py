@@ -4,6 +4,7 @@ from vgen.attention.block_mask import BlockMask, frame_mask, local_window_mask, 
 from vgen.attention.dense import DenseAttention
 from vgen.attention.layout import VideoLayout
 from vgen.attention.paro import PAROAttention, PAROConfig
+from vgen.attention.psa import PSAConfig, PyramidSparseAttention
 from vgen.attention.quant import QuantAttention, QuantConfig
 from vgen.attention.rectified import RectifiedAttention, RectifiedConfig
 from vgen.attention.registry import (
@@ -25,6 +26,8 @@ __all__ = [
     "MoBAttention",
     "PAROAttention",
     "PAROConfig",
+    "PSAConfig",
+    "PyramidSparseAttention",
     "QuantAttention",
     "QuantConfig",
     "RectifiedAttention",

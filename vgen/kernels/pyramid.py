@@ -1,0 +1,207 @@
+"""Pyramid sparse attention (PSA): every (query block, key block) pair reads its keys at one level.
+
+The levels are full resolution, or keys and values mean-pooled over 2, 4 or 8 consecutive tokens,
+or the pair is skipped. A pooled key stands for ``p`` keys: its logit gets ``+ ln p``, so the
+softmax weighs it like the ``p`` keys it replaces, if they all had the mean key. The pyramids are
+built once per call (:func:`build_pyramid`). One Triton program per query tile walks its kept
+key blocks once per level, reading tiles of ``block / p`` pooled rows, with one online softmax
+across all levels.
+
+Pooling covers whole key blocks only. A ragged last key block is read at full resolution or
+skipped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from vgen.kernels.block_sparse import _mask_strides, _strides3
+from vgen.kernels.runtime import use_triton
+
+__all__ = ["LEVELS", "build_pyramid", "pyramid_attention", "pyramid_attention_reference"]
+
+LEVELS: tuple[int, ...] = (1, 2, 4, 8)
+"""Pool factors of the pyramid levels; a level map holds these values, or 0 for a skipped pair."""
+_LOG2E = 1.4426950408889634
+
+
+def build_pyramid(x: torch.Tensor, block: int) -> list[torch.Tensor]:
+    """``x`` ``[B, S, H, D]`` mean-pooled over 1, 2, 4, 8 consecutive tokens of its whole key blocks.
+
+    Returns one contiguous ``[B, (S // block) * block / p, H, D]`` tensor per level; level 1 is
+    ``x`` itself (all S tokens).
+    """
+    batch, seq, heads, dim = x.shape
+    whole = seq // block * block
+    levels = [x.contiguous()]
+    for p in LEVELS[1:]:
+        pooled = x[:, :whole].unflatten(1, (whole // p, p)).float().mean(2)
+        levels.append(pooled.to(x.dtype).contiguous())
+    return levels
+
+
+def _check_levels(levels: torch.Tensor, seq_k: int, block: int) -> None:
+    if levels.dtype not in (torch.int8, torch.int32, torch.int64) or levels.ndim != 4:
+        raise ValueError(f"levels must be an integer tensor [B, H, Mq, Mk], got {levels.dtype} {list(levels.shape)}")
+    allowed = torch.tensor((0, *LEVELS), device=levels.device)
+    if not bool(torch.isin(levels, allowed).all()):
+        raise ValueError(f"levels must hold 0 (skip) or a pool factor in {LEVELS}")
+    if seq_k % block and bool((levels[..., -1] > 1).any()):
+        raise ValueError("the ragged last key block can only be read at full resolution (1) or skipped (0)")
+
+
+@triton.jit
+def _pyramid_level(
+    b_q, b_m, b_l, b_acc, K, V, p_num, p_idx, s_ks, s_vs, SK, o_d, m_d, qk_scale,
+    POOL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Walk one level's kept key blocks, updating the running max, sum and accumulator."""
+    ROWS: tl.constexpr = BLOCK_N // POOL
+    n_it = tl.load(p_num)
+    bias = tl.log2(POOL * 1.0)  # a pooled key stands for POOL keys
+    for it in range(n_it):
+        j = tl.load(p_idx + it)
+        o_n = j * ROWS + tl.arange(0, ROWS)
+        m_n = o_n < SK // POOL
+        b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale + bias
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_m_new
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def _pyramid_fwd_kernel(
+    Q, K1, V1, K2, V2, K4, V4, K8, V8, OUT, NUM, IDX,
+    s_qb, s_qs, s_qh,
+    s_k1b, s_k1s, s_k1h, s_k2b, s_k2s, s_k2h, s_k4b, s_k4s, s_k4h, s_k8b, s_k8s, s_k8h,
+    s_ob, s_os, s_oh,
+    s_nl, s_nb, s_nh, s_nm,
+    s_il, s_ib, s_ih, s_im,
+    H, SQ, SK, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = o_m < SQ, o_d < D
+    b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :],
+                  mask=m_m[:, None] & m_d[None, :], other=0.0)  # fmt: skip
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row_num = NUM + i_b * s_nb + i_h * s_nh + i_m * s_nm
+    row_idx = IDX + i_b * s_ib + i_h * s_ih + i_m * s_im
+    # the K and V pyramids share strides level by level (values are built like keys)
+    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K1 + i_b * s_k1b + i_h * s_k1h,
+                                     V1 + i_b * s_k1b + i_h * s_k1h, row_num, row_idx, s_k1s, s_k1s, SK, o_d, m_d,
+                                     qk_scale, 1, BLOCK_N)  # fmt: skip
+    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K2 + i_b * s_k2b + i_h * s_k2h,
+                                     V2 + i_b * s_k2b + i_h * s_k2h, row_num + s_nl, row_idx + s_il, s_k2s, s_k2s,
+                                     SK, o_d, m_d, qk_scale, 2, BLOCK_N)  # fmt: skip
+    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K4 + i_b * s_k4b + i_h * s_k4h,
+                                     V4 + i_b * s_k4b + i_h * s_k4h, row_num + 2 * s_nl, row_idx + 2 * s_il, s_k4s,
+                                     s_k4s, SK, o_d, m_d, qk_scale, 4, BLOCK_N)  # fmt: skip
+    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K8 + i_b * s_k8b + i_h * s_k8h,
+                                     V8 + i_b * s_k8b + i_h * s_k8h, row_num + 3 * s_nl, row_idx + 3 * s_il, s_k8s,
+                                     s_k8s, SK, o_d, m_d, qk_scale, 8, BLOCK_N)  # fmt: skip
+    b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
+    p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
+    tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+
+
+def _level_lists(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pool factor, the kept key blocks of each row: counts ``[4, B, H, Mq]``, indices ``[4, B, H, Mq, Mk]``."""
+    from vgen.attention.block_mask import _compact
+
+    counts, indices = zip(*(_compact(levels == p) for p in LEVELS), strict=True)
+    return torch.stack(counts).contiguous(), torch.stack(indices).contiguous()
+
+
+def pyramid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    levels: torch.Tensor,
+    *,
+    block: int = 128,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention where pair (query block i, key block j) reads keys pooled by ``levels[b, h, i, j]``.
+
+    Args:
+        q, k, v: ``[B, S, H, D]``, self-attention (same S), bf16/fp16/fp32, ``D`` at most 256.
+        levels: integer ``[B or 1, H or 1, Mq, Mk]`` with 0 (skip) or a factor of :data:`LEVELS`.
+        block: query and key block size, a power of two >= 128 (so that an 8x-pooled tile has 16 rows).
+        scale: softmax scale (default ``D ** -0.5``).
+
+    Returns:
+        ``[B, S, H, D]`` in q's dtype; a row with no kept pair is 0. Forward only.
+    """
+    batch, seq, heads, dim = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"pyramid attention is self-attention: q, k, v must share [B, S, H, D], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")  # fmt: skip
+    if block < 128 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 128 (8x pooling needs 16-row tiles), got {block}")
+    blocks = -(-seq // block)
+    if levels.shape[-2:] != (blocks, blocks) or levels.shape[0] not in (1, batch) or levels.shape[1] not in (1, heads):
+        raise ValueError(f"levels must be [B or 1, H or 1, {blocks}, {blocks}], got {list(levels.shape)}")
+    _check_levels(levels, seq, block)
+    scale = dim**-0.5 if scale is None else scale
+    if not use_triton(q):
+        return pyramid_attention_reference(q, k, v, levels, block=block, scale=scale)
+    pk, pv = build_pyramid(k, block), build_pyramid(v, block)
+    num, idx = _level_lists(levels)
+    out = torch.empty_like(q)
+    key_strides = [s for x in pk for s in _strides3(x)]
+    grid = (blocks, batch * heads)
+    _pyramid_fwd_kernel[grid](
+        q, pk[0], pv[0], pk[1], pv[1], pk[2], pv[2], pk[3], pv[3], out, num, idx,
+        *_strides3(q), *key_strides, *_strides3(out),
+        num.stride(0), *_mask_strides(num[0]), idx.stride(0), *_mask_strides(idx[0]),
+        heads, seq, seq, scale * _LOG2E,
+        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block, BLOCK_N=block,
+        num_warps=8 if q.is_cuda else 4, num_stages=2 if q.is_cuda else 1,
+    )  # fmt: skip
+    return out
+
+
+def pyramid_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels: torch.Tensor, *, block: int = 128,
+    scale: float | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """fp32 PyTorch: all pyramid keys side by side, each query row masked to the pooled keys its
+    level map selects, logits of a ``p``-pooled key ``+ ln p``."""
+    batch, seq, heads, dim = q.shape
+    scale = dim**-0.5 if scale is None else scale
+    pk, pv = build_pyramid(k.float(), block), build_pyramid(v.float(), block)
+    keys, values, biases, allowed = [], [], [], []
+    rows = torch.arange(seq, device=q.device) // block
+    full_levels = levels.expand(batch, heads, -1, -1)
+    for p, kl, vl in zip(LEVELS, pk, pv, strict=True):
+        columns = torch.arange(kl.shape[1], device=q.device) * p // block  # key block of each pooled key
+        keys.append(kl)
+        values.append(vl)
+        biases.append(torch.full((kl.shape[1],), math.log(p), device=q.device))
+        allowed.append(full_levels[:, :, rows][:, :, :, columns] == p)  # [B, H, S, S_p]
+    k_all, v_all, bias, mask = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(biases), torch.cat(allowed, -1)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k_all) * scale + bias
+    logits = logits.masked_fill(~mask, float("-inf"))
+    top = logits.amax(-1, keepdim=True)
+    weights = torch.exp(logits - torch.where(top == float("-inf"), 0.0, top))
+    total = weights.sum(-1, keepdim=True)
+    out = torch.einsum("bhqk,bkhd->bqhd", weights / torch.where(total == 0, 1.0, total), v_all)
+    return out.to(q.dtype)
