@@ -1,0 +1,549 @@
+"""PAROAttention (vgen's ``paro`` method) on one GPU: quantised kernel speed and error, and video quality.
+
+    python benchmarks/paro.py --out benchmarks/results/paro.md [--parts 1,2] [--steps 20] [--smoke]
+
+Everything runs in one process; the tables go to ``--out`` (Markdown) and a ``.json`` beside it.
+
+1. **Kernels at the Wan shapes, random q/k/v** (wan1.3b-480p: 12 heads x 128, 32,760 tokens;
+   wan14b-720p: 40 x 128, 75,600 tokens; bf16, B=1). For block densities 1.0, 0.5, 0.3, 0.25 and
+   0.2, a random block mask (128 x 128 blocks, drawn per head, the same number of key blocks kept
+   in every query block row; density 1.0 is ``BlockMask.full``). With each mask:
+   - vgen's quantised kernel, :func:`vgen.kernels.quantized.quantized_attention`, with INT8
+     (``pv_bits=8``) and INT4 (``pv_bits=4``) PV: the whole call, which quantises q/k/v first, and
+     the quantisation alone (``vgen.kernels.quantized._quantize_all``);
+   - vgen's bf16 block-sparse kernel (:func:`vgen.kernels.block_sparse_attention`), same mask;
+   - dense cuDNN SDPA (``[B, H, S, D]`` inputs), the same for every density;
+   - compiled FlexAttention with the same mask (its output is checked against vgen's bf16
+     kernel; a row where they disagree prints MISMATCH);
+   - the relative error ``||out - exact|| / ||exact||`` of the quantised (and the bf16) output
+     against fp32 attention under the same mask, computed exactly on heads 0-1 only (in chunks
+     of query rows, to bound memory).
+   Speedups are time ratios against the whole quantised call: cuDNN dense / quantised, Flex /
+   quantised, vgen bf16 kernel / quantised. Beside the table: the issue's targets, dense INT8 at
+   least 1.3x cuDNN bf16, and INT8 at density 0.25 at least 4x cuDNN dense.
+2. **Video quality on the reference model** (``assets/reference/model``, bf16): ``calibrate_paro``
+   at density 0.3 (4 timestep buckets, 128-token blocks) on 2 held-out shapes captions, at
+   33 x 256 x 256 pixels (9 x 32 x 32 = 9,216 tokens) and ``--steps`` denoising steps (default
+   20); then ``quality_report`` of ``paro`` with ``quant`` int8, int4 and none on 4 other
+   held-out captions (seed 0) against dense generations: mean PSNR and SSIM, the density the
+   method kept (mean over calls) and the relative error of its attention output per layer
+   (mean over steps and clips). The same again after a second calibration at density 0.2
+   (``--quality-densities``). The issue's target: PSNR against dense >= 28 dB at density 0.3
+   with INT8.
+
+Kernel times are ``triton.testing.do_bench`` medians (ms); the quality part reports wall seconds.
+
+``--smoke`` runs both parts on the CPU at tiny sizes (Triton kernels under ``TRITON_INTERPRET=1``,
+float32, one ``time.perf_counter`` call per timing, no cuDNN or Flex: "n/a"; part 1 on a 2 x 32
+head shape of 256 tokens with 32-token blocks, all heads in the exact reference; part 2 at
+9 x 64 x 64 pixels -> 3 x 8 x 8 = 192 tokens, 32-token blocks, 2 steps, 1 calibration and 1
+quality prompt, density 0.3 only): a check that the script works, not a measurement.
+
+On the device machine: ``python3 benchmarks/paro.py --out $OUT/paro.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--smoke" in sys.argv:  # the interpreter must be chosen before triton-using modules are imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+from attention import bench, flex_mask, shape_of  # benchmarks/attention.py, beside this script
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
+
+from vgen import VideoPipeline
+from vgen.attention.block_mask import BlockMask
+from vgen.attention.paro import AXIS_ORDERS, calibrate_paro
+from vgen.data import ShapesDataset
+from vgen.kernels import block_sparse_attention
+from vgen.kernels.quantized import _quantize_all, quantized_attention
+from vgen.pipelines.quality import quality_report
+
+REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference" / "model"
+FLEX_TOLERANCE = 2e-2  # relative error between Flex and vgen's bf16 kernel above which a row is a MISMATCH
+PV_BITS = (8, 4)
+QUANTS = ("int8", "int4", "none")
+TARGET_DENSE_INT8 = 1.3  # dense INT8 vs dense cuDNN bf16
+TARGET_SPARSE_INT8 = 4.0  # INT8 at density 0.25 vs dense cuDNN bf16
+TARGET_SPARSE_DENSITY = 0.25
+TARGET_PSNR = 28.0  # dB against dense, INT8 at density 0.3
+TARGET_PSNR_DENSITY = 0.3
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that differs between the GPU run and the CPU smoke run."""
+
+    device: torch.device
+    dtype: torch.dtype
+    # part 1
+    shapes: tuple[tuple[str, int, int, int], ...]  # (name, heads, head_dim, tokens)
+    block: int
+    densities: tuple[float, ...]
+    exact_heads: int  # heads 0 .. exact_heads - 1 get the fp32 exact reference
+    exact_chunk: int  # query rows per chunk of the exact reference
+    # part 2
+    clip: tuple[int, int, int]  # frames, height, width in pixels
+    quality_block: int
+    steps: int
+    buckets: int
+    calibration_prompts: int
+    quality_prompts: int
+    quality_densities: tuple[float, ...]
+
+
+def wan_shape(name: str) -> tuple[str, int, int, int]:
+    heads, head_dim, grid = shape_of(name)
+    return name, heads, head_dim, grid.num_video_tokens
+
+
+def gpu_sizes(steps: int, quality_densities: tuple[float, ...]) -> Sizes:
+    return Sizes(
+        device=torch.device("cuda"), dtype=torch.bfloat16,
+        shapes=(wan_shape("wan1.3b-480p"), wan_shape("wan14b-720p")), block=128,
+        densities=(1.0, 0.5, 0.3, 0.25, 0.2), exact_heads=2, exact_chunk=4096,
+        clip=(33, 256, 256), quality_block=128, steps=steps, buckets=4, calibration_prompts=2, quality_prompts=4,
+        quality_densities=quality_densities,
+    )  # fmt: skip
+
+
+def smoke_sizes(steps: int, quality_densities: tuple[float, ...]) -> Sizes:
+    return Sizes(
+        device=torch.device("cpu"), dtype=torch.float32, shapes=(("tiny", 2, 32, 256),), block=32,
+        densities=(1.0, 0.5, 0.3, 0.25, 0.2), exact_heads=2, exact_chunk=64,
+        clip=(9, 64, 64), quality_block=32, steps=steps, buckets=4, calibration_prompts=1, quality_prompts=1,
+        quality_densities=quality_densities,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def make_clock(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    """Milliseconds of one call of ``fn``: do_bench's median on CUDA, one perf_counter call elsewhere."""
+    if device.type == "cuda":
+        return bench
+
+    def once(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - start)
+
+    return once
+
+
+def rel_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """||out - reference|| / ||reference|| in fp32."""
+    reference = reference.float()
+    return ((out.float() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fmt(value: float | None, spec: str = ".3f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or denominator is None else numerator / denominator
+
+
+def verdict(value: float | None, target: float) -> str:
+    return "not measured" if value is None else ("met" if value >= target else "**not met**")
+
+
+def random_block_mask(heads: int, seq: int, density: float, block: int, device: torch.device) -> BlockMask:
+    """Per head, ``round(density * blocks)`` random key blocks in every query block row; all of them at 1.0
+    (``[1, heads]`` like the sparse masks, so that compiled Flex sees one mask shape per attention shape)."""
+    if density >= 1.0:
+        return BlockMask.full(1, heads, (seq, seq), (block, block), device)
+    blocks = triton.cdiv(seq, block)
+    keep = max(1, round(density * blocks))
+    chosen = torch.rand(1, heads, blocks, blocks, device=device).topk(keep, dim=-1).indices
+    dense = torch.zeros(1, heads, blocks, blocks, dtype=torch.bool, device=device).scatter_(-1, chosen, True)
+    return BlockMask.from_dense(dense, (block, block), (seq, seq))
+
+
+def exact_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, heads: int, chunk: int, scale: float
+) -> torch.Tensor:
+    """fp32 softmax attention of heads ``0 .. heads - 1`` under ``mask``: ``[1, S, heads, D]``, in query chunks."""
+    seq = q.shape[1]
+    blocks = mask.to_dense()[0]  # [H or 1, Mq, Mk]
+    block_q, block_k = mask.block_size
+    key_block = torch.arange(seq, device=q.device) // block_k
+    out = torch.empty(1, seq, heads, q.shape[-1], dtype=torch.float32, device=q.device)
+    for h in range(heads):
+        kh, vh = k[0, :, h].float(), v[0, :, h].float()
+        kept = blocks[h if blocks.shape[0] > 1 else 0]
+        for start in range(0, seq, chunk):
+            rows = torch.arange(start, min(seq, start + chunk), device=q.device)
+            scores = (q[0, rows, h].float() @ kh.T) * scale
+            scores.masked_fill_(~kept[rows // block_q][:, key_block], float("-inf"))
+            out[0, rows, h] = torch.softmax(scores, dim=-1) @ vh
+            del scores
+    return out
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def held_out_captions(count: int) -> list[str]:
+    """The first ``count`` shapes captions of the evaluation split (never seen in training), as the CLI draws them."""
+    held_out = ShapesDataset(count, frames=1, height=16, width=16, split="eval")
+    return [held_out.clip(i).caption for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------- part 1
+
+
+def part_kernels(sizes: Sizes, clock, flex) -> dict[str, Any]:
+    rows = []
+    for name, heads, head_dim, seq in sizes.shapes:
+        rows += measure_shape(sizes, name, heads, head_dim, seq, clock, flex)
+        free_memory()  # the shape's tensors are gone with measure_shape's frame
+    return {"block": sizes.block, "rows": rows, "targets": kernel_targets(rows)}
+
+
+def measure_shape(sizes: Sizes, name: str, heads: int, head_dim: int, seq: int, clock, flex) -> list[dict[str, Any]]:
+    """Part 1's rows for one shape: every density, INT8 and INT4 (see the module docstring)."""
+    cuda = sizes.device.type == "cuda"
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device=sizes.device, dtype=sizes.dtype) for _ in range(3))
+    scale = head_dim**-0.5
+    exact_heads = min(heads, sizes.exact_heads)
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, H, S, D] for cuDNN and Flex
+    cudnn_ms = None
+    if cuda:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn_ms = clock(lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=scale))
+    rows = []
+    for density in sizes.densities:
+        mask = random_block_mask(heads, seq, density, sizes.block, sizes.device)
+        fmask = flex_mask(mask)
+        flex_mask_matches = torch.equal(fmask.to_dense().bool(), mask.to_dense())
+        if not flex_mask_matches:
+            print(f"warning: {name}, density {density}: the Flex mask differs from vgen's", flush=True)
+        with torch.no_grad():
+            exact = exact_attention(q, k, v, mask, exact_heads, sizes.exact_chunk, scale)
+            ours = block_sparse_attention(q, k, v, mask, scale=scale)
+            kernel_error = rel_error(ours[:, :, :exact_heads], exact)
+            kernel_ms = clock(lambda m=mask: block_sparse_attention(q, k, v, m, scale=scale))
+            flex_ms = flex_error = None
+            if flex is not None:
+                flex_error = rel_error(flex(qt, kt, vt, block_mask=fmask, scale=scale).transpose(1, 2), ours)
+                flex_ms = clock(lambda m=fmask: flex(qt, kt, vt, block_mask=m, scale=scale))
+            del ours
+            for bits in PV_BITS:
+                out = quantized_attention(q, k, v, mask, scale=scale, pv_bits=bits)
+                error = rel_error(out[:, :, :exact_heads], exact)
+                del out
+                quant_ms = clock(lambda m=mask, b=bits: quantized_attention(q, k, v, m, scale=scale, pv_bits=b))
+                quantize_ms = clock(lambda m=mask, b=bits: _quantize_all(q, k, v, m, b))
+                row = {
+                    "shape": name, "heads": heads, "head_dim": head_dim, "tokens": seq,
+                    "target_density": density, "density": mask.density(), "pv_bits": bits,
+                    "exact_heads": exact_heads, "rel_error": error, "kernel_rel_error": kernel_error,
+                    "quantize_ms": quantize_ms, "quantized_ms": quant_ms, "kernel_ms": kernel_ms,
+                    "cudnn_ms": cudnn_ms, "flex_ms": flex_ms, "flex_rel_error": flex_error,
+                    "flex_mask_matches": flex_mask_matches,
+                    "speedup_vs_cudnn": ratio(cudnn_ms, quant_ms), "speedup_vs_flex": ratio(flex_ms, quant_ms),
+                    "speedup_vs_kernel": ratio(kernel_ms, quant_ms), "quantize_share": quantize_ms / quant_ms,
+                }  # fmt: skip
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        del exact
+        free_memory()
+    return rows
+
+
+def kernel_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape: dense INT8 vs cuDNN, and INT8 at density 0.25 vs cuDNN, against the issue's targets."""
+    targets = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        int8 = {r["target_density"]: r for r in rows if r["shape"] == shape and r["pv_bits"] == 8}
+        for density, target in ((1.0, TARGET_DENSE_INT8), (TARGET_SPARSE_DENSITY, TARGET_SPARSE_INT8)):
+            if density in int8:
+                value = int8[density]["speedup_vs_cudnn"]
+                targets.append({"shape": shape, "density": density, "speedup_vs_cudnn": value, "target": target,
+                                "met": None if value is None else value >= target})  # fmt: skip
+    return targets
+
+
+# ---------------------------------------------------------------------------------------- part 2
+
+
+def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    dtype = torch.bfloat16 if sizes.device.type == "cuda" else torch.float32
+    pipe = VideoPipeline.from_pretrained(model, torch_dtype=dtype, device=str(sizes.device))
+    load_s = time.perf_counter() - started
+    captions = held_out_captions(sizes.calibration_prompts + sizes.quality_prompts)
+    calibration_prompts, prompts = captions[: sizes.calibration_prompts], captions[sizes.calibration_prompts :]
+    frames, height, width = sizes.clip
+    generate = {"num_frames": frames, "height": height, "width": width, "num_inference_steps": sizes.steps}
+    grid = pipe.token_grid(frames, height, width)
+    cfg = pipe.transformer.config
+    info = {
+        "model": display_path(model), "dtype": str(dtype).removeprefix("torch."), "load_s": load_s,
+        "clip": list(sizes.clip), "grid": [grid.frames, grid.height, grid.width], "tokens": grid.seq_len,
+        "layers": cfg.num_layers, "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
+        "block_size": sizes.quality_block, "buckets": sizes.buckets, "steps": sizes.steps, "seeds": [0],
+        "calibration_prompts": calibration_prompts, "quality_prompts": prompts,
+    }  # fmt: skip
+    print(json.dumps(info), flush=True)
+    calibrations, rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for density in sizes.quality_densities:
+            path = Path(tmp) / f"paro-d{density}.safetensors"
+            start = time.perf_counter()
+            calibration = calibrate_paro(
+                pipe, calibration_prompts, path, density=density, buckets=sizes.buckets,
+                block_size=sizes.quality_block, **generate,
+            )  # fmt: skip
+            captured = [c for layer in calibration.meta["captured"] for c in layer]
+            orders = Counter(AXIS_ORDERS[int(o)] for o in calibration.orders.flatten())
+            calibrations.append({
+                "density": density, "seconds": time.perf_counter() - start,
+                "captured_mean": statistics.fmean(captured), "captured_min": min(captured),
+                "orders": {o: orders.get(o, 0) for o in AXIS_ORDERS},
+                "mask_block_fraction": calibration.masks.float().mean().item(),
+            })  # fmt: skip
+            print(json.dumps(calibrations[-1]), flush=True)
+            for quant in QUANTS:
+                start = time.perf_counter()
+                report = quality_report(
+                    pipe, "paro", {"calibration": str(path), "quant": quant}, prompts, [0], **generate
+                )
+                layers = report.layers()
+                errors = [e for _, _, e in layers]
+                row = {
+                    "target_density": density, "quant": quant, "clips": len(report.clips),
+                    "density": report.density, "psnr": report.mean_psnr, "psnr_min": min(c.psnr for c in report.clips),
+                    "ssim": report.mean_ssim, "attention_error_mean": statistics.fmean(errors),
+                    "attention_error_max": max(errors), "adherence_dense": report.adherence("dense"),
+                    "adherence_method": report.adherence("method"), "seconds": time.perf_counter() - start,
+                    "layers": [{"layer": layer, "density": d, "rel_error": e} for layer, d, e in layers],
+                    "clip_psnr": [c.psnr for c in report.clips], "clip_ssim": [c.ssim for c in report.clips],
+                }  # fmt: skip
+                print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
+                rows.append(row)
+                free_memory()
+    del pipe
+    free_memory()
+    int8 = [r for r in rows if r["quant"] == "int8" and r["target_density"] == TARGET_PSNR_DENSITY]
+    target = {
+        "psnr": int8[0]["psnr"] if int8 else None, "target": TARGET_PSNR,
+        "met": (int8[0]["psnr"] >= TARGET_PSNR) if int8 else None,
+    }  # fmt: skip
+    return {"info": info, "calibrations": calibrations, "rows": rows, "target": target}
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
+    lines = [
+        f"### PAROAttention, {meta['date']}, commit {meta['commit']}, {meta['gpu']}", "",
+        f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; {meta['timing']}; "
+        f"{meta['seconds']} s in all.", "",
+    ]  # fmt: skip
+    if meta["smoke"]:
+        lines += ["**Smoke run** (CPU, Triton interpreter, tiny sizes, float32): checks the script, measures nothing.",
+                  ""]  # fmt: skip
+    if "kernels" in results:
+        part = results["kernels"]
+        block = part["block"]
+        lines += [
+            "#### 1. Quantised kernel at the Wan shapes, random q/k/v", "",
+            f"{meta['dtype']}, B=1; random block masks of {block} x {block} blocks drawn per head (density 1.0: "
+            "every block). *quantised call* = `quantized_attention` as PAROAttention calls it, quantisation of "
+            "q/k/v included; *quantise* = that quantisation alone (`_quantize_all`). Errors: "
+            "||out - exact|| / ||exact|| against fp32 softmax attention under the same mask, on heads "
+            f"0-{part['rows'][0]['exact_heads'] - 1 if part['rows'] else 1}. Speedups: the other time / the whole "
+            "quantised call. INT4 PV runs on the INT8 tensor cores (Hopper has no INT4 MMA): it shows 4-bit "
+            "accuracy, not 4-bit speed.", "",
+            "| shape | target density | density | PV | rel. error (quantised) | quantise ms | quantised call ms | "
+            "vgen bf16 ms | cuDNN dense ms | Flex ms | **vs cuDNN dense** | **vs Flex** | **vs vgen bf16** | "
+            "quantise share | rel. error (vgen bf16) |",
+            "|---" * 15 + "|",
+        ]  # fmt: skip
+        for r in part["rows"]:
+            flex_speed = fmt(r["speedup_vs_flex"], ".2f", "x")
+            if r["flex_rel_error"] is not None and r["flex_rel_error"] > FLEX_TOLERANCE:
+                flex_speed = "MISMATCH"
+            lines.append(
+                f"| {r['shape']} ({r['heads']} x {r['head_dim']}, {r['tokens']:,}) | {r['target_density']} | "
+                f"{r['density']:.3f} | INT{r['pv_bits']} | {r['rel_error']:.2e} | {fmt(r['quantize_ms'])} | "
+                f"{fmt(r['quantized_ms'])} | {fmt(r['kernel_ms'])} | {fmt(r['cudnn_ms'])} | {fmt(r['flex_ms'])} | "
+                f"{fmt(r['speedup_vs_cudnn'], '.2f', 'x')} | {flex_speed} | "
+                f"{fmt(r['speedup_vs_kernel'], '.2f', 'x')} | {100 * r['quantize_share']:.0f}% | "
+                f"{r['kernel_rel_error']:.2e} |"
+            )
+        lines += ["", "Targets (from the issue), INT8 quantised call vs dense cuDNN bf16:", ""]
+        for t in part["targets"]:
+            what = "dense" if t["density"] == 1.0 else f"density {t['density']}"
+            lines.append(
+                f"- {t['shape']}, {what}: {fmt(t['speedup_vs_cudnn'], '.2f', 'x')} (target >= {t['target']}x: "
+                f"{verdict(t['speedup_vs_cudnn'], t['target'])})"
+            )
+        lines.append("")
+    if "quality" in results:
+        part = results["quality"]
+        info = part["info"]
+        grid = " x ".join(map(str, info["grid"]))
+        lines += [
+            "#### 2. Video quality on the reference model, against dense", "",
+            f"`{info['model']}` ({info['layers']} layers, {info['heads']} heads x {info['head_dim']}), "
+            f"{info['dtype']}; {' x '.join(map(str, info['clip']))} pixels -> {grid} = {info['tokens']:,} tokens; "
+            f"{info['steps']} steps, seed 0; calibration `calibrate_paro` with {info['buckets']} timestep buckets, "
+            f"{info['block_size']}-token blocks, on {len(info['calibration_prompts'])} held-out caption(s); quality "
+            f"(`quality_report`) on {len(info['quality_prompts'])} other held-out caption(s).", "",
+            "Calibrations:", "",
+            "| target density | kept blocks | mass captured (mean, min over heads) | head orders | seconds |",
+            "|---|---|---|---|---|",
+        ]  # fmt: skip
+        for c in part["calibrations"]:
+            orders = ", ".join(f"{o} {n}" for o, n in c["orders"].items() if n)
+            lines.append(
+                f"| {c['density']} | {c['mask_block_fraction']:.3f} | {c['captured_mean']:.3f}, "
+                f"{c['captured_min']:.3f} | {orders} | {c['seconds']:.1f} |"
+            )
+        lines += [
+            "",
+            "Density: kept token pairs, mean over attention calls; attention error: ||out - dense|| / ||dense|| of "
+            "each call's output, mean over steps and clips per layer, then mean (max) over layers.",
+            "",
+            "| target density | quant | clips | density | **PSNR dB** (min) | SSIM | attention error mean (max) | "
+            "adherence dense / paro | seconds |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in part["rows"]:
+
+            def share(value: float | None) -> str:
+                return "-" if value is None else f"{value:.0%}"
+
+            lines.append(
+                f"| {r['target_density']} | {r['quant']} | {r['clips']} | {r['density']:.3f} | "
+                f"**{r['psnr']:.2f}** ({r['psnr_min']:.2f}) | {r['ssim']:.4f} | {r['attention_error_mean']:.2e} "
+                f"({r['attention_error_max']:.2e}) | {share(r['adherence_dense'])} / {share(r['adherence_method'])} | "
+                f"{r['seconds']:.1f} |"
+            )
+        t = part["target"]
+        lines += [
+            "",
+            f"Target (from the issue): PSNR against dense >= {t['target']:.0f} dB at density {TARGET_PSNR_DENSITY} "
+            f"with INT8: {fmt(t['psnr'], '.2f', ' dB')}, {verdict(t['psnr'], t['target'])}.",
+            "",
+        ]
+        labels = [f"{r['target_density']} {r['quant']}" for r in part["rows"]]
+        lines += [
+            "Per layer: density / attention error.",
+            "",
+            "| layer | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        for i, layer in enumerate(part["rows"][0]["layers"] if part["rows"] else []):
+            cells = [f"{r['layers'][i]['density']:.3f} / {r['layers'][i]['rel_error']:.1e}" for r in part["rows"]]
+            lines.append(f"| {layer['layer']} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Calibration captions: " + "; ".join(f'"{p}"' for p in info["calibration_prompts"]) + ".",
+            "Quality captions: " + "; ".join(f'"{p}"' for p in info["quality_prompts"]) + ".",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the Markdown here (and a .json beside it)")
+    parser.add_argument("--parts", default="1,2", help="comma-separated parts to run (default 1,2)")
+    parser.add_argument("--steps", type=int, help="denoising steps in part 2 (default 20; 2 with --smoke)")
+    parser.add_argument(
+        "--quality-densities",
+        help="calibration densities of part 2, comma-separated (default 0.3,0.2; 0.3 with --smoke)",
+    )
+    parser.add_argument("--model", type=Path, default=REFERENCE, help="diffusers Wan folder for part 2")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
+    args = parser.parse_args()
+    parts = {int(p) for p in args.parts.split(",") if p.strip()}
+    if not parts <= {1, 2}:
+        sys.exit(f"--parts takes 1 and/or 2, got {args.parts!r}")
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("benchmarks/paro.py needs a CUDA GPU (or --smoke for a CPU check)")
+    steps = args.steps or (2 if args.smoke else 20)
+    densities_text = args.quality_densities or ("0.3" if args.smoke else "0.3,0.2")
+    quality_densities = tuple(float(d) for d in densities_text.split(",") if d.strip())
+    sizes = (smoke_sizes if args.smoke else gpu_sizes)(steps, quality_densities)
+    cuda = sizes.device.type == "cuda"
+    commit = (
+        os.environ.get("VGEN_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    )
+    meta = {
+        "date": datetime.date.today().isoformat(), "commit": commit or "unknown",
+        "gpu": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
+        "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
+        "dtype": str(sizes.dtype).removeprefix("torch."), "smoke": args.smoke, "parts": sorted(parts),
+        "timing": ("kernel times are do_bench medians in ms" if cuda else
+                   "times are single perf_counter calls; cuDNN and Flex are not timed on the CPU"),
+    }  # fmt: skip
+    print(json.dumps(meta), flush=True)
+    clock = make_clock(sizes.device)
+    flex = torch.compile(flex_attention, dynamic=False) if cuda else None
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    if 1 in parts:
+        results["kernels"] = part_kernels(sizes, clock, flex)
+        free_memory()
+    if 2 in parts:
+        results["quality"] = part_quality(sizes, args.model)
+        free_memory()
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    text = markdown(meta, results)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        json_text = json.dumps({"meta": meta, **results}, indent=1, default=str)
+        args.out.with_suffix(".json").write_text(json_text)
+    if not all(math.isfinite(r["rel_error"]) for r in results.get("kernels", {}).get("rows", [])):
+        sys.exit("a quantised output has a non-finite error")
+
+
+if __name__ == "__main__":
+    main()
