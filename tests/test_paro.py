@@ -122,3 +122,24 @@ def test_calibrate_cli(tiny_model, tmp_path, capsys):
     assert "density must be in (0, 1]" in capsys.readouterr().err
     assert main([*argv, "--block-size", "24"]) == 2
     assert "block_size must be a power of two" in capsys.readouterr().err
+
+
+def test_mask_at_density_adds_the_heaviest_blocks_until_the_budget():
+    from vgen.attention.paro import _mask_at_density
+
+    torch.manual_seed(4)
+    mass = torch.rand(3, 5, 5)
+    seq, block, density = 150, 32, 0.37  # ragged last block: pairs per block pair differ
+    got = _mask_at_density(mass, seq, block, density)
+    tokens = [min(block, seq - i) for i in range(0, seq, block)]
+    for h in range(3):  # the rule, one block at a time
+        keep = torch.eye(5, dtype=torch.bool)
+        used = sum(tokens[i] ** 2 for i in range(5))
+        for index in mass[h].flatten().argsort(descending=True).tolist():
+            i, j = divmod(index, 5)
+            if used >= density * seq * seq:
+                break
+            if not keep[i, j]:
+                keep[i, j] = True
+                used += tokens[i] * tokens[j]
+        assert torch.equal(got[h], keep)

@@ -108,17 +108,13 @@ def _mask_at_density(mass: torch.Tensor, seq: int, block: int, density: float) -
     heads, m, _ = mass.shape
     tokens = _token_counts(seq, block)
     pairs = (tokens[:, None] * tokens[None, :]).flatten()  # token pairs per block pair
-    keep = torch.eye(m, dtype=torch.bool).expand(heads, m, m).clone().flatten(1)
-    budget = density * seq * seq
-    for h in range(heads):
-        used = float(pairs[keep[h]].sum())
-        for index in mass[h].flatten().argsort(descending=True).tolist():
-            if used >= budget:
-                break
-            if not keep[h, index]:
-                keep[h, index] = True
-                used += float(pairs[index])
-    return keep.view(heads, m, m)
+    diagonal = torch.eye(m, dtype=torch.bool).flatten()
+    order = mass.flatten(1).double().argsort(-1, descending=True)  # [H, M*M]
+    on_diagonal = diagonal[order]
+    added = torch.where(on_diagonal, 0.0, pairs[order])  # pairs each non-diagonal block adds, best first
+    used_before = pairs[diagonal].sum() + added.cumsum(-1) - added
+    kept_sorted = on_diagonal | (used_before < density * seq * seq)  # add blocks while under the budget
+    return torch.zeros(heads, m * m, dtype=torch.bool).scatter_(1, order, kept_sorted).view(heads, m, m)
 
 
 @dataclass(frozen=True, eq=False)
@@ -258,13 +254,14 @@ class PAROAttention(AttentionMethod):
 
 
 class _Calibrator(AttentionMethod):
-    """Dense attention that accumulates :func:`block_mass` per (step, layer) as it goes."""
+    """Dense attention that accumulates :func:`block_mass` per (timestep bucket, layer) as it goes,
+    on the device (a few GB at Wan2.1-1.3B 480p: 4 buckets x 30 layers x 6 orders x 12 heads x 256^2)."""
 
     name = "paro-calibration"
 
-    def __init__(self, config: MethodConfig, block_size: int, query_chunk: int) -> None:
+    def __init__(self, config: MethodConfig, block_size: int, query_chunk: int, steps: int, buckets: int) -> None:
         super().__init__(config)
-        self.block_size, self.query_chunk = block_size, query_chunk
+        self.block_size, self.query_chunk, self.steps, self.buckets = block_size, query_chunk, steps, buckets
         self.mass: dict[tuple[int, int], torch.Tensor] = {}
         self.layouts: set[VideoLayout] = set()
 
@@ -273,8 +270,8 @@ class _Calibrator(AttentionMethod):
 
         self.layouts.add(layout)
         with torch.no_grad():
-            mass = block_mass(q, k, layout, self.block_size, scale, self.query_chunk).cpu()
-        key = (step, layer)
+            mass = block_mass(q, k, layout, self.block_size, scale, self.query_chunk)
+        key = (min(self.buckets - 1, step * self.buckets // self.steps), layer)
         self.mass[key] = self.mass[key] + mass if key in self.mass else mass
         return dense_attention(q, k, v, scale=scale, attn_mask=attn_mask)
 
@@ -313,7 +310,12 @@ def calibrate_paro(
         raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    calibrator = _Calibrator(MethodConfig(), block_size, query_chunk)
+    from vgen.pipelines.video import call_defaults
+
+    steps = generate.get("num_inference_steps") or call_defaults(pipe.pipeline).get("num_inference_steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"calibration needs the number of denoising steps (num_inference_steps), got {steps!r}")
+    calibrator = _Calibrator(MethodConfig(), block_size, query_chunk, steps, buckets)
     apply_sparse_attention(pipe.transformer, calibrator)
     try:
         for prompt in prompts:
@@ -324,20 +326,20 @@ def calibrate_paro(
     if len(calibrator.layouts) != 1:
         raise ValueError(f"calibration saw {len(calibrator.layouts)} token grids; generate at one size")
     layout = next(iter(calibrator.layouts))
-    steps = 1 + max(step for step, _ in calibrator.mass)
-    layers = 1 + max(layer for _, layer in calibrator.mass)
-    heads = next(iter(calibrator.mass.values())).shape[1]
+    mass_of = {key: value.cpu() for key, value in calibrator.mass.items()}
+    layers = 1 + max(layer for _, layer in mass_of)
+    heads = next(iter(mass_of.values())).shape[1]
     blocks = -(-layout.seq_len // block_size)
     keep = max(1, math.ceil(density * blocks * blocks))
-    # [L, 6, H, M, M]: every step's mass per layer
-    total = torch.stack([sum(calibrator.mass[(s, layer)] for s in range(steps)) for layer in range(layers)])
+    seen = sorted({b for b, _ in mass_of})
+    # [L, 6, H, M, M]: every bucket's mass per layer
+    total = torch.stack([sum(mass_of[(b, layer)] for b in seen) for layer in range(layers)])
     orders = _captured(total, keep).argmax(1)  # [L, H]
     masks = torch.zeros(buckets, layers, heads, blocks, blocks, dtype=torch.bool)
     for b in range(buckets):
-        in_bucket = [s for s in range(steps) if min(buckets - 1, s * buckets // steps) == b] or [steps - 1]
+        source = b if b in seen else max(s for s in seen if s <= b) if any(s <= b for s in seen) else seen[0]
         for layer in range(layers):
-            mass = sum(calibrator.mass[(s, layer)] for s in in_bucket)  # [6, H, M, M]
-            chosen = mass[orders[layer], torch.arange(heads)]  # [H, M, M]
+            chosen = mass_of[(source, layer)][orders[layer], torch.arange(heads)]  # [H, M, M]
             masks[b, layer] = _mask_at_density(chosen, layout.seq_len, block_size, density)
     config = pipe.transformer.config
     meta = {
