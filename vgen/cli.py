@@ -82,11 +82,12 @@ def _bench_quality(args: argparse.Namespace) -> None:
     key, values = args.sweep if args.sweep else (None, [None])
     generate = {"num_frames": args.frames, "height": args.height, "width": args.width,
                 "num_inference_steps": args.steps}
-    reports = []
+    reports, dense_videos = [], {}
     for value in values:
         config = dict(base, **({key: value} if key else {}))
         print(f"{args.attention} {config or ''}: {len(prompts)} prompts x {args.seeds} seeds", file=sys.stderr)
-        reports.append(quality_report(pipe, args.attention, config, prompts, list(range(args.seeds)), **generate))
+        reports.append(quality_report(pipe, args.attention, config, prompts, list(range(args.seeds)), dense_videos,
+                                      **generate))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(r.to_markdown() for r in reports)

@@ -161,6 +161,7 @@ def quality_report(
     config: dict[str, Any],
     prompts: list[str],
     seeds: list[int],
+    dense_cache: dict[Any, np.ndarray] | None = None,
     **generate: Any,
 ) -> QualityReport:
     """Generate every (prompt, seed) dense and with ``method(**config)``; compare.
@@ -169,6 +170,8 @@ def quality_report(
         pipe: the pipeline; its attention is left as it was found (stock).
         method: a registered method name; config: its settings.
         prompts, seeds: every combination is generated twice.
+        dense_cache: a dict shared across calls with the same pipeline and ``generate``, so that
+            the dense videos of a sweep are generated once.
         **generate: sizes and steps passed to ``pipe(...)`` (``num_frames``, ``height``, ...).
     """
     if not prompts or not seeds:
@@ -176,8 +179,14 @@ def quality_report(
     report = QualityReport(method, dict(config))
     for prompt in prompts:
         for seed in seeds:
-            pipe.disable_sparse_attention()
-            dense = pipe(prompt, seed=seed, progress=False, **generate)
+            key = (prompt, seed, tuple(sorted(generate.items())))
+            if dense_cache is not None and key in dense_cache:
+                dense = dense_cache[key]
+            else:
+                pipe.disable_sparse_attention()
+                dense = pipe(prompt, seed=seed, progress=False, **generate)
+                if dense_cache is not None:
+                    dense_cache[key] = dense
             pipe.enable_sparse_attention(method, **config)
             try:
                 with record_attention(pipe.transformer) as calls:
