@@ -123,13 +123,16 @@ def rectified_attention(
     compensate_dropped: bool = True,
     error_tolerance: float = 1.0,
     head_group: int = 4,
+    mask: BlockMask | None = None,
 ) -> torch.Tensor:
     """Sparse attention over the kept block pairs ``keep`` (bool ``[B, H, M, M]``), rectified.
 
-    See the module docstring. With every block kept it equals exact attention.
+    See the module docstring. With every block kept it equals exact attention. ``mask``: ``keep``
+    as a :class:`BlockMask`, if the caller has it already.
     """
     seq = q.shape[1]
-    mask = BlockMask.from_dense(keep, (block_size, block_size), (seq, seq))
+    if mask is None:
+        mask = BlockMask.from_dense(keep, (block_size, block_size), (seq, seq))
     out, lse = block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True)  # lse [B, H, S]
     if not (rectify_kept or compensate_dropped):
         return out
@@ -213,4 +216,5 @@ class RectifiedAttention(AttentionMethod):
         return rectified_attention(
             q, k, v, keep, block_size=block, scale=scale, rectify_kept=c.rectify_kept,
             compensate_dropped=c.compensate_dropped, error_tolerance=c.error_tolerance, head_group=c.head_group,
+            mask=self.last_mask,
         )  # fmt: skip
