@@ -57,19 +57,20 @@ def _check_levels(levels: torch.Tensor, seq_k: int, block: int) -> None:
 @triton.jit
 def _pyramid_level(
     b_q, b_m, b_l, b_acc, K, V, p_num, p_idx, s_ks, s_vs, SK, o_d, m_d, qk_scale,
-    POOL: tl.constexpr, BLOCK_N: tl.constexpr,
+    POOL: tl.constexpr, LOG2_POOL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Walk one level's kept key blocks, updating the running max, sum and accumulator."""
+    """Walk one level's kept key blocks, updating the running max, sum and accumulator.
+
+    A pooled key stands for POOL keys: its base-2 logit gets ``+ LOG2_POOL``."""
     ROWS: tl.constexpr = BLOCK_N // POOL
     n_it = tl.load(p_num)
-    bias = tl.log2(POOL * 1.0)  # a pooled key stands for POOL keys
     for it in range(n_it):
         j = tl.load(p_idx + it)
         o_n = j * ROWS + tl.arange(0, ROWS)
         m_n = o_n < SK // POOL
         b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
         b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale + bias
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale + LOG2_POOL
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -107,16 +108,16 @@ def _pyramid_fwd_kernel(
     # the K and V pyramids share strides level by level (values are built like keys)
     b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K1 + i_b * s_k1b + i_h * s_k1h,
                                      V1 + i_b * s_k1b + i_h * s_k1h, row_num, row_idx, s_k1s, s_k1s, SK, o_d, m_d,
-                                     qk_scale, 1, BLOCK_N)  # fmt: skip
+                                     qk_scale, 1, 0.0, BLOCK_N)  # fmt: skip
     b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K2 + i_b * s_k2b + i_h * s_k2h,
                                      V2 + i_b * s_k2b + i_h * s_k2h, row_num + s_nl, row_idx + s_il, s_k2s, s_k2s,
-                                     SK, o_d, m_d, qk_scale, 2, BLOCK_N)  # fmt: skip
+                                     SK, o_d, m_d, qk_scale, 2, 1.0, BLOCK_N)  # fmt: skip
     b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K4 + i_b * s_k4b + i_h * s_k4h,
                                      V4 + i_b * s_k4b + i_h * s_k4h, row_num + 2 * s_nl, row_idx + 2 * s_il, s_k4s,
-                                     s_k4s, SK, o_d, m_d, qk_scale, 4, BLOCK_N)  # fmt: skip
+                                     s_k4s, SK, o_d, m_d, qk_scale, 4, 2.0, BLOCK_N)  # fmt: skip
     b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K8 + i_b * s_k8b + i_h * s_k8h,
                                      V8 + i_b * s_k8b + i_h * s_k8h, row_num + 3 * s_nl, row_idx + 3 * s_il, s_k8s,
-                                     s_k8s, SK, o_d, m_d, qk_scale, 8, BLOCK_N)  # fmt: skip
+                                     s_k8s, SK, o_d, m_d, qk_scale, 8, 3.0, BLOCK_N)  # fmt: skip
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
     tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
