@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from vgen.attention.block_mask import BlockMask
@@ -9,7 +11,7 @@ from vgen.attention.layout import VideoLayout
 from vgen.kernels import block_sparse_attention
 from vgen.kernels.quantized import quantized_attention
 
-__all__ = ["check_self_attention", "key_lengths", "run_block_sparse"]
+__all__ = ["block_means", "check_self_attention", "key_lengths", "run_block_sparse", "text_blocks"]
 
 
 _LENGTHS_CACHE: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, list[int]]] = {}
@@ -92,3 +94,25 @@ def run_block_sparse(
         mask = BlockMask.from_dense(kept[..., : -(-n // block_size[1])].contiguous(), block_size, (seq, n))
         outs.append(attend(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], mask))
     return torch.cat(outs)
+
+
+def block_means(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each run of ``block`` tokens of ``x`` ``[B, S, H, D]`` as fp32 ``[B, H, M, D]``, and the
+    token count of each block ``[M]`` (the last block may be short)."""
+    batch, seq, heads, dim = x.shape
+    blocks = -(-seq // block)
+    counts = (seq - torch.arange(0, seq, block, device=x.device)).clamp(max=block).float()
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, blocks * block - seq))
+    means = padded.view(batch, blocks, block, heads, dim).sum(2) / counts.view(1, -1, 1, 1)
+    return means.transpose(1, 2), counts
+
+
+@functools.lru_cache(maxsize=64)
+def text_blocks(layout: VideoLayout, block: int, device: torch.device) -> torch.Tensor:
+    """bool ``[ceil(S / block)]``: the blocks of ``block`` tokens that hold a text token (cached per layout;
+    read-only)."""
+    position = torch.arange(layout.seq_len)
+    is_text = (position < layout.text_before) | (position >= layout.text_before + layout.num_video_tokens)
+    blocks = torch.zeros(-(-layout.seq_len // block), dtype=torch.bool)
+    blocks[position[is_text] // block] = True
+    return blocks.to(device)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vgen.attention.common import check_self_attention, key_lengths
+from vgen.attention.common import block_means, check_self_attention, key_lengths, text_blocks
 from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
 from vgen.kernels import permute_tokens, unpermute_tokens
@@ -146,18 +146,11 @@ class PyramidSparseAttention(AttentionMethod):
         seq, block = layout.seq_len, c.block_size
         blocks = -(-seq // block)
         with torch.no_grad():
-            counts = (seq - torch.arange(0, seq, block, device=q.device)).clamp(max=block).float()
-            pooled = []
-            for x in (q, k):
-                padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, blocks * block - seq))
-                pooled.append(padded.unflatten(1, (blocks, block)).sum(2) / counts.view(1, -1, 1, 1))
-            scores = torch.einsum("bmhd,bnhd->bhmn", *pooled) * scale + counts.log()
+            q_mean, counts = block_means(q, block)
+            k_mean = block_means(k, block)[0]
+            scores = torch.einsum("bhmd,bhnd->bhmn", q_mean, k_mean) * scale + counts.log()
             importance = scores.flatten(-2).softmax(-1).view(scores.shape)
-            position = torch.arange(seq, device=q.device)
-            is_text = (position < layout.text_before) | (position >= layout.text_before + layout.num_video_tokens)
-            text = torch.zeros(blocks, dtype=torch.bool, device=q.device).index_put_(
-                (position[is_text] // block,), torch.tensor(True, device=q.device)
-            )
+            text = text_blocks(layout, block, q.device)
             always = torch.eye(blocks, dtype=torch.bool, device=q.device) | text[:, None] | text[None, :]
             levels = assign_levels(importance, c.budget, c.proportions, always)
             if seq % block:  # the ragged last key block is read in full or not at all

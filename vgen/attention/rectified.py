@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from vgen.attention.block_mask import BlockMask
-from vgen.attention.common import check_self_attention, key_lengths
+from vgen.attention.common import block_means, check_self_attention, key_lengths, text_blocks
 from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
 from vgen.kernels import block_sparse_attention
@@ -74,19 +74,15 @@ class RectifiedConfig(MethodConfig):
             raise ValueError(f"head_group must be a positive int, got {self.head_group!r}")
 
 
-def _block_stats(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per block of ``x`` ``[B, S, H, D]``: mean ``[B, H, M, D]``, mean squared distance to the mean
-    ``[B, H, M]`` and token count ``[M]``, in fp32."""
-    batch, seq, heads, dim = x.shape
-    blocks = -(-seq // block)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, blocks * block - seq))
-    tiles = padded.view(batch, blocks, block, heads, dim)
-    counts = (seq - torch.arange(0, seq, block, device=x.device)).clamp(max=block).float()
-    mean = tiles.sum(2) / counts.view(1, -1, 1, 1)
-    valid = (torch.arange(blocks * block, device=x.device) < seq).view(1, blocks, block, 1, 1)
-    squared = ((tiles - mean[:, :, None]).square().sum(-1, keepdim=True) * valid).sum(2)[..., 0]
-    spread = squared / counts.view(1, -1, 1)
-    return mean.transpose(1, 2), spread.transpose(1, 2), counts
+def _key_spread(k: torch.Tensor, k_mean: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean squared distance of each block's keys to their mean, fp32 ``[B, H, M]``."""
+    batch, seq, heads, dim = k.shape
+    blocks = k_mean.shape[2]
+    padded = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, blocks * block - seq))
+    tiles = padded.view(batch, blocks, block, heads, dim) - k_mean.transpose(1, 2)[:, :, None]
+    valid = (torch.arange(blocks * block, device=k.device) < seq).view(1, blocks, block, 1)
+    counts = (seq - torch.arange(0, seq, block, device=k.device)).clamp(max=block).float()
+    return ((tiles.square().sum(-1) * valid).sum(2) / counts.view(1, -1, 1)).transpose(1, 2)
 
 
 def _select(
@@ -136,8 +132,9 @@ def rectified_attention(
     out, lse = block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True)  # lse [B, H, S]
     if not (rectify_kept or compensate_dropped):
         return out
-    k_mean, k_spread, counts = _block_stats(k, block_size)
-    v_mean = _block_stats(v, block_size)[0]
+    k_mean, counts = block_means(k, block_size)
+    k_spread = _key_spread(k, k_mean, block_size)
+    v_mean = block_means(v, block_size)[0]
     rows = torch.arange(seq, device=q.device) // block_size
     result = torch.empty_like(out)
     heads = q.shape[2]
@@ -200,16 +197,10 @@ class RectifiedAttention(AttentionMethod):
         c = self.config
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         block, seq = c.block_size, layout.seq_len
-        blocks = -(-seq // block)
-        position = torch.arange(seq, device=q.device)
-        is_text = (position < layout.text_before) | (position >= layout.text_before + layout.num_video_tokens)
-        text_blocks = torch.zeros(blocks, dtype=torch.bool, device=q.device).index_put_(
-            (position[is_text] // block,), torch.tensor(True, device=q.device)
-        )
         with torch.no_grad():
-            q_mean = _block_stats(q, block)[0]
-            k_mean, _, counts = _block_stats(k, block)
-            keep = _select(q_mean, k_mean, counts, scale, c.mass, text_blocks)
+            q_mean = block_means(q, block)[0]
+            k_mean, counts = block_means(k, block)
+            keep = _select(q_mean, k_mean, counts, scale, c.mass, text_blocks(layout, block, q.device))
             tokens = counts.double()
             self.last_density = (keep.double() * (tokens[:, None] * tokens)).sum() / (keep[..., 0, 0].numel() * seq**2)
         self.last_mask = BlockMask.from_dense(keep, (block, block), (seq, seq))

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from vgen.attention.block_mask import BlockMask
-from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse
+from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse, text_blocks
 from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
 from vgen.kernels import block_sparse_attention, permute_tokens, unpermute_tokens
@@ -229,13 +229,7 @@ def _plan(layout: VideoLayout, chunk: tuple[int, ...], block_size: tuple[int, in
     chunk_of_position[layout.text_before : layout.text_before + layout.num_video_tokens] = chunk_sorted
     own = _block_membership(chunk_of_position, layout.seq_len, block_size[0], chunks)
     overlap = _block_membership(chunk_of_position, layout.seq_len, block_size[1], chunks).T.float()
-    is_text = chunk_of_position < 0
-    text_queries = torch.zeros(own.shape[0], dtype=torch.bool).index_put_(
-        (torch.arange(layout.seq_len)[is_text] // block_size[0],), torch.tensor(True)
-    )
-    text_keys = torch.zeros(overlap.shape[1], dtype=torch.bool).index_put_(
-        (torch.arange(layout.seq_len)[is_text] // block_size[1],), torch.tensor(True)
-    )
+    text_queries, text_keys = (text_blocks(layout, b, device) for b in block_size)
     tokens = tuple(
         (layout.seq_len - torch.arange(0, layout.seq_len, b)).clamp(max=b).float() for b in block_size
     )
@@ -245,8 +239,8 @@ def _plan(layout: VideoLayout, chunk: tuple[int, ...], block_size: tuple[int, in
         sizes=sizes.to(device),
         own=own.to(device),
         overlap=overlap.to(device),
-        text_queries=text_queries.to(device),
-        text_keys=text_keys.to(device),
+        text_queries=text_queries,
+        text_keys=text_keys,
         block_tokens=(tokens[0].to(device), tokens[1].to(device)),
         layout=layout,
         block_size=block_size,
