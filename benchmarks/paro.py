@@ -51,16 +51,12 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before triton-using 
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
-import datetime
-import gc
 import json
 import math
 import statistics
-import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,14 +64,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import triton
-from attention import bench, flex_mask, shape_of  # benchmarks/attention.py, beside this script
+from attention import flex_mask, shape_of  # benchmarks/attention.py, beside this script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
+from vmoba import fmt, free_memory, make_clock, ratio, rel_error, run_meta  # benchmarks/vmoba.py, beside this script
 
 from vgen import VideoPipeline
 from vgen.attention.block_mask import BlockMask
 from vgen.attention.paro import AXIS_ORDERS, calibrate_paro
-from vgen.data import ShapesDataset
+from vgen.cli import _held_out_captions
 from vgen.kernels import block_sparse_attention
 from vgen.kernels.quantized import _quantize_all, quantized_attention
 from vgen.pipelines.quality import quality_report
@@ -140,39 +137,6 @@ def smoke_sizes(steps: int, quality_densities: tuple[float, ...]) -> Sizes:
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def make_clock(device: torch.device) -> Callable[[Callable[[], Any]], float]:
-    """Milliseconds of one call of ``fn``: do_bench's median on CUDA, one perf_counter call elsewhere."""
-    if device.type == "cuda":
-        return bench
-
-    def once(fn: Callable[[], Any]) -> float:
-        start = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - start)
-
-    return once
-
-
-def rel_error(out: torch.Tensor, reference: torch.Tensor) -> float:
-    """||out - reference|| / ||reference|| in fp32."""
-    reference = reference.float()
-    return ((out.float() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def fmt(value: float | None, spec: str = ".3f", suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if numerator is None or denominator is None else numerator / denominator
-
-
 def verdict(value: float | None, target: float) -> str:
     return "not measured" if value is None else ("met" if value >= target else "**not met**")
 
@@ -217,12 +181,6 @@ def display_path(path: Path) -> str:
         return str(path.resolve().relative_to(root))
     except ValueError:
         return str(path)
-
-
-def held_out_captions(count: int) -> list[str]:
-    """The first ``count`` shapes captions of the evaluation split (never seen in training), as the CLI draws them."""
-    held_out = ShapesDataset(count, frames=1, height=16, width=16, split="eval")
-    return [held_out.clip(i).caption for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------- part 1
@@ -309,7 +267,7 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
     dtype = torch.bfloat16 if sizes.device.type == "cuda" else torch.float32
     pipe = VideoPipeline.from_pretrained(model, torch_dtype=dtype, device=str(sizes.device))
     load_s = time.perf_counter() - started
-    captions = held_out_captions(sizes.calibration_prompts + sizes.quality_prompts)
+    captions = _held_out_captions(sizes.calibration_prompts + sizes.quality_prompts)
     calibration_prompts, prompts = captions[: sizes.calibration_prompts], captions[sizes.calibration_prompts :]
     frames, height, width = sizes.clip
     generate = {"num_frames": frames, "height": height, "width": width, "num_inference_steps": sizes.steps}
@@ -508,20 +466,7 @@ def main() -> None:
     quality_densities = tuple(float(d) for d in densities_text.split(",") if d.strip())
     sizes = (smoke_sizes if args.smoke else gpu_sizes)(steps, quality_densities)
     cuda = sizes.device.type == "cuda"
-    commit = (
-        os.environ.get("VGEN_COMMIT")
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    )
-    meta = {
-        "date": datetime.date.today().isoformat(), "commit": commit or "unknown",
-        "gpu": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
-        "dtype": str(sizes.dtype).removeprefix("torch."), "smoke": args.smoke, "parts": sorted(parts),
-        "timing": ("kernel times are do_bench medians in ms" if cuda else
-                   "times are single perf_counter calls; cuDNN and Flex are not timed on the CPU"),
-    }  # fmt: skip
+    meta = run_meta(sizes.device, sizes.dtype, args.smoke, parts, "kernel times are do_bench medians in ms")
     print(json.dumps(meta), flush=True)
     clock = make_clock(sizes.device)
     flex = torch.compile(flex_attention, dynamic=False) if cuda else None

@@ -64,10 +64,8 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before triton-using 
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
-import datetime
 import json
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -78,7 +76,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import triton
 from attention import flex_mask, shape_of  # benchmarks/attention.py, beside this script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
@@ -90,6 +87,7 @@ from vmoba import (  # benchmarks/vmoba.py: its part 1 capture and small helpers
     free_memory,
     make_clock,
     rel_error,
+    run_meta,
 )
 
 from vgen import VideoPipeline
@@ -589,20 +587,7 @@ def main() -> None:
         sys.exit("benchmarks/rectified_psa.py needs a CUDA GPU (or --smoke for a CPU check)")
     sizes = smoke_sizes() if args.smoke else gpu_sizes()
     cuda = sizes.device.type == "cuda"
-    commit = (
-        os.environ.get("VGEN_COMMIT")
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    )
-    meta = {
-        "date": datetime.date.today().isoformat(), "commit": commit or "unknown",
-        "gpu": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
-        "dtype": str(sizes.dtype).removeprefix("torch."), "smoke": args.smoke, "parts": sorted(parts),
-        "timing": ("kernel times are do_bench medians in ms" if cuda else
-                   "times are single perf_counter calls; cuDNN and Flex are not timed on the CPU"),
-    }  # fmt: skip
+    meta = run_meta(sizes.device, sizes.dtype, args.smoke, parts, "kernel times are do_bench medians in ms")
     print(json.dumps(meta), flush=True)
     clock: Callable[[Callable[[], Any]], float] = make_clock(sizes.device)
     flex = torch.compile(flex_attention, dynamic=False) if cuda else None

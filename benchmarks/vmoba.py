@@ -185,6 +185,24 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+_CPU_TIMING = "times are single perf_counter calls; cuDNN and Flex are not timed on the CPU"
+
+
+def run_meta(device: torch.device, dtype: torch.dtype, smoke: bool, parts: set[int], gpu_timing: str) -> dict[str, Any]:
+    """What a benchmark's header records: date, commit (``VGEN_COMMIT`` or git), device, versions, command."""
+    cuda = device.type == "cuda"
+    commit = os.environ.get("VGEN_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    return {
+        "date": datetime.date.today().isoformat(), "commit": commit or "unknown",
+        "gpu": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
+        "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
+        "dtype": str(dtype).removeprefix("torch."), "smoke": smoke, "parts": sorted(parts),
+        "timing": gpu_timing if cuda else _CPU_TIMING,
+    }  # fmt: skip
+
+
 def grid_of(preset: dict[str, Any]) -> tuple[int, int, VideoLayout]:
     """(heads, head_dim, token grid) of a Wan shape preset."""
     cfg, clip, vae = preset["config"], preset["clip"], preset["vae"]
@@ -618,20 +636,8 @@ def main() -> None:
         sys.exit("benchmarks/vmoba.py needs a CUDA GPU (or --smoke for a CPU check)")
     sizes = smoke_sizes() if args.smoke else gpu_sizes()
     cuda = sizes.device.type == "cuda"
-    commit = (
-        os.environ.get("VGEN_COMMIT")
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    )
-    meta = {
-        "date": datetime.date.today().isoformat(), "commit": commit or "unknown",
-        "gpu": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
-        "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
-        "dtype": str(sizes.dtype).removeprefix("torch."), "smoke": args.smoke, "parts": sorted(parts),
-        "timing": ("kernel times are do_bench medians in ms, model times synchronised seconds" if cuda else
-                   "times are single perf_counter calls; cuDNN and Flex are not timed on the CPU"),
-    }  # fmt: skip
+    timing = "kernel times are do_bench medians in ms, model times synchronised seconds"
+    meta = run_meta(sizes.device, sizes.dtype, args.smoke, parts, timing)
     print(json.dumps(meta), flush=True)
     clock = make_clock(sizes.device)
     flex = torch.compile(flex_attention, dynamic=False) if cuda else None
