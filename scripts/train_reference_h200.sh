@@ -7,6 +7,10 @@
 # Training runs detached (setsid), so it does not care where one call ends and the next begins.
 # `finish` packs OUT/{model,log.json,loss.png,samples-*.png,train.log} into $OUT/train.tar.part-*
 # (15 MB pieces: `cat train.tar.part-* | tar -x` to unpack).
+#
+# On a machine with two GPUs, SIDE_JOB (a bash command) runs detached on GPU SIDE_GPU (default 1)
+# while training uses GPU TRAIN_GPU (default 0); it writes its results under $SIDE_OUT, which every
+# call packs into $OUT/side.tar (so a call that ends early still brings back what is done).
 set -euo pipefail
 RUN=${RUN:-build/train}
 ARGS=${TRAIN_ARGS:---device cuda --minutes 17 --vae-minutes 3}
@@ -24,11 +28,18 @@ start)
     python3 -c "import torch, diffusers, triton; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'triton', triton.__version__)"
     echo "== smoke test: the tiny config end to end on CUDA"
     [[ -n "${SKIP_SMOKE:-}" ]] || python3 -m vgen.models.train --out /tmp/smoke --config tiny --device cuda 2>&1 | tail -n 4
-    mkdir -p "$RUN"
+    mkdir -p "$RUN/side"
     echo "== training: python3 -m vgen.models.train --out $RUN $ARGS"
     # shellcheck disable=SC2086
-    setsid nohup python3 -m vgen.models.train --out "$RUN" $ARGS >"$RUN/train.log" 2>&1 </dev/null &
+    CUDA_VISIBLE_DEVICES=${TRAIN_GPU:-0} setsid nohup python3 -m vgen.models.train --out "$RUN" $ARGS \
+        >"$RUN/train.log" 2>&1 </dev/null &
     echo $! >"$RUN/pid"
+    if [[ -n "${SIDE_JOB:-}" ]]; then
+        echo "== side job on GPU ${SIDE_GPU:-1}: $SIDE_JOB"
+        SIDE_OUT=$(realpath "$RUN/side") CUDA_VISIBLE_DEVICES=${SIDE_GPU:-1} \
+            setsid nohup bash -c "$SIDE_JOB" >"$RUN/side/side.log" 2>&1 </dev/null &
+        echo $! >"$RUN/side.pid"
+    fi
     ;;
 finish) ;;
 *)
@@ -38,11 +49,19 @@ finish) ;;
 esac
 
 pid=$(cat "$RUN/pid")
-while kill -0 "$pid" 2>/dev/null && (($(date +%s) - began < POLL_UNTIL)); do
+side_pid=$(cat "$RUN/side.pid" 2>/dev/null || echo 0)
+alive() { [[ "$1" != 0 ]] && kill -0 "$1" 2>/dev/null; }
+pack_side() {  # whatever the side job has written so far
+    if [[ -f "$RUN/side.pid" ]]; then tar -C "$RUN" -cf "$OUT/side.tar" side; fi
+}
+while { alive "$pid" || alive "$side_pid"; } && (($(date +%s) - began < POLL_UNTIL)); do
     sleep 30
     echo "[$(($(date +%s) - began)) s] $(progress)"
+    if alive "$side_pid"; then echo "    side: $(tail -n 1 "$RUN/side/side.log" | cut -c1-200)"; fi
 done
-if kill -0 "$pid" 2>/dev/null; then
+pack_side
+if alive "$side_pid"; then echo "== side job still running (pid $side_pid)"; fi
+if alive "$pid"; then
     echo "== still training (pid $pid); run '$0 finish' in the next call"
     cp "$RUN/log.json" "$OUT/" 2>/dev/null || true
     tr '\r' '\n' <"$RUN/train.log" | grep -v '^\s*$' | tail -n 200 >"$OUT/train-tail.log"

@@ -54,6 +54,7 @@ def _fwd_kernel(
     H, SQ, SK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -79,7 +80,7 @@ def _fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for it in range(n_it):
+    for it in tl.range(0, n_it, warp_specialize=WARP_SPECIALIZE):
         start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
         b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
@@ -257,6 +258,8 @@ CUDA_TILES: dict[str, tuple[int, int, int, int]] = {
 
 # K and V tiles through tensor-memory-accelerator descriptors on Hopper and newer GPUs.
 USE_TMA = True
+# Triton's warp-specialised (producer/consumer) lowering of the forward's key loop; a --sweep candidate.
+WARP_SPECIALIZE = False
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -326,7 +329,7 @@ def _launch_forward(q, k, v, block_mask, scale):
         h, sq, sk, scale * _LOG2E,
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
         MASK_M=mask_m, MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
-        num_warps=warps, num_stages=stages,
+        WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
