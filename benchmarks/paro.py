@@ -10,7 +10,7 @@ Everything runs in one process; the tables go to ``--out`` (Markdown) and a ``.j
    in every query block row; density 1.0 is ``BlockMask.full``). With each mask:
    - vgen's quantised kernel, :func:`vgen.kernels.quantized.quantized_attention`, with INT8
      (``pv_bits=8``) and INT4 (``pv_bits=4``) PV: the whole call, which quantises q/k/v first, and
-     the quantisation alone (``vgen.kernels.quantized._quantize_all``);
+     the quantisation alone (``vgen.kernels.quantized._quantize_for_kernel``);
    - vgen's bf16 block-sparse kernel (:func:`vgen.kernels.block_sparse_attention`), same mask;
    - dense cuDNN SDPA (``[B, H, S, D]`` inputs), the same for every density;
    - compiled FlexAttention with the same mask (its output is checked against vgen's bf16
@@ -74,7 +74,7 @@ from vgen.attention.block_mask import BlockMask
 from vgen.attention.paro import AXIS_ORDERS, calibrate_paro
 from vgen.cli import _held_out_captions
 from vgen.kernels import block_sparse_attention
-from vgen.kernels.quantized import _quantize_all, quantized_attention
+from vgen.kernels.quantized import _quantize_for_kernel, quantized_attention
 from vgen.pipelines.quality import quality_report
 
 REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference" / "model"
@@ -228,7 +228,7 @@ def measure_shape(sizes: Sizes, name: str, heads: int, head_dim: int, seq: int, 
                 error = rel_error(out[:, :, :exact_heads], exact)
                 del out
                 quant_ms = clock(lambda m=mask, b=bits: quantized_attention(q, k, v, m, scale=scale, pv_bits=b))
-                quantize_ms = clock(lambda m=mask, b=bits: _quantize_all(q, k, v, m, b))
+                quantize_ms = clock(lambda m=mask, b=bits: _quantize_for_kernel(q, k, v, m, b))
                 row = {
                     "shape": name, "heads": heads, "head_dim": head_dim, "tokens": seq,
                     "target_density": density, "density": mask.density(), "pv_bits": bits,
@@ -347,7 +347,7 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "#### 1. Quantised kernel at the Wan shapes, random q/k/v", "",
             f"{meta['dtype']}, B=1; random block masks of {block} x {block} blocks drawn per head (density 1.0: "
             "every block). *quantised call* = `quantized_attention` as PAROAttention calls it, quantisation of "
-            "q/k/v included; *quantise* = that quantisation alone (`_quantize_all`). Errors: "
+            "q/k/v included; *quantise* = that quantisation alone (`_quantize_for_kernel`). Errors: "
             "||out - exact|| / ||exact|| against fp32 softmax attention under the same mask, on heads "
             f"0-{part['rows'][0]['exact_heads'] - 1 if part['rows'] else 1}. Speedups: the other time / the whole "
             "quantised call. INT4 PV runs on the INT8 tensor cores (Hopper has no INT4 MMA): it shows 4-bit "

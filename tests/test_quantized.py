@@ -84,3 +84,16 @@ def test_quant_method_and_errors():
         create_method("quant", pv_bits=2)
     with pytest.raises(ValueError, match="block_size must be two powers of two >= 32"):
         create_method("quant", block_size=(16, 16))
+
+
+@pytest.mark.parametrize("per_channel,smooth,transpose,bits", [
+    (False, False, False, 8), (False, True, False, 8), (True, False, True, 8), (True, False, True, 4)])
+def test_triton_quantiser_matches_quantize_blocks(per_channel, smooth, transpose, bits):
+    from vgen.kernels.quantized import _quantize_triton
+
+    torch.manual_seed(bits + 2 * smooth)
+    x = torch.randn(2, 77, 3, 40) * 3 + 1  # ragged last block, head_dim below its power of two
+    expected, expected_scales = quantize_blocks(x, 32, bits, per_channel=per_channel, smooth=smooth)
+    values, scales = _quantize_triton(x, 32, bits, per_channel=per_channel, smooth=smooth, transpose=transpose)
+    torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
+    assert torch.equal(values.permute(0, 3, 1, 2) if transpose else values, expected)

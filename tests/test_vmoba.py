@@ -271,3 +271,13 @@ def test_selection_does_not_synchronise_the_host():
             method(q, k, v, layout=layout, step=0, layer=layer)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("length", [1, 255, 256, 257, 700])
+def test_two_level_prefix_sums_match_a_float64_cumsum(length):
+    from vgen.attention.vmoba import _prefix_at
+
+    x = torch.randn(2, length, 3, 8, dtype=torch.bfloat16)
+    positions = torch.cat([torch.tensor([0, length - 1]), torch.randint(0, length, (9,))])
+    expected = x.double().cumsum(1)[:, positions]
+    torch.testing.assert_close(_prefix_at(x, positions).double(), expected, rtol=1e-5, atol=1e-4)

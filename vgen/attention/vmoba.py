@@ -270,6 +270,26 @@ def chunk_plan(
     return _plan(layout, key, _check_block_size(block_size), device)
 
 
+_SCAN_RUN = 256
+
+
+def _prefix_at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """fp32 inclusive prefix sums of ``x`` ``[B, N, H, D]`` along N, at ``positions`` ``[P]``: ``[B, P, H, D]``.
+
+    Two short scans instead of one over N: a scan along a non-innermost dimension runs one thread
+    per (H, D) column sequentially over its length, which at N = 32,760 costs ~12 ms on an H200
+    whatever the width. Runs of ``_SCAN_RUN`` tokens are scanned in parallel, then their totals.
+    """
+    batch, n, heads, dim = x.shape
+    runs = -(-n // _SCAN_RUN)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, runs * _SCAN_RUN - n))
+    within = padded.view(batch, runs, _SCAN_RUN, heads, dim).cumsum(2, dtype=torch.float32)
+    totals = within[:, :, -1]
+    offsets = totals.cumsum(1) - totals  # [B, runs, H, D]: sum of the runs before each run
+    run, offset = positions // _SCAN_RUN, positions % _SCAN_RUN
+    return within[:, run, offset] + offsets[:, run]
+
+
 def _chunk_scores(q: torch.Tensor, k: torch.Tensor, plan: ChunkPlan, scale: float) -> torch.Tensor:
     """fp32 ``[B, H, Mq, C]``: mean query of each query block . mean key of each chunk x scale + log(size)."""
     seq, block_q = q.shape[1], plan.block_size[0]
@@ -279,10 +299,9 @@ def _chunk_scores(q: torch.Tensor, k: torch.Tensor, plan: ChunkPlan, scale: floa
         q_sum = torch.cat([q_sum, q[:, full:].sum(1, keepdim=True, dtype=torch.float32)], 1)
     q_mean = q_sum / plan.block_tokens[0].view(1, -1, 1, 1)
     begin = plan.layout.text_before
-    # fp32 prefix sums of the video keys, [B, N, H, D]: one pass, then two gathers per chunk boundary
-    prefix = k[:, begin : begin + plan.layout.num_video_tokens].cumsum(1, dtype=torch.float32)
-    ends = prefix[:, plan.starts + plan.sizes - 1]
-    before = prefix[:, (plan.starts - 1).clamp(min=0)] * (plan.starts > 0).view(1, -1, 1, 1)
+    video_k = k[:, begin : begin + plan.layout.num_video_tokens]
+    ends = _prefix_at(video_k, plan.starts + plan.sizes - 1)
+    before = _prefix_at(video_k, (plan.starts - 1).clamp(min=0)) * (plan.starts > 0).view(1, -1, 1, 1)
     k_mean = (ends - before) / plan.sizes.view(1, -1, 1, 1).float()
     scores = torch.einsum("bmhd,bchd->bhmc", q_mean, k_mean) * scale
     return scores + plan.sizes.float().log()

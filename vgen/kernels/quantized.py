@@ -69,17 +69,78 @@ def quantize_blocks(
     padded = torch.nn.functional.pad(xf, (0, 0, 0, 0, 0, blocks * block - seq)).view(batch, blocks, block, heads, dim)
     amax = padded.abs().amax(dim=(2,) if per_channel else (2, 4), keepdim=True)  # [B, M, 1, H, D or 1]
     scale = (amax / levels).clamp_min(1e-12)
-    values = (padded / scale).round_().clamp_(-levels, levels).to(torch.int8).view(batch, blocks * block, heads, dim)
+    scaled = padded / scale
+    # half away from zero, as the Triton quantiser rounds
+    values = (scaled.sign() * (scaled.abs() + 0.5).floor()).clamp_(-levels, levels).to(torch.int8)
+    values = values.view(batch, blocks * block, heads, dim)
     scales = scale.squeeze(2).permute(0, 2, 1, 3)  # [B, H, M, D or 1]
     return values[:, :seq].contiguous(), (scales if per_channel else scales[..., 0]).contiguous()
 
 
 @triton.jit
+def _quantize_kernel(
+    X, MEAN, OUT, SCALE,
+    s_xb, s_xs, s_xh,
+    s_ob, s_os, s_oh, s_od,
+    H, S, M, levels,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr, SMOOTH: tl.constexpr,
+):
+    """One (block of tokens, batch x head): what :func:`quantize_blocks` computes, in one pass; the
+    output strides may transpose (V is written ``[B, H, D, S]`` for the PV product)."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_s = i_m * BLOCK + tl.arange(0, BLOCK)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    tile = (o_s < S)[:, None] & m_d[None, :]
+    b_x = tl.load(X + i_b * s_xb + i_h * s_xh + o_s[:, None] * s_xs + o_d[None, :], mask=tile, other=0).to(tl.float32)
+    if SMOOTH:
+        b_x = tl.where(tile, b_x - tl.load(MEAN + i_bh * D + o_d, mask=m_d, other=0.0)[None, :], 0.0)
+    b_a = tl.abs(b_x)
+    if PER_CHANNEL:
+        b_scale = tl.maximum(tl.max(b_a, 0) / levels, 1e-12)
+        tl.store(SCALE + (i_bh * M + i_m) * D + o_d, b_scale, mask=m_d)
+        b_y = b_x / b_scale[None, :]
+    else:
+        b_scale = tl.maximum(tl.max(tl.max(b_a, 1), 0) / levels, 1e-12)
+        tl.store(SCALE + i_bh * M + i_m, b_scale)
+        b_y = b_x / b_scale
+    b_r = tl.where(b_y >= 0, tl.floor(b_y + 0.5), -tl.floor(0.5 - b_y))
+    b_r = tl.minimum(tl.maximum(b_r, -levels), levels)
+    p_o = OUT + i_b * s_ob + i_h * s_oh + o_s[:, None] * s_os + o_d[None, :] * s_od
+    tl.store(p_o, b_r.to(tl.int8), mask=tile)
+
+
+def _quantize_triton(
+    x: torch.Tensor, block: int, bits: int, *, per_channel: bool = False, smooth: bool = False,
+    transpose: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_blocks` in one Triton pass; ``transpose`` writes the values ``[B, H, D, S]``."""
+    batch, seq, heads, dim = x.shape
+    blocks = -(-seq // block)
+    if transpose:
+        values = torch.empty(batch, heads, dim, seq, dtype=torch.int8, device=x.device)
+        strides = (values.stride(0), values.stride(3), values.stride(1), values.stride(2))
+    else:
+        values = torch.empty(batch, seq, heads, dim, dtype=torch.int8, device=x.device)
+        strides = (values.stride(0), values.stride(1), values.stride(2), values.stride(3))
+    scales = torch.empty((batch, heads, blocks, dim) if per_channel else (batch, heads, blocks), device=x.device)
+    mean = x.mean(1, dtype=torch.float32).contiguous() if smooth else scales  # [B, H, D]; unused without smooth
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    _quantize_kernel[(blocks, batch * heads)](
+        x, mean, values, scales, *_strides3(x), *strides, heads, seq, blocks, float(_LEVELS[bits]),
+        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK=block, PER_CHANNEL=per_channel, SMOOTH=smooth,
+        num_warps=4,
+    )  # fmt: skip
+    return values, scales
+
+
+@triton.jit
 def _quant_fwd_kernel(
-    Q, K, V, QS, KS, VS, OUT, KV_NUM, KV_IDX,
+    Q, K, VT, QS, KS, VS, OUT, KV_NUM, KV_IDX,
     s_qb, s_qs, s_qh,
     s_kb, s_ks, s_kh,
-    s_vb, s_vs, s_vh,
+    s_vb, s_vh, s_vd,
     s_ob, s_os, s_oh,
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
@@ -98,7 +159,7 @@ def _quant_fwd_kernel(
     n_it = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_m * s_nm)
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_m * s_im
     K += i_b * s_kb + i_h * s_kh
-    V += i_b * s_vb + i_h * s_vh
+    VT += i_b * s_vb + i_h * s_vh
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -108,7 +169,9 @@ def _quant_fwd_kernel(
         m_n = o_n < SK
         tile = m_n[:, None] & m_d[None, :]
         b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=tile, other=0)
-        b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=tile, other=0)
+        # V^T tiles [D, N]: the PV product's B operand with its reduction axis contiguous, the only
+        # layout Hopper's 8-bit tensor-core instructions take from shared memory
+        b_vt = tl.load(VT + o_d[:, None] * s_vd + o_n[None, :], mask=m_d[:, None] & m_n[None, :], other=0)
         v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32).to(tl.float32) * (q_scale * tl.load(KS + i_bh * MK + j))
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -118,11 +181,12 @@ def _quant_fwd_kernel(
         # P is quantised per (row, key tile) against the tile row's maximum: p / max does not depend on
         # the running maximum, and tiles far below the row's maximum keep their resolution
         b_pmax = tl.maximum(tl.max(b_p, 1), 1e-30)
-        b_pq = (b_p / b_pmax[:, None] * p_levels + 0.5).to(tl.int8)  # p >= 0: truncation after +0.5 rounds
+        b_pt = tl.floor(b_p * (p_levels / b_pmax)[:, None] + 0.5)  # integers in [0, P], still fp32
         b_pscale = b_pmax / p_levels
         b_alpha = tl.exp2(b_m - b_m_safe)
-        b_l = b_l * b_alpha + tl.sum(b_pq.to(tl.float32), 1) * b_pscale
-        b_pv = tl.dot(b_pq, b_v, out_dtype=tl.int32).to(tl.float32) * (b_pscale[:, None] * v_scale[None, :])
+        b_l = b_l * b_alpha + tl.sum(b_pt, 1) * b_pscale
+        b_pv = tl.dot(b_pt.to(tl.int8), tl.trans(b_vt), out_dtype=tl.int32).to(tl.float32)
+        b_pv = b_pv * (b_pscale[:, None] * v_scale[None, :])
         b_acc = b_acc * b_alpha[:, None] + b_pv
         b_m = b_m_new
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
@@ -131,11 +195,21 @@ def _quant_fwd_kernel(
 
 
 def _quantize_all(q, k, v, block_mask, pv_bits):
+    """The reference's quantisation (PyTorch): Q, smoothed K, per-channel V, all ``[B, S, H, D]``."""
     block_m, block_n = block_mask.block_size
     q8, q_scale = quantize_blocks(q, block_m, 8)
     k8, k_scale = quantize_blocks(k, block_n, 8, smooth=True)
     vq, v_scale = quantize_blocks(v, block_n, pv_bits, per_channel=True)
     return q8, q_scale, k8, k_scale, vq, v_scale
+
+
+def _quantize_for_kernel(q, k, v, block_mask, pv_bits):
+    """The same values in three Triton passes, V written transposed ``[B, H, D, S]``."""
+    block_m, block_n = block_mask.block_size
+    q8, q_scale = _quantize_triton(q, block_m, 8)
+    k8, k_scale = _quantize_triton(k, block_n, 8, smooth=True)
+    vt, v_scale = _quantize_triton(v, block_n, pv_bits, per_channel=True, transpose=True)
+    return q8, q_scale, k8, k_scale, vt, v_scale
 
 
 def quantized_attention(
@@ -167,15 +241,15 @@ def quantized_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not use_triton(q):
         return quantized_attention_reference(q, k, v, block_mask, scale=scale, pv_bits=pv_bits)
-    q8, q_scale, k8, k_scale, vq, v_scale = _quantize_all(q, k, v, block_mask, pv_bits)
+    q8, q_scale, k8, k_scale, vt, v_scale = _quantize_for_kernel(q, k, v, block_mask, pv_bits)
     batch, sq, heads, dim = q.shape
     sk = k.shape[1]
     block_m, block_n = block_mask.block_size
     out = torch.empty_like(q)
     grid = (triton.cdiv(sq, block_m), batch * heads)
     _quant_fwd_kernel[grid](
-        q8, k8, vq, q_scale, k_scale, v_scale, out, block_mask.kv_num_blocks, block_mask.kv_indices,
-        *_strides3(q8), *_strides3(k8), *_strides3(vq), *_strides3(out),
+        q8, k8, vt, q_scale, k_scale, v_scale, out, block_mask.kv_num_blocks, block_mask.kv_indices,
+        *_strides3(q8), *_strides3(k8), *_strides3(vt), *_strides3(out),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
         heads, sq, sk, q_scale.shape[-1], k_scale.shape[-1], scale * _LOG2E, float(_LEVELS[pv_bits]),
         D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
@@ -212,7 +286,7 @@ def quantized_attention_reference(
     blocks = -(-sk // block_n)
     tiles = torch.nn.functional.pad(p, (0, blocks * block_n - sk)).view(batch, heads, sq, blocks, block_n)
     tile_max = tiles.amax(-1, keepdim=True).clamp_min(1e-30)
-    pq = ((tiles / tile_max * levels + 0.5).floor() * tile_max / levels).flatten(-2)[..., :sk]
+    pq = ((tiles * (levels / tile_max) + 0.5).floor() * tile_max / levels).flatten(-2)[..., :sk]
     denom = pq.sum(-1, keepdim=True)
     out = torch.einsum("bhqk,bkhd->bqhd", pq / torch.where(denom == 0, 1.0, denom), vd)
     return out.to(q.dtype)
