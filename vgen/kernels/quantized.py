@@ -77,6 +77,20 @@ def quantize_blocks(
     return values[:, :seq].contiguous(), (scales if per_channel else scales[..., 0]).contiguous()
 
 
+# 1.5 * 2^23: adding it to a float in (-2^22, 2^22) leaves the integer nearest to it (ties to even) in
+# the low mantissa bits, so int <-> float conversions become one add and one integer add. The
+# conversion instructions run at a fraction of the FMA rate and would otherwise outweigh the 8-bit
+# MMAs (a 128 x 128 tile converts 16K scores and 16K outputs per key tile).
+_MAGIC_F = tl.constexpr(12582912.0)
+_MAGIC_I = tl.constexpr(0x4B400000)
+
+
+@triton.jit
+def _i32_to_f32(x):
+    """int32 ``|x| < 2^22`` to fp32, exactly."""
+    return (x + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F
+
+
 @triton.jit
 def _quantize_kernel(
     X, MEAN, OUT, SCALE,
@@ -173,7 +187,8 @@ def _quant_fwd_kernel(
         # layout Hopper's 8-bit tensor-core instructions take from shared memory
         b_vt = tl.load(VT + o_d[:, None] * s_vd + o_n[None, :], mask=m_d[:, None] & m_n[None, :], other=0)
         v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32).to(tl.float32) * (q_scale * tl.load(KS + i_bh * MK + j))
+        # |q8 . k8| <= 127^2 * 256 < 2^22: the exact magic-number conversion applies
+        b_s = _i32_to_f32(tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32)) * (q_scale * tl.load(KS + i_bh * MK + j))
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -181,12 +196,14 @@ def _quant_fwd_kernel(
         # P is quantised per (row, key tile) against the tile row's maximum: p / max does not depend on
         # the running maximum, and tiles far below the row's maximum keep their resolution
         b_pmax = tl.maximum(tl.max(b_p, 1), 1e-30)
-        b_pt = tl.floor(b_p * (p_levels / b_pmax)[:, None] + 0.5)  # integers in [0, P], still fp32
+        b_shifted = b_p * (p_levels / b_pmax)[:, None] + _MAGIC_F  # rounds p / max * P to an integer in [0, P]
+        b_pt = b_shifted - _MAGIC_F  # that integer as fp32, for the row sums
+        b_pq = (b_shifted.to(tl.int32, bitcast=True) - _MAGIC_I).to(tl.int8)  # and as int8, for the MMA
         b_pscale = b_pmax / p_levels
         b_alpha = tl.exp2(b_m - b_m_safe)
         b_l = b_l * b_alpha + tl.sum(b_pt, 1) * b_pscale
-        b_pv = tl.dot(b_pt.to(tl.int8), tl.trans(b_vt), out_dtype=tl.int32).to(tl.float32)
-        b_pv = b_pv * (b_pscale[:, None] * v_scale[None, :])
+        # |p8 . v8| <= 127^2 * BLOCK_N < 2^22 for key tiles up to 256
+        b_pv = _i32_to_f32(tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32)) * (b_pscale[:, None] * v_scale[None, :])
         b_acc = b_acc * b_alpha[:, None] + b_pv
         b_m = b_m_new
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
@@ -236,8 +253,11 @@ def quantized_attention(
     _check_inputs(q, k, v, block_mask)
     if pv_bits not in _LEVELS:
         raise ValueError(f"pv_bits must be 8 or 4, got {pv_bits!r}")
-    if min(block_mask.block_size) < 32:
-        raise ValueError(f"quantized attention needs mask blocks of at least 32 tokens, got {block_mask.block_size}")
+    if min(block_mask.block_size) < 32 or block_mask.block_size[1] > 256:
+        raise ValueError(
+            f"quantized attention needs mask blocks of at least 32 tokens and key blocks of at most 256 "
+            f"(exact integer products), got block_size={block_mask.block_size}"
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not use_triton(q):
         return quantized_attention_reference(q, k, v, block_mask, scale=scale, pv_bits=pv_bits)
@@ -286,7 +306,7 @@ def quantized_attention_reference(
     blocks = -(-sk // block_n)
     tiles = torch.nn.functional.pad(p, (0, blocks * block_n - sk)).view(batch, heads, sq, blocks, block_n)
     tile_max = tiles.amax(-1, keepdim=True).clamp_min(1e-30)
-    pq = ((tiles * (levels / tile_max) + 0.5).floor() * tile_max / levels).flatten(-2)[..., :sk]
+    pq = ((tiles * (levels / tile_max)).round() * tile_max / levels).flatten(-2)[..., :sk]  # ties to even, as the kernel
     denom = pq.sum(-1, keepdim=True)
     out = torch.einsum("bhqk,bkhd->bqhd", pq / torch.where(denom == 0, 1.0, denom), vd)
     return out.to(q.dtype)
