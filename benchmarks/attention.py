@@ -109,7 +109,8 @@ def sweep(heads: int, head_dim: int, seq: int, device) -> list[dict]:
             with torch.no_grad():
                 times = [bench(lambda m=mask: block_sparse_attention(q, k, v, m)) for mask in masks]
         except Exception as err:  # a variant the compiler rejects on this GPU
-            rows.append({"kernel": "fwd", "tiles": tiles, "tma": tma, "ws": ws, "error": str(err).splitlines()[0][:120]})
+            error = str(err).splitlines()[0][:120]
+            rows.append({"kernel": "fwd", "tiles": tiles, "tma": tma, "ws": ws, "error": error})
             continue
         rows.append({"kernel": "fwd", "tiles": tiles, "tma": tma, "ws": ws, "ms_d1.0": times[0], "ms_d0.25": times[1]})
         if best is None or sum(times) < best[0]:

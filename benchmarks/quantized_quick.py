@@ -8,20 +8,36 @@ do_bench medians in ms; err_vs_bf16 = ||int8 - bf16 kernel|| / ||bf16 kernel||. 
 ``benchmarks/paro.py``; this is the 1-minute version for kernel work.
 """
 
-import torch, torch.nn.functional as F, triton
+import torch
+import torch.nn.functional as F
+import triton
+
 from vgen.attention import BlockMask
 from vgen.kernels import block_sparse_attention
-from vgen.kernels.quantized import quantized_attention, _quantize_for_kernel
-from vgen.kernels.reference import attention_reference
-t=lambda f: triton.testing.do_bench(f, warmup=50, rep=300)
-for h,s in ((12,32760),(40,75600)):
-  q,k,v=(torch.randn(1,s,h,128,device='cuda',dtype=torch.bfloat16) for _ in range(3))
-  qt,kt,vt=(x.transpose(1,2) for x in (q,k,v))
-  cud=t(lambda: F.scaled_dot_product_attention(qt,kt,vt))
-  for d in (1.0,0.25):
-    m=-(-s//128); g=torch.rand(1,h,m,m,device='cuda')
-    dense=(g.argsort(-1)<max(1,round(d*m)))
-    bm=BlockMask.from_dense(dense,(128,128),(s,s))
-    o8=quantized_attention(q,k,v,bm); ob=block_sparse_attention(q,k,v,bm)
-    err=((o8.float()-ob.float()).norm()/ob.float().norm()).item()
-    print(f"h{h} s{s} d{d}: int8 {t(lambda: quantized_attention(q,k,v,bm)):.2f} ms (quantise {t(lambda: _quantize_for_kernel(q,k,v,bm,8)):.2f}) bf16 {t(lambda: block_sparse_attention(q,k,v,bm)):.2f} cudnn {cud:.2f} err_vs_bf16 {err:.2e}", flush=True)
+from vgen.kernels.quantized import _quantize_for_kernel, quantized_attention
+
+
+def ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=300)
+
+
+def main() -> None:
+    for heads, seq in ((12, 32760), (40, 75600)):
+        q, k, v = (torch.randn(1, seq, heads, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        cudnn = ms(lambda qt=qt, kt=kt, vt=vt: F.scaled_dot_product_attention(qt, kt, vt))
+        for density in (1.0, 0.25):
+            blocks = -(-seq // 128)
+            ranks = torch.rand(1, heads, blocks, blocks, device="cuda").argsort(-1)
+            mask = BlockMask.from_dense(ranks < max(1, round(density * blocks)), (128, 128), (seq, seq))
+            int8, bf16 = quantized_attention(q, k, v, mask), block_sparse_attention(q, k, v, mask)
+            err = ((int8.float() - bf16.float()).norm() / bf16.float().norm()).item()
+            t_int8 = ms(lambda m=mask, q=q, k=k, v=v: quantized_attention(q, k, v, m))
+            t_quant = ms(lambda m=mask, q=q, k=k, v=v: _quantize_for_kernel(q, k, v, m, 8))
+            t_bf16 = ms(lambda m=mask, q=q, k=k, v=v: block_sparse_attention(q, k, v, m))
+            print(f"h{heads} s{seq} d{density}: int8 {t_int8:.2f} ms (quantise {t_quant:.2f}) bf16 {t_bf16:.2f} "
+                  f"cudnn {cudnn:.2f} err_vs_bf16 {err:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

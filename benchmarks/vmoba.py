@@ -129,8 +129,8 @@ def gpu_sizes() -> Sizes:
         device=torch.device("cuda"), dtype=torch.bfloat16, clip=(81, 240, 416), real_config={}, real_layers=None,
         thresholds=(0.1, 0.25, 0.5), topk=8,
         shapes=(("wan1.3b-480p", load_shape("wan1.3b-480p")), ("wan14b-720p", load_shape("wan14b-720p"))),
-        shape_config={}, model_variants=({}, {"threshold": 0.1}), speed_repeats=(3, 1), train_name="wan1.3b-480p", train_shape=load_shape("wan1.3b-480p"),
-        train_latents=(1, 16, 24, 72, 128),
+        shape_config={}, model_variants=({}, {"threshold": 0.1}), speed_repeats=(3, 1), train_name="wan1.3b-480p",
+        train_shape=load_shape("wan1.3b-480p"), train_latents=(1, 16, 24, 72, 128),
     )  # fmt: skip
 
 
@@ -141,7 +141,8 @@ def smoke_sizes() -> Sizes:
         real_config={"block_size": (16, 16), "temporal_chunk": 1, "spatial_chunk": (4, 4), "cube_chunk": (2, 4, 4)},
         real_layers=3, thresholds=(0.1, 0.25, 0.5), topk=2, shapes=(("tiny-wan", TINY_WAN),),
         shape_config={"block_size": (16, 16), "temporal_chunk": 1, "spatial_chunk": (2, 2), "cube_chunk": (2, 2, 2)},
-        model_variants=({}, {"threshold": 0.1}), speed_repeats=(1,), train_name="tiny-wan", train_shape=TINY_WAN, train_latents=(1, 4, 3, 8, 8),
+        model_variants=({}, {"threshold": 0.1}), speed_repeats=(1,), train_name="tiny-wan", train_shape=TINY_WAN,
+        train_latents=(1, 4, 3, 8, 8),
     )  # fmt: skip
 
 

@@ -306,7 +306,8 @@ def quantized_attention_reference(
     blocks = -(-sk // block_n)
     tiles = torch.nn.functional.pad(p, (0, blocks * block_n - sk)).view(batch, heads, sq, blocks, block_n)
     tile_max = tiles.amax(-1, keepdim=True).clamp_min(1e-30)
-    pq = ((tiles * (levels / tile_max)).round() * tile_max / levels).flatten(-2)[..., :sk]  # ties to even, as the kernel
+    # rounded to the nearest level, ties to even, as the kernel's magic-number add does
+    pq = ((tiles * (levels / tile_max)).round() * tile_max / levels).flatten(-2)[..., :sk]
     denom = pq.sum(-1, keepdim=True)
     out = torch.einsum("bhqk,bkhd->bqhd", pq / torch.where(denom == 0, 1.0, denom), vd)
     return out.to(q.dtype)
