@@ -44,6 +44,8 @@ from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
 from vgen.kernels import block_sparse_attention, permute_tokens, unpermute_tokens
 from vgen.kernels.permute import tile_order
+from vgen.kernels.runtime import use_triton
+from vgen.kernels.selection import global_cut, segment_means
 
 __all__ = [
     "ChunkPlan",
@@ -178,6 +180,8 @@ class ChunkPlan:
         text_queries: bool ``[Mq]``, query blocks holding a text token (they keep every key block).
         text_keys: bool ``[Mk]``, key blocks holding a text token (every query block keeps them).
         block_tokens: float32 ``([Mq], [Mk])``, tokens per block, for the density.
+        query_starts, query_sizes: int64 ``[Mq]``, each query block's first token and token count.
+        log_sizes: float32 ``[C]``, the log of each chunk's token count (its score bonus).
     """
 
     perm: torch.Tensor | None
@@ -188,6 +192,9 @@ class ChunkPlan:
     text_queries: torch.Tensor
     text_keys: torch.Tensor
     block_tokens: tuple[torch.Tensor, torch.Tensor]
+    query_starts: torch.Tensor
+    query_sizes: torch.Tensor
+    log_sizes: torch.Tensor
     layout: VideoLayout
     block_size: tuple[int, int]
 
@@ -242,6 +249,9 @@ def _plan(layout: VideoLayout, chunk: tuple[int, ...], block_size: tuple[int, in
         text_queries=text_queries,
         text_keys=text_keys,
         block_tokens=(tokens[0].to(device), tokens[1].to(device)),
+        query_starts=torch.arange(0, layout.seq_len, block_size[0], device=device),
+        query_sizes=tokens[0].long().to(device),
+        log_sizes=sizes.float().log().to(device),
         layout=layout,
         block_size=block_size,
     )
@@ -292,19 +302,25 @@ def _prefix_at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def _chunk_scores(q: torch.Tensor, k: torch.Tensor, plan: ChunkPlan, scale: float) -> torch.Tensor:
     """fp32 ``[B, H, Mq, C]``: mean query of each query block . mean key of each chunk x scale + log(size)."""
+    begin = plan.layout.text_before
+    video_k = k[:, begin : begin + plan.layout.num_video_tokens]
+    if use_triton(q):  # two segment-mean launches
+        q_mean = segment_means(q, plan.query_starts, plan.query_sizes)  # [B, H, Mq, D]
+        k_mean = segment_means(video_k, plan.starts, plan.sizes)  # [B, H, C, D]
+        batch, heads, rows, dim = q_mean.shape
+        scores = torch.baddbmm(plan.log_sizes, q_mean.view(-1, rows, dim), k_mean.flatten(0, 1).mT, alpha=scale)
+        return scores.view(batch, heads, rows, -1)
     seq, block_q = q.shape[1], plan.block_size[0]
     full = seq // block_q * block_q  # block sums read q in place, accumulating in fp32
     q_sum = q[:, :full].unflatten(1, (seq // block_q, block_q)).sum(2, dtype=torch.float32)
     if full < seq:
         q_sum = torch.cat([q_sum, q[:, full:].sum(1, keepdim=True, dtype=torch.float32)], 1)
     q_mean = q_sum / plan.block_tokens[0].view(1, -1, 1, 1)
-    begin = plan.layout.text_before
-    video_k = k[:, begin : begin + plan.layout.num_video_tokens]
     ends = _prefix_at(video_k, plan.starts + plan.sizes - 1)
     before = _prefix_at(video_k, (plan.starts - 1).clamp(min=0)) * (plan.starts > 0).view(1, -1, 1, 1)
     k_mean = (ends - before) / plan.sizes.view(1, -1, 1, 1).float()
     scores = torch.einsum("bmhd,bchd->bhmc", q_mean, k_mean) * scale
-    return scores + plan.sizes.float().log()
+    return scores + plan.log_sizes
 
 
 def select_blocks(
@@ -353,6 +369,11 @@ def select_dense_blocks(
             raise ValueError("per-row ranking is implemented for top-k selection only")
         keep = torch.zeros_like(scores, dtype=torch.bool)
         keep.scatter_(-1, scores.topk(min(topk, chunks), dim=-1).indices, True)
+    elif use_triton(scores):  # a bisection per head instead of a sort
+        if selection == "threshold":
+            keep = global_cut(scores, threshold=threshold)
+        else:
+            keep = global_cut(scores, count=topk * rows)
     else:
         flat = scores.reshape(batch, heads, rows * chunks)
         order = flat.argsort(dim=-1, descending=True)

@@ -1,0 +1,65 @@
+"""Block-selection kernels (Triton, through the interpreter on the CPU) against their PyTorch references."""
+
+import pytest
+import torch
+
+from vgen.kernels.selection import (
+    compact_rows,
+    compact_rows_reference,
+    global_cut,
+    global_cut_reference,
+    segment_means,
+    segment_means_reference,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_means_match_the_reference(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 300, 3, 40, dtype=dtype)[:, :, :, :40]  # head_dim below its power of two
+    sizes = torch.tensor([1, 37, 64, 65, 100, 33])
+    starts = torch.cumsum(sizes, 0) - sizes
+    got = segment_means(x, starts, sizes)
+    torch.testing.assert_close(got, segment_means_reference(x, starts, sizes), rtol=1e-5, atol=1e-5)
+    strided = torch.randn(2, 3, 300, 40).transpose(1, 2)  # non-contiguous sequence stride
+    torch.testing.assert_close(segment_means(strided, starts, sizes), segment_means_reference(strided, starts, sizes))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 7), (2, 3, 37, 11), (1, 2, 64, 40)])
+@pytest.mark.parametrize("threshold", [0.05, 0.25, 0.6, 1.0])
+def test_global_cut_by_mass_matches_a_sort(shape, threshold):
+    torch.manual_seed(len(shape) + int(threshold * 100))
+    scores = torch.randn(shape) * 3
+    got = global_cut(scores, threshold=threshold)
+    if threshold == 1.0:  # everything; a sort's fp32 running sum can pass 1 early and drop the tail
+        assert got.all()
+    else:
+        assert torch.equal(got, global_cut_reference(scores, threshold=threshold))
+    assert got.flatten(2).any(-1).all()  # a positive threshold keeps at least the best entry
+
+
+@pytest.mark.parametrize("count", [1, 5, 400])
+def test_global_cut_by_count_matches_a_sort(count):
+    torch.manual_seed(count)
+    scores = torch.randn(2, 2, 30, 9)
+    got = global_cut(scores, count=count)
+    assert torch.equal(got, global_cut_reference(scores, count=min(count, 270)))
+    assert (got.flatten(2).sum(-1) == min(count, 270)).all()
+
+
+def test_global_cut_keeps_ties_and_needs_one_rule():
+    scores = torch.tensor([[[3.0, 1.0, 3.0, -2.0]]])
+    assert global_cut(scores, count=1).tolist() == [[[True, False, True, False]]]
+    with pytest.raises(ValueError, match="exactly one of threshold and count"):
+        global_cut(scores)
+
+
+@pytest.mark.parametrize("n", [1, 13, 64, 300])
+def test_compact_rows_match_the_reference(n):
+    torch.manual_seed(n)
+    dense = torch.rand(2, 3, 5, n) < 0.4
+    dense[0, 0, 0] = False
+    dense[0, 0, 1] = True
+    count, indices = compact_rows(dense)
+    ref_count, ref_indices = compact_rows_reference(dense)
+    assert torch.equal(count, ref_count) and torch.equal(indices, ref_indices)
