@@ -18,7 +18,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def spelled_out(q, k, v, keep, block, scale, tolerance=1.0):
+def spelled_out(q, k, v, keep, block, scale, tolerance=1.0, pooled_kept=False):
     """Float64, token by token and block by block, as the module docstring describes it."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seq, heads, dim = q.shape
@@ -38,13 +38,20 @@ def spelled_out(q, k, v, keep, block, scale, tolerance=1.0):
                 pooled = torch.stack(
                     [q[b, i, h] @ k_mean[j] * scale + math.log(len(members[j])) for j in range(blocks)]
                 )
-                full = torch.logsumexp(pooled, 0)
-                kept_mass = torch.logsumexp(pooled[row], 0)
-                o = sparse * torch.exp(kept_mass - full)
-                for j in range(blocks):
-                    sigma2 = q[b, i, h].square().sum() * spread[j] / dim * scale**2
-                    if not row[j] and sigma2 < 2 * math.log(2) * tolerance:
-                        o = o + torch.exp(pooled[j] - full) * v_mean[j]
+                sigma2 = [q[b, i, h].square().sum() * spread[j] / dim * scale**2 for j in range(blocks)]
+                taken = [j for j in range(blocks) if not row[j] and sigma2[j] < 2 * math.log(2) * tolerance]
+                if pooled_kept:  # the paper: kept share from pooled masses, compensation in pooled-full units
+                    full = torch.logsumexp(pooled, 0)
+                    o = sparse * torch.exp(torch.logsumexp(pooled[row], 0) - full)
+                    o = o + sum((torch.exp(pooled[j] - full) * v_mean[j] for j in taken), torch.zeros(dim).double())
+                else:  # exact kept mass, normalised together with the compensated blocks' pooled masses
+                    kept_mass = torch.exp(torch.logsumexp(logits, 0))
+                    weighted = sparse * kept_mass
+                    total = kept_mass
+                    for j in taken:
+                        weighted = weighted + torch.exp(pooled[j]) * v_mean[j]
+                        total = total + torch.exp(pooled[j])
+                    o = weighted / total
                 out[b, i, h] = o
     return out
 
@@ -63,6 +70,9 @@ def test_matches_the_spelled_out_reference():
     keep |= torch.eye(5, dtype=torch.bool)
     out = rectified_attention(q, k, v, keep, block_size=32, scale=0.25)
     torch.testing.assert_close(out.double(), spelled_out(q, k, v, keep, 32, 0.25), atol=2e-5, rtol=2e-5)
+    paper = rectified_attention(q, k, v, keep, block_size=32, scale=0.25, rectify_kept=True)
+    torch.testing.assert_close(paper.double(), spelled_out(q, k, v, keep, 32, 0.25, pooled_kept=True), atol=2e-5,
+                               rtol=2e-5)  # fmt: skip
 
 
 def test_full_mass_is_exact_and_rectification_removes_error():
@@ -72,12 +82,15 @@ def test_full_mass_is_exact_and_rectification_removes_error():
     full = create_method("rectified", mass=1.0, block_size=32)
     torch.testing.assert_close(full(q, k, v, layout=layout, step=0, layer=0), exact, atol=3e-5, rtol=3e-5)
     errors = {}
-    for name, flags in {"plain": (False, False), "kept": (True, False), "both": (True, True)}.items():
+    variants = {"plain": (False, False), "kept": (True, False), "paper": (True, True), "default": (False, True)}
+    for name, flags in variants.items():
         method = create_method("rectified", mass=0.5, block_size=32, rectify_kept=flags[0], compensate_dropped=flags[1])
         errors[name] = rel(method(q, k, v, layout=layout, step=0, layer=0), exact)
         assert float(method.last_density) < 0.8
-    assert errors["both"] < 0.5 * errors["kept"] and errors["kept"] < errors["plain"]
-    # widely spread keys: gain-aware compensation declines, so it cannot do worse than reallocation alone
+    assert errors["paper"] < 0.5 * errors["kept"] and errors["kept"] < errors["plain"]
+    assert errors["default"] < 0.5 * errors["plain"]
+    assert create_method("rectified").config.rectify_kept is False
+    # widely spread keys: gain-aware compensation declines, so it cannot do worse than plain attention
     q, k, v = clustered(noise=3.0)
     kept_only = create_method("rectified", mass=0.5, block_size=32, compensate_dropped=False)
     both = create_method("rectified", mass=0.5, block_size=32)
@@ -105,3 +118,22 @@ def test_rectified_in_a_pipeline_and_errors(tmp_path):
     padded = (torch.arange(36) < 34)[None, None, None]
     with pytest.raises(ValueError, match="does not take padded text"):
         create_method("rectified", block_size=16)(x, x, x, layout=layout, step=0, layer=0, attn_mask=padded)
+
+
+@pytest.mark.parametrize("pooled_kept,compensate", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("heads_in_keep", [1, 2])
+def test_pooled_correction_kernel_matches_its_reference(pooled_kept, compensate, heads_in_keep):
+    from vgen.attention.common import block_means
+    from vgen.attention.rectified import _key_spread
+    from vgen.kernels.pooled import pooled_correction, pooled_correction_reference
+
+    torch.manual_seed(int(pooled_kept) + 2 * int(compensate) + heads_in_keep)
+    q, k, v = (torch.randn(2, 150, 2, 40) for _ in range(3))  # ragged last block, head_dim 40
+    out, lse = torch.randn(2, 150, 2, 40), torch.randn(2, 2, 150)
+    k_mean, counts = block_means(k, 32)
+    spread = _key_spread(k, k_mean, 32) * torch.rand(2, 2, 5) * 0.5  # some blocks pass the gain test
+    keep = torch.rand(2, heads_in_keep, 5, 5) < 0.5
+    args = (q, out, lse, k_mean, block_means(v, 32)[0], counts.log(), spread, keep)
+    kwargs = dict(row_block=32, scale=0.3, pooled_kept=pooled_kept, compensate=compensate, tolerance=2.0)
+    expected = pooled_correction_reference(*args, **kwargs)
+    torch.testing.assert_close(pooled_correction(*args, **kwargs), expected, atol=1e-5, rtol=1e-5)
