@@ -63,3 +63,23 @@ def test_compact_rows_match_the_reference(n):
     count, indices = compact_rows(dense)
     ref_count, ref_indices = compact_rows_reference(dense)
     assert torch.equal(count, ref_count) and torch.equal(indices, ref_indices)
+
+
+def test_global_cut_counts_at_the_ends():
+    scores = torch.randn(1, 2, 4, 3)
+    assert not global_cut(scores, count=0).any()
+    assert global_cut(scores, count=12).all() and global_cut(scores, count=50).all()
+
+
+def test_psa_levels_by_cuts_match_levels_by_sorting(monkeypatch):
+    import vgen.attention.psa as psa
+
+    torch.manual_seed(3)
+    importance = torch.rand(2, 3, 9, 9).flatten(-2).softmax(-1).view(2, 3, 9, 9)
+    always = torch.eye(9, dtype=torch.bool)
+    for budget, proportions in ((0.1, (1.0, 2.0, 2.0, 5.0)), (0.3, (1.0, 0.0, 0.0, 0.0)), (0.7, (1.0, 1.0, 1.0, 1.0))):
+        by_cuts = psa.assign_levels(importance, budget, proportions, always)
+        monkeypatch.setattr(psa, "use_triton", lambda _: False)
+        by_sorting = psa.assign_levels(importance, budget, proportions, always)
+        monkeypatch.undo()
+        assert torch.equal(by_cuts, by_sorting), (budget, proportions)

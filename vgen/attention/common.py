@@ -10,6 +10,8 @@ from vgen.attention.block_mask import BlockMask
 from vgen.attention.layout import VideoLayout
 from vgen.kernels import block_sparse_attention
 from vgen.kernels.quantized import quantized_attention
+from vgen.kernels.runtime import use_triton
+from vgen.kernels.selection import segment_means
 
 __all__ = ["block_means", "check_self_attention", "key_lengths", "run_block_sparse", "text_blocks"]
 
@@ -96,12 +98,22 @@ def run_block_sparse(
     return torch.cat(outs)
 
 
+@functools.lru_cache(maxsize=64)
+def _block_starts(seq: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 first token and token count of each run of ``block`` tokens (cached; read-only)."""
+    starts = torch.arange(0, seq, block)
+    return starts.to(device), (seq - starts).clamp(max=block).to(device)
+
+
 def block_means(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of each run of ``block`` tokens of ``x`` ``[B, S, H, D]`` as fp32 ``[B, H, M, D]``, and the
     token count of each block ``[M]`` (the last block may be short)."""
     batch, seq, heads, dim = x.shape
     blocks = -(-seq // block)
-    counts = (seq - torch.arange(0, seq, block, device=x.device)).clamp(max=block).float()
+    starts, counts = _block_starts(seq, block, x.device)
+    if use_triton(x):  # one launch, no fp32 copy of x
+        return segment_means(x, starts, counts), counts.float()
+    counts = counts.float()
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, blocks * block - seq))
     means = padded.view(batch, blocks, block, heads, dim).sum(2) / counts.view(1, -1, 1, 1)
     return means.transpose(1, 2), counts

@@ -19,6 +19,9 @@ compute actually used, as a fraction of dense.
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +33,8 @@ from vgen.attention.registry import AttentionMethod, MethodConfig, register_meth
 from vgen.kernels import permute_tokens, unpermute_tokens
 from vgen.kernels.permute import curve_order
 from vgen.kernels.pyramid import LEVELS, pyramid_attention
+from vgen.kernels.runtime import use_triton
+from vgen.kernels.selection import global_cut
 
 __all__ = ["PSAConfig", "PyramidSparseAttention", "assign_levels"]
 
@@ -92,6 +97,12 @@ def assign_levels(
     ``always_full``: bool ``[M, M]`` pairs read in full whatever their rank.
     """
     batch, heads, rows, cols = importance.shape
+    if use_triton(importance):  # four sort-free cuts by count instead of two sorts
+        # rank r (0 = best) sits at level index #{bounds <= r + 0.5}: in the top ceil(bound - 0.5) or not
+        bounds = itertools.accumulate(share * rows * cols for share in _shares(budget, proportions))
+        index = sum((~global_cut(importance, count=max(0, math.ceil(b - 0.5)))).long() for b in bounds)
+        factors = _level_factors(importance.device)[index]
+        return torch.where(always_full, torch.ones_like(factors), factors)
     flat = importance.reshape(batch, heads, rows * cols)
     rank = flat.argsort(-1, descending=True).argsort(-1)  # 0 = most important
     bounds = torch.tensor(_shares(budget, proportions), device=importance.device).cumsum(0) * rows * cols
@@ -99,6 +110,12 @@ def assign_levels(
     factors = torch.tensor((*LEVELS, 0), device=importance.device)[level_index]
     factors = factors.view(batch, heads, rows, cols)
     return torch.where(always_full, torch.ones_like(factors), factors)
+
+
+@functools.lru_cache(maxsize=8)
+def _level_factors(device: torch.device) -> torch.Tensor:
+    """int64 pool factor of each level index, 0 (skip) last (cached; read-only)."""
+    return torch.tensor((*LEVELS, 0), device=device)
 
 
 @register_method("psa")
@@ -160,5 +177,5 @@ class PyramidSparseAttention(AttentionMethod):
             cost = (pairs / levels.clamp(min=1).float()) * (levels > 0)
             self.last_density = cost.sum() / (levels[..., 0, 0].numel() * seq * seq)
         self.last_levels = levels
-        out = pyramid_attention(q, k, v, levels, block=block, scale=scale)
+        out = pyramid_attention(q, k, v, levels, block=block, scale=scale, check_levels=False)  # valid by construction
         return out if perm is None else unpermute_tokens(out, perm)

@@ -38,8 +38,9 @@ def build_pyramid(x: torch.Tensor, block: int) -> list[torch.Tensor]:
     batch, seq, heads, dim = x.shape
     whole = seq // block * block
     levels = [x.contiguous()]
-    for p in LEVELS[1:]:
-        pooled = x[:, :whole].unflatten(1, (whole // p, p)).float().mean(2)
+    pooled = x[:, :whole]
+    for p, previous in zip(LEVELS[1:], LEVELS, strict=False):  # each level halves the one before, in fp32
+        pooled = pooled.unflatten(1, (-1, p // previous)).sum(2, dtype=torch.float32) * (previous / p)
         levels.append(pooled.to(x.dtype).contiguous())
     return levels
 
@@ -127,8 +128,9 @@ def _level_lists(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pool factor, the kept key blocks of each row: counts ``[4, B, H, Mq]``, indices ``[4, B, H, Mq, Mk]``."""
     from vgen.attention.block_mask import _compact
 
-    counts, indices = zip(*(_compact(levels == p) for p in LEVELS), strict=True)
-    return torch.stack(counts).contiguous(), torch.stack(indices).contiguous()
+    factors = torch.tensor(LEVELS, device=levels.device, dtype=levels.dtype).view(-1, 1, 1, 1, 1)
+    counts, indices = _compact(levels[None] == factors)  # one compaction for the four levels
+    return counts.contiguous(), indices.contiguous()
 
 
 def pyramid_attention(
@@ -139,6 +141,7 @@ def pyramid_attention(
     *,
     block: int = 128,
     scale: float | None = None,
+    check_levels: bool = True,
 ) -> torch.Tensor:
     """Attention where pair (query block i, key block j) reads keys pooled by ``levels[b, h, i, j]``.
 
@@ -147,6 +150,8 @@ def pyramid_attention(
         levels: integer ``[B or 1, H or 1, Mq, Mk]`` with 0 (skip) or a factor of :data:`LEVELS`.
         block: query and key block size, a power of two >= 128 (so that an 8x-pooled tile has 16 rows).
         scale: softmax scale (default ``D ** -0.5``).
+        check_levels: validate ``levels``' values (two host synchronisations); callers that build
+            valid levels themselves skip it.
 
     Returns:
         ``[B, S, H, D]`` in q's dtype; a row with no kept pair is 0. Forward only.
@@ -160,7 +165,8 @@ def pyramid_attention(
     blocks = -(-seq // block)
     if levels.shape[-2:] != (blocks, blocks) or levels.shape[0] not in (1, batch) or levels.shape[1] not in (1, heads):
         raise ValueError(f"levels must be [B or 1, H or 1, {blocks}, {blocks}], got {list(levels.shape)}")
-    _check_levels(levels, seq, block)
+    if check_levels:
+        _check_levels(levels, seq, block)
     scale = dim**-0.5 if scale is None else scale
     if not use_triton(q):
         return pyramid_attention_reference(q, k, v, levels, block=block, scale=scale)

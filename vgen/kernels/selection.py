@@ -156,11 +156,13 @@ def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: i
     """
     if (threshold is None) == (count is None):
         raise ValueError("global_cut needs exactly one of threshold and count")
-    if threshold is not None and threshold >= 1.0:  # all of the mass: everything (fp32 sums lose the tail)
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    n = scores[0, 0].numel() if scores.numel() else 0
+    if (threshold is not None and threshold >= 1.0) or (count is not None and count >= n):
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)  # (fp32 sums lose a mass tail)
+    if count is not None and count <= 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).contiguous().float()
     keep = torch.empty(flat.shape, dtype=torch.int8, device=scores.device)
-    n = flat.shape[1]
     _global_cut_kernel[(flat.shape[0],)](
         flat, keep, n, 0.0 if threshold is None else float(threshold), 0.0 if count is None else float(min(count, n)),
         BY_MASS=threshold is not None, BLOCK=1024, num_warps=8,
