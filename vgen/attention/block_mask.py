@@ -15,7 +15,7 @@ import torch
 
 from vgen.attention.layout import VideoLayout
 from vgen.kernels.runtime import use_triton
-from vgen.kernels.selection import compact_rows
+from vgen.kernels.selection import compact_rows, compact_rows_reference
 from vgen.kernels.window_mask import window_block_indices
 
 __all__ = ["BlockMask", "frame_mask", "local_window_mask", "position_mask"]
@@ -69,16 +69,12 @@ def _compact(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Count and positions of the True entries along the last axis of bool ``dense`` ``[..., N]``.
 
     Returns int32 ``[...]`` and int32 ``[..., N]``: the kept positions first, ascending, then
-    ``N - 1`` as padding. A cumulative count and a binary search, not a sort: fewer launches.
+    ``N - 1`` as padding. On CUDA one Triton launch; elsewhere a cumulative count and a binary
+    search (the interpreter would crawl through one program per row).
     """
-    if dense.is_cuda and dense.shape[-1] <= 16384:  # one launch instead of five (the interpreter would crawl)
+    if dense.is_cuda and dense.shape[-1] <= 16384:
         return compact_rows(dense)
-    n = dense.shape[-1]
-    running = dense.cumsum(-1, dtype=torch.int32).contiguous()
-    ranks = torch.arange(n, dtype=torch.int32, device=dense.device).expand(running.shape).contiguous()
-    # The rank-r kept position is the first whose running count exceeds r; N for ranks past the count.
-    indices = torch.searchsorted(running, ranks, right=True, out_int32=True).clamp_(max=n - 1)
-    return running[..., -1].contiguous(), indices
+    return compact_rows_reference(dense)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
