@@ -26,14 +26,27 @@ def _parse_setting(text: str) -> tuple[str, Any]:
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
+    from vgen.parallel import init_from_environment, is_main_process
     from vgen.pipelines.video import VideoPipeline
 
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif", ".png"):
         raise ValueError(f"--out must end in .mp4, .gif or .png, got {args.out!r}")
-    pipe = VideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype), device=args.device)
+    parallel = init_from_environment()  # under torchrun: one process per GPU
+    device = args.device
+    if parallel and torch.cuda.is_available() and device in (None, "cuda"):
+        device = f"cuda:{torch.cuda.current_device()}"
+    pipe = VideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype), device=device)
     if args.attention != "stock":
         pipe.enable_sparse_attention(args.attention, **dict(args.set))
+    if parallel:
+        pipe.enable_parallelism(ulysses=args.ulysses)
+    elif args.ulysses not in (None, 1):
+        raise ValueError(f"--ulysses {args.ulysses} needs that many processes: launch with torchrun --nproc-per-node")
+    if not is_main_process():  # every rank generates (they share the work); rank 0 reports and writes
+        pipe(args.prompt, num_frames=args.frames, height=args.height, width=args.width,
+             num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, progress=False)  # fmt: skip
+        return
     print(pipe, file=sys.stderr)
     video = pipe(
         args.prompt,
@@ -238,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=_DTYPES)
     gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--ulysses", type=int,
+                     help="Ulysses context-parallel degree under torchrun (default: every process)")  # fmt: skip
     gen.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     gen.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet beside --out")
     gen.set_defaults(run=_generate)

@@ -241,6 +241,17 @@ class VideoPipeline:
         """Route the transformer's video self-attention to vgen method ``name``; returns the method."""
         return apply_sparse_attention(self.transformer, name, **config)
 
+    def enable_parallelism(self, *, ulysses: int | None = None, ring: int = 1) -> None:
+        """Spread each transformer over the ranks of torch.distributed's default group (Ulysses context
+        parallelism through diffusers; see :mod:`vgen.parallel`). Every rank runs the pipeline with the
+        same arguments and gets the same video; only rank 0 should write it."""
+        from vgen.parallel import enable_context_parallel
+
+        for name in ("transformer", "transformer_2"):
+            model = getattr(self.pipeline, name, None)
+            if model is not None:
+                enable_context_parallel(model, ulysses=ulysses, ring=ring)
+
     def disable_sparse_attention(self) -> None:
         """Back to stock diffusers attention, exactly."""
         remove_sparse_attention(self.transformer)
