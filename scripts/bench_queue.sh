@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The single-GPU benchmarks, one after another, each writing its Markdown + JSON under $SIDE_OUT
+# (default $OUT). Meant as train_reference_h200.sh's SIDE_JOB on a two-GPU machine:
+#
+#   SIDE_JOB='bash scripts/bench_queue.sh' ... bash scripts/train_reference_h200.sh start
+#
+# BENCHES picks and orders them (default: all). A failing benchmark does not stop the others.
+set -uo pipefail
+dest=${SIDE_OUT:-${OUT:-/tmp/out}}
+mkdir -p "$dest"
+for bench in ${BENCHES:-quantized_quick attention vmoba paro rectified_psa}; do
+    echo "== $bench $(date +%T)"
+    case "$bench" in
+    quantized_quick) python3 benchmarks/quantized_quick.py >"$dest/quantized_quick.txt" 2>&1 ;;
+    attention) python3 benchmarks/attention.py --sweep --forward-only --out "$dest/attention.md" ;;
+    *) python3 "benchmarks/$bench.py" --out "$dest/$bench.md" ;;
+    esac
+    echo "== $bench exit $? $(date +%T)"
+done
