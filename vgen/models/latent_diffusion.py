@@ -196,7 +196,8 @@ class EDM:
     def sample(
         self,
         network: Callable[..., torch.Tensor],
-        shape: tuple[int, ...],
+        size: tuple[int, ...],
+        /,
         *,
         steps: int = 18,
         generator: torch.Generator | None = None,
@@ -204,16 +205,17 @@ class EDM:
         progress: Callable[[int], None] | None = None,
         **cond,
     ) -> torch.Tensor:
-        """Heun's second-order deterministic sampler; ``progress(i)`` is called after each step."""
+        """Heun's second-order deterministic sampler of a ``size`` tensor; ``progress(i)`` is called after
+        each step; ``cond`` goes to the network (e.g. ``points``, ``shape``)."""
         sigmas = self.sigmas(steps, device)
-        x = torch.randn(shape, generator=generator, device=device) * sigmas[0]
+        x = torch.randn(size, generator=generator, device=device) * sigmas[0]
         for i in range(steps):
             s, s_next = sigmas[i], sigmas[i + 1]
-            batch = torch.full((shape[0],), float(s), device=device)
+            batch = torch.full((size[0],), float(s), device=device)
             d = (x - self.denoise(network, x, batch, **cond)) / s
             x_next = x + (s_next - s) * d
             if s_next > 0:
-                batch_next = torch.full((shape[0],), float(s_next), device=device)
+                batch_next = torch.full((size[0],), float(s_next), device=device)
                 d_next = (x_next - self.denoise(network, x_next, batch_next, **cond)) / s_next
                 x_next = x + (s_next - s) * (d + d_next) / 2
             x = x_next
