@@ -42,6 +42,7 @@ class DenoiserConfig:
         width, heads, layers: transformer sizes.
         frequencies: Fourier frequencies of the point-cloud embedding.
         point_tokens: condition tokens per frame, each a max-pooled group of input points.
+        temporal: temporal self-attention across frames (off: every frame on its own, the per-frame baseline).
     """
 
     latent_dim: int = 32
@@ -51,6 +52,7 @@ class DenoiserConfig:
     layers: int = 6
     frequencies: int = 8
     point_tokens: int = 64
+    temporal: bool = True
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "width", "heads", "layers", "frequencies", "point_tokens"):
@@ -70,9 +72,9 @@ def _attend(q_in: nn.Linear, kv_in: nn.Linear, out: nn.Linear, heads: int, x: to
 
 
 class _Block(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, temporal: bool = True) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.temporal = heads, temporal
         self.norms = nn.ModuleList(nn.LayerNorm(width, elementwise_affine=False) for _ in range(4))
         self.modulation = nn.Linear(width, 8 * width)  # (scale, shift) per sub-block
         nn.init.zeros_(self.modulation.weight)
@@ -91,7 +93,7 @@ class _Block(nn.Module):
         h = norm(0, x)
         x = x + _attend(*self.proj[0], self.heads, h, h)  # spatial: within each frame
         x = x + _attend(*self.proj[1], self.heads, norm(1, x), context)  # conditions of that frame
-        if x.shape[1] > 1:  # temporal: each latent index across frames
+        if self.temporal and x.shape[1] > 1:  # temporal: each latent index across frames
             h = norm(2, x).transpose(1, 2)
             x = x + _attend(*self.proj[2], self.heads, h, h).transpose(1, 2)
         return x + self.mlp(norm(3, x))
@@ -107,7 +109,7 @@ class LatentSetDenoiser(nn.Module):
         self.point_in = nn.Sequential(nn.Linear(3 + 6 * c.frequencies, c.width), nn.GELU(), nn.Linear(c.width, c.width))
         self.shape_in = nn.Linear(c.shape_dim, c.width) if c.shape_dim else None
         self.level = nn.Sequential(nn.Linear(64, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
-        self.blocks = nn.ModuleList(_Block(c.width, c.heads) for _ in range(c.layers))
+        self.blocks = nn.ModuleList(_Block(c.width, c.heads, c.temporal) for _ in range(c.layers))
         self.out = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, c.latent_dim))
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)

@@ -106,6 +106,8 @@ class Motion4DConfig:
     shape_denoiser: DenoiserConfig
     deform_denoiser: DenoiserConfig
     edm_sigma_data: float = 1.0
+    shape_latent_std: float = 1.0  # the diffusion models see latents divided by these
+    deform_latent_std: float = 1.0
 
 
 class Motion4DPipeline:
@@ -130,15 +132,17 @@ class Motion4DPipeline:
             module.to(self.device).eval()
         return self
 
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """``config.json`` and one safetensors file per network, weights in ``dtype`` (loading casts back)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
         for name, module in self.modules().items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                      folder / f"{name}.safetensors")  # fmt: skip
+            weights = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                       for k, v in module.state_dict().items()}  # fmt: skip
+            save_file(weights, folder / f"{name}.safetensors")
         return folder
 
     @classmethod
@@ -153,6 +157,7 @@ class Motion4DPipeline:
             shape=VecSetConfig(**raw["shape"]), deform=VecSetConfig(**raw["deform"]),
             shape_denoiser=DenoiserConfig(**raw["shape_denoiser"]),
             deform_denoiser=DenoiserConfig(**raw["deform_denoiser"]), edm_sigma_data=raw["edm_sigma_data"],
+            shape_latent_std=raw.get("shape_latent_std", 1.0), deform_latent_std=raw.get("deform_latent_std", 1.0),
         )  # fmt: skip
         pipe = cls(config, "cpu")
         for name, module in pipe.modules().items():
@@ -196,7 +201,9 @@ class Motion4DPipeline:
         deform = self.edm.sample(self.deform_denoiser, (1, frames, d.num_latents, d.latent_dim), steps=steps,
                                  generator=generator, device=self.device, progress=tick, points=x,
                                  shape=shape_latent)  # fmt: skip
-        grid = self.occupancy_grid(shape_latent, resolution)
+        c = self.config
+        deform = deform * c.deform_latent_std
+        grid = self.occupancy_grid(shape_latent * c.shape_latent_std, resolution)
         bar.update(1)
         vertices, faces = _marching_cubes(grid, resolution)
         reference = torch.from_numpy(vertices).to(self.device)[None]

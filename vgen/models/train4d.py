@@ -1,0 +1,265 @@
+"""Train the 4D reconstruction model (:class:`vgen.pipelines.motion4d.Motion4DPipeline`) on procedural
+deforming shapes (:mod:`vgen.data.deforming`); seeded and time-bounded.
+
+    python -m vgen.models.train4d --out build/m4d --device cuda --minutes 20
+    python -m vgen.models.train4d --out build/m4d-frame --device cuda --minutes 20 --no-temporal  # per-frame baseline
+    python -m vgen.models.train4d --out /tmp/m4d --config tiny --device cpu                      # CPU smoke run
+
+Stages, each given a share of the time (``--minutes``) or a step count (``--set``):
+
+1. data: ``sequences`` training sequences (seeds 0..) rendered once, in parallel processes;
+2. ``shape_vae``: frame surfaces (``surface_points`` corresponding samples) -> occupancy at the
+   frame's queries (half near the surface), binary cross-entropy + ``kl`` x KL;
+3. ``deform_vae``: (frame 0, frame t) corresponding samples -> displacement of held-apart samples, L2 + KL;
+4. latents: every sequence's shape latent (frame 0) and deformation latents (frame 0 to each t),
+   posterior means, divided by their standard deviations (stored in the config);
+5. ``shape_diffusion`` (conditioned on frame 0's input points) and ``deform_diffusion``
+   (conditioned on every frame's input points and the shape latent) with EDM's loss.
+
+Outputs: ``OUT/model`` (``Motion4DPipeline.save_pretrained``), ``OUT/log.json``, ``OUT/loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vgen.data.deforming import sample_sequence
+from vgen.models.latent_diffusion import DenoiserConfig
+from vgen.models.vecset import VecSetConfig
+from vgen.pipelines.motion4d import Motion4DConfig, Motion4DPipeline
+
+__all__ = ["CONFIGS", "Train4DSettings", "train"]
+
+CONFIGS: dict[str, Motion4DConfig] = {
+    # 18.6M parameters: 37.2 MB in fp16, under the 40 MB that assets/ allows
+    "small": Motion4DConfig(
+        shape=VecSetConfig(num_latents=256, width=256, heads=4, latent_dim=32, decoder_layers=3, frequencies=8),
+        deform=VecSetConfig(num_latents=256, width=256, heads=4, latent_dim=32, decoder_layers=3, frequencies=8),
+        shape_denoiser=DenoiserConfig(latent_dim=32, width=192, heads=4, layers=5, point_tokens=64),
+        deform_denoiser=DenoiserConfig(latent_dim=32, shape_dim=32, width=192, heads=4, layers=5, point_tokens=64),
+    ),
+    "tiny": Motion4DConfig(
+        shape=VecSetConfig(num_latents=16, width=32, heads=2, latent_dim=4, decoder_layers=1, frequencies=2),
+        deform=VecSetConfig(num_latents=16, width=32, heads=2, latent_dim=4, decoder_layers=1, frequencies=2),
+        shape_denoiser=DenoiserConfig(latent_dim=4, width=32, heads=2, layers=1, frequencies=2, point_tokens=4),
+        deform_denoiser=DenoiserConfig(latent_dim=4, shape_dim=4, width=32, heads=2, layers=1, frequencies=2,
+                                       point_tokens=4),
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Train4DSettings:
+    """Data sizes, batches, steps and time shares of :func:`train` (see the module docstring)."""
+
+    config: str = "small"
+    seed: int = 0
+    device: str = "cuda"
+    minutes: float | None = None
+    temporal: bool = True
+    workers: int = 12
+    sequences: int = 512
+    frames: int = 17
+    input_points: int = 300
+    input_noise: float = 0.005
+    surface_points: int = 2048
+    queries: int = 2048
+    batch: int = 16
+    lr: float = 3e-4
+    kl: float = 1e-4
+    steps: tuple[int, int, int, int] = (3000, 3000, 3000, 3000)  # shape_vae, deform_vae, shape/deform diffusion
+    shares: tuple[float, float, float, float] = (0.3, 0.25, 0.15, 0.3)  # of the training time, with --minutes
+
+    def __post_init__(self) -> None:
+        if self.config not in CONFIGS:
+            raise ValueError(f"config must be one of {sorted(CONFIGS)}, got {self.config!r}")
+        for name in ("sequences", "frames", "input_points", "surface_points", "queries", "batch", "workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "workers" else 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.frames < 2:
+            raise ValueError("frames must be >= 2 (a motion needs two frames)")
+
+
+TINY_SETTINGS = {"sequences": 8, "frames": 3, "input_points": 32, "surface_points": 64, "queries": 64, "batch": 4,
+                 "steps": (3, 3, 3, 3), "workers": 0}  # fmt: skip
+
+
+def _render(args: tuple[int, Train4DSettings]) -> dict[str, np.ndarray]:
+    seed, s = args
+    seq = sample_sequence(seed, s.frames, points=s.input_points, noise=s.input_noise, queries=s.queries,
+                          correspondences=s.surface_points)  # fmt: skip
+    return {k: v for k, v in seq.items() if k != "kind"}
+
+
+def render_data(settings: Train4DSettings) -> dict[str, torch.Tensor]:
+    """Every training sequence, stacked: inputs [S, T, n, 3], correspondences [S, T, C, 3], queries, occupancy."""
+    jobs = [(settings.seed * 1_000_003 + i, settings) for i in range(settings.sequences)]
+    if settings.workers:
+        with ProcessPoolExecutor(settings.workers) as pool:
+            seqs = list(tqdm(pool.map(_render, jobs, chunksize=8), total=len(jobs), desc="data"))
+    else:
+        seqs = [_render(job) for job in tqdm(jobs, desc="data")]
+    return {k: torch.from_numpy(np.stack([s[k] for s in seqs])) for k in seqs[0]}
+
+
+def _steps(settings: Train4DSettings, stage: int, step_seconds: float, began: float) -> int:
+    if settings.minutes is None:
+        return settings.steps[stage]
+    remaining = settings.minutes * 60 * sum(settings.shares[stage:]) / sum(settings.shares) - (time.time() - began)
+    share = settings.shares[stage] / sum(settings.shares[stage:])
+    return max(1, int(remaining * share / step_seconds))
+
+
+def _run_stage(name, params, loss_fn, settings, stage, began, log) -> None:
+    """Adam with cosine decay; the step count is fixed by timing the first 5 steps when --minutes is given."""
+    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
+    losses, step, t0 = [], 0, time.time()
+    total = None if settings.minutes is not None else settings.steps[stage]
+    bar = tqdm(desc=name)
+    while total is None or step < total:
+        if total is not None:
+            for group in optimiser.param_groups:
+                group["lr"] = settings.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / total)))
+        loss = loss_fn()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if total is None and step == 5:
+            total = max(5, _steps(settings, stage, (time.time() - t0) / 5, began))
+            bar.total = total
+    bar.close()
+    log[name] = {"steps": step, "loss": losses[:: max(1, len(losses) // 500)], "final": float(np.mean(losses[-20:]))}
+
+
+def train(settings: Train4DSettings, out: str | Path) -> Path:
+    """Run every stage; returns the saved model folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    began = time.time()
+    config = dataclasses.replace(
+        CONFIGS[settings.config],
+        deform_denoiser=dataclasses.replace(CONFIGS[settings.config].deform_denoiser, temporal=settings.temporal),
+    )
+    pipe = Motion4DPipeline(config, device)
+    data = {k: v.to(device) for k, v in render_data(settings).items()}
+    sequences, frames = data["inputs"].shape[:2]
+    log: dict = {"settings": dataclasses.asdict(settings), "data_seconds": time.time() - began}
+    rng = torch.Generator(device).manual_seed(settings.seed)
+
+    def pick(n: int) -> torch.Tensor:
+        return torch.randint(0, sequences, (n,), generator=rng, device=device)
+
+    for module in pipe.modules().values():
+        module.train()
+
+    def shape_loss() -> torch.Tensor:
+        s, t = pick(settings.batch), torch.randint(0, frames, (settings.batch,), generator=rng, device=device)
+        logits, kl = pipe.shape_vae(data["correspondences"][s, t], data["queries"][s, t])
+        return F.binary_cross_entropy_with_logits(logits, data["occupancy"][s, t].float()) + settings.kl * kl
+
+    _run_stage("shape_vae", list(pipe.shape_vae.parameters()), shape_loss, settings, 0, began, log)
+    half = settings.surface_points // 2
+
+    def deform_loss() -> torch.Tensor:
+        s, t = pick(settings.batch), torch.randint(1, frames, (settings.batch,), generator=rng, device=device)
+        ref, moved = data["correspondences"][s, 0], data["correspondences"][s, t]
+        offsets, kl = pipe.deform_vae(ref[:, :half], moved[:, :half], ref[:, half:])  # predict held-apart samples
+        return (offsets - (moved - ref)[:, half:]).square().sum(-1).mean() + settings.kl * kl
+
+    _run_stage("deform_vae", list(pipe.deform_vae.parameters()), deform_loss, settings, 1, began, log)
+
+    with torch.no_grad():  # posterior means of every sequence, normalised
+        shape_latents = torch.cat([pipe.shape_vae.encode(data["correspondences"][i : i + 64, 0], sample=False)[0]
+                                   for i in range(0, sequences, 64)])  # fmt: skip
+        deform_latents = torch.stack([
+            torch.cat([pipe.deform_vae.encode(data["correspondences"][i : i + 64, 0, :half],
+                                              data["correspondences"][i : i + 64, t, :half], sample=False)[0]
+                       for i in range(0, sequences, 64)])
+            for t in range(frames)], 1)  # fmt: skip
+    shape_std, deform_std = float(shape_latents.std()), float(deform_latents.std())
+    shape_latents, deform_latents = shape_latents / shape_std, deform_latents / deform_std
+    pipe.config = config = dataclasses.replace(config, shape_latent_std=shape_std, deform_latent_std=deform_std)
+
+    def shape_diffusion_loss() -> torch.Tensor:
+        s = pick(settings.batch)
+        return pipe.edm.loss(pipe.shape_denoiser, shape_latents[s][:, None], points=data["inputs"][s, :1])
+
+    _run_stage("shape_diffusion", list(pipe.shape_denoiser.parameters()), shape_diffusion_loss, settings, 2, began,
+               log)  # fmt: skip
+
+    def deform_diffusion_loss() -> torch.Tensor:
+        s = pick(settings.batch)
+        return pipe.edm.loss(pipe.deform_denoiser, deform_latents[s], points=data["inputs"][s], shape=shape_latents[s])
+
+    _run_stage("deform_diffusion", list(pipe.deform_denoiser.parameters()), deform_diffusion_loss, settings, 3,
+               began, log)  # fmt: skip
+    pipe.to(device)  # eval mode
+    folder = pipe.save_pretrained(out / "model", dtype=torch.float16)
+    log["seconds"] = time.time() - began
+    (out / "log.json").write_text(json.dumps(log, indent=1))
+    _plot(log, out / "loss.png")
+    print(f"wrote {folder} in {log['seconds']:.0f} s")
+    return folder
+
+
+def _plot(log: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = ("shape_vae", "deform_vae", "shape_diffusion", "deform_diffusion")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    for ax, name in zip(axes, stages, strict=True):
+        losses = log[name]["loss"]
+        ax.plot(np.linspace(0, log[name]["steps"], len(losses)), losses)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--config", default="small", choices=sorted(CONFIGS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--minutes", type=float)
+    parser.add_argument("--no-temporal", action="store_true", help="per-frame baseline: no temporal attention")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a Train4DSettings field")
+    args = parser.parse_args(argv)
+    overrides = dict(TINY_SETTINGS) if args.config == "tiny" else {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(Train4DSettings)}:
+            raise ValueError(f"--set {key!r}: not a Train4DSettings field")
+        parsed = json.loads(value)
+        overrides[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    settings = Train4DSettings(config=args.config, device=args.device, minutes=args.minutes,
+                               temporal=not args.no_temporal, **overrides)  # fmt: skip
+    train(settings, args.out)
+
+
+if __name__ == "__main__":
+    main()
