@@ -25,7 +25,7 @@ import triton.language as tl
 
 __all__ = ["pooled_correction", "pooled_correction_reference"]
 
-_LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
