@@ -5,6 +5,7 @@
 #   SIDE_JOB='bash scripts/bench_queue.sh' ... bash scripts/train_reference_h200.sh start
 #
 # BENCHES picks and orders them (default: all). A failing benchmark does not stop the others.
+# "train4d" in BENCHES trains the 4D model for $M4D_MINUTES (default 12) into $dest/m4d (37 MB of weights).
 set -uo pipefail
 dest=${SIDE_OUT:-${OUT:-/tmp/out}}
 mkdir -p "$dest"
@@ -12,6 +13,7 @@ for bench in ${BENCHES:-quantized_quick attention vmoba paro rectified_psa}; do
     echo "== $bench $(date +%T)"
     case "$bench" in
     quantized_quick) python3 benchmarks/quantized_quick.py >"$dest/quantized_quick.txt" 2>&1 ;;
+    train4d) python3 -m vgen.models.train4d --out "$dest/m4d" --device cuda --minutes "${M4D_MINUTES:-12}" ;;
     attention) python3 benchmarks/attention.py --sweep --forward-only --out "$dest/attention.md" ;;
     *) python3 "benchmarks/$bench.py" --out "$dest/$bench.md" ;;
     esac

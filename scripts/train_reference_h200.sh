@@ -10,7 +10,8 @@
 #
 # On a machine with two GPUs, SIDE_JOB (a bash command) runs detached on GPU SIDE_GPU (default 1)
 # while training uses GPU TRAIN_GPU (default 0); it writes its results under $SIDE_OUT, which every
-# call packs into $OUT/side.tar (so a call that ends early still brings back what is done).
+# call packs into $OUT/side.tar.part-* (so a call that ends early still brings back what is done).
+# At most 8 files come back from $OUT: the reference model takes 4 pieces, which leaves 4 for the side job.
 set -euo pipefail
 RUN=${RUN:-build/train}
 ARGS=${TRAIN_ARGS:---device cuda --minutes 17 --vae-minutes 3}
@@ -51,8 +52,11 @@ esac
 pid=$(cat "$RUN/pid")
 side_pid=$(cat "$RUN/side.pid" 2>/dev/null || echo 0)
 alive() { [[ "$1" != 0 ]] && kill -0 "$1" 2>/dev/null; }
-pack_side() {  # whatever the side job has written so far
-    if [[ -f "$RUN/side.pid" ]]; then tar -C "$RUN" -cf "$OUT/side.tar" side; fi
+pack_side() {  # whatever the side job has written so far, in 15 MB pieces (cat side.tar.part-* | tar -x)
+    if [[ -f "$RUN/side.pid" ]]; then
+        rm -f "$OUT"/side.tar.part-*
+        tar -C "$RUN" -cf - side | split -b 15M - "$OUT/side.tar.part-"
+    fi
 }
 while { alive "$pid" || alive "$side_pid"; } && (($(date +%s) - began < POLL_UNTIL)); do
     sleep 30
