@@ -19,8 +19,9 @@ QUANTIZE = {"X": "*bf16", "MEAN": "*fp32", "OUT": "*i8", "SCALE": "*fp32", "leve
 QUANT_FWD = {"Q": "*i8", "K": "*i8", "VT": "*i8", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": "*bf16",
              "KV_NUM": "*i32", "KV_IDX": "*i32", "qk_scale": "fp32", "p_levels": "fp32"}  # fmt: skip
 KERNELS = [
-    (selection._segment_means_kernel, {"X": "*bf16", "STARTS": "*i64", "SIZES": "*i64", "OUT": "*fp32"},
-     {"D": 128, "BLOCK_D": 128, "BLOCK_T": 32}, 4, 1),
+    (selection._segment_means_kernel, {"X": "*bf16", "STARTS": "*i64", "SIZES": "*i64", "OUT": "*fp32",
+                                       "SPREAD": "*fp32"}, {"D": 128, "BLOCK_D": 128, "BLOCK_T": 32,
+                                                            "WITH_SPREAD": True}, 4, 1),
     (selection._global_cut_kernel, {"S": "*fp32", "KEEP": "*i8", "threshold": "fp32", "count": "fp32"},
      {"BY_MASS": True, "BLOCK": 1024}, 8, 1),
     (selection._global_cut_kernel, {"S": "*fp32", "KEEP": "*i8", "threshold": "fp32", "count": "fp32"},

@@ -123,15 +123,14 @@ def test_rectified_in_a_pipeline_and_errors(tmp_path):
 @pytest.mark.parametrize("pooled_kept,compensate", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("heads_in_keep", [1, 2])
 def test_pooled_correction_kernel_matches_its_reference(pooled_kept, compensate, heads_in_keep):
-    from vgen.attention.common import block_means
-    from vgen.attention.rectified import _key_spread
+    from vgen.attention.common import block_means, block_moments
     from vgen.kernels.pooled import pooled_correction, pooled_correction_reference
 
     torch.manual_seed(int(pooled_kept) + 2 * int(compensate) + heads_in_keep)
     q, k, v = (torch.randn(2, 150, 2, 40) for _ in range(3))  # ragged last block, head_dim 40
     out, lse = torch.randn(2, 150, 2, 40), torch.randn(2, 2, 150)
-    k_mean, counts = block_means(k, 32)
-    spread = _key_spread(k, k_mean, 32) * torch.rand(2, 2, 5) * 0.5  # some blocks pass the gain test
+    k_mean, counts, spread = block_moments(k, 32)
+    spread = spread * torch.rand(2, 2, 5) * 0.5  # some blocks pass the gain test
     keep = torch.rand(2, heads_in_keep, 5, 5) < 0.5
     args = (q, out, lse, k_mean, block_means(v, 32)[0], counts.log(), spread, keep)
     kwargs = dict(row_block=32, scale=0.3, pooled_kept=pooled_kept, compensate=compensate, tolerance=2.0)

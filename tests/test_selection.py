@@ -23,6 +23,11 @@ def test_segment_means_match_the_reference(dtype):
     torch.testing.assert_close(got, segment_means_reference(x, starts, sizes), rtol=1e-5, atol=1e-5)
     strided = torch.randn(2, 3, 300, 40).transpose(1, 2)  # non-contiguous sequence stride
     torch.testing.assert_close(segment_means(strided, starts, sizes), segment_means_reference(strided, starts, sizes))
+    offset = strided + 5.0  # a shared offset, as keys have: the spread must not lose it to cancellation
+    means, spread = segment_means(offset, starts, sizes, with_spread=True)
+    ref_means, ref_spread = segment_means_reference(offset, starts, sizes, with_spread=True)
+    torch.testing.assert_close(means, ref_means)
+    torch.testing.assert_close(spread, ref_spread, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 7), (2, 3, 37, 11), (1, 2, 64, 40)])
@@ -83,3 +88,15 @@ def test_psa_levels_by_cuts_match_levels_by_sorting(monkeypatch):
         by_sorting = psa.assign_levels(importance, budget, proportions, always)
         monkeypatch.undo()
         assert torch.equal(by_cuts, by_sorting), (budget, proportions)
+
+
+def test_block_moments_kernel_and_pytorch_paths_agree(monkeypatch):
+    import vgen.attention.common as common
+
+    torch.manual_seed(4)
+    x = torch.randn(1, 150, 2, 24) + 3.0  # ragged last block
+    kernel = common.block_moments(x, 32)
+    monkeypatch.setattr(common, "use_triton", lambda _: False)
+    torch_path = common.block_moments(x, 32)
+    for a, b in zip(kernel, torch_path, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -13,7 +13,7 @@ from vgen.kernels.quantized import quantized_attention
 from vgen.kernels.runtime import use_triton
 from vgen.kernels.selection import segment_means
 
-__all__ = ["block_means", "check_self_attention", "key_lengths", "run_block_sparse", "text_blocks"]
+__all__ = ["block_means", "block_moments", "check_self_attention", "key_lengths", "run_block_sparse", "text_blocks"]
 
 
 _LENGTHS_CACHE: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, list[int]]] = {}
@@ -117,6 +117,23 @@ def block_means(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, blocks * block - seq))
     means = padded.view(batch, blocks, block, heads, dim).sum(2) / counts.view(1, -1, 1, 1)
     return means.transpose(1, 2), counts
+
+
+def block_moments(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`block_means`' means ``[B, H, M, D]`` and counts ``[M]``, and each block's mean squared
+    distance of its tokens to their mean, fp32 ``[B, H, M]`` (one Triton pass where Triton runs)."""
+    if use_triton(x):
+        starts, counts = _block_starts(x.shape[1], block, x.device)
+        means, spread = segment_means(x, starts, counts, with_spread=True)
+        return means, counts.float(), spread
+    means, counts = block_means(x, block)
+    batch, seq, heads, dim = x.shape
+    blocks = means.shape[2]
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, blocks * block - seq))
+    tiles = padded.view(batch, blocks, block, heads, dim) - means.transpose(1, 2)[:, :, None]
+    valid = (torch.arange(blocks * block, device=x.device) < seq).view(1, blocks, block, 1)
+    spread = ((tiles.square().sum(-1) * valid).sum(2) / counts.view(1, -1, 1)).transpose(1, 2)
+    return means, counts, spread
 
 
 @functools.lru_cache(maxsize=64)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from vgen.attention.block_mask import BlockMask
-from vgen.attention.common import block_means, check_self_attention, key_lengths, text_blocks
+from vgen.attention.common import block_means, block_moments, check_self_attention, key_lengths, text_blocks
 from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
 from vgen.kernels import block_sparse_attention
@@ -79,17 +79,6 @@ class RectifiedConfig(MethodConfig):
             raise ValueError(f"error_tolerance must be >= 0, got {self.error_tolerance!r}")
         if not isinstance(self.head_group, int) or self.head_group < 1:
             raise ValueError(f"head_group must be a positive int, got {self.head_group!r}")
-
-
-def _key_spread(k: torch.Tensor, k_mean: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean squared distance of each block's keys to their mean, fp32 ``[B, H, M]``."""
-    batch, seq, heads, dim = k.shape
-    blocks = k_mean.shape[2]
-    padded = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, blocks * block - seq))
-    tiles = padded.view(batch, blocks, block, heads, dim) - k_mean.transpose(1, 2)[:, :, None]
-    valid = (torch.arange(blocks * block, device=k.device) < seq).view(1, blocks, block, 1)
-    counts = (seq - torch.arange(0, seq, block, device=k.device)).clamp(max=block).float()
-    return ((tiles.square().sum(-1) * valid).sum(2) / counts.view(1, -1, 1)).transpose(1, 2)
 
 
 def _select(
@@ -139,8 +128,7 @@ def rectified_attention(
     out, lse = block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True)  # lse [B, H, S]
     if not (rectify_kept or compensate_dropped):
         return out
-    k_mean, counts = block_means(k, block_size)
-    k_spread = _key_spread(k, k_mean, block_size)
+    k_mean, counts, k_spread = block_moments(k, block_size)
     v_mean = block_means(v, block_size)[0]
     correct = pooled_correction if use_triton(q) else pooled_correction_reference
     extra = {} if use_triton(q) else {"head_group": head_group}

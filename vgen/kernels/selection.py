@@ -36,10 +36,10 @@ __all__ = [
 
 @triton.jit
 def _segment_means_kernel(
-    X, STARTS, SIZES, OUT,
+    X, STARTS, SIZES, OUT, SPREAD,
     s_xb, s_xs, s_xh,
     H, C,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, WITH_SPREAD: tl.constexpr,
 ):  # fmt: skip
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -49,35 +49,53 @@ def _segment_means_kernel(
     m_d = o_d < D
     base = X + i_b * s_xb + i_h * s_xh
     b_sum = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    b_sq = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for t in range(0, size, BLOCK_T):
         o_t = t + tl.arange(0, BLOCK_T)
         tile = (o_t < size)[:, None] & m_d[None, :]
-        b_sum += tl.load(base + (start + o_t)[:, None] * s_xs + o_d[None, :], mask=tile, other=0.0).to(tl.float32)
-    b_mean = tl.sum(b_sum, 0) / tl.maximum(size, 1).to(tl.float32)
+        b_x = tl.load(base + (start + o_t)[:, None] * s_xs + o_d[None, :], mask=tile, other=0.0).to(tl.float32)
+        b_sum += b_x
+        if WITH_SPREAD:
+            b_sq += b_x * b_x
+    count = tl.maximum(size, 1).to(tl.float32)
+    b_mean = tl.sum(b_sum, 0) / count
     tl.store(OUT + (i_bh * C + i_c) * D + o_d, b_mean, mask=m_d)
+    if WITH_SPREAD:  # mean squared distance to the mean: E|x|^2 - |E x|^2
+        spread = tl.sum(tl.sum(b_sq, 0), 0) / count - tl.sum(b_mean * b_mean, 0)
+        tl.store(SPREAD + i_bh * C + i_c, tl.maximum(spread, 0.0))
 
 
-def segment_means(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+def segment_means(
+    x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, *, with_spread: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``[B, H, C, D]``: the mean of ``x[:, starts[c] : starts[c] + sizes[c]]`` for each ``c``.
 
     Args:
         x: ``[B, S, H, D]``, any strides with a unit last stride.
         starts, sizes: int ``[C]`` on ``x``'s device; every segment inside ``[0, S)``, sizes >= 1.
+        with_spread: also return fp32 ``[B, H, C]``, each segment's mean squared distance to its mean.
     """
     batch, _, heads, dim = x.shape
     chunks = starts.numel()
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(batch, heads, chunks, dim, device=x.device, dtype=torch.float32)
+    spread = torch.empty(batch, heads, chunks, device=x.device, dtype=torch.float32) if with_spread else out
     _segment_means_kernel[(chunks, batch * heads)](
-        x, starts, sizes, out, x.stride(0), x.stride(1), x.stride(2), heads, chunks,
-        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_T=32, num_warps=4,
+        x, starts, sizes, out, spread, x.stride(0), x.stride(1), x.stride(2), heads, chunks,
+        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_T=32, WITH_SPREAD=with_spread, num_warps=4,
     )  # fmt: skip
-    return out
+    return (out, spread) if with_spread else out
 
 
-def segment_means_reference(x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    means = [x[:, s : s + n].float().mean(1) for s, n in zip(starts.tolist(), sizes.tolist(), strict=True)]
-    return torch.stack(means, 1).transpose(1, 2)  # [B, H, C, D]
+def segment_means_reference(
+    x: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, *, with_spread: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    segments = [x[:, s : s + n].float() for s, n in zip(starts.tolist(), sizes.tolist(), strict=True)]
+    means = torch.stack([seg.mean(1) for seg in segments], 1)  # [B, C, H, D]
+    if not with_spread:
+        return means.transpose(1, 2)
+    spread = torch.stack([(seg - seg.mean(1, keepdim=True)).square().sum(-1).mean(1) for seg in segments], 1)
+    return means.transpose(1, 2), spread.transpose(1, 2)  # [B, H, C, D], [B, H, C]
 
 
 # ----------------------------------------------------------------------------- global cut
