@@ -132,3 +132,32 @@ def test_torchrun_generate_writes_once(tmp_path):
               "--out", str(out)]  # fmt: skip
     bad = subprocess.run(single, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "needs that many processes" in bad.stderr
+
+
+def skyreels_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from vgen import VideoPipeline
+        from vgen.pipelines.tiny import tiny_call_kwargs
+
+        pipe = VideoPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
+        pipe.enable_parallelism()
+        kwargs = {k: v for k, v in tiny_call_kwargs("skyreels").items() if k != "output_type"}
+        np.save(out.replace(".npy", f"-{rank}.npy"), pipe("a red circle moves left", progress=False, **kwargs))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vgen_plan_for_skyreels_diffusion_forcing(tmp_path):
+    """SkyReels-V2 ships no context-parallel plan; vgen's handles its per-token (diffusion forcing) modulation."""
+    from vgen import VideoPipeline
+    from vgen.pipelines.tiny import save_tiny_pipeline, tiny_call_kwargs
+
+    folder = save_tiny_pipeline("skyreels", tmp_path / "sky")
+    kwargs = {k: v for k, v in tiny_call_kwargs("skyreels").items() if k != "output_type"}
+    pipe = VideoPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
+    single = pipe("a red circle moves left", progress=False, **kwargs)
+    mp.spawn(skyreels_worker, args=(2, free_port(), str(folder), str(tmp_path / "v.npy")), nprocs=2)
+    for rank in (0, 1):
+        np.testing.assert_allclose(np.load(tmp_path / f"v-{rank}.npy"), single, atol=1e-5)

@@ -23,7 +23,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
-__all__ = ["enable_context_parallel", "init_from_environment", "is_main_process"]
+__all__ = ["PLANS", "enable_context_parallel", "init_from_environment", "is_main_process"]
 
 
 def init_from_environment() -> bool:
@@ -58,6 +58,28 @@ def _resolve_on_cpu(model: torch.nn.Module, config):
     return config
 
 
+def _skyreels_v2_plan(transformer: torch.nn.Module) -> dict:
+    """SkyReels-V2 ships no plan: Wan's layout (split the first block's tokens and the RoPE tables), with
+    diffusion forcing's per-token modulation ``[B, 6, S, C]`` split for every block, and the tokens
+    gathered after ``norm_out`` (its per-token shift and scale need the whole sequence)."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    plan: dict = {
+        "rope": {0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+                 1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True)},
+        "blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)},
+        "norm_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }  # fmt: skip
+    for i in range(len(transformer.blocks)):
+        per_token = ContextParallelInput(split_dim=2, expected_dims=4, split_output=False)
+        plan.setdefault(f"blocks.{i}", {})["temb"] = per_token
+    return plan
+
+
+# Context-parallel plans for transformers whose diffusers class has none.
+PLANS = {"SkyReelsV2Transformer3DModel": _skyreels_v2_plan}
+
+
 def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None = None, ring: int = 1) -> None:
     """Spread ``transformer``'s sequence over the ranks of the default process group (Ulysses).
 
@@ -82,13 +104,16 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
     heads = getattr(transformer.config, "num_attention_heads", None)
     if heads is not None and heads % ulysses:
         raise ValueError(f"ulysses={ulysses} must divide the transformer's {heads} attention heads")
-    if getattr(transformer, "_cp_plan", None) is None:
-        raise ValueError(f"{type(transformer).__name__} has no context-parallel plan in diffusers")
+    name = type(transformer).__name__
+    plan = PLANS[name](transformer) if name in PLANS else None
+    if plan is None and getattr(transformer, "_cp_plan", None) is None:
+        raise ValueError(f"{name} has no context-parallel plan in diffusers or in vgen "
+                         f"(vgen adds: {', '.join(sorted(PLANS))})")  # fmt: skip
     config = ContextParallelConfig(ulysses_degree=ulysses)
     if torch.accelerator.device_count() == 0:
         from diffusers.models.modeling_utils import ModelMixin
 
         with mock.patch.object(ModelMixin, "_resolve_parallel_config", _resolve_on_cpu):
-            transformer.enable_parallelism(config=config)
+            transformer.enable_parallelism(config=config, cp_plan=plan)
     else:
-        transformer.enable_parallelism(config=config)
+        transformer.enable_parallelism(config=config, cp_plan=plan)
