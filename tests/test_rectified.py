@@ -136,3 +136,14 @@ def test_pooled_correction_kernel_matches_its_reference(pooled_kept, compensate,
     kwargs = dict(row_block=32, scale=0.3, pooled_kept=pooled_kept, compensate=compensate, tolerance=2.0)
     expected = pooled_correction_reference(*args, **kwargs)
     torch.testing.assert_close(pooled_correction(*args, **kwargs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pooled_kernel_refuses_gradients():
+    from vgen.attention.common import block_moments
+    from vgen.kernels.pooled import pooled_correction
+
+    q = torch.randn(1, 64, 1, 16, requires_grad=True)
+    k_mean, counts, spread = block_moments(torch.randn(1, 64, 1, 16), 32)
+    with pytest.raises(ValueError, match="forward only"):
+        pooled_correction(q, torch.randn(1, 64, 1, 16), torch.randn(1, 1, 64), k_mean, k_mean, counts.log(), spread,
+                          torch.ones(1, 1, 2, 2, dtype=torch.bool), row_block=32, scale=0.25)  # fmt: skip

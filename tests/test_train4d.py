@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from vgen.models import eval4d, train4d
@@ -31,3 +32,13 @@ def test_evaluation_scores_an_oracle_reconstruction(monkeypatch):
     oracle(pipe, radius=0.25, shift=(0.0, 0.0, 0.0))
     result = eval4d.evaluate(pipe, sequences=1, frames=2, points=32, steps=1, resolution=16, chamfer_samples=2000)
     assert 0.0 <= result["iou"] <= 1.0 and result["chamfer_l1"] > 0 and np.isfinite(result["correspondence_l2"])
+
+
+def test_time_budget_gives_each_stage_its_share():
+    import time
+
+    settings = train4d.Train4DSettings(config="tiny", minutes=20.0, shares=(0.3, 0.25, 0.15, 0.3))
+    # 660 s gone (the first two stages' 55% of 1200 s): the third gets 0.15 / 0.45 of the 540 s left
+    steps = train4d._steps(settings, 2, step_seconds=0.1, began=time.time() - 660)
+    assert abs(steps - 1800) <= 20
+    assert train4d._steps(settings, 3, step_seconds=0.1, began=time.time() - 840) == pytest.approx(3600, abs=40)

@@ -19,9 +19,11 @@ from scipy.spatial import cKDTree
 __all__ = ["chamfer_l1", "correspondence_l2", "inside_mesh", "iou", "sample_surface"]
 
 
-def inside_mesh(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """bool ``[Q]``: generalized winding number of the mesh at each point >= 1/2 (torch, chunked)."""
+def inside_mesh(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, chunk: int | None = None) -> np.ndarray:
+    """bool ``[Q]``: generalized winding number of the mesh at each point >= 1/2 (torch, chunked: by
+    default about 1 GiB of float64 temporaries per chunk)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    chunk = chunk or max(1, 2**27 // (12 * max(1, len(faces))))
     tri = torch.as_tensor(vertices, dtype=torch.float64, device=device)[torch.as_tensor(faces, device=device)]
     out = []
     for start in range(0, len(points), chunk):

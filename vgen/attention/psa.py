@@ -92,15 +92,17 @@ def _shares(budget: float, proportions: tuple[float, ...]) -> list[float]:
 def assign_levels(
     importance: torch.Tensor, budget: float, proportions: tuple[float, ...], always_full: torch.Tensor
 ) -> torch.Tensor:
-    """int64 ``[B, H, M, M]`` pool factors (0: skip) from importance ``[B, H, M, M]`` (see module doc).
+    """int64 ``[B, H, M, M]`` pool factors (0: skip) from importance ``[B, H, M, M]`` (see module doc): any
+    score with the importance's order (psa passes the pooled logits; their softmax has the same order).
 
     ``always_full``: bool ``[M, M]`` pairs read in full whatever their rank.
     """
     batch, heads, rows, cols = importance.shape
     if use_triton(importance):  # four sort-free cuts by count instead of two sorts
-        # rank r (0 = best) sits at level index #{bounds <= r + 0.5}: in the top ceil(bound - 0.5) or not
+        # rank r (0 = best) sits at level index #{bounds < r + 0.5} (bucketize, right=False): level j holds
+        # the top floor(bound_j + 0.5) pairs
         bounds = itertools.accumulate(share * rows * cols for share in _shares(budget, proportions))
-        index = sum((~global_cut(importance, count=max(0, math.ceil(b - 0.5)))).long() for b in bounds)
+        index = sum((~global_cut(importance, count=max(0, math.floor(b + 0.5)))).long() for b in bounds)
         factors = _level_factors(importance.device)[index]
         return torch.where(always_full, torch.ones_like(factors), factors)
     flat = importance.reshape(batch, heads, rows * cols)
@@ -166,10 +168,10 @@ class PyramidSparseAttention(AttentionMethod):
             q_mean, counts = block_means(q, block)
             k_mean = block_means(k, block)[0]
             scores = torch.einsum("bhmd,bhnd->bhmn", q_mean, k_mean) * scale + counts.log()
-            importance = scores.flatten(-2).softmax(-1).view(scores.shape)
             text = text_blocks(layout, block, q.device)
             always = torch.eye(blocks, dtype=torch.bool, device=q.device) | text[:, None] | text[None, :]
-            levels = assign_levels(importance, c.budget, c.proportions, always)
+            # ranked by the pooled logits: the same order as their softmax, without the ties of underflowed zeros
+            levels = assign_levels(scores, c.budget, c.proportions, always)
             if seq % block:  # the ragged last key block is read in full or not at all
                 last = levels[..., -1]
                 levels[..., -1] = torch.where(last > 1, torch.ones_like(last), last)

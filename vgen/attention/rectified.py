@@ -130,8 +130,11 @@ def rectified_attention(
         return out
     k_mean, counts, k_spread = block_moments(k, block_size)
     v_mean = block_means(v, block_size)[0]
-    correct = pooled_correction if use_triton(q) else pooled_correction_reference
-    extra = {} if use_triton(q) else {"head_group": head_group}
+    # the kernel is forward only: training (gradients wanted) takes the PyTorch path
+    differentiate = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    kernel = use_triton(q) and not differentiate
+    correct = pooled_correction if kernel else pooled_correction_reference
+    extra = {} if kernel else {"head_group": head_group}
     return correct(
         q, out, lse, k_mean, v_mean, counts.log(), k_spread, keep, row_block=block_size, scale=scale,
         pooled_kept=rectify_kept, compensate=compensate_dropped, tolerance=error_tolerance, **extra,

@@ -273,11 +273,14 @@ def make_shape(seed: int, kind: str | None = None) -> DeformingShape:
 
 
 def _fit(shape: DeformingShape, rng: np.random.Generator) -> DeformingShape:
-    """Scale the shape so that its surface stays inside the cube at 64 times across [0, 1]."""
+    """Scale the shape so that its surface stays inside the cube at 64 times across [0, 1]: the scale
+    shrinks the shape, not its drift, so each coordinate is at most scale x (rotated extent) + |drift|."""
     rest = shape.rest_surface(4096, rng)
     times = np.linspace(0, 1, 64)
-    extent = max(np.abs(shape.pose(rest, t)).max() for t in times)
-    return DeformingShape(**{**shape.__dict__, "scale": 0.95 * _BOX / extent})
+    drifts = [shape._rigid(t)[1] for t in times]
+    extent = max(np.abs(shape.pose(rest, t) - drift).max() for t, drift in zip(times, drifts, strict=True))
+    drift = max(np.abs(d).max() for d in drifts)
+    return DeformingShape(**{**shape.__dict__, "scale": (0.95 * _BOX - drift) / extent})
 
 
 def sample_sequence(

@@ -44,9 +44,10 @@ def _pooled_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < S, o_d < D
     tile = m_m[:, None] & m_d[None, :]
-    b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :], mask=tile, other=0.0)
+    b_q = tl.load(Q + i_b.to(tl.int64) * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :], mask=tile, other=0.0)
     b_q = b_q.to(tl.float32)
-    b_o = tl.load(SPARSE + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :], mask=tile, other=0.0)
+    b_o = tl.load(SPARSE + i_b.to(tl.int64) * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :], mask=tile,
+                  other=0.0)  # fmt: skip
     b_o = b_o.to(tl.float32)
     b_lse = tl.load(LSE + i_bh * S + o_m, mask=m_m, other=0.0) * _LOG2E  # base 2 from here on
     b_q_norm2 = tl.sum(b_q * b_q, 1)
@@ -98,8 +99,8 @@ def _pooled_kernel(
         b_res = (b_o * b_kept[:, None] + b_acc) / b_all[:, None]
     else:
         b_res = b_acc / b_all[:, None]
-    tl.store(OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :], b_res.to(OUT.dtype.element_ty),
-             mask=tile)  # fmt: skip
+    tl.store(OUT + i_b.to(tl.int64) * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :],
+             b_res.to(OUT.dtype.element_ty), mask=tile)  # fmt: skip
 
 
 def _check(q, out, lse, k_mean, v_mean, log_counts, spread, keep, row_block):
@@ -140,6 +141,9 @@ def pooled_correction(
         keep: bool ``[B|1, H|1, Mq, M]``, the kept blocks of each query block of ``row_block`` tokens.
     """
     _check(q, out, lse, k_mean, v_mean, log_counts, spread, keep, row_block)
+    if torch.is_grad_enabled() and (q.requires_grad or out.requires_grad):
+        raise ValueError("pooled_correction is forward only; use pooled_correction_reference to differentiate")
+    q, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, out))
     b, s, h, d = q.shape
     m = k_mean.shape[2]
     keep8 = keep.to(torch.int8)

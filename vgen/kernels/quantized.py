@@ -107,21 +107,24 @@ def _quantize_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     tile = (o_s < S)[:, None] & m_d[None, :]
-    b_x = tl.load(X + i_b * s_xb + i_h * s_xh + o_s[:, None] * s_xs + o_d[None, :], mask=tile, other=0).to(tl.float32)
+    b_x = tl.load(X + i_b.to(tl.int64) * s_xb + i_h * s_xh + o_s[:, None] * s_xs + o_d[None, :], mask=tile, other=0)
+    b_x = b_x.to(tl.float32)
     if SMOOTH:
         b_x = tl.where(tile, b_x - tl.load(MEAN + i_bh * D + o_d, mask=m_d, other=0.0)[None, :], 0.0)
     b_a = tl.abs(b_x)
+    # divisions rounded exactly (div_rn), as PyTorch's: compiled '/' is approximate on NVIDIA GPUs, and a
+    # code at a .5 boundary would then differ by one from quantize_blocks
     if PER_CHANNEL:
-        b_scale = tl.maximum(tl.max(b_a, 0) / levels, 1e-12)
+        b_scale = tl.maximum(tl.math.div_rn(tl.max(b_a, 0), levels), 1e-12)
         tl.store(SCALE + (i_bh * M + i_m) * D + o_d, b_scale, mask=m_d)
-        b_y = b_x / b_scale[None, :]
+        b_y = tl.math.div_rn(b_x, b_scale[None, :])
     else:
-        b_scale = tl.maximum(tl.max(tl.max(b_a, 1), 0) / levels, 1e-12)
+        b_scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(b_a, 1), 0), levels), 1e-12)
         tl.store(SCALE + i_bh * M + i_m, b_scale)
-        b_y = b_x / b_scale
+        b_y = tl.math.div_rn(b_x, b_scale + tl.zeros_like(b_x))
     b_r = tl.where(b_y >= 0, tl.floor(b_y + 0.5), -tl.floor(0.5 - b_y))
     b_r = tl.minimum(tl.maximum(b_r, -levels), levels)
-    p_o = OUT + i_b * s_ob + i_h * s_oh + o_s[:, None] * s_os + o_d[None, :] * s_od
+    p_o = OUT + i_b.to(tl.int64) * s_ob + i_h * s_oh + o_s[:, None] * s_os + o_d[None, :] * s_od
     tl.store(p_o, b_r.to(tl.int8), mask=tile)
 
 
@@ -196,7 +199,8 @@ def _quant_fwd_kernel(
         # P is quantised per (row, key tile) against the tile row's maximum: p / max does not depend on
         # the running maximum, and tiles far below the row's maximum keep their resolution
         b_pmax = tl.maximum(tl.max(b_p, 1), 1e-30)
-        b_shifted = b_p * (p_levels / b_pmax)[:, None] + _MAGIC_F  # rounds p / max * P to an integer in [0, P]
+        b_ratio = tl.math.div_rn(p_levels + tl.zeros_like(b_pmax), b_pmax)  # exact, as the reference's
+        b_shifted = b_p * b_ratio[:, None] + _MAGIC_F  # rounds p / max * P to an integer in [0, P]
         b_pt = b_shifted - _MAGIC_F  # that integer as fp32, for the row sums
         b_pq = (b_shifted.to(tl.int32, bitcast=True) - _MAGIC_I).to(tl.int8)  # and as int8, for the MMA
         b_pscale = b_pmax / p_levels

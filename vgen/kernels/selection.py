@@ -47,21 +47,24 @@ def _segment_means_kernel(
     size = tl.load(SIZES + i_c)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    base = X + i_b * s_xb + i_h * s_xh
+    base = X + i_b.to(tl.int64) * s_xb + i_h * s_xh
+    # sums of x - x[start]: keys share large offsets, and E|x|^2 - |E x|^2 would cancel them away in fp32
+    b_ref = tl.load(base + start * s_xs + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_sum = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     b_sq = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for t in range(0, size, BLOCK_T):
         o_t = t + tl.arange(0, BLOCK_T)
         tile = (o_t < size)[:, None] & m_d[None, :]
         b_x = tl.load(base + (start + o_t)[:, None] * s_xs + o_d[None, :], mask=tile, other=0.0).to(tl.float32)
+        b_x = tl.where(tile, b_x - b_ref[None, :], 0.0)
         b_sum += b_x
         if WITH_SPREAD:
             b_sq += b_x * b_x
     count = tl.maximum(size, 1).to(tl.float32)
-    b_mean = tl.sum(b_sum, 0) / count
-    tl.store(OUT + (i_bh * C + i_c) * D + o_d, b_mean, mask=m_d)
-    if WITH_SPREAD:  # mean squared distance to the mean: E|x|^2 - |E x|^2
-        spread = tl.sum(tl.sum(b_sq, 0), 0) / count - tl.sum(b_mean * b_mean, 0)
+    b_shift = tl.sum(b_sum, 0) / count  # mean - x[start]
+    tl.store(OUT + (i_bh * C + i_c) * D + o_d, b_shift + b_ref, mask=m_d)
+    if WITH_SPREAD:  # mean squared distance to the mean, shift-invariant: E|y|^2 - |E y|^2 with y = x - x[start]
+        spread = tl.sum(tl.sum(b_sq, 0), 0) / count - tl.sum(b_shift * b_shift, 0)
         tl.store(SPREAD + i_bh * C + i_c, tl.maximum(spread, 0.0))
 
 

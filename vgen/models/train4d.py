@@ -117,7 +117,7 @@ def render_data(settings: Train4DSettings) -> dict[str, torch.Tensor]:
 def _steps(settings: Train4DSettings, stage: int, step_seconds: float, began: float) -> int:
     if settings.minutes is None:
         return settings.steps[stage]
-    remaining = settings.minutes * 60 * sum(settings.shares[stage:]) / sum(settings.shares) - (time.time() - began)
+    remaining = settings.minutes * 60 - (time.time() - began)  # what this and the later stages have left
     share = settings.shares[stage] / sum(settings.shares[stage:])
     return max(1, int(remaining * share / step_seconds))
 
