@@ -161,3 +161,14 @@ def test_vgen_plan_for_skyreels_diffusion_forcing(tmp_path):
     mp.spawn(skyreels_worker, args=(2, free_port(), str(folder), str(tmp_path / "v.npy")), nprocs=2)
     for rank in (0, 1):
         np.testing.assert_allclose(np.load(tmp_path / f"v-{rank}.npy"), single, atol=1e-5)
+
+
+def test_a_token_count_the_ranks_cannot_split_is_named(tmp_path):
+    from vgen import VideoPipeline
+    from vgen.models import TINY, build_reference_pipeline, save_pipeline
+
+    folder = save_pipeline(build_reference_pipeline(TINY, seed=3), tmp_path / "m", dtype=torch.float32)
+    pipe = VideoPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
+    pipe._parallel_ranks = 7  # as enable_parallelism records it
+    with pytest.raises(ValueError, match="do not split over 7 processes"):
+        pipe("a red circle moves left", num_frames=9, height=64, width=64, num_inference_steps=1, progress=False)

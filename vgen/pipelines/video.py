@@ -225,7 +225,13 @@ class VideoPipeline:
         defaults = call_defaults(self.pipeline)
         sizes = {"num_frames": num_frames, "height": height, "width": width}
         sizes = {k: defaults[k] if v is None else v for k, v in sizes.items()}
-        self.token_grid(**sizes)
+        grid = self.token_grid(**sizes)
+        ranks = getattr(self, "_parallel_ranks", 1)
+        if grid.num_video_tokens % ranks:
+            raise ValueError(
+                f"{grid.num_video_tokens} video tokens ({grid.frames}x{grid.height}x{grid.width}) do not split over "
+                f"{ranks} processes: pick num_frames/height/width whose token count {ranks} divides"
+            )
         args = dict(sizes, **kwargs)
         if num_inference_steps is not None:
             args["num_inference_steps"] = num_inference_steps
@@ -251,6 +257,7 @@ class VideoPipeline:
             model = getattr(self.pipeline, name, None)
             if model is not None:
                 enable_context_parallel(model, ulysses=ulysses, ring=ring)
+        self._parallel_ranks = torch.distributed.get_world_size()
 
     def disable_sparse_attention(self) -> None:
         """Back to stock diffusers attention, exactly."""
