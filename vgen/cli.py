@@ -32,7 +32,7 @@ def _generate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif", ".png"):
         raise ValueError(f"--out must end in .mp4, .gif or .png, got {args.out!r}")
-    parallel = init_from_environment()  # under torchrun: one process per GPU
+    parallel = init_from_environment(args.device)  # under torchrun: one process per GPU
     device = args.device
     if parallel and torch.cuda.is_available() and device in (None, "cuda"):
         device = f"cuda:{torch.cuda.current_device()}"

@@ -26,15 +26,17 @@ import torch.distributed as dist
 __all__ = ["PLANS", "enable_context_parallel", "init_from_environment", "is_main_process"]
 
 
-def init_from_environment() -> bool:
+def init_from_environment(device: str | None = None) -> bool:
     """Initialise the default process group from torchrun's environment (``WORLD_SIZE`` > 1);
-    returns whether this is a multi-process run. NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``), else gloo."""
+    returns whether this is a multi-process run. NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo
+    when there is no GPU or ``device`` is ``"cpu"``."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        cuda = torch.cuda.is_available() and device != "cpu"
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     return True
 
 
