@@ -78,6 +78,7 @@ def test_global_cut_counts_at_the_ends():
 
 def test_psa_levels_by_cuts_match_levels_by_sorting(monkeypatch):
     import vgen.attention.psa as psa
+    import vgen.kernels.selection as selection
 
     torch.manual_seed(3)
     importance = torch.rand(2, 3, 9, 9).flatten(-2).softmax(-1).view(2, 3, 9, 9)
@@ -85,7 +86,7 @@ def test_psa_levels_by_cuts_match_levels_by_sorting(monkeypatch):
     cases = ((0.1, (1.0, 2.0, 2.0, 5.0)), (0.3, (1.0, 0.0, 0.0, 0.0)), (0.7, (1.0, 1.0, 1.0, 1.0)))
     for budget, proportions in cases:
         by_cuts = psa.assign_levels(importance, budget, proportions, always)
-        monkeypatch.setattr(psa, "use_triton", lambda _: False)
+        monkeypatch.setattr(selection, "use_triton", lambda _: False)
         by_sorting = psa.assign_levels(importance, budget, proportions, always)
         monkeypatch.undo()
         assert torch.equal(by_cuts, by_sorting), (budget, proportions)
@@ -105,12 +106,13 @@ def test_block_moments_kernel_and_pytorch_paths_agree(monkeypatch):
 
 def test_psa_levels_at_a_half_integer_bound_and_with_peaked_scores(monkeypatch):
     import vgen.attention.psa as psa
+    import vgen.kernels.selection as selection
 
     torch.manual_seed(5)
     always = torch.zeros(5, 5, dtype=torch.bool)
     for scores in (torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5) * 40):  # budget 0.3 of 25 pairs: bound 7.5
         by_cuts = psa.assign_levels(scores, 0.3, (1.0, 0.0, 0.0, 0.0), always)
-        monkeypatch.setattr(psa, "use_triton", lambda _: False)
+        monkeypatch.setattr(selection, "use_triton", lambda _: False)
         by_sorting = psa.assign_levels(scores, 0.3, (1.0, 0.0, 0.0, 0.0), always)
         monkeypatch.undo()
         assert torch.equal(by_cuts, by_sorting)

@@ -33,7 +33,6 @@ from vgen.attention.registry import AttentionMethod, MethodConfig, register_meth
 from vgen.kernels import permute_tokens, unpermute_tokens
 from vgen.kernels.permute import curve_order
 from vgen.kernels.pyramid import LEVELS, pyramid_attention
-from vgen.kernels.runtime import use_triton
 from vgen.kernels.selection import global_cut
 
 __all__ = ["PSAConfig", "PyramidSparseAttention", "assign_levels"]
@@ -97,20 +96,12 @@ def assign_levels(
 
     ``always_full``: bool ``[M, M]`` pairs read in full whatever their rank.
     """
-    batch, heads, rows, cols = importance.shape
-    if use_triton(importance):  # four sort-free cuts by count instead of two sorts
-        # rank r (0 = best) sits at level index #{bounds < r + 0.5} (bucketize, right=False): level j holds
-        # the top floor(bound_j + 0.5) pairs
-        bounds = itertools.accumulate(share * rows * cols for share in _shares(budget, proportions))
-        index = sum((~global_cut(importance, count=max(0, math.floor(b + 0.5)))).long() for b in bounds)
-        factors = _level_factors(importance.device)[index]
-        return torch.where(always_full, torch.ones_like(factors), factors)
-    flat = importance.reshape(batch, heads, rows * cols)
-    rank = flat.argsort(-1, descending=True).argsort(-1)  # 0 = most important
-    bounds = torch.tensor(_shares(budget, proportions), device=importance.device).cumsum(0) * rows * cols
-    level_index = torch.bucketize(rank.float() + 0.5, bounds)  # 0..3 kept at that level, 4 skipped
-    factors = torch.tensor((*LEVELS, 0), device=importance.device)[level_index]
-    factors = factors.view(batch, heads, rows, cols)
+    rows, cols = importance.shape[-2:]
+    # rank r (0 = best) sits at level index #{bounds < r + 0.5} (bucketize, right=False): level j holds the
+    # top floor(bound_j + 0.5) pairs, so each level is one cut by count (a bisection on CUDA, a sort elsewhere)
+    bounds = itertools.accumulate(share * rows * cols for share in _shares(budget, proportions))
+    index = sum((~global_cut(importance, count=max(0, math.floor(b + 0.5)))).long() for b in bounds)
+    factors = _level_factors(importance.device)[index]
     return torch.where(always_full, torch.ones_like(factors), factors)
 
 

@@ -363,28 +363,16 @@ def select_dense_blocks(
         bool ``[B, H, Mq, Mk]``: the kept block pairs. Every query block also keeps the chunks
         it overlaps, text rows keep everything and text key blocks are kept by every row.
     """
-    batch, heads, rows, chunks = scores.shape
+    rows, chunks = scores.shape[-2:]
     if per_row:
         if selection != "topk":
             raise ValueError("per-row ranking is implemented for top-k selection only")
         keep = torch.zeros_like(scores, dtype=torch.bool)
         keep.scatter_(-1, scores.topk(min(topk, chunks), dim=-1).indices, True)
-    elif use_triton(scores):  # a bisection per head instead of a sort
-        if selection == "threshold":
-            keep = global_cut(scores, threshold=threshold)
-        else:
-            keep = global_cut(scores, count=topk * rows)
+    elif selection == "threshold":  # ranked over the whole head (a bisection on CUDA, a sort elsewhere)
+        keep = global_cut(scores, threshold=threshold)
     else:
-        flat = scores.reshape(batch, heads, rows * chunks)
-        order = flat.argsort(dim=-1, descending=True)
-        if selection == "threshold":
-            mass = flat.softmax(-1).gather(-1, order)
-            before = mass.cumsum(-1) - mass  # mass of the better pairs: keep while it is below the threshold
-            kept_sorted = before < threshold
-        else:
-            kept_sorted = torch.arange(rows * chunks, device=scores.device) < min(topk * rows, rows * chunks)
-            kept_sorted = kept_sorted.expand(batch, heads, -1)
-        keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, order, kept_sorted).view(scores.shape)
+        keep = global_cut(scores, count=topk * rows)
     keep |= plan.own
     blocks = (keep.float() @ plan.overlap) > 0  # [B, H, Mq, Mk]
     blocks |= plan.text_keys

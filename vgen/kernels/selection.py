@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vgen.kernels.runtime import use_triton
+
 __all__ = [
     "compact_rows",
     "compact_rows_reference",
@@ -173,7 +175,8 @@ def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: i
         count: keep the ``count`` best entries.
 
     Ties at the cut are all kept (a sort would break them by position). ``scores``: fp32
-    ``[B, H, ...]`` of finite values.
+    ``[B, H, ...]`` of finite values. Triton on CUDA or under the interpreter, else
+    :func:`global_cut_reference`.
     """
     if (threshold is None) == (count is None):
         raise ValueError("global_cut needs exactly one of threshold and count")
@@ -182,6 +185,8 @@ def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: i
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)  # (fp32 sums lose a mass tail)
     if count is not None and count <= 0:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if not use_triton(scores):
+        return global_cut_reference(scores, threshold=threshold, count=count)
     flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).contiguous().float()
     keep = torch.empty(flat.shape, dtype=torch.int8, device=scores.device)
     _global_cut_kernel[(flat.shape[0],)](
