@@ -13,7 +13,15 @@ from vgen.kernels.quantized import quantized_attention
 from vgen.kernels.runtime import use_triton
 from vgen.kernels.selection import segment_means
 
-__all__ = ["block_means", "block_moments", "check_self_attention", "key_lengths", "run_block_sparse", "text_blocks"]
+__all__ = [
+    "block_means",
+    "block_moments",
+    "block_starts",
+    "check_self_attention",
+    "key_lengths",
+    "run_block_sparse",
+    "text_blocks",
+]
 
 
 _LENGTHS_CACHE: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, list[int]]] = {}
@@ -99,7 +107,7 @@ def run_block_sparse(
 
 
 @functools.lru_cache(maxsize=64)
-def _block_starts(seq: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def block_starts(seq: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """int64 first token and token count of each run of ``block`` tokens (cached; read-only)."""
     starts = torch.arange(0, seq, block)
     return starts.to(device), (seq - starts).clamp(max=block).to(device)
@@ -110,7 +118,7 @@ def block_means(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor
     token count of each block ``[M]`` (the last block may be short)."""
     batch, seq, heads, dim = x.shape
     blocks = -(-seq // block)
-    starts, counts = _block_starts(seq, block, x.device)
+    starts, counts = block_starts(seq, block, x.device)
     if use_triton(x):  # one launch, no fp32 copy of x
         return segment_means(x, starts, counts), counts.float()
     counts = counts.float()
@@ -123,7 +131,7 @@ def block_moments(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     """:func:`block_means`' means ``[B, H, M, D]`` and counts ``[M]``, and each block's mean squared
     distance of its tokens to their mean, fp32 ``[B, H, M]`` (one Triton pass where Triton runs)."""
     if use_triton(x):
-        starts, counts = _block_starts(x.shape[1], block, x.device)
+        starts, counts = block_starts(x.shape[1], block, x.device)
         means, spread = segment_means(x, starts, counts, with_spread=True)
         return means, counts.float(), spread
     means, counts = block_means(x, block)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from vgen.attention.block_mask import BlockMask
-from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse, text_blocks
+from vgen.attention.common import block_starts, check_self_attention, key_lengths, run_block_sparse, text_blocks
 from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
 from vgen.kernels import block_sparse_attention, permute_tokens, unpermute_tokens
@@ -180,7 +180,6 @@ class ChunkPlan:
         text_queries: bool ``[Mq]``, query blocks holding a text token (they keep every key block).
         text_keys: bool ``[Mk]``, key blocks holding a text token (every query block keeps them).
         block_tokens: float32 ``([Mq], [Mk])``, tokens per block, for the density.
-        query_starts, query_sizes: int64 ``[Mq]``, each query block's first token and token count.
         log_sizes: float32 ``[C]``, the log of each chunk's token count (its score bonus).
     """
 
@@ -192,8 +191,6 @@ class ChunkPlan:
     text_queries: torch.Tensor
     text_keys: torch.Tensor
     block_tokens: tuple[torch.Tensor, torch.Tensor]
-    query_starts: torch.Tensor
-    query_sizes: torch.Tensor
     log_sizes: torch.Tensor
     layout: VideoLayout
     block_size: tuple[int, int]
@@ -249,8 +246,6 @@ def _plan(layout: VideoLayout, chunk: tuple[int, ...], block_size: tuple[int, in
         text_queries=text_queries,
         text_keys=text_keys,
         block_tokens=(tokens[0].to(device), tokens[1].to(device)),
-        query_starts=torch.arange(0, layout.seq_len, block_size[0], device=device),
-        query_sizes=tokens[0].long().to(device),
         log_sizes=sizes.float().log().to(device),
         layout=layout,
         block_size=block_size,
@@ -305,7 +300,7 @@ def _chunk_scores(q: torch.Tensor, k: torch.Tensor, plan: ChunkPlan, scale: floa
     begin = plan.layout.text_before
     video_k = k[:, begin : begin + plan.layout.num_video_tokens]
     if use_triton(q):  # two segment-mean launches
-        q_mean = segment_means(q, plan.query_starts, plan.query_sizes)  # [B, H, Mq, D]
+        q_mean = segment_means(q, *block_starts(q.shape[1], plan.block_size[0], q.device))  # [B, H, Mq, D]
         k_mean = segment_means(video_k, plan.starts, plan.sizes)  # [B, H, C, D]
         batch, heads, rows, dim = q_mean.shape
         scores = torch.baddbmm(plan.log_sizes, q_mean.view(-1, rows, dim), k_mean.flatten(0, 1).mT, alpha=scale)
