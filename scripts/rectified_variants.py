@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import vmoba  # noqa: E402  (benchmarks/vmoba.py: the capture)
 
-from vgen.attention.common import block_means, text_blocks  # noqa: E402
+from vgen.attention.common import block_means, diagonal_and_text_blocks  # noqa: E402
 from vgen.attention.rectified import _select, rectified_attention  # noqa: E402
 
 VARIANTS = {
@@ -55,8 +55,9 @@ def main() -> None:
             exact[:, :, h] = (q[:, :, h] @ k[:, :, h].mT * scale).softmax(-1) @ v[:, :, h]
         q_mean = block_means(q, args.block)[0]
         k_mean, counts = block_means(k, args.block)
+        always = diagonal_and_text_blocks(call.layout, args.block, q.device)
         for mass in args.masses:
-            keep = _select(q_mean, k_mean, counts, scale, mass, text_blocks(call.layout, args.block, q.device))
+            keep = _select(q_mean, k_mean, counts, scale, mass, always)
             errors = [
                 rel(rectified_attention(q, k, v, keep, block_size=args.block, scale=scale, **flags), exact)
                 for flags in VARIANTS.values()

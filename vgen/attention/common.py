@@ -18,6 +18,7 @@ __all__ = [
     "block_moments",
     "block_starts",
     "check_self_attention",
+    "diagonal_and_text_blocks",
     "key_lengths",
     "run_block_sparse",
     "text_blocks",
@@ -153,3 +154,11 @@ def text_blocks(layout: VideoLayout, block: int, device: torch.device) -> torch.
     blocks = torch.zeros(-(-layout.seq_len // block), dtype=torch.bool)
     blocks[position[is_text] // block] = True
     return blocks.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def diagonal_and_text_blocks(layout: VideoLayout, block: int, device: torch.device) -> torch.Tensor:
+    """bool ``[M, M]`` block pairs that pooled-selection methods always read: the diagonal, every pair of
+    a text query block and every pair with a text key block (cached per layout; read-only)."""
+    text = text_blocks(layout, block, device)
+    return torch.eye(len(text), dtype=torch.bool, device=device) | text[:, None] | text[None, :]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vgen.attention.common import block_means, check_self_attention, key_lengths, text_blocks
+from vgen.attention.common import block_means, check_self_attention, diagonal_and_text_blocks, key_lengths
 from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
 from vgen.kernels import permute_tokens, unpermute_tokens
@@ -154,13 +154,11 @@ class PyramidSparseAttention(AttentionMethod):
         if perm is not None:
             q, k, v = (permute_tokens(x, perm) for x in (q, k, v))
         seq, block = layout.seq_len, c.block_size
-        blocks = -(-seq // block)
         with torch.no_grad():
             q_mean, counts = block_means(q, block)
             k_mean = block_means(k, block)[0]
             scores = torch.einsum("bhmd,bhnd->bhmn", q_mean, k_mean) * scale + counts.log()
-            text = text_blocks(layout, block, q.device)
-            always = torch.eye(blocks, dtype=torch.bool, device=q.device) | text[:, None] | text[None, :]
+            always = diagonal_and_text_blocks(layout, block, q.device)
             # ranked by the pooled logits: the same order as their softmax, without the ties of underflowed zeros
             levels = assign_levels(scores, c.budget, c.proportions, always)
             if seq % block:  # the ragged last key block is read in full or not at all

@@ -36,7 +36,13 @@ from dataclasses import dataclass
 import torch
 
 from vgen.attention.block_mask import BlockMask
-from vgen.attention.common import block_means, block_moments, check_self_attention, key_lengths, text_blocks
+from vgen.attention.common import (
+    block_means,
+    block_moments,
+    check_self_attention,
+    diagonal_and_text_blocks,
+    key_lengths,
+)
 from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
 from vgen.kernels import block_sparse_attention
@@ -87,20 +93,16 @@ def _select(
     counts: torch.Tensor,
     scale: float,
     mass: float,
-    text_blocks: torch.Tensor,
+    always: torch.Tensor,
 ) -> torch.Tensor:
-    """bool ``[B, H, M, M]``: per query block, key blocks by pooled mass until ``mass``; diagonal and text kept."""
+    """bool ``[B, H, M, M]``: per query block, key blocks by pooled mass until ``mass``, and the ``always``
+    pairs (:func:`diagonal_and_text_blocks`)."""
     scores = torch.einsum("bhmd,bhnd->bhmn", q_mean, k_mean) * scale + counts.log()
     p = scores.softmax(-1)
     order = p.argsort(-1, descending=True)
     sorted_p = p.gather(-1, order)
     keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < mass
-    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    blocks = keep.shape[-1]
-    keep |= torch.eye(blocks, dtype=torch.bool, device=keep.device)
-    keep |= text_blocks
-    keep |= text_blocks[:, None]
-    return keep
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) | always
 
 
 def rectified_attention(
@@ -116,11 +118,12 @@ def rectified_attention(
     error_tolerance: float = 1.0,
     head_group: int = 4,
     mask: BlockMask | None = None,
+    k_moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sparse attention over the kept block pairs ``keep`` (bool ``[B, H, M, M]``), rectified.
 
     See the module docstring. With every block kept it equals exact attention. ``mask``: ``keep``
-    as a :class:`BlockMask`, if the caller has it already.
+    as a :class:`BlockMask`, and ``k_moments``: ``block_moments(k, block_size)``, if the caller has them.
     """
     seq = q.shape[1]
     if mask is None:
@@ -128,7 +131,7 @@ def rectified_attention(
     out, lse = block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True)  # lse [B, H, S]
     if not (rectify_kept or compensate_dropped):
         return out
-    k_mean, counts, k_spread = block_moments(k, block_size)
+    k_mean, counts, k_spread = block_moments(k, block_size) if k_moments is None else k_moments
     v_mean = block_means(v, block_size)[0]
     # the kernel is forward only: training (gradients wanted) takes the PyTorch path
     differentiate = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
@@ -172,15 +175,17 @@ class RectifiedAttention(AttentionMethod):
         c = self.config
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         block, seq = c.block_size, layout.seq_len
+        k_moments = block_moments(k, block)  # with gradients: the pooled correction reads them too
+        k_mean, counts = k_moments[:2]
         with torch.no_grad():
             q_mean = block_means(q, block)[0]
-            k_mean, counts = block_means(k, block)
-            keep = _select(q_mean, k_mean, counts, scale, c.mass, text_blocks(layout, block, q.device))
+            always = diagonal_and_text_blocks(layout, block, q.device)
+            keep = _select(q_mean, k_mean, counts, scale, c.mass, always)
             tokens = counts.double()
             self.last_density = (keep.double() * (tokens[:, None] * tokens)).sum() / (keep[..., 0, 0].numel() * seq**2)
         self.last_mask = BlockMask.from_dense(keep, (block, block), (seq, seq))
         return rectified_attention(
             q, k, v, keep, block_size=block, scale=scale, rectify_kept=c.rectify_kept,
             compensate_dropped=c.compensate_dropped, error_tolerance=c.error_tolerance, head_group=c.head_group,
-            mask=self.last_mask,
+            mask=self.last_mask, k_moments=k_moments,
         )  # fmt: skip
