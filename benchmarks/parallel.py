@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from vgen.parallel import enable_context_parallel, init_from_environment
 from vgen.pipelines.plumbing import apply_sparse_attention, remove_sparse_attention, sparse_attention_method
-from vgen.pipelines.speed import _latent_grid, _shape, build_shape_transformer
+from vgen.pipelines.speed import _latent_grid, _shape, _timer, build_shape_transformer
 
 SMOKE_SHAPE = {
     "name": "tiny-wan",
@@ -111,7 +111,8 @@ def main() -> None:
                 apply_sparse_attention(model, "vmoba", **vmoba)
             if rank == 0:
                 forward()
-                single[method] = statistics.median(_alone(forward, device) for _ in range(args.repeats))
+                alone = _timer(device)  # this rank only: the others wait at the barrier below
+                single[method] = statistics.median(alone(forward) for _ in range(args.repeats))
                 instance = sparse_attention_method(model)
                 densities[method] = 1.0 if instance is None else float(instance.last_density)
             dist.barrier()
@@ -153,17 +154,6 @@ def main() -> None:
             args.out.write_text(text)
             args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     dist.destroy_process_group()
-
-
-def _alone(fn, device: torch.device) -> float:
-    """Seconds of fn on this rank only (no barrier: the other ranks are waiting at one)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device) -> str:
