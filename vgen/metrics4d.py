@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from vgen.data.real4d import surface_barycentrics
+
 __all__ = ["chamfer_l1", "correspondence_l2", "inside_mesh", "iou", "sample_surface"]
 
 
@@ -45,17 +47,8 @@ def iou(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     """``count`` points uniform in area on the mesh."""
-    rng = np.random.default_rng(seed)
-    tri = vertices[faces]
-    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    if area.sum() <= 0:
-        raise ValueError("the mesh has no area to sample")
-    chosen = rng.choice(len(faces), size=count, p=area / area.sum())
-    u, v = rng.uniform(size=(2, count))
-    flip = u + v > 1
-    u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
-    t = tri[chosen]
-    return t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])
+    chosen, weights = surface_barycentrics(vertices, faces, count, np.random.default_rng(seed))
+    return (vertices[faces[chosen]] * weights[:, :, None]).sum(1)
 
 
 def chamfer_l1(vertices: np.ndarray, faces: np.ndarray, truth: np.ndarray, samples: int = 100_000) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["read_anime", "read_oflow_sequence", "read_split", "sample_anime_sequence"]
+__all__ = ["read_anime", "read_oflow_sequence", "read_split", "sample_anime_sequence", "surface_barycentrics"]
 
 
 def read_split(category: str | Path, split: str) -> list[str]:
@@ -141,6 +141,22 @@ def read_anime(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return vertices, faces
 
 
+def surface_barycentrics(
+    vertices: np.ndarray, faces: np.ndarray, count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` points uniform in area on the mesh, as triangle indices ``[count]`` and barycentric
+    weights ``[count, 3]``: the same (triangle, weights) name the same surface point in every frame."""
+    tri = vertices[faces]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    if area.sum() <= 0:
+        raise ValueError("the mesh has no area to sample")
+    chosen = rng.choice(len(faces), size=count, p=area / area.sum())
+    u, v = rng.uniform(size=(2, count))
+    flip = u + v > 1  # fold the far half of the unit square back into the triangle
+    u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
+    return chosen, np.stack([1 - u - v, u, v], -1)
+
+
 def sample_anime_sequence(
     path: str | Path,
     *,
@@ -170,13 +186,7 @@ def sample_anime_sequence(
     low, high = vertices[0].min(0), vertices[0].max(0)
     vertices = (vertices - (low + high) / 2) / (high - low).max()
     rng = np.random.default_rng(seed)
-    tri = vertices[0][faces]
-    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    chosen = rng.choice(len(faces), size=correspondences, p=area / area.sum())
-    u, v = rng.uniform(size=(2, correspondences))
-    flip = u + v > 1
-    u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
-    weights = np.stack([1 - u - v, u, v], -1)
+    chosen, weights = surface_barycentrics(vertices[0], faces, correspondences, rng)
     corr = (vertices[:, faces[chosen]] * weights[None, :, :, None]).sum(2)  # [T, C, 3]
     picks = rng.integers(0, correspondences, size=points)
     inputs = corr[:, picks] + rng.normal(scale=noise, size=(frames, points, 3))
