@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from vgen.parallel import enable_context_parallel, init_from_environment
 from vgen.pipelines.plumbing import apply_sparse_attention, remove_sparse_attention, sparse_attention_method
-from vgen.pipelines.speed import _latent_grid, _shape, _timer, build_shape_transformer
+from vgen.pipelines.speed import _latent_grid, _shape, build_shape_transformer, timer
 
 SMOKE_SHAPE = {
     "name": "tiny-wan",
@@ -111,7 +111,7 @@ def main() -> None:
                 apply_sparse_attention(model, "vmoba", **vmoba)
             if rank == 0:
                 forward()
-                alone = _timer(device)  # this rank only: the others wait at the barrier below
+                alone = timer(device)  # this rank only: the others wait at the barrier below
                 single[method] = statistics.median(alone(forward) for _ in range(args.repeats))
                 instance = sparse_attention_method(model)
                 densities[method] = 1.0 if instance is None else float(instance.last_density)

@@ -78,7 +78,7 @@ from vgen.data import ShapesDataset, render
 from vgen.kernels import block_sparse_attention, dense_attention, permute_tokens
 from vgen.models.reference import encode_prompts
 from vgen.pipelines.plumbing import apply_sparse_attention, record_attention, remove_sparse_attention
-from vgen.pipelines.speed import build_shape_transformer, speed_report
+from vgen.pipelines.speed import build_shape_transformer, speed_report, timer
 
 REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference" / "model"
 CAPTURE = "_vmoba-bench-capture"  # registered only while part 1 captures q/k/v
@@ -166,16 +166,6 @@ def make_clock(device: torch.device) -> Callable[[Callable[[], Any]], float]:
         return 1000 * (time.perf_counter() - start)
 
     return once
-
-
-def seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def rel_error(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -491,7 +481,8 @@ def part_training(sizes: Sizes) -> dict[str, Any]:
         step()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        median = statistics.median(seconds(step, device) for _ in range(3))
+        measure = timer(device)
+        median = statistics.median(measure(step) for _ in range(3))
         return median, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
     remove_sparse_attention(model)

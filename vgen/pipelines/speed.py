@@ -27,7 +27,7 @@ from vgen.attention import create_method
 from vgen.configs import load_shape
 from vgen.pipelines.plumbing import apply_sparse_attention, remove_sparse_attention
 
-__all__ = ["SpeedReport", "Timing", "build_shape_pipeline", "build_shape_transformer", "speed_report"]
+__all__ = ["SpeedReport", "Timing", "build_shape_pipeline", "build_shape_transformer", "speed_report", "timer"]
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def _latent_grid(preset: dict[str, Any]) -> tuple[int, int, int]:
     return frames, clip["height"] // factors["spatial"], clip["width"] // factors["spatial"]
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
     def measure(fn: Callable[[], Any]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -230,7 +230,7 @@ def speed_report(
         ),
         "return_dict": False,
     }
-    measure = _timer(device)
+    measure = timer(device)
     dtype_name = str(dtype).removeprefix("torch.")
     report = SpeedReport(name, attention, config, str(device), dtype_name, tokens, steps, repeats)
 
