@@ -172,3 +172,91 @@ def test_a_token_count_the_ranks_cannot_split_is_named(tmp_path):
     pipe._parallel_ranks = 7  # as enable_parallelism records it
     with pytest.raises(ValueError, match="do not split over 7 processes"):
         pipe("a red circle moves left", num_frames=9, height=64, width=64, num_inference_steps=1, progress=False)
+
+
+JOINT_VMOBA = {"block_size": (16, 16), "temporal_chunk": 1, "spatial_chunk": (1, 1), "cube_chunk": (1, 1, 1),
+               "threshold": 0.5}  # fmt: skip
+
+
+def tiny_joint(family: str):
+    """A 2-head HunyuanVideo or MotifVideo transformer (Motif with a decoder layer, whose extra tokens are the
+    split video) and a batch of two prompts with different padding, the same in every process."""
+    from vgen.pipelines.tiny import _TEXT_DIM, build_tiny_pipeline
+
+    transformer = build_tiny_pipeline(family, 0).transformer
+    if family == "motif":
+        torch.manual_seed(1)
+        transformer = type(transformer).from_config({**transformer.config, "num_single_layers": 2,
+                                                     "num_decoder_layers": 1})  # fmt: skip
+    transformer.eval()
+    torch.manual_seed(2)
+    channels = transformer.config.in_channels
+    mask = torch.tensor([[1] * 8, [1] * 3 + [0] * 5])
+    inputs = {"hidden_states": torch.randn(2, channels, 3, 4, 4), "timestep": torch.tensor([500, 500]),
+              "encoder_hidden_states": torch.randn(2, 8, _TEXT_DIM), "encoder_attention_mask": mask,
+              "return_dict": False}  # fmt: skip
+    if family == "hunyuan":
+        inputs.update(pooled_projections=torch.randn(2, _TEXT_DIM), guidance=torch.tensor([6000.0, 6000.0]))
+    return transformer, inputs
+
+
+def joint_worker(rank: int, world: int, port: int, family: str, method: str | None, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from vgen.parallel import enable_context_parallel
+        from vgen.pipelines.plumbing import apply_sparse_attention, sparse_attention_method
+
+        model, inputs = tiny_joint(family)
+        if method:
+            apply_sparse_attention(model, method, **JOINT_VMOBA)
+        enable_context_parallel(model)
+        applied = sparse_attention_method(model).name
+        with torch.no_grad():
+            result = model(**inputs)[0]
+        if rank == 0:
+            torch.save({"out": result, "method": applied}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["hunyuan", "motif"])
+@pytest.mark.parametrize("method", [None, "vmoba"])
+def test_joint_attention_models_match_one_process(family, method, tmp_path):
+    """vgen's plans for HunyuanVideo and MotifVideo: text whole on every rank, padded prompts, Motif's decoder."""
+    from vgen.pipelines.plumbing import apply_sparse_attention
+
+    model, inputs = tiny_joint(family)
+    if method:
+        apply_sparse_attention(model, method, **JOINT_VMOBA)
+    with torch.no_grad():
+        single = model(**inputs)[0]
+    out = tmp_path / "out.pt"
+    mp.spawn(joint_worker, args=(2, free_port(), family, method, str(out)), nprocs=2)
+    saved = torch.load(out)
+    torch.testing.assert_close(saved["out"], single, atol=2e-5, rtol=2e-5)
+    # Without a method the joint attention still goes through vgen (its dense method), to be reordered.
+    assert saved["method"] == (method or "dense")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("position", ["before", "after"])
+@pytest.mark.parametrize("split_context", [False, True])
+def test_rank_chunked_and_single_gpu_orders_are_inverse(world, position, split_context):
+    from vgen.parallel import canonical_tokens, rank_chunked_tokens
+
+    video, extra = 6 * world, 5
+    tokens = torch.randn(2, 3, video + extra * (world if split_context else 1), 4)  # single-GPU order
+    if position == "before":
+        ctx, vid = tokens.split([tokens.shape[2] - video, video], dim=2)
+    else:
+        vid, ctx = tokens.split([video, tokens.shape[2] - video], dim=2)
+    # What Ulysses hands a rank: each rank's (video shard, its extra tokens), rank after rank.
+    ctxs = ctx.chunk(world, dim=2) if split_context else [ctx] * world
+    chunks = [(c, v) if position == "before" else (v, c) for v, c in zip(vid.chunk(world, dim=2), ctxs, strict=True)]
+    chunked = torch.cat([x for pair in chunks for x in pair], dim=2)
+    order = (world, video, position, split_context)
+    assert torch.equal(canonical_tokens(chunked, *order), tokens)
+    assert torch.equal(rank_chunked_tokens(tokens, *order), chunked)
+    with pytest.raises(ValueError, match="does not split into"):
+        canonical_tokens(chunked[:, :, :-1], *order)

@@ -9,6 +9,17 @@ sparse method, so a method sees the whole sequence of its heads: block selection
 on one GPU, and N ranks produce the same video as one, up to rounding. Methods that keep
 per-head state (a PARO calibration) check the head count they are given.
 
+Joint attention (HunyuanVideo, MotifVideo: text tokens after the video tokens in one sequence). vgen's
+plans split the video tokens and keep the text whole on every rank, so after the all-to-all a rank
+holds ``[video_0, text, video_1, text, ...]``: text keys N times over, and the model's key-padding
+mask is built for one rank's length. The interceptor puts such a call back in single-GPU order
+(:func:`canonical_tokens`: every video shard, then the text once, with the mask that order implies),
+runs the method, and scatters the output to the rank-chunked order; the key-padding mask, which
+diffusers all-gathers beside the tokens, is put in the same order. Blocks whose extra tokens are
+themselves split (Motif's decoder layers attend to the video) gather every shard instead. Attention
+modules whose keys are whole on every rank (cross-attention to the text, the text refiner) run
+locally, without communication: their result needs no other rank's tokens.
+
 Ring attention (key/value shards passed around) is not offered: selection over a shard would
 not see the whole sequence, and diffusers' native backend, which vgen intercepts, has no ring
 path. Launch with ``torchrun --nproc-per-node N -m vgen.cli generate ...``; on CPUs (tests) the
@@ -18,12 +29,22 @@ gloo backend works too.
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from unittest import mock
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["PLANS", "enable_context_parallel", "init_from_environment", "is_main_process"]
+__all__ = [
+    "PLANS",
+    "ContextParallelState",
+    "canonical_tokens",
+    "enable_context_parallel",
+    "init_from_environment",
+    "is_main_process",
+    "rank_chunked_tokens",
+]
 
 
 def init_from_environment(device: str | None = None) -> bool:
@@ -78,8 +99,111 @@ def _skyreels_v2_plan(transformer: torch.nn.Module) -> dict:
     return plan
 
 
+def _joint_plan(transformer: torch.nn.Module) -> dict:
+    """HunyuanVideo and MotifVideo: split the embedded video tokens (``x_embedder``'s output, before the
+    model builds its attention mask and Motif copies them for its decoder layers) and the RoPE tables
+    ``[S, D]``; keep the text whole; gather after ``proj_out``."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    if getattr(transformer.config, "image_condition_type", None) == "token_replace":
+        raise NotImplementedError(
+            "HunyuanVideo's token-replace image conditioning modulates the first frame's tokens by position; "
+            "vgen's context-parallel plan covers text-to-video"
+        )
+    table = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+    return {
+        "rope": {0: table, 1: table},
+        "x_embedder": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
+def _motif_split_context(transformer: torch.nn.Module) -> frozenset[str]:
+    """Motif's decoder layers (the last ``num_decoder_layers`` single blocks) attend to the encoder's video
+    tokens as their extra tokens: split over the ranks like the video, not whole like the text."""
+    blocks = len(transformer.single_transformer_blocks)
+    decoder = int(getattr(transformer.config, "num_decoder_layers", 0) or 0)
+    return frozenset(f"single_transformer_blocks.{i}.attn" for i in range(blocks - decoder, blocks))
+
+
 # Context-parallel plans for transformers whose diffusers class has none.
-PLANS = {"SkyReelsV2Transformer3DModel": _skyreels_v2_plan}
+PLANS = {
+    "SkyReelsV2Transformer3DModel": _skyreels_v2_plan,
+    "HunyuanVideoTransformer3DModel": _joint_plan,
+    "MotifVideoTransformer3DModel": _joint_plan,
+}
+# Self-attention modules whose extra (context) tokens are split over the ranks too.
+SPLIT_CONTEXT = {"MotifVideoTransformer3DModel": _motif_split_context}
+
+
+@dataclass(frozen=True)
+class ContextParallelState:
+    """What vgen's interceptor needs to know of a transformer spread by :func:`enable_context_parallel`.
+
+    Args:
+        world: ranks in the Ulysses group.
+        split_context: self-attention modules whose extra tokens are split over the ranks (gathered in
+            full); in the others the extra tokens are whole on every rank (one copy is kept).
+    """
+
+    world: int
+    split_context: frozenset[str] = frozenset()
+
+
+def _chunk_parts(x: torch.Tensor, world: int, video: int, position: str, dim: int):
+    """Split a rank-chunked sequence (dimension ``dim``) into per-rank (video, extra) pieces."""
+    total = x.shape[dim]
+    if total % world or video % world:
+        raise ValueError(f"a context-parallel attention over {total} tokens with {video} video tokens does not "
+                         f"split into {world} equal rank chunks")  # fmt: skip
+    local_video, local_extra = video // world, total // world - video // world
+    parts = []
+    for chunk in x.split(total // world, dim=dim):
+        if position == "before":
+            extra, vid = chunk.split([local_extra, local_video], dim=dim)
+        else:
+            vid, extra = chunk.split([local_video, local_extra], dim=dim)
+        parts.append((vid, extra))
+    return parts
+
+
+def canonical_tokens(x: torch.Tensor, world: int, video: int, position: str, split_context: bool,
+                     dim: int = 2) -> torch.Tensor:  # fmt: skip
+    """Rank-chunked ``[(video_r, extra_r) for r in ranks]`` (what Ulysses' all-to-all hands a rank) to the
+    single-GPU order: all video shards, with the extra tokens ``"before"`` or ``"after"`` them, gathered
+    from every rank when ``split_context`` else taken once (they are the same on every rank)."""
+    parts = _chunk_parts(x, world, video, position, dim)
+    vid = torch.cat([v for v, _ in parts], dim=dim)
+    extra = torch.cat([e for _, e in parts], dim=dim) if split_context else parts[0][1]
+    return torch.cat([extra, vid] if position == "before" else [vid, extra], dim=dim)
+
+
+def rank_chunked_tokens(x: torch.Tensor, world: int, video: int, position: str, split_context: bool,
+                        dim: int = 2) -> torch.Tensor:  # fmt: skip
+    """The inverse of :func:`canonical_tokens`: single-GPU order back to rank chunks (whole extra tokens
+    are copied into every chunk)."""
+    total = x.shape[dim]
+    extra_total = total - video
+    local_video = video // world
+    if position == "before":
+        extra, vid = x.split([extra_total, video], dim=dim)
+    else:
+        vid, extra = x.split([video, extra_total], dim=dim)
+    vids = vid.split(local_video, dim=dim)
+    extras = extra.split(extra_total // world, dim=dim) if split_context else [extra] * world
+    chunks = []
+    for v, e in zip(vids, extras, strict=True):
+        chunks.extend([e, v] if position == "before" else [v, e])
+    return torch.cat(chunks, dim=dim)
+
+
+def canonical_mask(mask: torch.Tensor, world: int, video: int, position: str, split_context: bool) -> torch.Tensor:
+    """A key-padding mask ``[..., 1, keys]`` in rank-chunked order (diffusers' Ulysses all-gathers each
+    rank's mask to match its all-to-all) put in single-GPU order, like :func:`canonical_tokens`."""
+    if mask.shape[-2] != 1:
+        raise NotImplementedError(f"context parallelism supports key-padding masks ([..., 1, keys]), got "
+                                  f"{tuple(mask.shape)}")  # fmt: skip
+    return canonical_tokens(mask, world, video, position, split_context, dim=-1)
 
 
 def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None = None, ring: int = 1) -> None:
@@ -111,6 +235,9 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
     if plan is None and getattr(transformer, "_cp_plan", None) is None:
         raise ValueError(f"{name} has no context-parallel plan in diffusers or in vgen "
                          f"(vgen adds: {', '.join(sorted(PLANS))})")  # fmt: skip
+    from vgen.pipelines.plumbing import TRANSFORMER_SPECS, apply_sparse_attention, sparse_attention_method
+
+    spec = TRANSFORMER_SPECS.get(name)
     config = ContextParallelConfig(ulysses_degree=ulysses)
     if torch.accelerator.device_count() == 0:
         from diffusers.models.modeling_utils import ModelMixin
@@ -119,3 +246,17 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
             transformer.enable_parallelism(config=config, cp_plan=plan)
     else:
         transformer.enable_parallelism(config=config, cp_plan=plan)
+    if spec is not None:
+        # Attention whose keys are whole on every rank (cross-attention to the text, a text refiner) needs no
+        # other rank's tokens: it runs locally. Only the video self-attention goes through the all-to-all.
+        video_attention = re.compile(spec.self_attention)
+        for module_name, module in transformer.named_modules():
+            processor = getattr(module, "processor", None)
+            if getattr(processor, "_parallel_config", None) is not None and not video_attention.fullmatch(module_name):
+                processor._parallel_config = None
+        split = SPLIT_CONTEXT[name](transformer) if name in SPLIT_CONTEXT else frozenset()
+        transformer._vgen_context_parallel = ContextParallelState(world=ulysses, split_context=split)
+        if spec.text_position != "none" and sparse_attention_method(transformer) is None:
+            # Joint attention must be put back in single-GPU order, which vgen's interceptor does: route it
+            # to vgen's exact dense method (SDPA on the whole sequence).
+            apply_sparse_attention(transformer, "dense")

@@ -139,9 +139,10 @@ class AttentionCall:
 class _Run:
     """What the self-attention hooks read during one transformer forward."""
 
-    def __init__(self, spec: TransformerSpec, method: AttentionMethod) -> None:
+    def __init__(self, spec: TransformerSpec, method: AttentionMethod, transformer: torch.nn.Module) -> None:
         self.spec = spec
         self.method = method
+        self.transformer = transformer  # read for its context-parallel state (vgen.parallel)
         self.grid: VideoLayout | None = None
         self.step = 0
         self.record: list[AttentionCall] | None = None
@@ -177,6 +178,21 @@ class _Run:
                 f"{module_name}: vgen methods need self-attention with as many key as query heads and tokens; "
                 f"got query {tuple(query.shape)}, key {tuple(key.shape)} ([B, H, S, D])"
             )
+        parallel = getattr(self.transformer, "_vgen_context_parallel", None)
+        if parallel is not None and parallel.world > 1 and self.spec.text_position != "none":
+            # Joint attention under Ulysses: rank-chunked tokens -> single-GPU order -> method -> back.
+            from vgen.parallel import canonical_mask, canonical_tokens, rank_chunked_tokens
+
+            order = (parallel.world, grid.num_video_tokens, self.spec.text_position,
+                     module_name in parallel.split_context)  # fmt: skip
+            query, key, value = (canonical_tokens(x, *order) for x in (query, key, value))
+            if attn_mask is not None:
+                attn_mask = canonical_mask(attn_mask, *order)
+            out = self._attend(layer, step, grid, query, key, value, attn_mask, scale)
+            return rank_chunked_tokens(out, *order)
+        return self._attend(layer, step, grid, query, key, value, attn_mask, scale)
+
+    def _attend(self, layer, step, grid, query, key, value, attn_mask, scale) -> torch.Tensor:
         layout = grid.with_context(query.shape[2], self.spec.text_position)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         out = self.method(q, k, v, layout=layout, step=step, layer=layer, scale=scale, attn_mask=attn_mask)
@@ -299,7 +315,7 @@ def apply_sparse_attention(
     if not modules:
         raise ValueError(f"{type(transformer).__name__} has no module matching {spec.self_attention!r}")
     remove_sparse_attention(transformer)
-    run = _Run(spec, method)
+    run = _Run(spec, method, transformer)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_TransformerHook(run), _HOOK)
     for layer, (module_name, module) in enumerate(modules):
         HookRegistry.check_if_exists_or_initialize(module).register_hook(
