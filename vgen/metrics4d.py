@@ -22,11 +22,13 @@ __all__ = ["chamfer_l1", "correspondence_l2", "inside_mesh", "iou", "sample_surf
 
 
 def inside_mesh(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, chunk: int | None = None) -> np.ndarray:
-    """bool ``[Q]``: generalized winding number of the mesh at each point >= 1/2 (torch, chunked: by
-    default about 1 GiB of float64 temporaries per chunk)."""
+    """bool ``[Q]``: |generalized winding number| of the mesh at each point >= 1/2, whichever way its
+    triangles wind (torch, on the GPU when there is one; chunked: by default about 1 GiB of float64
+    temporaries per chunk)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     chunk = chunk or max(1, 2**27 // (12 * max(1, len(faces))))
-    tri = torch.as_tensor(vertices, dtype=torch.float64, device=device)[torch.as_tensor(faces, device=device)]
+    tri = torch.as_tensor(np.ascontiguousarray(vertices), dtype=torch.float64, device=device)
+    tri = tri[torch.as_tensor(np.ascontiguousarray(faces), device=device)]
     out = []
     for start in range(0, len(points), chunk):
         p = torch.as_tensor(points[start : start + chunk], dtype=torch.float64, device=device)
@@ -35,7 +37,7 @@ def inside_mesh(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, chu
         det = (a * torch.cross(b, c, dim=-1)).sum(-1)
         denom = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
         winding = torch.atan2(det, denom).sum(-1) / (2 * np.pi)  # solid angle / (4 pi)
-        out.append((winding >= 0.5).cpu().numpy())
+        out.append((winding.abs() >= 0.5).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 

@@ -217,11 +217,14 @@ class Motion4DPipeline:
 
 
 def _marching_cubes(logits: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices in cube coordinates and faces of the logit-0 level set (an empty grid: a ValueError)."""
+    """Vertices in cube coordinates and outward-wound faces of the logit-0 level set (an empty grid: a
+    ValueError)."""
     from skimage.measure import marching_cubes
 
     if logits.max() <= 0 or logits.min() >= 0:
         raise ValueError("the predicted occupancy has no surface (everything inside or everything outside)")
     vertices, faces, _, _ = marching_cubes(logits, level=0.0)
     vertices = vertices / (resolution - 1) * (2 * _BOX) - _BOX
-    return vertices.astype(np.float32), faces.astype(np.int64)
+    # skimage winds the triangles of a field that is high inside clockwise seen from outside (normals in);
+    # reversed, the normals point out, as renderers and winding numbers expect.
+    return vertices.astype(np.float32), np.ascontiguousarray(faces[:, ::-1]).astype(np.int64)
