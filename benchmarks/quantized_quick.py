@@ -1,19 +1,22 @@
 """Quick check of the quantised kernel on one GPU: INT8 call, its quantisation, vgen's bf16 kernel, cuDNN.
 
-    python benchmarks/quantized_quick.py
+    python benchmarks/quantized_quick.py [--sweep]
 
 Random bf16 q/k/v at the Wan2.1-1.3B 480p (12 x 128, 32,760 tokens) and 14B 720p (40 x 128, 75,600)
 shapes; random block masks (128-token blocks, the same count kept per row) at densities 1.0 and 0.25;
 do_bench medians in ms; err_vs_bf16 = ||int8 - bf16 kernel|| / ||bf16 kernel||. The full study is
-``benchmarks/paro.py``; this is the 1-minute version for kernel work.
+``benchmarks/paro.py``; this is the 1-minute version for kernel work. ``--sweep`` also times the INT8
+call under each launch in ``LAUNCHES`` (rows per program, warps, stages; ``QUANT_LAUNCH``).
 """
+
+import argparse
 
 import torch
 import torch.nn.functional as F
 import triton
 
 from vgen.attention import BlockMask
-from vgen.kernels import block_sparse_attention
+from vgen.kernels import block_sparse_attention, quantized
 from vgen.kernels.quantized import _quantize_for_kernel, quantized_attention
 
 
@@ -21,7 +24,15 @@ def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300)
 
 
+LAUNCHES = [(128, 8, 2), (64, 8, 2), (64, 8, 3), (64, 4, 2), (128, 8, 3)]
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    default = dict(quantized.QUANT_LAUNCH)
+    print(f"QUANT_LAUNCH {default}", flush=True)
     for heads, seq in ((12, 32760), (40, 75600)):
         q, k, v = (torch.randn(1, seq, heads, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -37,6 +48,17 @@ def main() -> None:
             t_bf16 = ms(lambda m=mask, q=q, k=k, v=v: block_sparse_attention(q, k, v, m))
             print(f"h{heads} s{seq} d{density}: int8 {t_int8:.2f} ms (quantise {t_quant:.2f}) bf16 {t_bf16:.2f} "
                   f"cudnn {cudnn:.2f} err_vs_bf16 {err:.2e}", flush=True)
+            for rows, warps, stages in LAUNCHES if args.sweep else ():
+                quantized.QUANT_LAUNCH.update(rows=rows, warps=warps, stages=stages)
+                try:
+                    same = torch.equal(quantized_attention(q, k, v, mask), int8)
+                    took = ms(lambda m=mask, q=q, k=k, v=v: quantized_attention(q, k, v, m))
+                    launch = f"rows {rows} warps {warps} stages {stages}"
+                    print(f"    {launch}: {took:.2f} ms, same output {same}", flush=True)
+                except Exception as err:  # e.g. out of shared memory: report and go on
+                    print(f"    rows {rows} warps {warps} stages {stages}: failed, {str(err)[:120]}", flush=True)
+                finally:
+                    quantized.QUANT_LAUNCH.update(default)
 
 
 if __name__ == "__main__":

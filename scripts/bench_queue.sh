@@ -12,7 +12,7 @@ mkdir -p "$dest"
 for bench in ${BENCHES:-quantized_quick attention vmoba paro rectified_psa}; do
     echo "== $bench $(date +%T)"
     case "$bench" in
-    quantized_quick) python3 benchmarks/quantized_quick.py >"$dest/quantized_quick.txt" 2>&1 ;;
+    quantized_quick) python3 benchmarks/quantized_quick.py --sweep >"$dest/quantized_quick.txt" 2>&1 ;;
     train4d) python3 -m vgen.models.train4d --out "$dest/m4d" --device cuda --minutes "${M4D_MINUTES:-12}" ;;
     attention) python3 benchmarks/attention.py --sweep --forward-only --out "$dest/attention.md" ;;
     *) python3 "benchmarks/$bench.py" --out "$dest/$bench.md" ;;

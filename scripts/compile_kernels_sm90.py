@@ -3,15 +3,22 @@
     python3 scripts/compile_kernels_sm90.py
 
 The interpreter that runs the tests accepts things the compiler rejects (a plain global in a kernel,
-say), so this catches compile errors before device time is spent. It prints OK or FAIL per kernel and
-the shared memory each uses. It needs Triton's bundled ptxas, not a GPU.
+say), so this catches compile errors before device time is spent. It prints OK or FAIL per kernel, the
+shared memory each uses, and the registers and spills that Triton's bundled ptxas reports for sm_90a
+(spills in a kernel's inner loop cost more than anything else in it). It needs no GPU.
 """
+
+import glob
+import os
+import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vgen.kernels import pooled, quantized, selection
+from vgen.kernels import fps, pooled, quantized, selection
 
 POOLED = {"Q": "*bf16", "SPARSE": "*bf16", "LSE": "*fp32", "KM": "*fp32", "VM": "*fp32", "LOGN": "*fp32",
           "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32"}  # fmt: skip
@@ -27,26 +34,54 @@ KERNELS = [
     (selection._global_cut_kernel, {"S": "*fp32", "KEEP": "*i8", "threshold": "fp32", "count": "fp32"},
      {"BY_MASS": False, "BLOCK": 1024}, 8, 1),
     (selection._compact_rows_kernel, {"DENSE": "*i8", "COUNT": "*i32", "INDICES": "*i32"}, {"BLOCK": 256}, 4, 1),
-    (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 32, "ROW_BLOCK": 128,
-                                     "POOLED_KEPT": False, "COMPENSATE": True}, 4, 1),
-    (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 64, "BLOCK_N": 32, "ROW_BLOCK": 128,
-                                     "POOLED_KEPT": True, "COMPENSATE": True}, 4, 1),
+    (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 32, "BLOCK_N": 16, "ROW_BLOCK": 128,
+                                     "POOLED_KEPT": False, "COMPENSATE": True}, 8, 1),
+    (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 16, "ROW_BLOCK": 128,
+                                     "POOLED_KEPT": True, "COMPENSATE": True}, 8, 1),
+    (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 16, "ROW_BLOCK": 128,
+                                     "POOLED_KEPT": False, "COMPENSATE": True}, 8, 1),
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": False,
                                             "SMOOTH": True}, 4, 1),
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True,
                                             "SMOOTH": False}, 4, 1),
-    (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128}, 8, 2),
+    (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
+                                              "ROWS": 64}, 4, 2),
+    (fps._fps_kernel, {"P": "*fp32", "OUT": "*i64"}, {"BLOCK_N": 2048}, 4, 1),
 ]  # fmt: skip
+
+
+def registers_and_spills(ptx: str) -> str:
+    """ptxas -v's registers and spill bytes of one kernel's PTX for sm_90a ("" without ptxas)."""
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    # the newer ptxas first: Triton may emit a PTX version the older one rejects
+    found = glob.glob(os.path.join(folder, "ptxas-blackwell")) + glob.glob(os.path.join(folder, "ptxas"))
+    if not found:
+        return ""
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "k.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        info = subprocess.run([found[0], "-v", "--gpu-name", "sm_90a", source, "-o", os.path.join(folder, "k.cubin")],
+                              capture_output=True, text=True).stderr  # fmt: skip
+    registers = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return (f"{registers.group(1) if registers else '?'} registers, "
+            f"spills {spills.group(1) if spills else '?'} / {spills.group(2) if spills else '?'} B")  # fmt: skip
+
+
+def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int):
+    signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
+    return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})  # fmt: skip
 
 
 def main() -> int:
     failures = 0
     for fn, types, consts, warps, stages in KERNELS:
-        signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
         try:
-            kernel = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
-                                    options={"num_warps": warps, "num_stages": stages})  # fmt: skip
-            print(f"OK   {fn.__name__} {consts} shared {kernel.metadata.shared} B")
+            kernel = compile_sm90(fn, types, consts, warps, stages)
+            print(f"OK   {fn.__name__} {consts} warps {warps} stages {stages}: shared {kernel.metadata.shared} B, "
+                  f"{registers_and_spills(kernel.asm['ptx'])}")  # fmt: skip
         except Exception as err:  # report every kernel, then fail
             failures += 1
             print(f"FAIL {fn.__name__} {consts}: {str(err).splitlines()[-1][:300] if str(err) else repr(err)}")

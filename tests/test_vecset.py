@@ -23,6 +23,21 @@ def test_farthest_point_sampling_matches_brute_force():
     assert fourier_features(points, 4).shape == (2, 60, 27)
 
 
+@pytest.mark.parametrize("n, count", [(1, 1), (37, 37), (300, 64), (2048, 40)])
+def test_fps_kernel_picks_what_the_pytorch_loop_picks(n, count):
+    from vgen.kernels.fps import farthest_point_sample as kernel
+    from vgen.kernels.fps import farthest_point_sample_reference as reference
+
+    points = torch.randn(3, n, 3) * torch.tensor([1.0, 0.5, 2.0])
+    assert torch.equal(kernel(points, count), reference(points, count))
+    strided = torch.randn(2, 3, n).transpose(1, 2)  # not contiguous
+    assert torch.equal(kernel(strided, count), reference(strided, count))
+    with pytest.raises(ValueError, match="count must be"):
+        kernel(points, n + 1)
+    with pytest.raises(ValueError, match=r"points must be \[B, N, 3\]"):
+        kernel(points[..., :2], 1)
+
+
 def iou(logits: torch.Tensor, labels: torch.Tensor) -> float:
     predicted = logits > 0
     return ((predicted & labels).sum() / (predicted | labels).sum().clamp(min=1)).item()

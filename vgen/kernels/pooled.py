@@ -149,7 +149,9 @@ def pooled_correction(
     keep8 = keep.to(torch.int8)
     result = torch.empty_like(out)
     bound = 2 * math.log(2) * tolerance * d / scale**2  # |q|^2 spread < bound  <=>  sigma^2 < 2 ln 2 tolerance
-    block_m = min(64, max(16, triton.next_power_of_2(row_block)))
+    # no register spills with ieee dots (ptxas for sm_90a, scripts/compile_kernels_sm90.py): 64 rows x 32
+    # pooled blocks at 4 warps spilled 21 KB per thread at D = 128; these tiles at 8 warps spill nothing
+    block_m = min(16 if d > 64 else 32, max(16, triton.next_power_of_2(row_block)))
     ks = [0 if keep8.shape[i] == 1 else keep8.stride(i) for i in range(2)]
     _pooled_kernel[(triton.cdiv(s, block_m), b * h)](
         q, out, lse.contiguous(), k_mean.contiguous(), v_mean.contiguous(), log_counts.float().contiguous(),
@@ -157,8 +159,8 @@ def pooled_correction(
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         ks[0], ks[1], keep8.stride(2), keep8.stride(3),
         h, s, m, scale, bound,
-        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=32, ROW_BLOCK=row_block,
-        POOLED_KEPT=pooled_kept, COMPENSATE=compensate, num_warps=4,
+        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=16, ROW_BLOCK=row_block,
+        POOLED_KEPT=pooled_kept, COMPENSATE=compensate, num_warps=8,
     )  # fmt: skip
     return result
 

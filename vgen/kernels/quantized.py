@@ -152,6 +152,12 @@ def _quantize_triton(
     return values, scales
 
 
+# Launch of the forward kernel on the GPU. ptxas for sm_90a at D = 128 (scripts/compile_kernels_sm90.py):
+# 128 rows x 8 warps spill 440 B per thread, 64 rows x 8 warps 148 B, 64 rows x 4 warps 808 B.
+# benchmarks/quantized_quick.py --sweep times the alternatives.
+QUANT_LAUNCH = {"rows": 64, "warps": 8, "stages": 2}
+
+
 @triton.jit
 def _quant_fwd_kernel(
     Q, K, VT, QS, KS, VS, OUT, KV_NUM, KV_IDX,
@@ -162,11 +168,14 @@ def _quant_fwd_kernel(
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
     H, SQ, SK, MQ, MK, qk_scale, p_levels,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    # one program: ROWS query tokens of a mask block of BLOCK_M (a divisor: half a 128-row block keeps the
+    # int32 score tile, P and the fp32 accumulator in registers)
+    i_r, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_m = (i_r * ROWS) // BLOCK_M  # the mask row (query block)
+    o_m = i_r * ROWS + tl.arange(0, ROWS)
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < SQ, o_d < D
     b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
@@ -177,9 +186,9 @@ def _quant_fwd_kernel(
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_m * s_im
     K += i_b * s_kb + i_h * s_kh
     VT += i_b * s_vb + i_h * s_vh
-    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    b_l = tl.zeros([BLOCK_M], tl.float32)
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    b_m = tl.full([ROWS], float("-inf"), tl.float32)
+    b_l = tl.zeros([ROWS], tl.float32)
+    b_acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     for it in range(n_it):
         j = tl.load(p_idx + it)
         o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -270,14 +279,18 @@ def quantized_attention(
     sk = k.shape[1]
     block_m, block_n = block_mask.block_size
     out = torch.empty_like(q)
-    grid = (triton.cdiv(sq, block_m), batch * heads)
+    # On the GPU, QUANT_LAUNCH's rows per program (a divisor of the mask block) and warps; half blocks under
+    # the interpreter, so that the tests cover the sub-tiling.
+    rows = QUANT_LAUNCH["rows"] if q.is_cuda and block_m % QUANT_LAUNCH["rows"] == 0 else block_m
+    rows = rows if q.is_cuda else block_m // 2
+    grid = (triton.cdiv(sq, rows), batch * heads)
     _quant_fwd_kernel[grid](
         q8, k8, vt, q_scale, k_scale, v_scale, out, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q8), *_strides3(k8), *_strides3(vt), *_strides3(out),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
         heads, sq, sk, q_scale.shape[-1], k_scale.shape[-1], scale * _LOG2E, float(_LEVELS[pv_bits]),
-        D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=8 if q.is_cuda else 4, num_stages=2 if q.is_cuda else 1,
+        D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows,
+        num_warps=QUANT_LAUNCH["warps"] if q.is_cuda else 4, num_stages=QUANT_LAUNCH["stages"] if q.is_cuda else 1,
     )  # fmt: skip
     return out
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgen.kernels import fps
+
 __all__ = ["DeformationVAE", "ShapeVAE", "VecSetConfig", "farthest_point_sample", "fourier_features"]
 
 
@@ -55,20 +57,12 @@ class VecSetConfig:
 
 def farthest_point_sample(points: torch.Tensor, count: int) -> torch.Tensor:
     """int64 ``[B, count]`` indices of ``points`` ``[B, N, 3]``, each the farthest from those before
-    (the first is point 0, so the result is deterministic)."""
-    batch, n, _ = points.shape
-    if not 1 <= count <= n:
-        raise ValueError(f"count must be between 1 and the {n} points, got {count}")
-    chosen = torch.zeros(batch, count, dtype=torch.long, device=points.device)
-    nearest = torch.full((batch, n), float("inf"), device=points.device)
-    last = torch.zeros(batch, dtype=torch.long, device=points.device)
-    rows = torch.arange(batch, device=points.device)
-    for i in range(1, count):
-        distance = (points - points[rows, last][:, None]).square().sum(-1)
-        nearest = torch.minimum(nearest, distance)
-        last = nearest.argmax(-1)
-        chosen[:, i] = last
-    return chosen
+    (the first is point 0, so the result is deterministic): :mod:`vgen.kernels.fps`'s one-launch Triton
+    kernel on CUDA (clouds up to ``MAX_KERNEL_POINTS``), its PyTorch loop elsewhere (the same indices;
+    the kernel's tests run it through Triton's interpreter)."""
+    if points.is_cuda and points.shape[1] <= fps.MAX_KERNEL_POINTS:
+        return fps.farthest_point_sample(points, count)
+    return fps.farthest_point_sample_reference(points, count)
 
 
 def fourier_features(points: torch.Tensor, frequencies: int) -> torch.Tensor:
