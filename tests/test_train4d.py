@@ -23,7 +23,7 @@ def test_tiny_training_writes_a_loadable_model(tmp_path):
     assert weights < 2 * parameters + 20_000  # stored in fp16
 
 
-def test_evaluation_scores_an_oracle_reconstruction(monkeypatch):
+def test_evaluation_scores_an_oracle_reconstruction(monkeypatch, tmp_path):
     """With oracle decoders (a sphere of radius 0.25, no motion) every metric is computed and in range."""
     from tests.test_motion4d import CONFIG, oracle
 
@@ -32,6 +32,12 @@ def test_evaluation_scores_an_oracle_reconstruction(monkeypatch):
     oracle(pipe, radius=0.25, shift=(0.0, 0.0, 0.0))
     result = eval4d.evaluate(pipe, sequences=1, frames=2, points=32, steps=1, resolution=16, chamfer_samples=2000)
     assert 0.0 <= result["iou"] <= 1.0 and result["chamfer_l1"] > 0 and np.isfinite(result["correspondence_l2"])
+    assert result["iou"] > 0  # a sphere inside the held-out shape's box overlaps it (outward-wound meshes)
+    assert all(len(v) == 2 for v in result["per_frame"].values())
+    assert result["per_frame"]["correspondence_l2"][0] == pytest.approx(result["sequences"][0]["per_frame"][
+        "correspondence_l2"][0])  # fmt: skip
+    picture = eval4d.plot_per_frame({"model": {"temporal": True, **result}}, tmp_path / "e.png")
+    assert picture.stat().st_size > 1000
 
 
 def test_time_budget_gives_each_stage_its_share():

@@ -7,8 +7,8 @@ Held-out sequences are :func:`vgen.data.deforming.sample_sequence` seeds from 2,
 (training uses ``seed`` x 1,000,003 + i for i below ``sequences``: the ranges do not meet for seeds
 below 1,999). Each
 model reconstructs every sequence from its input point clouds; the metrics are :mod:`vgen.metrics4d`'s,
-averaged over frames, then over sequences. Writes ``eval4d.md`` (a table per model, side by side) and
-``eval4d.json``.
+averaged over frames, then over sequences. Writes ``eval4d.md`` (a table per model, side by side),
+``eval4d.png`` (each metric against the frame index) and ``eval4d.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from vgen.data.deforming import sample_sequence
 from vgen.metrics4d import chamfer_l1, correspondence_l2, inside_mesh, iou
 from vgen.pipelines.motion4d import Motion4DPipeline
 
-__all__ = ["HELD_OUT_SEED", "evaluate"]
+__all__ = ["HELD_OUT_SEED", "evaluate", "plot_per_frame"]
 
 HELD_OUT_SEED = 2_000_000_000
 
@@ -43,9 +43,34 @@ def evaluate(pipe: Motion4DPipeline, sequences: int = 20, frames: int = 17, *, p
                     for t in range(frames)]  # fmt: skip
         corr = correspondence_l2(recon.vertices, seq["correspondences"])
         rows.append({"seed": HELD_OUT_SEED + i, "kind": seq["kind"], "iou": float(np.mean(ious)),
-                     "chamfer_l1": float(np.mean(chamfers)), "correspondence_l2": float(corr.mean())})  # fmt: skip
-    return {key: float(np.mean([r[key] for r in rows])) for key in ("iou", "chamfer_l1", "correspondence_l2")} | {
-        "sequences": rows}
+                     "chamfer_l1": float(np.mean(chamfers)), "correspondence_l2": float(corr.mean()),
+                     "per_frame": {"iou": [float(x) for x in ious], "chamfer_l1": [float(x) for x in chamfers],
+                                   "correspondence_l2": [float(x) for x in corr]}})  # fmt: skip
+    keys = ("iou", "chamfer_l1", "correspondence_l2")
+    per_frame = {key: np.mean([r["per_frame"][key] for r in rows], axis=0).tolist() for key in keys}
+    return {key: float(np.mean([r[key] for r in rows])) for key in keys} | {"per_frame": per_frame, "sequences": rows}
+
+
+def plot_per_frame(results: dict, path: str | Path) -> Path:
+    """IoU, Chamfer-L1 and correspondence L2 against the frame index, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, key, label in zip(axes, ("iou", "chamfer_l1", "correspondence_l2"),
+                              ("IoU (higher is better)", "Chamfer-L1", "correspondence L2"), strict=True):  # fmt: skip
+        for r in results.values():
+            name = "temporal attention" if r["temporal"] else "per frame (baseline)"
+            ax.plot(r["per_frame"][key], marker="o", markersize=3, label=name)
+        ax.set_title(label)
+        ax.set_xlabel("frame")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in results.values():
         lines.append(f"| {r['folder']} | {'yes' if r['temporal'] else 'no (per frame)'} | {r['iou']:.3f} | "
                      f"{r['chamfer_l1']:.4f} | {r['correspondence_l2']:.4f} |")  # fmt: skip
+    plot_per_frame(results, out / "eval4d.png")
+    lines += ["", "![per frame](eval4d.png)"]
     (out / "eval4d.md").write_text("\n".join(lines) + "\n")
     (out / "eval4d.json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))

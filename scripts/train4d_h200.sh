@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Train the 4D reconstruction model with temporal attention (GPU 0) and the per-frame baseline without it
+# (GPU 1) side by side on a two-GPU machine, evaluate both on held-out sequences, pack the results.
+#
+#   MINUTES=12 bash scripts/train4d_h200.sh start    # first call: launch both trainings, poll
+#   bash scripts/train4d_h200.sh finish              # later calls: poll; then evaluate (detached), then pack
+#
+# Everything runs detached (setsid), so it does not matter where one device call ends and the next begins.
+# When the evaluation is done, $OUT gets m4d-results.tar (eval4d.md/json/png, both logs and loss curves) and
+# the temporal model as m4d-model.tar.part-* (15 MB pieces; `cat m4d-model.tar.part-* | tar -x`), which is
+# what assets/motion4d ships. TRAIN_ARGS go to both trainings (e.g. "--set batch=32"), EVAL_ARGS to the
+# evaluation; DEVICE=cpu with TRAIN_ARGS="--config tiny" is a smoke test without a GPU.
+set -euo pipefail
+RUN=${RUN:-build/m4d-run}
+MINUTES=${MINUTES:-12}
+POLL_UNTIL=${POLL_UNTIL:-550} # seconds after this script starts
+SEQUENCES=${SEQUENCES:-20}
+OUT=${OUT:-/tmp/out}
+DEVICE=${DEVICE:-cuda}
+began=$(date +%s)
+
+launch() { # name gpu command...
+    local name=$1 gpu=$2
+    shift 2
+    CUDA_VISIBLE_DEVICES=$gpu setsid nohup "$@" >"$RUN/$name.log" 2>&1 </dev/null &
+    echo $! >"$RUN/$name.pid"
+}
+alive() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+last_line() { [[ -f "$RUN/$1.log" ]] && tr '\r' '\n' <"$RUN/$1.log" | grep -v '^\s*$' | tail -n 1 | cut -c1-160; }
+
+case "${1:-}" in
+start)
+    nvidia-smi -L || true
+    mkdir -p "$RUN"
+    # shellcheck disable=SC2086
+    launch temporal 0 python3 -m vgen.models.train4d --out "$RUN/temporal" --device "$DEVICE" --minutes "$MINUTES" ${TRAIN_ARGS:-}
+    # shellcheck disable=SC2086
+    launch frame 1 python3 -m vgen.models.train4d --out "$RUN/frame" --device "$DEVICE" --minutes "$MINUTES" --no-temporal ${TRAIN_ARGS:-}
+    ;;
+finish) ;;
+*)
+    echo "usage: $0 start|finish" >&2
+    exit 2
+    ;;
+esac
+
+while (($(date +%s) - began < POLL_UNTIL)); do
+    if ! alive temporal && ! alive frame && [[ ! -f "$RUN/eval.pid" ]]; then
+        for name in temporal frame; do
+            [[ -f "$RUN/$name/model/config.json" ]] || { echo "== $name training left no model:"; tail -n 20 "$RUN/$name.log"; exit 1; }
+        done
+        echo "== evaluating both on $SEQUENCES held-out sequences"
+        # shellcheck disable=SC2086
+        launch eval 0 python3 -m vgen.models.eval4d --model "$RUN/temporal/model" --baseline "$RUN/frame/model" \
+            --sequences "$SEQUENCES" --device "$DEVICE" --out "$RUN/eval" ${EVAL_ARGS:-}
+    fi
+    if [[ -f "$RUN/eval.pid" ]] && ! alive eval; then break; fi
+    sleep 20
+    echo "[$(($(date +%s) - began)) s] temporal: $(last_line temporal) | frame: $(last_line frame) | eval: $(last_line eval)"
+done
+
+if [[ ! -f "$RUN/eval/eval4d.json" ]]; then
+    if [[ -f "$RUN/eval.pid" ]] && ! alive eval; then
+        echo "== the evaluation failed:"
+        tail -n 30 "$RUN/eval.log"
+        exit 1
+    fi
+    echo "== still running; call '$0 finish' again"
+    exit 0
+fi
+cat "$RUN/eval/eval4d.md"
+tar -C "$RUN" -cf "$OUT/m4d-results.tar" eval temporal/log.json temporal/loss.png frame/log.json frame/loss.png \
+    temporal.log frame.log eval.log
+tar -C "$RUN/temporal" -cf - model | split -b 15M - "$OUT/m4d-model.tar.part-"
+ls -la "$OUT"
