@@ -33,6 +33,10 @@ KERNELS = [
      {"BY_MASS": True, "BLOCK": 1024}, 8, 1),
     (selection._global_cut_kernel, {"S": "*fp32", "KEEP": "*i8", "threshold": "fp32", "count": "fp32"},
      {"BY_MASS": False, "BLOCK": 1024}, 8, 1),
+    (selection._cut_partial_kernel, {"S": "*fp32", "PEAK": "*fp32", "LO": "*i64", "HI": "*i64", "PART": "*fp32"},
+     {"CHUNK": 2048, "SUB": 64, "PIVOTS": 64, "BY_MASS": True}, 4, 1),
+    (selection._cut_narrow_kernel, {"PART": "*fp32", "LO": "*i64", "HI": "*i64", "GOAL": "*fp32"},
+     {"PIVOTS": 64}, 2, 1),
     (selection._compact_rows_kernel, {"DENSE": "*i8", "COUNT": "*i32", "INDICES": "*i32"}, {"BLOCK": 256}, 4, 1),
     (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 32, "BLOCK_N": 16, "ROW_BLOCK": 128,
                                      "POOLED_KEPT": False, "COMPENSATE": True}, 8, 1),
@@ -45,7 +49,7 @@ KERNELS = [
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True,
                                             "SMOOTH": False}, 4, 1),
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
-                                              "ROWS": 64}, 4, 2),
+                                              "ROWS": 64}, 8, 2),
     (fps._fps_kernel, {"P": "*fp32", "OUT": "*i64"}, {"BLOCK_N": 2048}, 4, 1),
 ]  # fmt: skip
 

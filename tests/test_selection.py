@@ -117,3 +117,25 @@ def test_psa_levels_at_a_half_integer_bound_and_with_peaked_scores(monkeypatch):
         monkeypatch.undo()
         assert torch.equal(by_cuts, by_sorting)
         assert (by_cuts == 1).sum() == 2 * 8
+
+
+@pytest.mark.parametrize("threshold, count", [(0.05, None), (0.3, None), (0.9, None), (None, 1), (None, 77)])
+def test_many_program_cut_matches_a_sort(threshold, count):
+    """The pivot search that large slices take (small chunks here, so that many programs share a slice)."""
+    from vgen.kernels.selection import _global_cut_parallel
+
+    torch.manual_seed(3 if count is None else count)
+    scores = torch.randn(2, 3, 50, 41) * 4
+    scores[0, 1, :5] = scores[0, 1, 5:10]  # ties in one slice
+    flat = scores.reshape(6, -1)
+    got = _global_cut_parallel(flat, threshold, count, chunk=256).view(scores.shape)
+    assert torch.equal(got, global_cut_reference(scores, threshold=threshold, count=count) | (got & ties(scores, got)))
+    assert got.flatten(2).any(-1).all()
+    assert torch.equal(got, global_cut(scores, threshold=threshold, count=count))  # the one-program bisection
+
+
+def ties(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Entries equal to the smallest kept score of their slice (a sort breaks such ties by position)."""
+    flat = scores.flatten(2)
+    weakest = torch.where(keep.flatten(2), flat, torch.inf).amin(-1, keepdim=True)
+    return (flat == weakest).view(scores.shape)

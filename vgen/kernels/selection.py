@@ -165,6 +165,93 @@ def _global_cut_kernel(
         tl.store(KEEP + o, (_order_key(s) >= cut).to(tl.int8), mask=o < N)
 
 
+# Many programs per slice for large slices. The bisection above runs one program per [B, H] slice through
+# some 33 sequential passes over the slice: at 40 heads x 591 query blocks x 630 chunks (Wan2.1-14B with
+# 2D chunks) that took 5-9 ms on an H200. Here each pass evaluates PIVOTS cut candidates at once, spread
+# evenly over the remaining key interval, with the slice split over many programs (their partial sums
+# reduced in a fixed order, so the result is deterministic); PASSES passes narrow 2^32 keys to one.
+_PIVOTS = 64
+_PASSES = 6  # 64^6 >= 2^32
+_CHUNK = 2048
+PARALLEL_CUT_ENTRIES = 65536  # slices at least this long take the many-program path
+
+
+@triton.jit
+def _pivots(LO, HI, i_bh, PIVOTS: tl.constexpr):
+    lo = tl.load(LO + i_bh)
+    hi = tl.load(HI + i_bh)
+    j = tl.arange(0, PIVOTS).to(tl.int64)
+    return lo + (j * (hi - lo) + PIVOTS - 1) // PIVOTS, hi  # pivot 0 is lo
+
+
+@triton.jit
+def _cut_partial_kernel(
+    S, PEAK, LO, HI, PART, N,
+    CHUNK: tl.constexpr, SUB: tl.constexpr, PIVOTS: tl.constexpr, BY_MASS: tl.constexpr,
+):  # fmt: skip
+    i_bh, i_c = tl.program_id(0), tl.program_id(1)
+    piv, _ = _pivots(LO, HI, i_bh, PIVOTS)
+    peak = tl.load(PEAK + i_bh)
+    base = S + i_bh.to(tl.int64) * N
+    acc = tl.zeros([PIVOTS], tl.float32)
+    for start in range(0, CHUNK, SUB):
+        o = i_c * CHUNK + start + tl.arange(0, SUB)
+        m = o < N
+        s = tl.load(base + o, mask=m, other=0.0)
+        if BY_MASS:
+            w = tl.where(m, tl.exp(s - peak), 0.0)
+        else:
+            w = m.to(tl.float32)
+        ge = _order_key(s).to(tl.int64)[:, None] >= piv[None, :]
+        acc += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
+    tl.store(PART + (i_bh.to(tl.int64) * tl.num_programs(1) + i_c) * PIVOTS + tl.arange(0, PIVOTS), acc)
+
+
+@triton.jit
+def _cut_narrow_kernel(PART, LO, HI, GOAL, P, PIVOTS: tl.constexpr):
+    """Sum the programs' partial masses per pivot (in program order) and keep the interval between the
+    last pivot whose at-least mass reaches the goal and the next."""
+    i_bh = tl.program_id(0)
+    piv, hi = _pivots(LO, HI, i_bh, PIVOTS)
+    mass = tl.zeros([PIVOTS], tl.float32)
+    for p in range(0, P):
+        mass += tl.load(PART + (i_bh.to(tl.int64) * P + p) * PIVOTS + tl.arange(0, PIVOTS))
+    reach = mass >= tl.load(GOAL + i_bh)
+    j = tl.maximum(tl.sum(reach.to(tl.int32), 0) - 1, 0)  # the at-least mass falls with the pivot
+    o = tl.arange(0, PIVOTS)
+    new_lo = tl.sum(tl.where(o == j, piv, 0), 0)
+    new_hi = tl.where(j + 1 < PIVOTS, tl.sum(tl.where(o == j + 1, piv, 0), 0), hi)
+    tl.store(LO + i_bh, new_lo)
+    tl.store(HI + i_bh, new_hi)
+
+
+def _order_key_torch(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys with the order of the fp32 values ``x`` (as ``_order_key``)."""
+    bits = x.contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+
+
+def _global_cut_parallel(flat: torch.Tensor, threshold: float | None, count: int | None, chunk: int = _CHUNK):
+    """bool ``[BH, N]``: :func:`global_cut` of fp32 ``flat`` by the many-program pivot search."""
+    slices, n = flat.shape
+    peak = flat.amax(-1)
+    lo = _order_key_torch(flat.amin(-1))  # its at-least set is everything: reaches any goal
+    hi = _order_key_torch(peak) + 1  # nothing is at least this
+    if threshold is not None:
+        goal = (flat - peak[:, None]).exp().sum(-1) * threshold
+    else:
+        goal = torch.full((slices,), float(count), device=flat.device)
+    programs = triton.cdiv(n, chunk)
+    part = torch.empty(slices, programs, _PIVOTS, dtype=torch.float32, device=flat.device)
+    for _ in range(_PASSES):
+        _cut_partial_kernel[(slices, programs)](
+            flat, peak, lo, hi, part, n, CHUNK=chunk, SUB=64, PIVOTS=_PIVOTS, BY_MASS=threshold is not None,
+            num_warps=4,
+        )  # fmt: skip
+        _cut_narrow_kernel[(slices,)](part, lo, hi, goal, programs, PIVOTS=_PIVOTS, num_warps=2)
+    return _order_key_torch(flat) >= lo[:, None]
+
+
 def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: int | None = None) -> torch.Tensor:
     """bool, ``scores``' shape: per ``[B, H]`` slice, the best scores of a ranking of all of its entries.
 
@@ -175,8 +262,8 @@ def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: i
         count: keep the ``count`` best entries.
 
     Ties at the cut are all kept (a sort would break them by position). ``scores``: fp32
-    ``[B, H, ...]`` of finite values. Triton on CUDA or under the interpreter, else
-    :func:`global_cut_reference`.
+    ``[B, H, ...]`` of finite values. Triton on CUDA or under the interpreter (one program per slice
+    below ``PARALLEL_CUT_ENTRIES`` entries, many above), else :func:`global_cut_reference`.
     """
     if (threshold is None) == (count is None):
         raise ValueError("global_cut needs exactly one of threshold and count")
@@ -188,6 +275,8 @@ def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: i
     if not use_triton(scores):
         return global_cut_reference(scores, threshold=threshold, count=count)
     flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).contiguous().float()
+    if n >= PARALLEL_CUT_ENTRIES:
+        return _global_cut_parallel(flat, threshold, None if count is None else min(count, n)).view(scores.shape)
     keep = torch.empty(flat.shape, dtype=torch.int8, device=scores.device)
     _global_cut_kernel[(flat.shape[0],)](
         flat, keep, n, 0.0 if threshold is None else float(threshold), 0.0 if count is None else float(min(count, n)),
