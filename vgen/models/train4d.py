@@ -80,6 +80,7 @@ class Train4DSettings:
     kl: float = 1e-4
     steps: tuple[int, int, int, int] = (3000, 3000, 3000, 3000)  # shape_vae, deform_vae, shape/deform diffusion
     shares: tuple[float, float, float, float] = (0.3, 0.25, 0.15, 0.3)  # of the training time, with --minutes
+    bf16: bool = True  # on CUDA: losses under bf16 autocast, other fp32 matmuls in TF32 (weights stay fp32)
 
     def __post_init__(self) -> None:
         if self.config not in CONFIGS:
@@ -132,7 +133,8 @@ def _run_stage(name, params, loss_fn, settings, stage, began, log) -> None:
         if total is not None:
             for group in optimiser.param_groups:
                 group["lr"] = settings.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / total)))
-        loss = loss_fn()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.bf16 and settings.device.startswith("cuda")):
+            loss = loss_fn()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -154,6 +156,8 @@ def train(settings: Train4DSettings, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     device = torch.device(settings.device)
+    if settings.bf16 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     began = time.time()
     config = dataclasses.replace(
         CONFIGS[settings.config],
