@@ -143,3 +143,26 @@ def test_mask_at_density_adds_the_heaviest_blocks_until_the_budget():
                 keep[i, j] = True
                 used += tokens[i] * tokens[j]
         assert torch.equal(got[h], keep)
+
+
+def test_pooled_budget_goes_to_spread_maps_and_keeps_the_total():
+    from vgen.attention.paro import _mask_at_density, _pooled_masks
+
+    m, block = 6, 32
+    seq = m * block
+    spread = torch.ones(m, m) + 0.01 * torch.rand(m, m)  # attention everywhere
+    peaked = torch.eye(m) * 50 + torch.rand(m, m) * 0.5  # attention on the diagonal
+    maps = torch.stack([spread, peaked]) * 100
+    density = 0.4
+    pooled = _pooled_masks(maps, seq, block, density)
+    each = _mask_at_density(maps, seq, block, density)
+    pairs = block * block
+    budget = density * 2 * seq * seq
+    used = pooled.sum() * pairs
+    assert used >= budget - pairs and used <= budget + pairs  # the shared budget, to a block
+    assert pooled[0].sum() > each[0].sum() and pooled[1].sum() < each[1].sum()  # moved to the spread map
+    assert pooled[:, torch.arange(m), torch.arange(m)].all()  # diagonals always
+    captured = lambda keep: (maps * keep).sum() / maps.sum()  # noqa: E731
+    assert captured(pooled) > captured(each)
+    # one map per slice is the per-head rule
+    assert torch.equal(_pooled_masks(maps[:, None], seq, block, density).squeeze(1), each)

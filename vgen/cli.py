@@ -205,11 +205,12 @@ def _calibrate_paro(args: argparse.Namespace) -> None:
                 "num_inference_steps": args.steps}
     print(f"calibrating on {len(prompts)} prompts x {args.seeds} seeds (dense generations)", file=sys.stderr)
     calibration = calibrate_paro(pipe, prompts, args.out, density=args.density, buckets=args.buckets,
-                                 block_size=args.block_size, seeds=tuple(range(args.seeds)), **generate)
+                                 block_size=args.block_size, seeds=tuple(range(args.seeds)), share=args.share,
+                                 **generate)  # fmt: skip
     meta = calibration.meta
     orders = [[meta["orders"][int(o)] for o in row] for row in calibration.orders]
     print(f"token grid {meta['grid'][:3]} (text {meta['grid'][3:]}), {meta['steps']} steps in {meta['buckets']} "
-          f"buckets, density {meta['density']}, block {meta['block_size']}")
+          f"buckets, density {meta['density']} (shared per {meta.get('share', 'head')}), block {meta['block_size']}")
     for layer, row in enumerate(orders):
         print(f"layer {layer:2d}: orders {' '.join(row)}; mass captured {meta['captured'][layer]}")
     print(f"wrote {args.out}")
@@ -346,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         paro.add_argument(name, type=int)
     paro.add_argument("--density", type=float, default=0.3, help="kept share of token pairs, in (0, 1]")
     paro.add_argument("--buckets", type=int, default=4, help="timestep buckets with their own masks")
+    paro.add_argument("--share", default="head", choices=("head", "layer", "model"),
+                      help="what shares the density budget: each head, the heads of a layer, or the whole model")
     paro.add_argument("--block-size", type=int, default=128, help="kernel block size in tokens")
     paro.add_argument("--dtype", default="float32", choices=_DTYPES)
     paro.add_argument("--device", help="cuda or cpu (default: cuda when available)")

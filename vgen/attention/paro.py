@@ -12,7 +12,8 @@ that mass:
 - The order of each (layer, head): the one whose ``density`` share of heaviest blocks captures
   the most mass.
 - The mask of each (timestep bucket, layer, head): the heaviest blocks in that order until
-  ``density`` of the token pairs is kept, the diagonal blocks always included.
+  ``density`` of the token pairs is kept, the diagonal blocks always included. With ``share="layer"``
+  or ``"model"`` the heads of a layer (or of the model) share that budget, heaviest blocks first.
 
 Both go into one safetensors file with JSON metadata, which names the model and the token grid it
 was calibrated for. ``enable_sparse_attention("paro", calibration=FILE)`` loads it. At run time,
@@ -104,17 +105,30 @@ def _token_counts(seq: int, block: int) -> torch.Tensor:
 
 
 def _mask_at_density(mass: torch.Tensor, seq: int, block: int, density: float) -> torch.Tensor:
-    """bool ``[H, M, M]``: the diagonal, then the heaviest blocks, until ``density`` of the token pairs."""
-    heads, m, _ = mass.shape
+    """bool ``[..., M, M]``: per leading slice (one head), the diagonal, then the heaviest blocks, until
+    ``density`` of the token pairs."""
+    return _pooled_masks(mass[..., None, :, :], seq, block, density).squeeze(-3)
+
+
+def _pooled_masks(mass: torch.Tensor, seq: int, block: int, density: float) -> torch.Tensor:
+    """bool ``[..., G, M, M]``: the G maps of each leading slice share one budget of ``density`` x G x
+    ``seq``^2 token pairs: every diagonal block, then the heaviest blocks of any of the G maps, best first.
+
+    The maps' masses are comparable (each sums softmax rows over the same query tokens), so a map whose
+    attention is spread gets more blocks and a concentrated one fewer, for the same total kept work.
+    """
+    *lead, groups, m, _ = mass.shape
+    flat = mass.reshape(-1, groups * m * m).double()
     tokens = _token_counts(seq, block)
-    pairs = (tokens[:, None] * tokens[None, :]).flatten()  # token pairs per block pair
-    diagonal = torch.eye(m, dtype=torch.bool).flatten()
-    order = mass.flatten(1).double().argsort(-1, descending=True)  # [H, M*M]
+    pairs = (tokens[:, None] * tokens[None, :]).flatten().repeat(groups)  # token pairs per block pair
+    diagonal = torch.eye(m, dtype=torch.bool).flatten().repeat(groups)
+    order = flat.argsort(-1, descending=True)  # [slices, G*M*M]
     on_diagonal = diagonal[order]
     added = torch.where(on_diagonal, 0.0, pairs[order])  # pairs each non-diagonal block adds, best first
     used_before = pairs[diagonal].sum() + added.cumsum(-1) - added
-    kept_sorted = on_diagonal | (used_before < density * seq * seq)  # add blocks while under the budget
-    return torch.zeros(heads, m * m, dtype=torch.bool).scatter_(1, order, kept_sorted).view(heads, m, m)
+    kept_sorted = on_diagonal | (used_before < density * groups * seq * seq)  # add blocks while under budget
+    keep = torch.zeros(flat.shape, dtype=torch.bool).scatter_(1, order, kept_sorted)
+    return keep.view(*lead, groups, m, m)
 
 
 @dataclass(frozen=True, eq=False)
@@ -286,6 +300,7 @@ def calibrate_paro(
     block_size: int = 128,
     seeds: tuple[int, ...] = (0,),
     query_chunk: int = 1024,
+    share: str = "head",
     **generate: Any,
 ) -> ParoCalibration:
     """Run dense generations with ``pipe`` (a :class:`vgen.VideoPipeline`) and write a calibration.
@@ -298,6 +313,10 @@ def calibrate_paro(
         buckets: timestep buckets (the denoising steps are split evenly).
         block_size: kernel block size in tokens (a power of two >= 16).
         query_chunk: query rows per softmax evaluation while measuring.
+        share: over what the ``density`` budget is shared in each timestep bucket: ``"head"`` (every
+            head keeps ``density``, as the paper), ``"layer"`` (the heads of a layer share it: spread
+            heads get more blocks) or ``"model"`` (all heads of all layers share it). The kept work
+            of the whole model is the same.
         **generate: sizes and steps for ``pipe(...)``; the file is valid for that token grid only.
     """
     from vgen.pipelines.plumbing import apply_sparse_attention, remove_sparse_attention
@@ -310,6 +329,8 @@ def calibrate_paro(
         raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+    if share not in ("head", "layer", "model"):
+        raise ValueError(f"share must be 'head', 'layer' or 'model', got {share!r}")
     from vgen.pipelines.video import call_defaults
 
     steps = generate.get("num_inference_steps") or call_defaults(pipe.pipeline).get("num_inference_steps")
@@ -338,9 +359,14 @@ def calibrate_paro(
     masks = torch.zeros(buckets, layers, heads, blocks, blocks, dtype=torch.bool)
     for b in range(buckets):
         source = b if b in seen else max(s for s in seen if s <= b) if any(s <= b for s in seen) else seen[0]
-        for layer in range(layers):
-            chosen = mass_of[(source, layer)][orders[layer], torch.arange(heads)]  # [H, M, M]
-            masks[b, layer] = _mask_at_density(chosen, layout.seq_len, block_size, density)
+        # [L, H, M, M]: each head's mass in its chosen order
+        chosen = torch.stack([mass_of[(source, layer)][orders[layer], torch.arange(heads)] for layer in range(layers)])
+        if share == "head":
+            masks[b] = _mask_at_density(chosen, layout.seq_len, block_size, density)
+        elif share == "layer":
+            masks[b] = _pooled_masks(chosen, layout.seq_len, block_size, density)
+        else:
+            masks[b] = _pooled_masks(chosen.flatten(0, 1), layout.seq_len, block_size, density).view_as(masks[b])
     config = pipe.transformer.config
     meta = {
         "model": type(pipe.transformer).__name__,
@@ -349,6 +375,7 @@ def calibrate_paro(
         "grid": [layout.frames, layout.height, layout.width, layout.text_before, layout.text_after],
         "block_size": block_size,
         "density": density,
+        "share": share,
         "steps": steps,
         "buckets": buckets,
         "orders": list(AXIS_ORDERS),
