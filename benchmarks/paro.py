@@ -81,6 +81,7 @@ REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference" / "m
 FLEX_TOLERANCE = 2e-2  # relative error between Flex and vgen's bf16 kernel above which a row is a MISMATCH
 PV_BITS = (8, 4)
 QUANTS = ("int8", "int4", "none")
+SHARES = ("head", "layer")  # calibrate_paro's share: the paper's per-head budget, and a layer's heads sharing it
 TARGET_DENSE_INT8 = 1.3  # dense INT8 vs dense cuDNN bf16
 TARGET_SPARSE_INT8 = 4.0  # INT8 at density 0.25 vs dense cuDNN bf16
 TARGET_SPARSE_DENSITY = 0.25
@@ -283,23 +284,23 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
     print(json.dumps(info), flush=True)
     calibrations, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for density in sizes.quality_densities:
-            path = Path(tmp) / f"paro-d{density}.safetensors"
+        for density, share in [(d, s) for d in sizes.quality_densities for s in SHARES]:
+            path = Path(tmp) / f"paro-d{density}-{share}.safetensors"
             start = time.perf_counter()
             calibration = calibrate_paro(
                 pipe, calibration_prompts, path, density=density, buckets=sizes.buckets,
-                block_size=sizes.quality_block, **generate,
+                block_size=sizes.quality_block, share=share, **generate,
             )  # fmt: skip
             captured = [c for layer in calibration.meta["captured"] for c in layer]
             orders = Counter(AXIS_ORDERS[int(o)] for o in calibration.orders.flatten())
             calibrations.append({
-                "density": density, "seconds": time.perf_counter() - start,
+                "density": density, "share": share, "seconds": time.perf_counter() - start,
                 "captured_mean": statistics.fmean(captured), "captured_min": min(captured),
                 "orders": {o: orders.get(o, 0) for o in AXIS_ORDERS},
                 "mask_block_fraction": calibration.masks.float().mean().item(),
             })  # fmt: skip
             print(json.dumps(calibrations[-1]), flush=True)
-            for quant in QUANTS:
+            for quant in QUANTS if share == "head" else ("int8", "none"):
                 start = time.perf_counter()
                 report = quality_report(
                     pipe, "paro", {"calibration": str(path), "quant": quant}, prompts, [0], **generate
@@ -307,7 +308,7 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
                 layers = report.layers()
                 errors = [e for _, _, e in layers]
                 row = {
-                    "target_density": density, "quant": quant, "clips": len(report.clips),
+                    "target_density": density, "share": share, "quant": quant, "clips": len(report.clips),
                     "density": report.density, "psnr": report.mean_psnr, "psnr_min": min(c.psnr for c in report.clips),
                     "ssim": report.mean_ssim, "attention_error_mean": statistics.fmean(errors),
                     "attention_error_max": max(errors), "adherence_dense": report.adherence("dense"),
@@ -320,7 +321,8 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
                 free_memory()
     del pipe
     free_memory()
-    int8 = [r for r in rows if r["quant"] == "int8" and r["target_density"] == TARGET_PSNR_DENSITY]
+    int8 = [r for r in rows if r["quant"] == "int8" and r["target_density"] == TARGET_PSNR_DENSITY
+            and r["share"] == "head"]  # fmt: skip
     target = {
         "psnr": int8[0]["psnr"] if int8 else None, "target": TARGET_PSNR,
         "met": (int8[0]["psnr"] >= TARGET_PSNR) if int8 else None,
@@ -389,13 +391,15 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             f"{info['block_size']}-token blocks, on {len(info['calibration_prompts'])} held-out caption(s); quality "
             f"(`quality_report`) on {len(info['quality_prompts'])} other held-out caption(s).", "",
             "Calibrations:", "",
-            "| target density | kept blocks | mass captured (mean, min over heads) | head orders | seconds |",
-            "|---|---|---|---|---|",
+            "| target density | budget shared per | kept blocks | mass captured (mean, min over heads) | head orders "
+            "| seconds |",
+            "|---|---|---|---|---|---|",
         ]  # fmt: skip
         for c in part["calibrations"]:
             orders = ", ".join(f"{o} {n}" for o, n in c["orders"].items() if n)
             lines.append(
-                f"| {c['density']} | {c['mask_block_fraction']:.3f} | {c['captured_mean']:.3f}, "
+                f"| {c['density']} | {c.get('share', 'head')} | {c['mask_block_fraction']:.3f} | "
+                f"{c['captured_mean']:.3f}, "
                 f"{c['captured_min']:.3f} | {orders} | {c['seconds']:.1f} |"
             )
         lines += [
@@ -403,9 +407,9 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "Density: kept token pairs, mean over attention calls; attention error: ||out - dense|| / ||dense|| of "
             "each call's output, mean over steps and clips per layer, then mean (max) over layers.",
             "",
-            "| target density | quant | clips | density | **PSNR dB** (min) | SSIM | attention error mean (max) | "
-            "adherence dense / paro | seconds |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| target density | budget shared per | quant | clips | density | **PSNR dB** (min) | SSIM | "
+            "attention error mean (max) | adherence dense / paro | seconds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in part["rows"]:
 
@@ -413,7 +417,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
                 return "-" if value is None else f"{value:.0%}"
 
             lines.append(
-                f"| {r['target_density']} | {r['quant']} | {r['clips']} | {r['density']:.3f} | "
+                f"| {r['target_density']} | {r.get('share', 'head')} | {r['quant']} | {r['clips']} | "
+                f"{r['density']:.3f} | "
                 f"**{r['psnr']:.2f}** ({r['psnr_min']:.2f}) | {r['ssim']:.4f} | {r['attention_error_mean']:.2e} "
                 f"({r['attention_error_max']:.2e}) | {share(r['adherence_dense'])} / {share(r['adherence_method'])} | "
                 f"{r['seconds']:.1f} |"
