@@ -367,6 +367,14 @@ def calibrate_paro(
             masks[b] = _pooled_masks(chosen, layout.seq_len, block_size, density)
         else:
             masks[b] = _pooled_masks(chosen.flatten(0, 1), layout.seq_len, block_size, density).view_as(masks[b])
+    inside = torch.zeros(layers, heads, dtype=torch.float64)
+    whole = torch.zeros(layers, heads, dtype=torch.float64)
+    for b in seen:
+        for layer in range(layers):
+            chosen = mass_of[(b, layer)][orders[layer], torch.arange(heads)].double()  # [H, M, M]
+            inside[layer] += (chosen * masks[b, layer]).sum((-1, -2))
+            whole[layer] += chosen.sum((-1, -2))
+    captured = inside / whole.clamp_min(1e-30)
     config = pipe.transformer.config
     meta = {
         "model": type(pipe.transformer).__name__,
@@ -380,7 +388,7 @@ def calibrate_paro(
         "buckets": buckets,
         "orders": list(AXIS_ORDERS),
         "prompts": len(prompts) * len(seeds),
-        "captured": _captured(total, keep).gather(1, orders[:, None]).squeeze(1).tolist(),
+        "captured": captured.tolist(),  # [L, H]: share of each head's mass inside its masks, over the buckets
     }
     calibration = ParoCalibration(orders, masks, meta)
     calibration.save(out)
