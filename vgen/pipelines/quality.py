@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from vgen.pipelines.plumbing import AttentionCall, record_attention
 from vgen.pipelines.video import VideoPipeline
@@ -177,6 +178,7 @@ def quality_report(
     if not prompts or not seeds:
         raise ValueError("quality_report needs at least one prompt and one seed")
     report = QualityReport(method, dict(config))
+    bar = tqdm(total=len(prompts) * len(seeds), desc=f"quality {method}", unit="clip", leave=False)
     for prompt in prompts:
         for seed in seeds:
             key = (prompt, seed, tuple(sorted(generate.items())))
@@ -196,6 +198,8 @@ def quality_report(
             report.calls += calls
             report.clips.append(ClipQuality(prompt, seed, psnr(video, dense), ssim(video, dense),
                                             _adherence(dense, prompt), _adherence(video, prompt)))
+            bar.update(1)
+    bar.close()
     return report
 
 
@@ -315,15 +319,18 @@ def adherence_report(
     try:
         if method is not None:
             pipe.enable_sparse_attention(method, **(config or {}))
+        bar = tqdm(total=len(prompts) * len(seeds), desc="adherence", unit="clip", leave=False)
         for prompt in prompts:
             for seed in seeds:
                 video = pipe(prompt, seed=seed, progress=False, **generate)
+                bar.update(1)
                 result = score_video(video, prompt)
                 report.clips.append(
                     ClipAdherence(prompt, seed, result.colour_found, result.kind_matches, result.motion_matches)
                 )
                 if sheet is not None:
                     rows.append(contact_sheet((np.clip(video, 0, 1) * 255).round().astype(np.uint8), max_frames=8))
+        bar.close()
     finally:
         pipe.disable_sparse_attention()
     if sheet is not None:
