@@ -211,7 +211,9 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
 
     Args:
         transformer: a diffusers transformer whose attention runs on the ``native`` backend
-            (vgen's methods intercept it), with a context-parallel plan (Wan, CogVideoX, LTX, ...).
+            (vgen's methods intercept it), with a context-parallel plan: diffusers' (Wan, LTX, ...)
+            or vgen's (:data:`PLANS`: SkyReels-V2, HunyuanVideo, MotifVideo). Joint text-video
+            attention goes through vgen's interceptor, with vgen's ``dense`` method if none is applied.
         ulysses: ranks that split the heads (default: the whole world); must divide the heads.
         ring: must be 1 (see the module docstring).
     """
