@@ -357,23 +357,17 @@ def calibrate_paro(
     total = torch.stack([sum(mass_of[(b, layer)] for b in seen) for layer in range(layers)])
     orders = _captured(total, keep).argmax(1)  # [L, H]
     masks = torch.zeros(buckets, layers, heads, blocks, blocks, dtype=torch.bool)
+    inside = torch.zeros(layers, heads, dtype=torch.float64)  # each head's mass inside its masks, and in all
+    whole = torch.zeros(layers, heads, dtype=torch.float64)
     for b in range(buckets):
         source = b if b in seen else max(s for s in seen if s <= b) if any(s <= b for s in seen) else seen[0]
         # [L, H, M, M]: each head's mass in its chosen order
         chosen = torch.stack([mass_of[(source, layer)][orders[layer], torch.arange(heads)] for layer in range(layers)])
-        if share == "head":
-            masks[b] = _mask_at_density(chosen, layout.seq_len, block_size, density)
-        elif share == "layer":
-            masks[b] = _pooled_masks(chosen, layout.seq_len, block_size, density)
-        else:
-            masks[b] = _pooled_masks(chosen.flatten(0, 1), layout.seq_len, block_size, density).view_as(masks[b])
-    inside = torch.zeros(layers, heads, dtype=torch.float64)
-    whole = torch.zeros(layers, heads, dtype=torch.float64)
-    for b in seen:
-        for layer in range(layers):
-            chosen = mass_of[(b, layer)][orders[layer], torch.arange(heads)].double()  # [H, M, M]
-            inside[layer] += (chosen * masks[b, layer]).sum((-1, -2))
-            whole[layer] += chosen.sum((-1, -2))
+        sharing = {"head": chosen[:, :, None], "layer": chosen, "model": chosen.flatten(0, 1)}[share]  # [..., G, M, M]
+        masks[b] = _pooled_masks(sharing, layout.seq_len, block_size, density).view_as(masks[b])
+        if source == b:
+            inside += (chosen.double() * masks[b]).sum((-1, -2))
+            whole += chosen.double().sum((-1, -2))
     captured = inside / whole.clamp_min(1e-30)
     config = pipe.transformer.config
     meta = {

@@ -281,8 +281,10 @@ def quantized_attention(
     out = torch.empty_like(q)
     # On the GPU, QUANT_LAUNCH's rows per program (a divisor of the mask block) and warps; half blocks under
     # the interpreter, so that the tests cover the sub-tiling.
-    rows = QUANT_LAUNCH["rows"] if q.is_cuda and block_m % QUANT_LAUNCH["rows"] == 0 else block_m
-    rows = rows if q.is_cuda else block_m // 2
+    if q.is_cuda:
+        rows = QUANT_LAUNCH["rows"] if block_m % QUANT_LAUNCH["rows"] == 0 else block_m
+    else:
+        rows = block_m // 2
     grid = (triton.cdiv(sq, rows), batch * heads)
     _quant_fwd_kernel[grid](
         q8, k8, vt, q_scale, k_scale, v_scale, out, block_mask.kv_num_blocks, block_mask.kv_indices,
