@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Train the 4D reconstruction model with temporal attention (GPU 0) and the per-frame baseline without it
-# (GPU 1) side by side on a two-GPU machine, evaluate both on held-out sequences, pack the results.
+# Train the 4D reconstruction model with temporal attention and the per-frame baseline without it side by
+# side (GPU 0 and GPU 1 on a two-GPU machine, both on GPU 0 on a one-GPU machine: the models are small and
+# each training stage runs for its share of the time), evaluate both on held-out sequences (one process
+# each, at the same time), pack the results.
 #
 #   MINUTES=12 bash scripts/train4d_h200.sh start    # first call: launch both trainings, poll
 #   bash scripts/train4d_h200.sh finish              # later calls: poll; then evaluate (detached), then pack
@@ -17,6 +19,8 @@ POLL_UNTIL=${POLL_UNTIL:-550} # seconds after this script starts
 SEQUENCES=${SEQUENCES:-20}
 OUT=${OUT:-/tmp/out}
 DEVICE=${DEVICE:-cuda}
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+SECOND=$((GPUS > 1 ? 1 : 0)) # the baseline's GPU
 began=$(date +%s)
 
 launch() { # name gpu command...
@@ -35,7 +39,7 @@ start)
     # shellcheck disable=SC2086
     launch temporal 0 python3 -m vgen.models.train4d --out "$RUN/temporal" --device "$DEVICE" --minutes "$MINUTES" ${TRAIN_ARGS:-}
     # shellcheck disable=SC2086
-    launch frame 1 python3 -m vgen.models.train4d --out "$RUN/frame" --device "$DEVICE" --minutes "$MINUTES" --no-temporal ${TRAIN_ARGS:-}
+    launch frame $SECOND python3 -m vgen.models.train4d --out "$RUN/frame" --device "$DEVICE" --minutes "$MINUTES" --no-temporal ${TRAIN_ARGS:-}
     ;;
 finish) ;;
 *)
@@ -44,32 +48,38 @@ finish) ;;
     ;;
 esac
 
+evaluating() { [[ -f "$RUN/eval-temporal.pid" ]]; }
 while (($(date +%s) - began < POLL_UNTIL)); do
-    if ! alive temporal && ! alive frame && [[ ! -f "$RUN/eval.pid" ]]; then
+    if ! alive temporal && ! alive frame && ! evaluating; then
         for name in temporal frame; do
             [[ -f "$RUN/$name/model/config.json" ]] || { echo "== $name training left no model:"; tail -n 20 "$RUN/$name.log"; exit 1; }
         done
         echo "== evaluating both on $SEQUENCES held-out sequences"
-        # shellcheck disable=SC2086
-        launch eval 0 python3 -m vgen.models.eval4d --model "$RUN/temporal/model" --baseline "$RUN/frame/model" \
-            --sequences "$SEQUENCES" --device "$DEVICE" --out "$RUN/eval" ${EVAL_ARGS:-}
+        for name in temporal frame; do
+            gpu=$([[ $name == temporal ]] && echo 0 || echo $SECOND)
+            # shellcheck disable=SC2086
+            launch "eval-$name" "$gpu" python3 -m vgen.models.eval4d --model "$RUN/$name/model" \
+                --sequences "$SEQUENCES" --device "$DEVICE" --out "$RUN/eval-$name" ${EVAL_ARGS:-}
+        done
     fi
-    if [[ -f "$RUN/eval.pid" ]] && ! alive eval; then break; fi
+    if evaluating && ! alive eval-temporal && ! alive eval-frame; then break; fi
     sleep 20
-    echo "[$(($(date +%s) - began)) s] temporal: $(last_line temporal) | frame: $(last_line frame) | eval: $(last_line eval)"
+    echo "[$(($(date +%s) - began)) s] temporal: $(last_line temporal) | frame: $(last_line frame) |" \
+        "eval: $(last_line eval-temporal) / $(last_line eval-frame)"
 done
 
+if evaluating && ! alive eval-temporal && ! alive eval-frame && [[ ! -f "$RUN/eval/eval4d.json" ]]; then
+    for name in temporal frame; do
+        [[ -f "$RUN/eval-$name/eval4d.json" ]] || { echo "== the evaluation of $name failed:"; tail -n 30 "$RUN/eval-$name.log"; exit 1; }
+    done
+    python3 -m vgen.models.eval4d --merge "$RUN/eval-temporal" "$RUN/eval-frame" --out "$RUN/eval"
+fi
 if [[ ! -f "$RUN/eval/eval4d.json" ]]; then
-    if [[ -f "$RUN/eval.pid" ]] && ! alive eval; then
-        echo "== the evaluation failed:"
-        tail -n 30 "$RUN/eval.log"
-        exit 1
-    fi
     echo "== still running; call '$0 finish' again"
     exit 0
 fi
 cat "$RUN/eval/eval4d.md"
 tar -C "$RUN" -cf "$OUT/m4d-results.tar" eval temporal/log.json temporal/loss.png frame/log.json frame/loss.png \
-    temporal.log frame.log eval.log
+    temporal.log frame.log eval-temporal.log eval-frame.log
 tar -C "$RUN/temporal" -cf - model | split -b 15M - "$OUT/m4d-model.tar.part-"
 ls -la "$OUT"

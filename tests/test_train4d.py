@@ -45,6 +45,56 @@ def test_time_budget_gives_each_stage_its_share():
 
     settings = train4d.Train4DSettings(config="tiny", minutes=20.0, shares=(0.3, 0.25, 0.15, 0.3))
     # 660 s gone (the first two stages' 55% of 1200 s): the third gets 0.15 / 0.45 of the 540 s left
-    steps = train4d._steps(settings, 2, step_seconds=0.1, began=time.time() - 660)
-    assert abs(steps - 1800) <= 20
-    assert train4d._steps(settings, 3, step_seconds=0.1, began=time.time() - 840) == pytest.approx(3600, abs=40)
+    assert train4d._stage_seconds(settings, 2, began=time.time() - 660) == pytest.approx(180, abs=2)
+    assert train4d._stage_seconds(settings, 3, began=time.time() - 840) == pytest.approx(360, abs=2)
+    assert train4d._stage_seconds(settings, 0, began=time.time() - 2000) == 1.0  # overdue: a token second
+
+
+def test_timed_stage_stops_at_its_deadline_and_decays_the_rate(monkeypatch):
+    """--minutes: the stage runs until its time is spent (however slow its first steps), the rate falls."""
+    clock = [1000.0]
+    monkeypatch.setattr(train4d.time, "time", lambda: clock[0])
+    settings = train4d.Train4DSettings(config="tiny", device="cpu", minutes=1.0, shares=(1.0, 1.0, 1.0, 1.0))
+    weight = torch.nn.Parameter(torch.ones(3))
+    rates = []
+
+    def loss_fn():
+        clock[0] += 30.0 if not rates else 1.0  # a slow first step (a compile), then 1 s a step
+        rates.append(optimiser_rate())
+        return weight.square().sum()
+
+    optimiser_rate = lambda: None  # noqa: E731
+    log = {}
+    original = torch.optim.AdamW
+
+    def spy(params, **kw):
+        nonlocal optimiser_rate
+        opt = original(params, **kw)
+        optimiser_rate = lambda: opt.param_groups[0]["lr"]  # noqa: E731
+        return opt
+
+    monkeypatch.setattr(train4d.torch.optim, "AdamW", spy)
+    train4d._run_stage("s", [weight], loss_fn, settings, 0, began=1000.0, log=log)
+    # 60 s for four equal stages: this one gets 15 s, of which the first step took 30 -> one step only
+    assert log["s"]["steps"] == 1
+    settings = train4d.Train4DSettings(config="tiny", device="cpu", minutes=4.0, shares=(1.0, 1.0, 1.0, 1.0))
+    clock[0], rates[:] = 1000.0, []
+    train4d._run_stage("s", [weight], loss_fn, settings, 0, began=1000.0, log=log)
+    assert log["s"]["steps"] == 31  # 60 s: 30 for the first step, then 30 of 1 s
+    assert rates[0] == pytest.approx(settings.lr) and rates[-1] < 0.15 * settings.lr
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_evaluations_run_apart_merge_into_one_report(tmp_path):
+    """Two --out folders (one model each) -> one table with both rows; differing settings are refused."""
+    row = {"iou": 0.5, "chamfer_l1": 0.01, "correspondence_l2": 0.02,
+           "per_frame": {"iou": [0.5, 0.5], "chamfer_l1": [0.01, 0.01], "correspondence_l2": [0.0, 0.04]}}
+    eval4d.write_report({"model": {"folder": "a", "temporal": True, **row}}, tmp_path / "a", 3, 2, 18, 64)
+    eval4d.write_report({"model": {"folder": "b", "temporal": False, **row, "iou": 0.25}}, tmp_path / "b", 3, 2, 18, 64)
+    eval4d.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
+    table = (tmp_path / "m" / "eval4d.md").read_text()
+    assert "| a | yes | 0.500 |" in table and "| b | no (per frame) | 0.250 |" in table
+    assert len(json.loads((tmp_path / "m" / "eval4d.json").read_text())["models"]) == 2
+    eval4d.write_report({"model": {"folder": "c", "temporal": False, **row}}, tmp_path / "c", 5, 2, 18, 64)
+    with pytest.raises(ValueError, match="differ"):
+        eval4d.main(["--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "n")])

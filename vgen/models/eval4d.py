@@ -8,13 +8,15 @@ Held-out sequences are :func:`vgen.data.deforming.sample_sequence` seeds from 2,
 below 1,999). Each
 model reconstructs every sequence from its input point clouds; the metrics are :mod:`vgen.metrics4d`'s,
 averaged over frames, then over sequences. Writes ``eval4d.md`` (a table per model, side by side),
-``eval4d.png`` (each metric against the frame index) and ``eval4d.json``.
+``eval4d.png`` (each metric against the frame index) and ``eval4d.json``. Two evaluations run apart (one
+process per model) become one report with ``--merge DIR DIR --out DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from vgen.data.deforming import sample_sequence
 from vgen.metrics4d import chamfer_l1, correspondence_l2, inside_mesh, iou
 from vgen.pipelines.motion4d import Motion4DPipeline
 
-__all__ = ["HELD_OUT_SEED", "evaluate", "plot_per_frame"]
+__all__ = ["HELD_OUT_SEED", "evaluate", "plot_per_frame", "write_report"]
 
 HELD_OUT_SEED = 2_000_000_000
 
@@ -34,6 +36,7 @@ def evaluate(pipe: Motion4DPipeline, sequences: int = 20, frames: int = 17, *, p
     """Mean IoU, Chamfer-L1 and correspondence L2 (and per sequence) over held-out sequences."""
     rows = []
     for i in tqdm(range(sequences), desc="sequences"):
+        began = time.time()
         seq = sample_sequence(HELD_OUT_SEED + i, frames, points=points, noise=noise, queries=20_000,
                               near_surface=0.0, correspondences=20_000)  # fmt: skip
         recon = pipe(seq["inputs"], steps=steps, resolution=resolution, progress=False)
@@ -44,6 +47,7 @@ def evaluate(pipe: Motion4DPipeline, sequences: int = 20, frames: int = 17, *, p
         corr = correspondence_l2(recon.vertices, seq["correspondences"])
         rows.append({"seed": HELD_OUT_SEED + i, "kind": seq["kind"], "iou": float(np.mean(ious)),
                      "chamfer_l1": float(np.mean(chamfers)), "correspondence_l2": float(corr.mean()),
+                     "seconds": time.time() - began,
                      "per_frame": {"iou": [float(x) for x in ious], "chamfer_l1": [float(x) for x in chamfers],
                                    "correspondence_l2": [float(x) for x in corr]}})  # fmt: skip
     keys = ("iou", "chamfer_l1", "correspondence_l2")
@@ -73,28 +77,12 @@ def plot_per_frame(results: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--baseline", help="a second model (e.g. trained with --no-temporal), side by side")
-    parser.add_argument("--sequences", type=int, default=20)
-    parser.add_argument("--frames", type=int, default=17)
-    parser.add_argument("--steps", type=int, default=18)
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--device")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    results = {}
-    for label, folder in (("model", args.model), ("baseline", args.baseline)):
-        if folder:
-            pipe = Motion4DPipeline.from_pretrained(folder, device=args.device)
-            temporal = pipe.config.deform_denoiser.temporal
-            results[label] = {"folder": folder, "temporal": temporal} | evaluate(
-                pipe, args.sequences, args.frames, steps=args.steps, resolution=args.resolution)
-    out = Path(args.out)
+def write_report(results: dict, out: str | Path, sequences: int, frames: int, steps: int, resolution: int) -> str:
+    """``eval4d.md`` (a row per model), ``eval4d.png`` and ``eval4d.json`` under ``out``; returns the table."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"{args.sequences} held-out procedural sequences of {args.frames} frames (seeds from {HELD_OUT_SEED}), "
-             f"{args.steps} Heun steps, marching cubes at {args.resolution}^3.", "",
+    lines = [f"{sequences} held-out procedural sequences of {frames} frames (seeds from {HELD_OUT_SEED}), "
+             f"{steps} Heun steps, marching cubes at {resolution}^3.", "",
              "| model | temporal attention | IoU | Chamfer-L1 | correspondence L2 |",
              "|---|---|---|---|---|"]  # fmt: skip
     for r in results.values():
@@ -103,8 +91,44 @@ def main(argv: list[str] | None = None) -> None:
     plot_per_frame(results, out / "eval4d.png")
     lines += ["", "![per frame](eval4d.png)"]
     (out / "eval4d.md").write_text("\n".join(lines) + "\n")
-    (out / "eval4d.json").write_text(json.dumps(results, indent=1))
-    print("\n".join(lines))
+    (out / "eval4d.json").write_text(json.dumps({"sequences": sequences, "frames": frames, "steps": steps,
+                                                 "resolution": resolution, "models": results}, indent=1))  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a trained model folder")
+    parser.add_argument("--baseline", help="a second model (e.g. trained with --no-temporal), side by side")
+    parser.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="instead of evaluating: one report from earlier --out folders (evaluations run apart)")
+    parser.add_argument("--sequences", type=int, default=20)
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--steps", type=int, default=18)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--device")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.merge:
+        if args.model or args.baseline:
+            parser.error("--merge reports earlier evaluations; it takes no --model or --baseline")
+        runs = [json.loads((Path(d) / "eval4d.json").read_text()) for d in args.merge]
+        keys = {(r["sequences"], r["frames"], r["steps"], r["resolution"]) for r in runs}
+        if len(keys) != 1:
+            raise ValueError(f"--merge: the evaluations differ in (sequences, frames, steps, resolution): {keys}")
+        results = {f"{label}{i}": r for i, run in enumerate(runs) for label, r in run["models"].items()}
+        print(write_report(results, args.out, *keys.pop()))
+        return
+    if not args.model:
+        parser.error("--model is required (or --merge)")
+    results = {}
+    for label, folder in (("model", args.model), ("baseline", args.baseline)):
+        if folder:
+            pipe = Motion4DPipeline.from_pretrained(folder, device=args.device)
+            temporal = pipe.config.deform_denoiser.temporal
+            results[label] = {"folder": folder, "temporal": temporal} | evaluate(
+                pipe, args.sequences, args.frames, steps=args.steps, resolution=args.resolution)
+    print(write_report(results, args.out, args.sequences, args.frames, args.steps, args.resolution))
 
 
 if __name__ == "__main__":

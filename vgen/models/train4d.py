@@ -5,7 +5,8 @@ deforming shapes (:mod:`vgen.data.deforming`); seeded and time-bounded.
     python -m vgen.models.train4d --out build/m4d-frame --device cuda --minutes 20 --no-temporal  # per-frame baseline
     python -m vgen.models.train4d --out /tmp/m4d --config tiny --device cpu                      # CPU smoke run
 
-Stages, each given a share of the time (``--minutes``) or a step count (``--set``):
+Stages, each given a share of the time (``--minutes``: the stage runs until its share is spent) or a step
+count (``--set steps=[...]``):
 
 1. data: ``sequences`` training sequences (seeds 0..) rendered once, in parallel processes;
 2. ``shape_vae``: frame surfaces (``surface_points`` corresponding samples) -> occupancy at the
@@ -115,39 +116,45 @@ def render_data(settings: Train4DSettings) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.stack([s[k] for s in seqs])) for k in seqs[0]}
 
 
-def _steps(settings: Train4DSettings, stage: int, step_seconds: float, began: float) -> int:
-    if settings.minutes is None:
-        return settings.steps[stage]
-    remaining = settings.minutes * 60 - (time.time() - began)  # what this and the later stages have left
-    share = settings.shares[stage] / sum(settings.shares[stage:])
-    return max(1, int(remaining * share / step_seconds))
+def _stage_seconds(settings: Train4DSettings, stage: int, began: float) -> float:
+    """With --minutes: this stage's share of the time the stages from here on have left."""
+    remaining = settings.minutes * 60 - (time.time() - began)
+    return max(1.0, remaining * settings.shares[stage] / sum(settings.shares[stage:]))
 
 
 def _run_stage(name, params, loss_fn, settings, stage, began, log) -> None:
-    """Adam with cosine decay; the step count is fixed by timing the first 5 steps when --minutes is given."""
+    """AdamW with cosine decay to 10%, over ``steps[stage]`` steps, or with --minutes over this stage's
+    time (the decay follows the elapsed time, so Triton compiles in the first steps or a GPU shared with
+    another job shorten the stage instead of throwing its schedule off)."""
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.01)
-    losses, step, t0 = [], 0, time.time()
-    total = None if settings.minutes is not None else settings.steps[stage]
-    bar = tqdm(desc=name)
-    while total is None or step < total:
-        if total is not None:
-            for group in optimiser.param_groups:
-                group["lr"] = settings.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / total)))
+    losses, step = [], 0
+    timed = settings.minutes is not None
+    seconds = _stage_seconds(settings, stage, began) if timed else None
+    total = None if timed else settings.steps[stage]
+    bar = tqdm(desc=name, total=None if timed else total)
+    t0 = time.time()
+    while True:
+        progress = (time.time() - t0) / seconds if timed else step / total
+        if progress >= 1:
+            break
+        for group in optimiser.param_groups:
+            group["lr"] = settings.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.bf16 and settings.device.startswith("cuda")):
             loss = loss_fn()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
-        losses.append(loss.item())
         step += 1
+        if step % 10 == 0 or not timed:  # .item() syncs: not every step
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if total is None and step == 5:
-            total = max(5, _steps(settings, stage, (time.time() - t0) / 5, began))
-            bar.total = total
     bar.close()
-    log[name] = {"steps": step, "loss": losses[:: max(1, len(losses) // 500)], "final": float(np.mean(losses[-20:]))}
+    if not losses:
+        losses.append(loss.item())
+    log[name] = {"steps": step, "seconds": time.time() - t0, "loss": losses[:: max(1, len(losses) // 500)],
+                 "final": float(np.mean(losses[-20:]))}
 
 
 def train(settings: Train4DSettings, out: str | Path) -> Path:
