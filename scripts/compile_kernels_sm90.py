@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vgen.kernels import fps, pooled, quantized, selection
+from vgen.kernels import fps, pooled, quantized, selection, winding
 
 POOLED = {"Q": "*bf16", "SPARSE": "*bf16", "LSE": "*fp32", "KM": "*fp32", "VM": "*fp32", "LOGN": "*fp32",
           "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32"}  # fmt: skip
@@ -51,6 +51,7 @@ KERNELS = [
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
                                               "ROWS": 64}, 8, 2),
     (fps._fps_kernel, {"P": "*fp32", "OUT": "*i64"}, {"BLOCK_N": 2048}, 4, 1),
+    (winding._winding_kernel, {"P": "*fp32", "TRI": "*fp32", "OUT": "*fp32"}, {"BLOCK_Q": 64, "BLOCK_F": 32}, 8, 1),
 ]  # fmt: skip
 
 

@@ -17,28 +17,32 @@ import torch
 from scipy.spatial import cKDTree
 
 from vgen.data.real4d import surface_barycentrics
+from vgen.kernels import winding
 
-__all__ = ["chamfer_l1", "correspondence_l2", "inside_mesh", "iou", "sample_surface"]
+__all__ = ["chamfer_l1", "correspondence_l2", "inside_mesh", "iou", "nearest_distance", "sample_surface"]
 
 
-def inside_mesh(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, chunk: int | None = None) -> np.ndarray:
+def inside_mesh(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray) -> np.ndarray:
     """bool ``[Q]``: |generalized winding number| of the mesh at each point >= 1/2, whichever way its
-    triangles wind (torch, on the GPU when there is one; chunked: by default about 1 GiB of float64
-    temporaries per chunk)."""
+    triangles wind: :mod:`vgen.kernels.winding`'s Triton kernel on the GPU when there is one, its fp64
+    PyTorch reference on the CPU."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    chunk = chunk or max(1, 2**27 // (12 * max(1, len(faces))))
-    tri = torch.as_tensor(np.ascontiguousarray(vertices), dtype=torch.float64, device=device)
-    tri = tri[torch.as_tensor(np.ascontiguousarray(faces), device=device)]
-    out = []
-    for start in range(0, len(points), chunk):
-        p = torch.as_tensor(points[start : start + chunk], dtype=torch.float64, device=device)
-        a, b, c = (tri[None, :, i] - p[:, None] for i in range(3))  # [q, F, 3]
-        la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
-        det = (a * torch.cross(b, c, dim=-1)).sum(-1)
-        denom = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
-        winding = torch.atan2(det, denom).sum(-1) / (2 * np.pi)  # solid angle / (4 pi)
-        out.append((winding.abs() >= 0.5).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
+    v, f, p = (torch.as_tensor(np.ascontiguousarray(x), device=device) for x in (vertices, faces, points))
+    number = winding.winding_number(v, f, p) if device == "cuda" else winding.winding_number_reference(v, f, p)
+    return (number.abs() >= 0.5).cpu().numpy()
+
+
+def nearest_distance(queries: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``[Q]``: each query's Euclidean distance to its nearest point (on the GPU in chunks when there is
+    one, else a k-d tree on every core)."""
+    if not torch.cuda.is_available():
+        return cKDTree(points).query(queries, workers=-1)[0]
+    target = torch.as_tensor(points, dtype=torch.float32, device="cuda")
+    out, chunk = [], max(256, 2**26 // max(1, len(points)))  # [chunk, points] fp32 distances: 256 MiB at most
+    for start in range(0, len(queries), chunk):
+        q = torch.as_tensor(queries[start : start + chunk], dtype=torch.float32, device="cuda")
+        out.append(torch.cdist(q, target, compute_mode="donot_use_mm_for_euclid_dist").amin(1))
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0, np.float32)
 
 
 def iou(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -56,8 +60,8 @@ def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int, seed: in
 def chamfer_l1(vertices: np.ndarray, faces: np.ndarray, truth: np.ndarray, samples: int = 100_000) -> float:
     """(accuracy + completeness) / 2 between the mesh's surface and ground-truth surface points."""
     predicted = sample_surface(vertices, faces, samples)
-    accuracy = cKDTree(truth).query(predicted)[0].mean()
-    completeness = cKDTree(predicted).query(truth)[0].mean()
+    accuracy = nearest_distance(predicted, truth).mean()
+    completeness = nearest_distance(truth, predicted).mean()
     return float((accuracy + completeness) / 2)
 
 

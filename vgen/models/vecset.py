@@ -118,10 +118,8 @@ class _SetAutoencoder(nn.Module):
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} holds NaN or infinite values")
 
-    def encode_features(
-        self, points: torch.Tensor, features: torch.Tensor, sample: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent set ``[B, M, latent_dim]`` and the KL term (mean over the batch)."""
+    def posterior(self, points: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance ``[B, M, latent_dim]`` of the latent set's Gaussian posterior."""
         if points.shape[1] < self.config.num_latents:
             raise ValueError(f"need at least num_latents={self.config.num_latents} points, got {points.shape[1]}")
         fps = farthest_point_sample(points, self.config.num_latents)
@@ -129,7 +127,15 @@ class _SetAutoencoder(nn.Module):
         tokens = self.point_in(torch.cat([embedded, features], -1))
         queries = torch.gather(tokens, 1, fps[..., None].expand(-1, -1, tokens.shape[-1]))
         mean, log_var = self.to_moments(self.encoder(queries, tokens)).chunk(2, -1)
-        log_var = log_var.clamp(-20, 10)
+        return mean, log_var.clamp(-20, 10)
+
+    def encode_features(
+        self, points: torch.Tensor, features: torch.Tensor, sample: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent set ``[B, M, latent_dim]`` (a posterior sample, or its mean) and the KL term (mean over the
+        batch). Channels that the KL term pushed to the prior carry unit noise in a sample and zero in the
+        mean; a decoder trained on samples expects the noise, so latents to decode are samples."""
+        mean, log_var = self.posterior(points, features)
         latent = mean + torch.randn_like(mean) * (0.5 * log_var).exp() if sample else mean
         kl = 0.5 * (mean.square() + log_var.exp() - 1 - log_var).sum((1, 2)).mean()
         return latent, kl
