@@ -44,6 +44,27 @@ def test_evaluation_scores_an_oracle_reconstruction(monkeypatch, tmp_path):
     assert picture.stat().st_size > 1000
 
 
+def test_a_reconstruction_without_surface_counts_as_a_failure_not_a_crash(tmp_path):
+    """One sequence's predicted occupancy empty (everything outside): IoU 0 there, distances from the rest."""
+    from tests.test_motion4d import CONFIG, oracle
+
+    torch.manual_seed(0)
+    pipe = Motion4DPipeline(CONFIG)
+    oracle(pipe, radius=0.25, shift=(0.0, 0.0, 0.0))
+    sphere = pipe.shape_vae.decode
+    calls = iter(range(10))
+    pipe.shape_vae.decode = lambda latent, q: sphere(latent, q) - (10.0 if next(calls) == 0 else 0.0)  # 1st: empty
+    result = eval4d.evaluate(pipe, sequences=2, frames=2, points=32, steps=1, resolution=16, chamfer_samples=2000)
+    first, second = result["sequences"]
+    assert first["failed"] and first["iou"] == 0.0 and np.isnan(first["chamfer_l1"])
+    assert not second["failed"] and second["iou"] > 0
+    assert result["failures"] == 1 and result["iou"] == pytest.approx(second["iou"] / 2)
+    assert result["chamfer_l1"] == pytest.approx(second["chamfer_l1"])  # the failure stays out of the distances
+    table = eval4d.write_report({"model": {"folder": "m", "temporal": True, **result}}, tmp_path, 2, 2, 1, 16)
+    row = table.splitlines()[4]
+    assert row.startswith(f"| m | yes | {result['iou']:.3f} | {result['chamfer_l1']:.4f} |") and row.endswith("| 1 |")
+
+
 def test_time_budget_gives_each_stage_its_share():
     import time
 

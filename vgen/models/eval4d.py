@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from vgen.data.deforming import sample_sequence
 from vgen.metrics4d import chamfer_l1, correspondence_l2, inside_mesh, iou
-from vgen.pipelines.motion4d import Motion4DPipeline
+from vgen.pipelines.motion4d import EmptySurfaceError, Motion4DPipeline
 
 __all__ = ["HELD_OUT_SEED", "evaluate", "plot_per_frame", "write_report"]
 
@@ -33,13 +33,24 @@ HELD_OUT_SEED = 2_000_000_000
 
 def evaluate(pipe: Motion4DPipeline, sequences: int = 20, frames: int = 17, *, points: int = 300, noise: float = 0.005,
              steps: int = 18, resolution: int = 64, chamfer_samples: int = 100_000) -> dict:  # fmt: skip
-    """Mean IoU, Chamfer-L1 and correspondence L2 (and per sequence) over held-out sequences."""
+    """Mean IoU, Chamfer-L1 and correspondence L2 (and per sequence) over held-out sequences.
+
+    A sequence whose predicted occupancy has no surface is a failure: IoU 0 in every frame (the
+    truth is never empty), no Chamfer or correspondence distance (the means leave it out; ``failures``
+    counts it)."""
     rows = []
     for i in tqdm(range(sequences), desc="sequences"):
         began = time.time()
         seq = sample_sequence(HELD_OUT_SEED + i, frames, points=points, noise=noise, queries=20_000,
                               near_surface=0.0, correspondences=20_000)  # fmt: skip
-        recon = pipe(seq["inputs"], steps=steps, resolution=resolution, progress=False)
+        try:
+            recon = pipe(seq["inputs"], steps=steps, resolution=resolution, progress=False)
+        except EmptySurfaceError:
+            nan = [float("nan")] * frames
+            rows.append({"seed": HELD_OUT_SEED + i, "kind": seq["kind"], "iou": 0.0, "chamfer_l1": nan[0],
+                         "correspondence_l2": nan[0], "seconds": time.time() - began, "failed": True,
+                         "per_frame": {"iou": [0.0] * frames, "chamfer_l1": nan, "correspondence_l2": nan}})
+            continue
         ious = [iou(inside_mesh(recon.vertices[t], recon.faces, seq["queries"][t]), seq["occupancy"][t])
                 for t in range(frames)]  # fmt: skip
         chamfers = [chamfer_l1(recon.vertices[t], recon.faces, seq["correspondences"][t], chamfer_samples)
@@ -47,12 +58,17 @@ def evaluate(pipe: Motion4DPipeline, sequences: int = 20, frames: int = 17, *, p
         corr = correspondence_l2(recon.vertices, seq["correspondences"])
         rows.append({"seed": HELD_OUT_SEED + i, "kind": seq["kind"], "iou": float(np.mean(ious)),
                      "chamfer_l1": float(np.mean(chamfers)), "correspondence_l2": float(corr.mean()),
-                     "seconds": time.time() - began,
+                     "seconds": time.time() - began, "failed": False,
                      "per_frame": {"iou": [float(x) for x in ious], "chamfer_l1": [float(x) for x in chamfers],
                                    "correspondence_l2": [float(x) for x in corr]}})  # fmt: skip
     keys = ("iou", "chamfer_l1", "correspondence_l2")
-    per_frame = {key: np.mean([r["per_frame"][key] for r in rows], axis=0).tolist() for key in keys}
-    return {key: float(np.mean([r[key] for r in rows])) for key in keys} | {"per_frame": per_frame, "sequences": rows}
+    ok = [r for r in rows if not r["failed"]] or [{"per_frame": {k: [float("nan")] * frames for k in keys},
+                                                    **dict.fromkeys(keys, float("nan"))}]  # fmt: skip
+    per_frame = {key: np.mean([r["per_frame"][key] for r in (rows if key == "iou" else ok)], axis=0).tolist()
+                 for key in keys}  # fmt: skip
+    means = {key: float(np.mean([r[key] for r in (rows if key == "iou" else ok)])) for key in keys}
+    return means | {"failures": len(rows) - len([r for r in rows if not r["failed"]]), "per_frame": per_frame,
+                    "sequences": rows}  # fmt: skip
 
 
 def plot_per_frame(results: dict, path: str | Path) -> Path:
@@ -82,12 +98,13 @@ def write_report(results: dict, out: str | Path, sequences: int, frames: int, st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"{sequences} held-out procedural sequences of {frames} frames (seeds from {HELD_OUT_SEED}), "
-             f"{steps} Heun steps, marching cubes at {resolution}^3.", "",
-             "| model | temporal attention | IoU | Chamfer-L1 | correspondence L2 |",
-             "|---|---|---|---|---|"]  # fmt: skip
+             f"{steps} Heun steps, marching cubes at {resolution}^3. A reconstruction without a surface counts "
+             "IoU 0 and stays out of the distances.", "",
+             "| model | temporal attention | IoU | Chamfer-L1 | correspondence L2 | no surface |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for r in results.values():
         lines.append(f"| {r['folder']} | {'yes' if r['temporal'] else 'no (per frame)'} | {r['iou']:.3f} | "
-                     f"{r['chamfer_l1']:.4f} | {r['correspondence_l2']:.4f} |")  # fmt: skip
+                     f"{r['chamfer_l1']:.4f} | {r['correspondence_l2']:.4f} | {r.get('failures', 0)} |")  # fmt: skip
     plot_per_frame(results, out / "eval4d.png")
     lines += ["", "![per frame](eval4d.png)"]
     (out / "eval4d.md").write_text("\n".join(lines) + "\n")

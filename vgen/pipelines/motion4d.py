@@ -25,9 +25,13 @@ from tqdm.auto import tqdm
 from vgen.models.latent_diffusion import EDM, DenoiserConfig, LatentSetDenoiser
 from vgen.models.vecset import DeformationVAE, ShapeVAE, VecSetConfig
 
-__all__ = ["Motion4DPipeline", "Reconstruction", "check_point_sequence", "render_strip"]
+__all__ = ["EmptySurfaceError", "Motion4DPipeline", "Reconstruction", "check_point_sequence", "render_strip"]
 
 _BOX = 0.55  # occupancy is extracted in [-_BOX, _BOX]^3, the data's cube with a margin
+
+
+class EmptySurfaceError(ValueError):
+    """The predicted occupancy has no surface to extract (everything inside or everything outside)."""
 
 
 def check_point_sequence(points: object, min_points: int = 1) -> np.ndarray:
@@ -222,7 +226,7 @@ def _marching_cubes(logits: np.ndarray, resolution: int) -> tuple[np.ndarray, np
     from skimage.measure import marching_cubes
 
     if logits.max() <= 0 or logits.min() >= 0:
-        raise ValueError("the predicted occupancy has no surface (everything inside or everything outside)")
+        raise EmptySurfaceError("the predicted occupancy has no surface (everything inside or everything outside)")
     vertices, faces, _, _ = marching_cubes(logits, level=0.0)
     vertices = vertices / (resolution - 1) * (2 * _BOX) - _BOX
     # skimage winds the triangles of a field that is high inside clockwise seen from outside (normals in);
