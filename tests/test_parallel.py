@@ -18,6 +18,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def finish_rank(result: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Materialise a result that may still be a pending collective (diffusers gathers with functional
+    collectives), then wait for every rank: a process group torn down under pending work aborted one
+    worker in CI ("terminate called without an active exception")."""
+    if result is not None:
+        result = result.clone()
+    dist.barrier()
+    return result
+
+
 def tiny_wan():
     """A 4-head Wan transformer and its inputs, the same in every process."""
     from diffusers import WanTransformer3DModel
@@ -55,7 +65,7 @@ def transformer_worker(rank: int, world: int, port: int, method: str | None, out
             apply_sparse_attention(model, instance)
         enable_context_parallel(model)
         with torch.no_grad():
-            result = model(**inputs)[0]
+            result = finish_rank(model(**inputs)[0])
         if rank == 0:
             torch.save({"out": result, "heads": heads_seen}, out)
     finally:
@@ -91,6 +101,7 @@ def pipeline_worker(rank: int, world: int, port: int, folder: str, out: str) -> 
         video = pipe("a red circle moves left", num_frames=9, height=64, width=64, num_inference_steps=2,
                      progress=False)  # fmt: skip
         np.save(out.replace(".npy", f"-{rank}.npy"), video)
+        finish_rank()
     finally:
         dist.destroy_process_group()
 
@@ -132,6 +143,11 @@ def test_torchrun_generate_writes_once(tmp_path):
               "--out", str(out)]  # fmt: skip
     bad = subprocess.run(single, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "needs that many processes" in bad.stderr
+    # an error after the process group is up ends every rank with it (no rank left waiting at a barrier)
+    failing = command[: command.index("--attention")] + ["--attention", "vmoba", "--set", "block_size=[5,5]",
+                                                          "--out", str(tmp_path / "never.png")]  # fmt: skip
+    bad = subprocess.run(failing, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "block_size" in bad.stderr and not (tmp_path / "never.png").exists()
 
 
 def skyreels_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
@@ -145,6 +161,7 @@ def skyreels_worker(rank: int, world: int, port: int, folder: str, out: str) -> 
         pipe.enable_parallelism()
         kwargs = {k: v for k, v in tiny_call_kwargs("skyreels").items() if k != "output_type"}
         np.save(out.replace(".npy", f"-{rank}.npy"), pipe("a red circle moves left", progress=False, **kwargs))
+        finish_rank()
     finally:
         dist.destroy_process_group()
 
@@ -213,7 +230,7 @@ def joint_worker(rank: int, world: int, port: int, family: str, method: str | No
         enable_context_parallel(model)
         applied = sparse_attention_method(model).name
         with torch.no_grad():
-            result = model(**inputs)[0]
+            result = finish_rank(model(**inputs)[0])
         if rank == 0:
             torch.save({"out": result, "method": applied}, out)
     finally:

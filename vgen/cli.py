@@ -24,15 +24,26 @@ def _parse_setting(text: str) -> tuple[str, Any]:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
-
-    from vgen.parallel import init_from_environment, is_main_process
-    from vgen.pipelines.video import VideoPipeline
+    from vgen.parallel import init_from_environment, shutdown
 
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif", ".png"):
         raise ValueError(f"--out must end in .mp4, .gif or .png, got {args.out!r}")
     parallel = init_from_environment(args.device)  # under torchrun: one process per GPU
+    try:
+        _generate_on(args, out, parallel)
+    except BaseException:
+        shutdown(wait=False)  # the other ranks' collectives fail instead of waiting for this one forever
+        raise
+    shutdown()
+
+
+def _generate_on(args: argparse.Namespace, out: Path, parallel: bool) -> None:
+    import torch
+
+    from vgen.parallel import is_main_process
+    from vgen.pipelines.video import VideoPipeline
+
     device = args.device
     if parallel and torch.cuda.is_available() and device in (None, "cuda"):
         device = f"cuda:{torch.cuda.current_device()}"

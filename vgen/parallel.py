@@ -44,6 +44,7 @@ __all__ = [
     "init_from_environment",
     "is_main_process",
     "rank_chunked_tokens",
+    "shutdown",
 ]
 
 
@@ -59,6 +60,16 @@ def init_from_environment(device: str | None = None) -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
     return True
+
+
+def shutdown(wait: bool = True) -> None:
+    """End a multi-process run: wait for every rank (``wait``; a group destroyed, or a process ending,
+    under another rank's pending collective can abort it), then tear the process group down. After an
+    error, ``wait=False``: a barrier the other ranks never reach would hang. No-op without a group."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
