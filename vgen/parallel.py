@@ -22,8 +22,8 @@ locally, without communication: their result needs no other rank's tokens.
 
 Ring attention (key/value shards passed around) is not offered: selection over a shard would
 not see the whole sequence, and diffusers' native backend, which vgen intercepts, has no ring
-path. Launch with ``torchrun --nproc-per-node N -m vgen.cli generate ...``; on CPUs (tests) the
-gloo backend works too.
+path; ``docs/ring.md`` has the design that would lift both. Launch with
+``torchrun --nproc-per-node N -m vgen.cli generate ...``; on CPUs (tests) the gloo backend works too.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
     ulysses = world if ulysses is None else ulysses
     if not isinstance(ring, int) or ring != 1:
         raise NotImplementedError(f"ring={ring!r}: vgen offers Ulysses context parallelism only (ring=1); "
-                                  "block selection must see the whole sequence")  # fmt: skip
+                                  "block selection must see the whole sequence (design: docs/ring.md)")  # fmt: skip
     if not isinstance(ulysses, int) or isinstance(ulysses, bool) or ulysses < 1 or ulysses != world:
         raise ValueError(f"ulysses must equal the number of processes ({world}), got {ulysses!r}")
     heads = getattr(transformer.config, "num_attention_heads", None)
