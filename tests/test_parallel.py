@@ -277,3 +277,15 @@ def test_rank_chunked_and_single_gpu_orders_are_inverse(world, position, split_c
     assert torch.equal(rank_chunked_tokens(tokens, *order), chunked)
     with pytest.raises(ValueError, match="does not split into"):
         canonical_tokens(chunked[:, :, :-1], *order)
+
+
+def test_ring_is_refused_with_a_pointer_to_its_design():
+    from vgen.parallel import enable_context_parallel
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        model, _ = tiny_wan()
+        with pytest.raises(NotImplementedError, match=r"ring=2: .*docs/ring.md"):
+            enable_context_parallel(model, ring=2)
+    finally:
+        dist.destroy_process_group()
