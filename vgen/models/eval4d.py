@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +63,12 @@ def evaluate(pipe: Motion4DPipeline, sequences: int = 20, frames: int = 17, *, p
                      "per_frame": {"iou": [float(x) for x in ious], "chamfer_l1": [float(x) for x in chamfers],
                                    "correspondence_l2": [float(x) for x in corr]}})  # fmt: skip
     keys = ("iou", "chamfer_l1", "correspondence_l2")
-    ok = [r for r in rows if not r["failed"]] or [{"per_frame": {k: [float("nan")] * frames for k in keys},
-                                                    **dict.fromkeys(keys, float("nan"))}]  # fmt: skip
-    per_frame = {key: np.mean([r["per_frame"][key] for r in (rows if key == "iou" else ok)], axis=0).tolist()
-                 for key in keys}  # fmt: skip
-    means = {key: float(np.mean([r[key] for r in (rows if key == "iou" else ok)])) for key in keys}
-    return means | {"failures": len(rows) - len([r for r in rows if not r["failed"]]), "per_frame": per_frame,
-                    "sequences": rows}  # fmt: skip
+    with warnings.catch_warnings():  # every sequence failed: the distances' means are NaN, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        # failures hold IoU 0 (counted) and NaN distances (which nanmean leaves out)
+        per_frame = {key: np.nanmean([r["per_frame"][key] for r in rows], axis=0).tolist() for key in keys}
+        means = {key: float(np.nanmean([r[key] for r in rows])) for key in keys}
+    return means | {"failures": sum(r["failed"] for r in rows), "per_frame": per_frame, "sequences": rows}
 
 
 def plot_per_frame(results: dict, path: str | Path) -> Path:
