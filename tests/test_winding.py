@@ -54,4 +54,12 @@ def test_empty_inputs_and_bad_shapes():
         winding_number(v, f + 2, torch.rand(5, 3))
     with pytest.raises(ValueError, match="faces must be integer"):
         winding_number(v, f.float(), torch.rand(5, 3))
-    assert math.isclose(float(winding_number_reference(v, f, torch.rand(5, 3)).abs().max()), 0.0, abs_tol=0.5)
+
+
+def test_a_flat_square_seen_from_above_its_centre():
+    """A unit square at height 1/2 below the point subtends 4 arcsin(1/2) = 2 pi / 3: winding number 1/6."""
+    square = torch.tensor([[-0.5, -0.5, 0.0], [0.5, -0.5, 0.0], [0.5, 0.5, 0.0], [-0.5, 0.5, 0.0]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    point = torch.tensor([[0.0, 0.0, 0.5]])
+    for number in (winding_number(square, faces, point), winding_number_reference(square, faces, point)):
+        assert math.isclose(float(number.abs()), 1 / 6, rel_tol=1e-5)
