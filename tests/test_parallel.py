@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -18,14 +19,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def finish_rank(result: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Materialise a result that may still be a pending collective (diffusers gathers with functional
-    collectives), then wait for every rank: a process group torn down under pending work aborted one
-    worker in CI ("terminate called without an active exception")."""
-    if result is not None:
-        result = result.clone()
+def leave_rank() -> None:
+    """End a worker that did its work: meet the other ranks, tear the group down, and exit without the
+    interpreter's teardown. Now and then in CI a worker aborted ("terminate called without an active
+    exception", from gloo's C++ threads, it seems at exit): a barrier before the teardown did not stop it."""
     dist.barrier()
-    return result
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def tiny_wan():
@@ -65,9 +67,10 @@ def transformer_worker(rank: int, world: int, port: int, method: str | None, out
             apply_sparse_attention(model, instance)
         enable_context_parallel(model)
         with torch.no_grad():
-            result = finish_rank(model(**inputs)[0])
+            result = model(**inputs)[0]
         if rank == 0:
             torch.save({"out": result, "heads": heads_seen}, out)
+        leave_rank()
     finally:
         dist.destroy_process_group()
 
@@ -101,7 +104,7 @@ def pipeline_worker(rank: int, world: int, port: int, folder: str, out: str) -> 
         video = pipe("a red circle moves left", num_frames=9, height=64, width=64, num_inference_steps=2,
                      progress=False)  # fmt: skip
         np.save(out.replace(".npy", f"-{rank}.npy"), video)
-        finish_rank()
+        leave_rank()
     finally:
         dist.destroy_process_group()
 
@@ -161,7 +164,7 @@ def skyreels_worker(rank: int, world: int, port: int, folder: str, out: str) -> 
         pipe.enable_parallelism()
         kwargs = {k: v for k, v in tiny_call_kwargs("skyreels").items() if k != "output_type"}
         np.save(out.replace(".npy", f"-{rank}.npy"), pipe("a red circle moves left", progress=False, **kwargs))
-        finish_rank()
+        leave_rank()
     finally:
         dist.destroy_process_group()
 
@@ -230,9 +233,10 @@ def joint_worker(rank: int, world: int, port: int, family: str, method: str | No
         enable_context_parallel(model)
         applied = sparse_attention_method(model).name
         with torch.no_grad():
-            result = finish_rank(model(**inputs)[0])
+            result = model(**inputs)[0]
         if rank == 0:
             torch.save({"out": result, "method": applied}, out)
+        leave_rank()
     finally:
         dist.destroy_process_group()
 
