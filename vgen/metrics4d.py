@@ -24,25 +24,19 @@ __all__ = ["chamfer_l1", "correspondence_l2", "inside_mesh", "iou", "nearest_dis
 
 def inside_mesh(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray) -> np.ndarray:
     """bool ``[Q]``: |generalized winding number| of the mesh at each point >= 1/2, whichever way its
-    triangles wind: :mod:`vgen.kernels.winding`'s Triton kernel on the GPU when there is one, its fp64
-    PyTorch reference on the CPU."""
+    triangles wind: :mod:`vgen.kernels.winding`'s Triton kernel on the GPU when there is one, else its
+    fp64 formula compiled for the CPU."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     v, f, p = (torch.as_tensor(np.ascontiguousarray(x), device=device) for x in (vertices, faces, points))
-    number = winding.winding_number(v, f, p) if device == "cuda" else winding.winding_number_reference(v, f, p)
+    number = winding.winding_number(v, f, p) if device == "cuda" else winding.winding_number_cpu(v, f, p)
     return (number.abs() >= 0.5).cpu().numpy()
 
 
 def nearest_distance(queries: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """``[Q]``: each query's Euclidean distance to its nearest point (on the GPU in chunks when there is
-    one, else a k-d tree on every core)."""
-    if not torch.cuda.is_available():
-        return cKDTree(points).query(queries, workers=-1)[0]
-    target = torch.as_tensor(points, dtype=torch.float32, device="cuda")
-    out, chunk = [], max(256, 2**26 // max(1, len(points)))  # [chunk, points] fp32 distances: 256 MiB at most
-    for start in range(0, len(queries), chunk):
-        q = torch.as_tensor(queries[start : start + chunk], dtype=torch.float32, device="cuda")
-        out.append(torch.cdist(q, target, compute_mode="donot_use_mm_for_euclid_dist").amin(1))
-    return torch.cat(out).cpu().numpy() if out else np.zeros(0, np.float32)
+    """``[Q]``: each query's Euclidean distance to its nearest point, from a k-d tree queried on every core
+    (about 0.08 s both ways for 100,000 against 20,000 points on two cores; a brute-force GPU ``cdist``
+    does O(Q x P) work and made the H200 evaluation slower, not faster)."""
+    return cKDTree(points).query(queries, workers=-1)[0]
 
 
 def iou(predicted: np.ndarray, truth: np.ndarray) -> float:

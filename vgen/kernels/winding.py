@@ -11,7 +11,8 @@ temporaries; the 4D evaluation (20,000 points x some 15,000 triangles x 17 frame
 nearly all its time there. The kernel keeps a block of points in registers, streams the triangles
 through in tiles and accumulates the angles: nothing but the result goes to memory. It works in fp32:
 the sum's rounding (about 1e-4 over 10^4 triangles) matters only for points within a hair of the
-surface. :func:`winding_number_reference` is the fp64 PyTorch version the tests compare with.
+surface. :func:`winding_number_reference` is the fp64 PyTorch version the tests compare with;
+:func:`winding_number_cpu` is the same formula compiled for the CPU, where there is no GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["winding_number", "winding_number_reference"]
+__all__ = ["winding_number", "winding_number_cpu", "winding_number_reference"]
 
 
 @triton.jit
@@ -90,6 +91,15 @@ def _check(vertices: torch.Tensor, faces: torch.Tensor, points: torch.Tensor) ->
         raise ValueError(f"faces index vertices 0..{len(vertices) - 1}, got {int(faces.min())}..{int(faces.max())}")
 
 
+def _winding_chunk(tri: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``[q]``: winding numbers of points ``p`` ``[q, 3]`` for triangles ``tri`` ``[F, 3, 3]``."""
+    a, b, c = (tri[None, :, i] - p[:, None] for i in range(3))  # [q, F, 3]
+    la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
+    det = (a * torch.cross(b, c, dim=-1)).sum(-1)
+    denom = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
+    return torch.atan2(det, denom).sum(-1) / (2 * math.pi)
+
+
 def winding_number_reference(
     vertices: torch.Tensor, faces: torch.Tensor, points: torch.Tensor, chunk: int | None = None
 ) -> torch.Tensor:
@@ -98,15 +108,27 @@ def winding_number_reference(
     _check(vertices, faces, points)
     tri = vertices.double()[faces.long()]  # [F, 3 corners, 3]
     chunk = chunk or max(1, 2**27 // (12 * max(1, len(faces))))
-    out = []
-    for start in range(0, len(points), chunk):
-        p = points[start : start + chunk].double()
-        a, b, c = (tri[None, :, i] - p[:, None] for i in range(3))  # [q, F, 3]
-        la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
-        det = (a * torch.cross(b, c, dim=-1)).sum(-1)
-        denom = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
-        out.append(torch.atan2(det, denom).sum(-1) / (2 * math.pi))
+    out = [_winding_chunk(tri, points[start : start + chunk].double()) for start in range(0, len(points), chunk)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=points.device)
+
+
+_compiled_chunk = None
+
+
+def winding_number_cpu(vertices: torch.Tensor, faces: torch.Tensor, points: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """float64 ``[Q]``: the reference's formula compiled by ``torch.compile`` for the CPU, which fuses the
+    per-pair temporaries into one loop: about 1e8 (point, triangle) pairs a second on two cores, some 40x
+    the eager reference (a 4D evaluation sequence: about a minute instead of 20). Compiles once per
+    process (about 10 s); needs a C++ compiler."""
+    global _compiled_chunk
+    _check(vertices, faces, points)
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_winding_chunk, dynamic=True)
+    tri = vertices.double()[faces.long()].cpu()
+    points = points.double().cpu()
+    if len(points) == 0 or len(tri) == 0:
+        return torch.zeros(len(points), dtype=torch.float64)
+    return torch.cat([_compiled_chunk(tri, points[start : start + chunk]) for start in range(0, len(points), chunk)])
 
 
 def winding_number(vertices: torch.Tensor, faces: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
