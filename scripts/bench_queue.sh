@@ -4,7 +4,7 @@
 #
 #   SIDE_JOB='bash scripts/bench_queue.sh' ... bash scripts/train_reference_h200.sh start
 #
-# BENCHES picks and orders them (default: all). A failing benchmark does not stop the others.
+# BENCHES picks and orders them (default: all; profile_calls, the per-kernel profile, is extra). A failing benchmark does not stop the others.
 # "train4d" in BENCHES trains the 4D model for $M4D_MINUTES (default 12) into $dest/m4d (37 MB of weights).
 set -uo pipefail
 dest=${SIDE_OUT:-${OUT:-/tmp/out}}

@@ -153,9 +153,11 @@ def _quantize_triton(
 
 
 # Launch of the forward kernel on the GPU. ptxas for sm_90a at D = 128 (scripts/compile_kernels_sm90.py):
-# 128 rows x 8 warps spill 440 B per thread, 64 rows x 8 warps 148 B, 64 rows x 4 warps 808 B.
-# benchmarks/quantized_quick.py --sweep times the alternatives.
-QUANT_LAUNCH = {"rows": 64, "warps": 8, "stages": 2}
+# 128 rows x 8 warps spill 440 B per thread, 64 rows x 8 warps 148 B, 64 rows x 4 warps 808 B; yet on the
+# H200 (benchmarks/quantized_quick.py --sweep at 4a6defb, dense, ms) the spilling full blocks are fastest:
+#   1.3B shape: 128/8/2 32.1, 128/8/3 34.5, 64/4/2 42.6, 64/8/3 59.1, 64/8/2 59.8
+#   14B shape:  128/8/3 267.7, 64/4/2 275.3, 128/8/2 317.8, 64/8/3 475.4, 64/8/2 571.2
+QUANT_LAUNCH = {"rows": 128, "warps": 8, "stages": 3}
 
 
 @triton.jit

@@ -115,7 +115,9 @@ def winding_number_reference(
 _compiled_chunk = None
 
 
-def winding_number_cpu(vertices: torch.Tensor, faces: torch.Tensor, points: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def winding_number_cpu(
+    vertices: torch.Tensor, faces: torch.Tensor, points: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
     """float64 ``[Q]``: the reference's formula compiled by ``torch.compile`` for the CPU, which fuses the
     per-pair temporaries into one loop: about 1e8 (point, triangle) pairs a second on two cores, some 40x
     the eager reference (a 4D evaluation sequence: about a minute instead of 20). Compiles once per
