@@ -1,0 +1,78 @@
+"""vgen.ring on the CPU with gloo: re-cuts between token orders and the ring against one process."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_parallel import free_port, leave_rank  # noqa: E402
+
+from vgen.attention.block_mask import BlockMask  # noqa: E402
+from vgen.kernels.reference import attention_reference  # noqa: E402
+from vgen.ring import block_splits, exchange, ring_attention  # noqa: E402
+
+
+def _inputs(seed: int, n: int, block: int):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, n, 3, 16, generator=g) for _ in range(3))
+    m = -(-n // block)
+    dense = torch.rand(2, 3, m, m, generator=g) < 0.45
+    dense[0, 0, 1] = False  # a query block that keeps nothing: zeros
+    dense[1, 2, :, 1:] = False  # a head whose later steps keep no block for any row
+    perm = torch.randperm(n, generator=g)
+    return q, k, v, BlockMask.from_dense(dense, (block, block), (n, n)), perm
+
+
+def worker(rank: int, world: int, port: int, n: int, block: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        q, k, v, mask, perm = _inputs(0, n, block)
+        splits = block_splits(n, block, world)
+        even = [n // world + (r < n % world) for r in range(world)]  # canonical shards: not block-aligned
+        lo = sum(even[:rank])
+        # canonical (even) shards -> the permuted order's block-aligned shards -> back
+        shard = exchange(q[:, lo : lo + even[rank]], perm, even, splits)
+        back = exchange(shard, torch.argsort(perm), splits, even)
+        starts = [sum(splits[:r]) for r in range(world + 1)]
+        mine = slice(starts[rank], starts[rank + 1])
+        o, lse = ring_attention(q[:, mine], k[:, mine], v[:, mine], mask, splits, return_lse=True)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {"shard": shard, "back": back, "out": o, "lse": lse})
+        if rank == 0:
+            torch.save({"parts": gathered, "splits": splits, "even": even}, out)
+        leave_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n", [200, 257])  # ragged last block; shards of 4 and 3 (5 and 4) blocks of 32
+def test_two_ranks_match_one_process(n, tmp_path):
+    block = 32
+    out = tmp_path / "ring.pt"
+    mp.spawn(worker, args=(2, free_port(), n, block, str(out)), nprocs=2)
+    saved = torch.load(out)
+    q, k, v, mask, perm = _inputs(0, n, block)
+    parts = saved["parts"]
+    assert [p["shard"].shape[1] for p in parts] == saved["splits"]
+    torch.testing.assert_close(torch.cat([p["shard"] for p in parts], 1), q[:, perm], atol=0, rtol=0)
+    torch.testing.assert_close(torch.cat([p["back"] for p in parts], 1), q, atol=0, rtol=0)
+    want, want_lse = attention_reference(q, k, v, mask=mask.expand_tokens(), return_lse=True)  # fp32, token mask
+    got = torch.cat([p["out"] for p in parts], 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([p["lse"] for p in parts], 2), want_lse, atol=1e-5, rtol=0)
+    assert got[0, 32:64, 0].eq(0).all()  # the query block that keeps nothing
+
+
+def test_block_splits_and_errors():
+    assert block_splits(257, 32, 2) == [160, 97]
+    assert block_splits(256, 32, 3) == [96, 96, 64]
+    assert sum(block_splits(1000, 128, 7)) == 1000
+    with pytest.raises(ValueError, match="too few for 4 ranks"):
+        block_splits(300, 128, 4)
+    with pytest.raises(ValueError, match="block must be a positive int"):
+        block_splits(300, 0, 2)

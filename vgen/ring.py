@@ -1,0 +1,182 @@
+"""Ring context parallelism's engine: block-aligned re-cuts between token orders, and the ring itself.
+
+The design is in ``docs/ring.md``. This module holds the two collective steps that every method
+shares, built on ``torch.distributed`` only:
+
+- :func:`exchange`: one ``all_to_all_single`` that moves a sequence cut into contiguous per-rank
+  shards in one token order into contiguous shards of another (a method's permutation, or back).
+  :func:`block_splits` cuts at block boundaries, so that no mask block straddles two ranks.
+- :func:`ring_attention`: each rank keeps its queries; the key/value shards travel around the ring
+  (``batch_isend_irecv``, the next shard in flight while the current one is computed); every step
+  runs :func:`vgen.kernels.block_sparse_attention` on the global mask's slice for (this rank's rows,
+  that shard's columns) with ``return_lse=True`` and folds the result in by
+  :func:`vgen.kernels.merge_attention`. Steps whose slice keeps no block skip the kernel.
+
+Equal to one process's :func:`~vgen.kernels.block_sparse_attention` with the same global mask up to
+rounding (the same blocks, merged in log-sum-exp space). Forward only: the collectives here carry no
+gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from vgen.attention.block_mask import BlockMask
+from vgen.kernels import block_sparse_attention, merge_attention
+
+__all__ = ["block_splits", "exchange", "ring_attention"]
+
+
+def block_splits(seq_len: int, block: int, world: int) -> list[int]:
+    """Tokens per rank: whole blocks, as even as possible (the first ranks take the extra blocks), the
+    ragged last block on the last rank that has any. Raises if there are fewer blocks than ranks."""
+    for name, value in (("seq_len", seq_len), ("block", block), ("world", world)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    blocks = -(-seq_len // block)
+    if blocks < world:
+        raise ValueError(f"{seq_len} tokens make {blocks} blocks of {block}: too few for {world} ranks")
+    per, extra = divmod(blocks, world)
+    splits = [(per + (r < extra)) * block for r in range(world)]
+    splits[-1] -= blocks * block - seq_len
+    return splits
+
+
+def _offsets(splits: list[int], device) -> torch.Tensor:
+    return torch.tensor([0, *splits], device=device).cumsum(0)
+
+
+def _exchange_plan(perm: torch.Tensor | None, src_splits: list[int], dst_splits: list[int], rank: int):
+    """(local source indices to send, in send order; send counts per rank; receive counts per rank;
+    local destination positions of the received tokens, in receive order)."""
+    n = sum(dst_splits)
+    src_off, dst_off = _offsets(src_splits, "cpu"), _offsets(dst_splits, "cpu")
+    source = torch.arange(n) if perm is None else perm.cpu().long()  # destination position -> source position
+    owner = torch.searchsorted(src_off[1:], source, right=True)  # source rank of each destination position
+    dest_rank = torch.searchsorted(dst_off[1:], torch.arange(n), right=True)
+    mine_out = owner == rank  # destination positions fed by this rank, grouped by destination rank (ascending)
+    send_index = source[mine_out] - src_off[rank]
+    send_counts = torch.bincount(dest_rank[mine_out], minlength=len(dst_splits)).tolist()
+    lo, hi = int(dst_off[rank]), int(dst_off[rank + 1])
+    here = owner[lo:hi]
+    order = torch.argsort(here, stable=True)  # received grouped by source rank, in destination order within
+    recv_counts = torch.bincount(here, minlength=len(src_splits)).tolist()
+    return send_index, send_counts, recv_counts, order
+
+
+def exchange(
+    x: torch.Tensor,
+    perm: torch.Tensor | None,
+    src_splits: list[int],
+    dst_splits: list[int],
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Re-cut a sequence sharded over the ranks of ``group``.
+
+    Args:
+        x: ``[B, S_r, ...]``: this rank's shard of the source order, ``src_splits[rank]`` tokens.
+        perm: int ``[N]``: the destination order's position ``p`` holds source position ``perm[p]``
+            (a permutation of ``0..N-1``, the same on every rank); ``None`` keeps the order (a re-cut).
+        src_splits, dst_splits: tokens per rank before and after, each summing to ``N``.
+
+    Returns:
+        ``[B, dst_splits[rank], ...]``: this rank's shard of the destination order.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if len(src_splits) != world or len(dst_splits) != world or sum(src_splits) != sum(dst_splits):
+        raise ValueError(f"src_splits {src_splits} and dst_splits {dst_splits} must have {world} entries with one sum")
+    if x.shape[1] != src_splits[rank]:
+        raise ValueError(f"x holds {x.shape[1]} tokens; src_splits says rank {rank} holds {src_splits[rank]}")
+    if perm is not None and perm.shape != (sum(dst_splits),):
+        raise ValueError(f"perm must be [{sum(dst_splits)}], got {tuple(perm.shape)}")
+    send_index, send_counts, recv_counts, order = _exchange_plan(perm, src_splits, dst_splits, rank)
+    tokens_first = x.movedim(1, 0)  # all_to_all_single splits along dim 0
+    send = tokens_first[send_index.to(x.device)].contiguous()
+    recv = torch.empty((dst_splits[rank], *send.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group)
+    out = torch.empty_like(recv)
+    out[order.to(x.device)] = recv
+    return out.movedim(0, 1)
+
+
+def _slice_mask(mask: BlockMask, rows: tuple[int, int], cols: tuple[int, int], dense: torch.Tensor) -> BlockMask:
+    """The mask of (tokens ``rows``) x (tokens ``cols``), both block-aligned at their start."""
+    bq, bk = mask.block_size
+    part = dense[..., rows[0] // bq : -(-rows[1] // bq), cols[0] // bk : -(-cols[1] // bk)]
+    return BlockMask.from_dense(part, (bq, bk), (rows[1] - rows[0], cols[1] - cols[0]))
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: BlockMask,
+    splits: list[int],
+    *,
+    scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of this rank's queries over every rank's keys, passed around a ring.
+
+    Args:
+        q, k, v: ``[B, splits[rank], H, D]``: this rank's contiguous shard of the sequence (in the order
+            the mask is written in).
+        mask: the global block mask ``[B, H, M, M]`` over all ``sum(splits)`` tokens, the same on every
+            rank.
+        splits: tokens per rank, each a multiple of both block sizes except the last rank's.
+        scale: softmax scale (default ``D ** -0.5``).
+
+    Returns:
+        ``[B, splits[rank], H, D]`` (and the log-sum-exp ``[B, H, splits[rank]]`` with ``return_lse``); rows
+        that keep no block are 0 (log-sum-exp ``-inf``).
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = sum(splits)
+    if len(splits) != world:
+        raise ValueError(f"splits {splits} must have one entry per rank ({world})")
+    if {q.shape[1], k.shape[1], v.shape[1]} != {splits[rank]}:
+        raise ValueError(f"q, k, v must hold splits[{rank}] = {splits[rank]} tokens, got {q.shape[1]}, {k.shape[1]}, "
+                         f"{v.shape[1]}")  # fmt: skip
+    if mask.seq_lens != (n, n):
+        raise ValueError(f"mask must cover all {n} tokens both ways, got seq_lens {mask.seq_lens}")
+    bq, bk = mask.block_size
+    if any(s % bq or s % bk for s in splits[:-1]):
+        raise ValueError(f"splits {splits} must be multiples of the mask blocks {mask.block_size} (but the last)")
+    offsets = _offsets(splits, "cpu").tolist()
+    rows = (offsets[rank], offsets[rank + 1])
+    dense = mask.to_dense()
+    row_blocks = dense[..., rows[0] // bq : -(-rows[1] // bq), :]
+    keeps = [
+        bool(x)
+        for x in torch.stack(
+            [row_blocks[..., offsets[j] // bk : -(-offsets[j + 1] // bk)].any() for j in range(world)]
+        ).tolist()
+    ]  # one host sync, not one a step
+    prev, nxt = (rank - 1) % world, (rank + 1) % world
+    out = lse = None
+    k_cur, v_cur = k.contiguous(), v.contiguous()
+    for step in range(world):
+        src = (rank - step) % world
+        pending = []
+        if step < world - 1:  # the next shard (from rank - step - 1) in flight while this one is computed
+            incoming = splits[(rank - step - 1) % world]
+            k_next = k.new_empty((k.shape[0], incoming, *k.shape[2:]))
+            v_next = v.new_empty((v.shape[0], incoming, *v.shape[2:]))
+            ops = [dist.P2POp(dist.isend, k_cur, nxt, group), dist.P2POp(dist.isend, v_cur, nxt, group),
+                   dist.P2POp(dist.irecv, k_next, prev, group),
+                   dist.P2POp(dist.irecv, v_next, prev, group)]  # fmt: skip
+            pending = dist.batch_isend_irecv(ops)
+        if keeps[src]:
+            part = _slice_mask(mask, rows, (offsets[src], offsets[src + 1]), dense)
+            o, o_lse = block_sparse_attention(q, k_cur, v_cur, part, scale=scale, return_lse=True)
+            out, lse = (o, o_lse) if out is None else merge_attention(out, lse, o, o_lse)
+        for request in pending:
+            request.wait()
+        if pending:
+            k_cur, v_cur = k_next, v_next
+    if out is None:  # no block anywhere for this rank's rows
+        out = torch.zeros_like(q)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
+    return (out, lse) if return_lse else out
