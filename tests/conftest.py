@@ -15,7 +15,8 @@ _empty, _empty_like = torch.empty, torch.empty_like
 
 def _nan_filled(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.is_floating_point() and tensor.numel():
-        tensor.fill_(float("nan"))
+        with torch.no_grad():  # (torch.compile's own set-up asks for empty leaves that require grad)
+            tensor.fill_(float("nan"))
     return tensor
 
 
