@@ -11,9 +11,10 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(__file__))
 from test_parallel import free_port, leave_rank  # noqa: E402
 
+from vgen.attention import VideoLayout, create_method  # noqa: E402
 from vgen.attention.block_mask import BlockMask  # noqa: E402
 from vgen.kernels.reference import attention_reference  # noqa: E402
-from vgen.ring import block_splits, exchange, ring_attention  # noqa: E402
+from vgen.ring import block_splits, exchange, ring_attention, ring_method_attention  # noqa: E402
 
 
 def _inputs(seed: int, n: int, block: int):
@@ -76,3 +77,58 @@ def test_block_splits_and_errors():
         block_splits(300, 128, 4)
     with pytest.raises(ValueError, match="block must be a positive int"):
         block_splits(300, 0, 2)
+
+
+VMOBA = {"block_size": (16, 16), "temporal_chunk": 1, "spatial_chunk": (4, 4), "cube_chunk": (2, 4, 4)}
+# (method, config, layer, step): vmoba's three partitions (1D is in order; 2D and 3D permute the tokens),
+# a dense warm-up step of vmoba, a static window and dense
+WINDOW = {"window": (1, 3, 3), "block_size": (16, 16)}
+METHOD_CASES = [("vmoba", VMOBA, 0, 0), ("vmoba", VMOBA, 1, 0), ("vmoba", VMOBA, 2, 0),
+                ("vmoba", {**VMOBA, "dense_steps": 1}, 1, 0), ("window", WINDOW, 0, 0),
+                ("dense", {}, 0, 0)]  # fmt: skip
+LAYOUT = VideoLayout(3, 6, 10)  # 180 tokens: ragged 16-token blocks, and even shards of 90 that cut blocks
+
+
+def method_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(1, LAYOUT.seq_len, 2, 16, generator=g) for _ in range(3))
+        even = [LAYOUT.seq_len // world] * world
+        mine = slice(sum(even[:rank]), sum(even[: rank + 1]))
+        results = []
+        for name, config, layer, step in METHOD_CASES:
+            method = create_method(name, **config)
+            results.append(ring_method_attention(method, q[:, mine], k[:, mine], v[:, mine], layout=LAYOUT,
+                                                 step=step, layer=layer, splits=even))  # fmt: skip
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            torch.save(gathered, out)
+        leave_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_methods_over_two_ranks_match_one_process(tmp_path):
+    out = tmp_path / "methods.pt"
+    mp.spawn(method_worker, args=(2, free_port(), str(out)), nprocs=2)
+    gathered = torch.load(out)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, LAYOUT.seq_len, 2, 16, generator=g) for _ in range(3))
+    for i, (name, config, layer, step) in enumerate(METHOD_CASES):
+        method = create_method(name, **config)
+        want = method(q, k, v, layout=LAYOUT, step=step, layer=layer)
+        got = torch.cat([gathered[r][i] for r in range(2)], 1)
+        torch.testing.assert_close(
+            got, want, atol=2e-5, rtol=2e-5, msg=lambda m, n=name, c=config, i=layer: f"{n} {c} layer {i}: {m}"
+        )
+        if name == "vmoba" and not config.get("dense_steps"):
+            assert 0 < float(method.last_density) < 1  # a sparse mask, not everything
+
+
+def test_methods_without_a_block_sparse_plan_are_named():
+    q = torch.randn(1, LAYOUT.seq_len, 2, 16)
+    with pytest.raises(NotImplementedError, match="'psa' does not split into a block mask"):
+        create_method("psa", block_size=128).sparse_plan(q, q, layout=LAYOUT, step=0, layer=0, scale=None)

@@ -19,13 +19,17 @@ gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
 from vgen.attention.block_mask import BlockMask
+from vgen.attention.layout import VideoLayout
+from vgen.attention.registry import AttentionMethod
 from vgen.kernels import block_sparse_attention, merge_attention
 
-__all__ = ["block_splits", "exchange", "ring_attention"]
+__all__ = ["block_splits", "exchange", "gather_tokens", "ring_attention", "ring_method_attention"]
 
 
 def block_splits(seq_len: int, block: int, world: int) -> list[int]:
@@ -180,3 +184,56 @@ def ring_attention(
         out = torch.zeros_like(q)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
     return (out, lse) if return_lse else out
+
+
+def gather_tokens(x: torch.Tensor, splits: list[int], group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``[B, sum(splits), ...]``: every rank's shard ``[B, splits[r], ...]`` concatenated, on every rank."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if len(splits) != world or x.shape[1] != splits[rank]:
+        raise ValueError(f"x holds {x.shape[1]} tokens; splits {splits} say rank {rank} of {world} holds "
+                         f"{splits[rank] if rank < len(splits) else '?'}")  # fmt: skip
+    widest = max(splits)
+    padded = x.new_zeros((x.shape[0], widest, *x.shape[2:]))
+    padded[:, : x.shape[1]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:, :n] for p, n in zip(parts, splits, strict=True)], dim=1)
+
+
+def ring_method_attention(
+    method: AttentionMethod,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: VideoLayout,
+    step: int,
+    layer: int,
+    splits: list[int],
+    scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """One call of a block-sparse ``method`` with the sequence spread over the ranks of ``group``.
+
+    ``q``, ``k``, ``v``: ``[B, splits[rank], H, D]``, this rank's shard of the layout's token order (any
+    cut, e.g. diffusers' even one). The method's selection sees the whole sequence: this first version
+    all-gathers ``q`` and ``k`` (docs/ring.md plans pooled statistics instead), so every rank computes the
+    same :class:`~vgen.attention.SparsePlan`. The tokens are then re-cut into block-aligned shards of the
+    method's order, attended around the ring, and sent back. Returns this rank's shard of the output,
+    equal to the one-process call's rows up to rounding.
+    """
+    world = dist.get_world_size(group)
+    n = sum(splits)
+    if n != layout.seq_len:
+        raise ValueError(f"splits {splits} add up to {n} tokens; the layout has {layout.seq_len}")
+    plan = method.plan(gather_tokens(q, splits, group), gather_tokens(k, splits, group), layout=layout, step=step,
+                       layer=layer, scale=scale)  # fmt: skip
+    if plan.perm is not None and plan.perm.ndim != 1:
+        raise NotImplementedError(f"{method.name}: per-head token orders do not run under ring parallelism yet")
+    bq, bk = plan.mask.block_size
+    block = bq * bk // math.gcd(bq, bk)
+    shards = block_splits(n, block, world)
+    moved = [exchange(x, plan.perm, splits, shards, group) for x in (q, k, v)]
+    out = ring_attention(*moved, plan.mask, shards, scale=scale, group=group)
+    back = None if plan.perm is None else torch.argsort(plan.perm)
+    return exchange(out, back, shards, splits, group)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from vgen.attention.block_mask import BlockMask
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, register_method
+from vgen.attention.registry import AttentionMethod, SparsePlan, register_method
 from vgen.kernels import dense_attention
 
 __all__ = ["DenseAttention"]
@@ -28,3 +29,9 @@ class DenseAttention(AttentionMethod):
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         return dense_attention(q, k, v, scale=scale, attn_mask=attn_mask)
+
+    def sparse_plan(
+        self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
+    ) -> SparsePlan:
+        n = q.shape[1]
+        return SparsePlan(BlockMask.full(1, 1, (n, n), (128, 128), device=q.device))

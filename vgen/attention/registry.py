@@ -8,12 +8,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from vgen.attention.block_mask import BlockMask
 from vgen.attention.layout import VideoLayout
 from vgen.kernels import dense_attention
 
 __all__ = [
     "AttentionMethod",
     "MethodConfig",
+    "SparsePlan",
     "available_methods",
     "create_method",
     "register_method",
@@ -39,6 +41,17 @@ class MethodConfig:
         if isinstance(layers, int) or not all(isinstance(i, int) and i >= 0 for i in layers):
             raise ValueError(f"dense_layers must be a sequence of non-negative ints, got {layers!r}")
         object.__setattr__(self, "dense_layers", tuple(layers))
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """What a block-sparse method decided for one call, apart from running it: the token order it computes
+    in and the block mask over that order. ``perm[i]`` is the token at position ``i`` of that order
+    (``None``: the layout's own order). Running it is ``block_sparse_attention`` on the permuted q/k/v,
+    then the inverse permutation; ring parallelism (:mod:`vgen.ring`) runs it spread over ranks."""
+
+    mask: BlockMask
+    perm: torch.Tensor | None = None
 
 
 class AttentionMethod:
@@ -92,6 +105,26 @@ class AttentionMethod:
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def plan(
+        self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
+    ) -> SparsePlan:
+        """The :class:`SparsePlan` of a call (no text padding): a full mask on dense warm-up steps and dense
+        layers, else :meth:`sparse_plan`. Sets ``last_density`` as a call would."""
+        if step < self.config.dense_steps or layer in self.config.dense_layers:
+            self.last_density = 1.0
+            n = q.shape[1]
+            return SparsePlan(BlockMask.full(1, 1, (n, n), (128, 128), device=q.device))
+        return self.sparse_plan(q, k, layout=layout, step=step, layer=layer, scale=scale)
+
+    def sparse_plan(
+        self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
+    ) -> SparsePlan:
+        """Selection without execution, for methods whose execution is plain block-sparse attention."""
+        raise NotImplementedError(
+            f"attention method {self.name!r} does not split into a block mask and a block-sparse run (its execution "
+            "is not plain block-sparse attention), so ring parallelism cannot run it yet; see docs/ring.md"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

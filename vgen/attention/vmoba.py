@@ -41,7 +41,7 @@ import torch
 from vgen.attention.block_mask import BlockMask
 from vgen.attention.common import block_starts, check_self_attention, key_lengths, run_block_sparse, text_blocks
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.attention.registry import AttentionMethod, MethodConfig, SparsePlan, register_method
 from vgen.kernels import block_sparse_attention, permute_tokens, unpermute_tokens
 from vgen.kernels.permute import tile_order
 from vgen.kernels.runtime import use_triton
@@ -414,16 +414,32 @@ class _ChunkAttention(AttentionMethod):
         if plan.perm is not None:
             q, k, v = (permute_tokens(x, plan.perm) for x in (q, k, v))
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        with torch.no_grad():
-            dense = self._select(_chunk_scores(q, k, plan, scale), plan)
-            self.last_density = _density(dense, plan)
-            mask = BlockMask.from_dense(dense, plan.block_size, (layout.seq_len, layout.seq_len))
-        self.last_mask = mask
+        dense = self._decide(q, k, plan, scale)
         if lengths is None:
-            out = block_sparse_attention(q, k, v, mask, scale=scale)
+            out = block_sparse_attention(q, k, v, self.last_mask, scale=scale)
         else:  # padded text keys sit at the end, in place under the permutation: drop them per batch element
             out = run_block_sparse(q, k, v, dense, plan.block_size, scale, lengths)
         return out if plan.perm is None else unpermute_tokens(out, plan.perm)
+
+    def _decide(self, q: torch.Tensor, k: torch.Tensor, plan: ChunkPlan, scale: float) -> torch.Tensor:
+        """bool ``[B, H, Mq, Mk]`` kept blocks of the permuted ``q``, ``k``; sets ``last_mask`` and
+        ``last_density``."""
+        with torch.no_grad():
+            dense = self._select(_chunk_scores(q, k, plan, scale), plan)
+            self.last_density = _density(dense, plan)
+            seq = plan.layout.seq_len
+            self.last_mask = BlockMask.from_dense(dense, plan.block_size, (seq, seq))
+        return dense
+
+    def sparse_plan(
+        self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
+    ) -> SparsePlan:
+        check_self_attention(self.name, q, k, layout)
+        plan = self._plan(layout, layer, q.device)
+        if plan.perm is not None:
+            q, k = (permute_tokens(x, plan.perm) for x in (q, k))
+        self._decide(q, k, plan, q.shape[-1] ** -0.5 if scale is None else scale)
+        return SparsePlan(self.last_mask, plan.perm)
 
 
 @register_method("vmoba")

@@ -17,7 +17,7 @@ import torch
 from vgen.attention.block_mask import local_window_mask
 from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.attention.registry import AttentionMethod, MethodConfig, SparsePlan, register_method
 from vgen.kernels import block_sparse_attention
 
 __all__ = ["WindowAttention", "WindowConfig"]
@@ -79,11 +79,17 @@ class WindowAttention(AttentionMethod):
     ) -> torch.Tensor:
         check_self_attention(self.name, q, k, layout)
         lengths = key_lengths(attn_mask, q.shape[0], layout)
+        mask = self.sparse_plan(q, k, layout=layout, step=step, layer=layer, scale=scale).mask
+        if lengths is None:
+            return block_sparse_attention(q, k, v, mask, scale=scale)
+        return run_block_sparse(q, k, v, mask.to_dense(), self.config.block_size, scale, lengths)
+
+    def sparse_plan(
+        self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
+    ) -> SparsePlan:
         mask = local_window_mask(layout, self.config.window, self.config.block_size, device=q.device)
         key = (layout, q.device)
         if key not in self._densities:  # the mask is cached, so this host sync happens once per layout
             self._densities[key] = mask.density()
         self.last_density = self._densities[key]
-        if lengths is None:
-            return block_sparse_attention(q, k, v, mask, scale=scale)
-        return run_block_sparse(q, k, v, mask.to_dense(), self.config.block_size, scale, lengths)
+        return SparsePlan(mask)
