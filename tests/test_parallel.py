@@ -3,6 +3,7 @@
 import os
 import socket
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -145,7 +146,7 @@ def test_torchrun_generate_writes_once(tmp_path):
     single = [sys.executable, "-m", "vgen.cli", "generate", "--model", str(folder), "--prompt", "x", "--ulysses", "2",
               "--out", str(out)]  # fmt: skip
     bad = subprocess.run(single, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "needs that many processes" in bad.stderr
+    assert bad.returncode != 0 and "need that many processes" in bad.stderr
     # an error after the process group is up ends every rank with it (no rank left waiting at a barrier)
     failing = command[: command.index("--attention")] + ["--attention", "vmoba", "--set", "block_size=[5,5]",
                                                           "--out", str(tmp_path / "never.png")]  # fmt: skip
@@ -283,13 +284,59 @@ def test_rank_chunked_and_single_gpu_orders_are_inverse(world, position, split_c
         canonical_tokens(chunked[:, :, :-1], *order)
 
 
-def test_ring_is_refused_with_a_pointer_to_its_design():
+def test_ring_settings_it_cannot_run_are_refused_with_a_pointer_to_its_design():
     from vgen.parallel import enable_context_parallel
 
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     try:
         model, _ = tiny_wan()
-        with pytest.raises(NotImplementedError, match=r"ring=2: .*docs/ring.md"):
+        with pytest.raises(NotImplementedError, match=r"ring=2, ulysses=.* on 1 processes.*docs/ring.md"):
             enable_context_parallel(model, ring=2)
+        with pytest.raises(ValueError, match="ring must be a positive int"):
+            enable_context_parallel(model, ring=0)
     finally:
         dist.destroy_process_group()
+
+
+def ring_worker(rank: int, world: int, port: int, method: str | None, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from vgen.parallel import enable_context_parallel
+        from vgen.pipelines.plumbing import apply_sparse_attention
+        from vgen.ring import ring_attention as original_ring
+
+        model, inputs = tiny_wan()
+        if method:
+            apply_sparse_attention(model, method, **VMOBA)
+        enable_context_parallel(model, ring=world)
+        shards = []
+
+        def spy(q, *args, **kwargs):  # every self-attention goes around the ring, on block-aligned shards
+            shards.append(q.shape[1])
+            return original_ring(q, *args, **kwargs)
+
+        with mock.patch("vgen.ring.ring_attention", spy), torch.no_grad():
+            result = model(**inputs)[0]
+        if rank == 0:
+            torch.save({"out": result, "shards": shards}, out)
+        leave_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", [None, "vmoba"])
+def test_ring_of_two_processes_matches_one(method, tmp_path):
+    from vgen.pipelines.plumbing import apply_sparse_attention
+
+    model, inputs = tiny_wan()
+    if method:
+        apply_sparse_attention(model, method, **VMOBA)
+    with torch.no_grad():
+        single = model(**inputs)[0]
+    out = tmp_path / "out.pt"
+    mp.spawn(ring_worker, args=(2, free_port(), method, str(out)), nprocs=2)
+    saved = torch.load(out)
+    torch.testing.assert_close(saved["out"], single, atol=1e-5, rtol=1e-5)
+    # rank 0's block-aligned shard in each of the two layers: 192 tokens in 128-token blocks (dense) or 16
+    assert saved["shards"] == ([96, 96] if method else [128, 128])

@@ -51,9 +51,10 @@ def _generate_on(args: argparse.Namespace, out: Path, parallel: bool) -> None:
     if args.attention != "stock":
         pipe.enable_sparse_attention(args.attention, **dict(args.set))
     if parallel:
-        pipe.enable_parallelism(ulysses=args.ulysses)
-    elif args.ulysses not in (None, 1):
-        raise ValueError(f"--ulysses {args.ulysses} needs that many processes: launch with torchrun --nproc-per-node")
+        pipe.enable_parallelism(ulysses=args.ulysses, ring=args.ring)
+    elif args.ulysses not in (None, 1) or args.ring != 1:
+        raise ValueError(f"--ulysses {args.ulysses} / --ring {args.ring} need that many processes: launch with "
+                         "torchrun --nproc-per-node")  # fmt: skip
     if not is_main_process():  # every rank generates (they share the work); rank 0 reports and writes
         pipe(args.prompt, num_frames=args.frames, height=args.height, width=args.width,
              num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, progress=False)  # fmt: skip
@@ -290,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, default=16)
     gen.add_argument("--ulysses", type=int,
                      help="Ulysses context-parallel degree under torchrun (default: every process)")  # fmt: skip
+    gen.add_argument("--ring", type=int, default=1,
+                     help="ring context-parallel degree under torchrun: every process (Wan, SkyReels-V2; methods "
+                          "dense, window, vmoba, moba), instead of Ulysses")  # fmt: skip
     gen.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     gen.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet beside --out")
     gen.set_defaults(run=_generate)

@@ -20,9 +20,12 @@ themselves split (Motif's decoder layers attend to the video) gather every shard
 modules whose keys are whole on every rank (cross-attention to the text, the text refiner) run
 locally, without communication: their result needs no other rank's tokens.
 
-Ring attention (key/value shards passed around) is not offered: selection over a shard would
-not see the whole sequence, and diffusers' native backend, which vgen intercepts, has no ring
-path; ``docs/ring.md`` has the design that would lift both. Launch with
+Ring attention (``ring=N`` over all N processes, for video-only self-attention: Wan, SkyReels-V2):
+diffusers splits the sequence evenly, each self-attention call reaches vgen's interceptor with its
+rank's shard, and :func:`vgen.ring.ring_method_attention` runs the method over the ranks: the
+selection on all-gathered queries and keys (so the same blocks as one GPU), then key/value shards
+around the ring, merged by log-sum-exp. Methods whose execution is plain block-sparse attention
+(dense, window, vmoba, moba) run this way; ``docs/ring.md`` has the design and what is left. Launch with
 ``torchrun --nproc-per-node N -m vgen.cli generate ...``; on CPUs (tests) the gloo backend works too.
 """
 
@@ -155,10 +158,13 @@ class ContextParallelState:
         world: ranks in the Ulysses group.
         split_context: self-attention modules whose extra tokens are split over the ranks (gathered in
             full); in the others the extra tokens are whole on every rank (one copy is kept).
+        ring: ranks of the ring (1: Ulysses only). With a ring, each rank's self-attention sees its even
+            shard of the sequence and vgen runs :func:`vgen.ring.ring_method_attention` on it.
     """
 
     world: int
     split_context: frozenset[str] = frozenset()
+    ring: int = 1
 
 
 def _chunk_parts(x: torch.Tensor, world: int, video: int, position: str, dim: int):
@@ -234,14 +240,16 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
         raise RuntimeError("context parallelism needs torch.distributed initialised: launch with torchrun "
                            "(vgen.parallel.init_from_environment() does the rest)")  # fmt: skip
     world = dist.get_world_size()
-    ulysses = world if ulysses is None else ulysses
-    if not isinstance(ring, int) or ring != 1:
-        raise NotImplementedError(f"ring={ring!r}: vgen offers Ulysses context parallelism only (ring=1); "
-                                  "block selection must see the whole sequence (design: docs/ring.md)")  # fmt: skip
-    if not isinstance(ulysses, int) or isinstance(ulysses, bool) or ulysses < 1 or ulysses != world:
+    if not isinstance(ring, int) or isinstance(ring, bool) or ring < 1:
+        raise ValueError(f"ring must be a positive int, got {ring!r}")
+    ulysses = (world // ring if ring > 1 else world) if ulysses is None else ulysses
+    if ring > 1 and (ring != world or ulysses != 1):
+        raise NotImplementedError(f"ring={ring}, ulysses={ulysses!r} on {world} processes: vgen runs either "
+                                  "Ulysses or a ring over every process, not both yet (docs/ring.md)")  # fmt: skip
+    if ring == 1 and (not isinstance(ulysses, int) or isinstance(ulysses, bool) or ulysses < 1 or ulysses != world):
         raise ValueError(f"ulysses must equal the number of processes ({world}), got {ulysses!r}")
     heads = getattr(transformer.config, "num_attention_heads", None)
-    if heads is not None and heads % ulysses:
+    if ring == 1 and heads is not None and heads % ulysses:
         raise ValueError(f"ulysses={ulysses} must divide the transformer's {heads} attention heads")
     name = type(transformer).__name__
     plan = PLANS[name](transformer) if name in PLANS else None
@@ -251,7 +259,10 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
     from vgen.pipelines.plumbing import TRANSFORMER_SPECS, apply_sparse_attention, sparse_attention_method
 
     spec = TRANSFORMER_SPECS.get(name)
-    config = ContextParallelConfig(ulysses_degree=ulysses)
+    if ring > 1 and (spec is None or spec.text_position != "none"):
+        raise NotImplementedError(f"ring parallelism runs video-only self-attention (Wan, SkyReels-V2) so far; "
+                                  f"{name} has joint text-video attention: use Ulysses")  # fmt: skip
+    config = ContextParallelConfig(ulysses_degree=ulysses) if ring == 1 else ContextParallelConfig(ring_degree=ring)
     if torch.accelerator.device_count() == 0:
         from diffusers.models.modeling_utils import ModelMixin
 
@@ -265,10 +276,16 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
         video_attention = re.compile(spec.self_attention)
         for module_name, module in transformer.named_modules():
             processor = getattr(module, "processor", None)
-            if getattr(processor, "_parallel_config", None) is not None and not video_attention.fullmatch(module_name):
+            if getattr(processor, "_parallel_config", None) is not None and (
+                ring > 1 or not video_attention.fullmatch(module_name)
+            ):
+                # (under a ring the video self-attention runs on local shards too: vgen's interceptor takes it)
                 processor._parallel_config = None
         split = SPLIT_CONTEXT[name](transformer) if name in SPLIT_CONTEXT else frozenset()
-        transformer._vgen_context_parallel = ContextParallelState(world=ulysses, split_context=split)
+        transformer._vgen_context_parallel = ContextParallelState(world=world if ring > 1 else ulysses,
+                                                                  split_context=split, ring=ring)  # fmt: skip
+        if ring > 1 and sparse_attention_method(transformer) is None:
+            apply_sparse_attention(transformer, "dense")  # the ring runs inside vgen's interceptor
         if spec.text_position != "none" and sparse_attention_method(transformer) is None:
             # Joint attention must be put back in single-GPU order, which vgen's interceptor does: route it
             # to vgen's exact dense method (SDPA on the whole sequence).
