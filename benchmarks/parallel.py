@@ -1,6 +1,7 @@
-"""Ulysses context parallelism: the Wan transformer forward on 1 and on N GPUs, dense and vmoba, in one run.
+"""Context parallelism: the Wan transformer forward on 1 and on N GPUs, dense and vmoba, in one run.
 
     torchrun --nproc-per-node 2 benchmarks/parallel.py --out $OUT/parallel.md
+    torchrun --nproc-per-node 2 benchmarks/parallel.py --ring --out $OUT/parallel-ring.md          # ring instead
     torchrun --nproc-per-node 2 benchmarks/parallel.py --smoke --out build/parallel.md   # CPU, gloo, tiny
 
 Every rank builds the same random-weight transformer (Wan2.1-1.3B config) and inputs. First rank 0
@@ -9,7 +10,8 @@ wait; then :func:`vgen.parallel.enable_context_parallel` spreads the model over 
 same forwards are timed together (synchronised; rank 0's clock). Speedup = 1-GPU time / N-GPU
 time; efficiency = speedup / N. The all-to-all cost is measured on its own (one layer moves q, k,
 v and the output), and the table for 4 and 8 GPUs is a prediction: compute / N plus that cost
-scaled to N (each rank sends (N - 1) / N of its shard), not a measurement.
+scaled to N (each rank sends (N - 1) / N of its shard), not a measurement; it models Ulysses, so
+with ``--ring`` read only the measured columns.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (gloo; TRITON_INTERPRET=1)")
     parser.add_argument("--out", type=Path, help="Markdown table here (rank 0), a .json beside it")
+    parser.add_argument("--ring", action="store_true", help="ring attention over every rank instead of Ulysses")
     args = parser.parse_args()
     if not init_from_environment():
         sys.exit("launch with torchrun --nproc-per-node N (N >= 2)")
@@ -117,7 +120,7 @@ def main() -> None:
                 densities[method] = 1.0 if instance is None else float(instance.last_density)
             dist.barrier()
             remove_sparse_attention(model)
-        enable_context_parallel(model)
+        enable_context_parallel(model, ring=world if args.ring else 1)
         parallel: dict[str, float] = {}
         for method in ("dense", "vmoba"):
             if method == "vmoba":
@@ -161,8 +164,9 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device) -
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()  # fmt: skip
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)"
     world = rows[0]["gpus"] if rows else "?"
+    mode = "Ring" if args.ring else "Ulysses"
     lines = [
-        f"### Ulysses context parallelism, {datetime.date.today().isoformat()}, commit {commit or 'unknown'}, "
+        f"### {mode} context parallelism, {datetime.date.today().isoformat()}, commit {commit or 'unknown'}, "
         f"{world} x {gpu}", "",
         f"Command: `torchrun --nproc-per-node {world} benchmarks/parallel.py {' '.join(sys.argv[1:])}`; torch "
         f"{torch.__version__}; transformer forward, random weights, median of {args.repeats} after a warm-up. "

@@ -69,6 +69,22 @@ def _exchange_plan(perm: torch.Tensor | None, src_splits: list[int], dst_splits:
     return send_index, send_counts, recv_counts, order
 
 
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _cached_plan(perm, src_splits, dst_splits, rank, device):
+    """:func:`_exchange_plan` on the device, computed once per (order, cuts): every layer of every step asks
+    for the same few. The cache holds ``perm`` itself, so its address cannot be reused by another tensor."""
+    key = (None if perm is None else (perm.data_ptr(), perm.device, tuple(perm.shape)), tuple(src_splits),
+           tuple(dst_splits), rank, device)  # fmt: skip
+    if key not in _PLANS:
+        if len(_PLANS) >= 32:
+            _PLANS.pop(next(iter(_PLANS)))
+        send_index, send_counts, recv_counts, order = _exchange_plan(perm, src_splits, dst_splits, rank)
+        _PLANS[key] = (send_index.to(device), send_counts, recv_counts, order.to(device), perm)
+    return _PLANS[key][:4]
+
+
 def exchange(
     x: torch.Tensor,
     perm: torch.Tensor | None,
@@ -94,13 +110,13 @@ def exchange(
         raise ValueError(f"x holds {x.shape[1]} tokens; src_splits says rank {rank} holds {src_splits[rank]}")
     if perm is not None and perm.shape != (sum(dst_splits),):
         raise ValueError(f"perm must be [{sum(dst_splits)}], got {tuple(perm.shape)}")
-    send_index, send_counts, recv_counts, order = _exchange_plan(perm, src_splits, dst_splits, rank)
+    send_index, send_counts, recv_counts, order = _cached_plan(perm, src_splits, dst_splits, rank, x.device)
     tokens_first = x.movedim(1, 0)  # all_to_all_single splits along dim 0
-    send = tokens_first[send_index.to(x.device)].contiguous()
+    send = tokens_first[send_index].contiguous()
     recv = torch.empty((dst_splits[rank], *send.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group)
     out = torch.empty_like(recv)
-    out[order.to(x.device)] = recv
+    out[order] = recv
     return out.movedim(0, 1)
 
 
