@@ -248,9 +248,11 @@ class VideoPipeline:
         return apply_sparse_attention(self.transformer, name, **config)
 
     def enable_parallelism(self, *, ulysses: int | None = None, ring: int = 1) -> None:
-        """Spread each transformer over the ranks of torch.distributed's default group (Ulysses context
-        parallelism through diffusers; see :mod:`vgen.parallel`). Every rank runs the pipeline with the
-        same arguments and gets the same video; only rank 0 should write it."""
+        """Spread each transformer over the ranks of torch.distributed's default group: Ulysses context
+        parallelism through diffusers (default), or with ``ring=N`` (every rank) ring attention run by vgen
+        (:mod:`vgen.ring`; video-only self-attention, block-sparse methods); see :mod:`vgen.parallel`.
+        Every rank runs the pipeline with the same arguments and gets the same video; only rank 0 should
+        write it."""
         from vgen.parallel import enable_context_parallel
 
         for name in ("transformer", "transformer_2"):
