@@ -166,3 +166,52 @@ def test_pooled_budget_goes_to_spread_maps_and_keeps_the_total():
     assert captured(pooled) > captured(each)
     # one map per slice is the per-head rule
     assert torch.equal(_pooled_masks(maps[:, None], seq, block, density).squeeze(1), each)
+
+
+def _ring_worker(rank: int, world: int, port: int, calibration: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from vgen.ring import ring_method_attention
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 192, 2, 16) for _ in range(3))
+    splits = [100, 92]  # canonical shards that cut the 32-token blocks
+    mine = slice(sum(splits[:rank]), sum(splits[: rank + 1]))
+    method = create_method("paro", calibration=calibration, quant="none")
+    layout = VideoLayout(3, 8, 8)
+    results = [ring_method_attention(method, q[:, mine], k[:, mine], v[:, mine], layout=layout, step=step,
+                                     layer=layer, splits=splits) for step, layer in ((0, 0), (2, 1))]  # fmt: skip
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_paro_as_a_ring_of_two_processes_matches_one(calibration, tmp_path):
+    """Per-head token orders go through the ring's re-cut (one all-to-all of (token, head) pairs)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ring.pt"
+    mp.spawn(_ring_worker, args=(2, port, str(calibration), str(out)), nprocs=2)
+    gathered = torch.load(out)
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 192, 2, 16) for _ in range(3))
+    method = create_method("paro", calibration=str(calibration), quant="none")
+    for i, (step, layer) in enumerate(((0, 0), (2, 1))):
+        want = method(q, k, v, layout=VideoLayout(3, 8, 8), step=step, layer=layer)
+        torch.testing.assert_close(torch.cat([g[i] for g in gathered], 1), want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(NotImplementedError, match="quant='none'"):
+        create_method("paro", calibration=str(calibration)).sparse_plan(
+            q, k, layout=VideoLayout(3, 8, 8), step=0, layer=0, scale=None)

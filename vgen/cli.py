@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ulysses context-parallel degree under torchrun (default: every process)")  # fmt: skip
     gen.add_argument("--ring", type=int, default=1,
                      help="ring context-parallel degree under torchrun: every process (Wan, SkyReels-V2; methods "
-                          "dense, window, vmoba, moba), instead of Ulysses")  # fmt: skip
+                          "dense, window, vmoba, moba, paro with quant=none), instead of Ulysses")  # fmt: skip
     gen.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     gen.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet beside --out")
     gen.set_defaults(run=_generate)

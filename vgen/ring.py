@@ -52,17 +52,23 @@ def _offsets(splits: list[int], device) -> torch.Tensor:
 
 
 def _exchange_plan(perm: torch.Tensor | None, src_splits: list[int], dst_splits: list[int], rank: int):
-    """(local source indices to send, in send order; send counts per rank; receive counts per rank;
-    local destination positions of the received tokens, in receive order)."""
+    """(source elements to send, in send order; send counts per rank; receive counts per rank; destination
+    elements of the received ones, in receive order). An element is a token (``perm`` ``[N]`` or ``None``)
+    or a (token, head) pair at ``token * H + head`` (``perm`` ``[H, N]``: an order per head)."""
     n = sum(dst_splits)
     src_off, dst_off = _offsets(src_splits, "cpu"), _offsets(dst_splits, "cpu")
-    source = torch.arange(n) if perm is None else perm.cpu().long()  # destination position -> source position
-    owner = torch.searchsorted(src_off[1:], source, right=True)  # source rank of each destination position
-    dest_rank = torch.searchsorted(dst_off[1:], torch.arange(n), right=True)
-    mine_out = owner == rank  # destination positions fed by this rank, grouped by destination rank (ascending)
-    send_index = source[mine_out] - src_off[rank]
+    if perm is None:
+        source = torch.arange(n)[:, None]  # [N, W]: destination position, head -> source position
+    else:
+        source = perm.cpu().long()[:, None] if perm.ndim == 1 else perm.cpu().long().T
+    width = source.shape[1]
+    owner = torch.searchsorted(src_off[1:], source, right=True).flatten()  # source rank of each destination element
+    element = (source * width + torch.arange(width)).flatten()  # the source element of each destination element
+    dest_rank = torch.searchsorted(dst_off[1:], torch.arange(n), right=True).repeat_interleave(width)
+    mine_out = owner == rank  # destination elements fed by this rank, grouped by destination rank (ascending)
+    send_index = element[mine_out] - src_off[rank] * width
     send_counts = torch.bincount(dest_rank[mine_out], minlength=len(dst_splits)).tolist()
-    lo, hi = int(dst_off[rank]), int(dst_off[rank + 1])
+    lo, hi = int(dst_off[rank]) * width, int(dst_off[rank + 1]) * width
     here = owner[lo:hi]
     order = torch.argsort(here, stable=True)  # received grouped by source rank, in destination order within
     recv_counts = torch.bincount(here, minlength=len(src_splits)).tolist()
@@ -97,7 +103,8 @@ def exchange(
     Args:
         x: ``[B, S_r, ...]``: this rank's shard of the source order, ``src_splits[rank]`` tokens.
         perm: int ``[N]``: the destination order's position ``p`` holds source position ``perm[p]``
-            (a permutation of ``0..N-1``, the same on every rank); ``None`` keeps the order (a re-cut).
+            (a permutation of ``0..N-1``, the same on every rank), or ``[H, N]``, an order per head
+            (``x``'s dim 2); ``None`` keeps the order (a re-cut).
         src_splits, dst_splits: tokens per rank before and after, each summing to ``N``.
 
     Returns:
@@ -108,15 +115,22 @@ def exchange(
         raise ValueError(f"src_splits {src_splits} and dst_splits {dst_splits} must have {world} entries with one sum")
     if x.shape[1] != src_splits[rank]:
         raise ValueError(f"x holds {x.shape[1]} tokens; src_splits says rank {rank} holds {src_splits[rank]}")
-    if perm is not None and perm.shape != (sum(dst_splits),):
-        raise ValueError(f"perm must be [{sum(dst_splits)}], got {tuple(perm.shape)}")
+    n = sum(dst_splits)
+    if perm is not None and perm.shape not in ((n,), (x.shape[2], n)):
+        raise ValueError(f"perm must be [{n}] or [heads = {x.shape[2]}, {n}], got {tuple(perm.shape)}")
     send_index, send_counts, recv_counts, order = _cached_plan(perm, src_splits, dst_splits, rank, x.device)
-    tokens_first = x.movedim(1, 0)  # all_to_all_single splits along dim 0
-    send = tokens_first[send_index].contiguous()
-    recv = torch.empty((dst_splits[rank], *send.shape[1:]), dtype=x.dtype, device=x.device)
+    per_head = perm is not None and perm.ndim == 2
+    # elements first (all_to_all_single splits along dim 0): tokens [S, B, H, ...] or (token, head) pairs
+    elements = x.movedim(1, 0)
+    if per_head:
+        elements = elements.movedim(2, 1).flatten(0, 1)  # [S * H, B, ...]
+    send = elements[send_index].contiguous()
+    recv = torch.empty((len(order), *send.shape[1:]), dtype=x.dtype, device=x.device)
     dist.all_to_all_single(recv, send, recv_counts, send_counts, group=group)
     out = torch.empty_like(recv)
     out[order] = recv
+    if per_head:
+        out = out.unflatten(0, (dst_splits[rank], x.shape[2])).movedim(1, 2)
     return out.movedim(0, 1)
 
 
@@ -244,12 +258,10 @@ def ring_method_attention(
         raise ValueError(f"splits {splits} add up to {n} tokens; the layout has {layout.seq_len}")
     plan = method.plan(gather_tokens(q, splits, group), gather_tokens(k, splits, group), layout=layout, step=step,
                        layer=layer, scale=scale)  # fmt: skip
-    if plan.perm is not None and plan.perm.ndim != 1:
-        raise NotImplementedError(f"{method.name}: per-head token orders do not run under ring parallelism yet")
     bq, bk = plan.mask.block_size
     block = bq * bk // math.gcd(bq, bk)
     shards = block_splits(n, block, world)
     moved = [exchange(x, plan.perm, splits, shards, group) for x in (q, k, v)]
     out = ring_attention(*moved, plan.mask, shards, scale=scale, group=group)
-    back = None if plan.perm is None else torch.argsort(plan.perm)
+    back = None if plan.perm is None else torch.argsort(plan.perm, dim=-1)
     return exchange(out, back, shards, splits, group)

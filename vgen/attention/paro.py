@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 
+from vgen.attention.block_mask import BlockMask
 from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.attention.registry import AttentionMethod, MethodConfig, SparsePlan, register_method
 from vgen.kernels import permute_tokens, unpermute_tokens
 from vgen.kernels.permute import axis_order
 
@@ -265,6 +266,22 @@ class PAROAttention(AttentionMethod):
         q, k, v = (permute_tokens(x, perm) for x in (q, k, v))
         out = run_block_sparse(q, k, v, dense, (block, block), scale, lengths, pv_bits=_QUANT_BITS[self.config.quant])
         return unpermute_tokens(out, perm)
+
+    def sparse_plan(
+        self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
+    ) -> SparsePlan:
+        """The calibrated order per head and mask (no q/k statistics needed); ``quant="none"`` only: the
+        quantised kernel returns no log-sum-exp to merge partial results with."""
+        if self.config.quant != "none":
+            raise NotImplementedError(f"paro with quant={self.config.quant!r} cannot run as a ring (the quantised "
+                                      "kernel returns no log-sum-exp); use quant='none'")  # fmt: skip
+        check_self_attention(self.name, q, k, layout)
+        self.calibration.check(layout, layer, q.shape[2])
+        dense, density = self._mask(self.calibration.bucket(step), layer, layout.seq_len, q.device)
+        self.last_density = density
+        block = self.calibration.meta["block_size"]
+        mask = BlockMask.from_dense(dense, (block, block), (layout.seq_len, layout.seq_len))
+        return SparsePlan(mask, self._perm(layout, layer, q.device))
 
 
 class _Calibrator(AttentionMethod):

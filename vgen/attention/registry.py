@@ -46,8 +46,9 @@ class MethodConfig:
 @dataclass(frozen=True)
 class SparsePlan:
     """What a block-sparse method decided for one call, apart from running it: the token order it computes
-    in and the block mask over that order. ``perm[i]`` is the token at position ``i`` of that order
-    (``None``: the layout's own order). Running it is ``block_sparse_attention`` on the permuted q/k/v,
+    in and the block mask over that order. ``perm[i]`` is the token at position ``i`` of that order,
+    ``perm[h, i]`` with an order per head (``None``: the layout's own order). Running it is
+    ``block_sparse_attention`` on the permuted q/k/v,
     then the inverse permutation; ring parallelism (:mod:`vgen.ring`) runs it spread over ranks."""
 
     mask: BlockMask
