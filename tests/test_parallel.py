@@ -76,8 +76,9 @@ def transformer_worker(rank: int, world: int, port: int, method: str | None, out
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", [None, "vmoba"])
-def test_two_processes_match_one(method, tmp_path):
+def spawn_and_compare(worker, method: str | None, tmp_path) -> dict:
+    """The tiny Wan's output in one process (stock attention or ``method``) against ``worker`` run on 2
+    ranks; returns what rank 0 saved."""
     from vgen.pipelines.plumbing import apply_sparse_attention
 
     model, inputs = tiny_wan()
@@ -86,9 +87,15 @@ def test_two_processes_match_one(method, tmp_path):
     with torch.no_grad():
         single = model(**inputs)[0]
     out = tmp_path / "out.pt"
-    mp.spawn(transformer_worker, args=(2, free_port(), method, str(out)), nprocs=2)
+    mp.spawn(worker, args=(2, free_port(), method, str(out)), nprocs=2)
     saved = torch.load(out)
     torch.testing.assert_close(saved["out"], single, atol=1e-5, rtol=1e-5)
+    return saved
+
+
+@pytest.mark.parametrize("method", [None, "vmoba"])
+def test_two_processes_match_one(method, tmp_path):
+    saved = spawn_and_compare(transformer_worker, method, tmp_path)
     if method:
         assert saved["heads"] == [2, 2]  # 4 heads over 2 ranks, one call per layer
 
@@ -327,16 +334,6 @@ def ring_worker(rank: int, world: int, port: int, method: str | None, out: str) 
 
 @pytest.mark.parametrize("method", [None, "vmoba"])
 def test_ring_of_two_processes_matches_one(method, tmp_path):
-    from vgen.pipelines.plumbing import apply_sparse_attention
-
-    model, inputs = tiny_wan()
-    if method:
-        apply_sparse_attention(model, method, **VMOBA)
-    with torch.no_grad():
-        single = model(**inputs)[0]
-    out = tmp_path / "out.pt"
-    mp.spawn(ring_worker, args=(2, free_port(), method, str(out)), nprocs=2)
-    saved = torch.load(out)
-    torch.testing.assert_close(saved["out"], single, atol=1e-5, rtol=1e-5)
+    saved = spawn_and_compare(ring_worker, method, tmp_path)
     # rank 0's block-aligned shard in each of the two layers: 192 tokens in 128-token blocks (dense) or 16
     assert saved["shards"] == ([96, 96] if method else [128, 128])
