@@ -256,12 +256,15 @@ def ring_method_attention(
     n = sum(splits)
     if n != layout.seq_len:
         raise ValueError(f"splits {splits} add up to {n} tokens; the layout has {layout.seq_len}")
-    plan = method.plan(gather_tokens(q, splits, group), gather_tokens(k, splits, group), layout=layout, step=step,
-                       layer=layer, scale=scale)  # fmt: skip
+    # one collective each where three would do: q and k gathered together, q, k and v re-cut together
+    q_full, k_full = gather_tokens(torch.cat([q, k], dim=-1), splits, group).split([q.shape[-1], k.shape[-1]], -1)
+    plan = method.plan(q_full, k_full, layout=layout, step=step, layer=layer, scale=scale)
+    del q_full, k_full
     bq, bk = plan.mask.block_size
     block = bq * bk // math.gcd(bq, bk)
     shards = block_splits(n, block, world)
-    moved = [exchange(x, plan.perm, splits, shards, group) for x in (q, k, v)]
+    widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
+    moved = exchange(torch.cat([q, k, v], dim=-1), plan.perm, splits, shards, group).split(widths, -1)
     out = ring_attention(*moved, plan.mask, shards, scale=scale, group=group)
     back = None if plan.perm is None else torch.argsort(plan.perm, dim=-1)
     return exchange(out, back, shards, splits, group)
