@@ -150,6 +150,15 @@ def test_torchrun_generate_writes_once(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.exists() and result.stdout.count("wrote") == 1
+    # the same generation as a ring over the two processes: the same picture
+    ring_out = tmp_path / "clip-ring.png"
+    ring = command[: command.index("--out")] + ["--ring", "2", "--out", str(ring_out)]
+    result = subprocess.run(ring, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import imageio.v3 as iio
+
+    difference = np.abs(iio.imread(ring_out).astype(int) - iio.imread(out).astype(int))
+    assert difference.max() <= 2, difference.max()  # 8-bit rounding of the same video
     single = [sys.executable, "-m", "vgen.cli", "generate", "--model", str(folder), "--prompt", "x", "--ulysses", "2",
               "--out", str(out)]  # fmt: skip
     bad = subprocess.run(single, capture_output=True, text=True, timeout=300)
