@@ -81,11 +81,13 @@ def test_block_splits_and_errors():
 
 VMOBA = {"block_size": (16, 16), "temporal_chunk": 1, "spatial_chunk": (4, 4), "cube_chunk": (2, 4, 4)}
 # (method, config, layer, step): vmoba's three partitions (1D is in order; 2D and 3D permute the tokens),
-# a dense warm-up step of vmoba, a static window and dense
+# a dense warm-up step of vmoba, a static window, dense, and rectified (the ring, then its pooled correction
+# with every rank's pooled values; both ways of weighing the kept part)
 WINDOW = {"window": (1, 3, 3), "block_size": (16, 16)}
 METHOD_CASES = [("vmoba", VMOBA, 0, 0), ("vmoba", VMOBA, 1, 0), ("vmoba", VMOBA, 2, 0),
                 ("vmoba", {**VMOBA, "dense_steps": 1}, 1, 0), ("window", WINDOW, 0, 0),
-                ("dense", {}, 0, 0)]  # fmt: skip
+                ("dense", {}, 0, 0), ("rectified", {"block_size": 16, "mass": 0.5}, 0, 0),
+                ("rectified", {"block_size": 16, "mass": 0.5, "rectify_kept": True}, 0, 0)]  # fmt: skip
 LAYOUT = VideoLayout(3, 6, 10)  # 180 tokens: ragged 16-token blocks, and even shards of 90 that cut blocks
 
 
@@ -124,7 +126,7 @@ def test_methods_over_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(
             got, want, atol=2e-5, rtol=2e-5, msg=lambda m, n=name, c=config, i=layer: f"{n} {c} layer {i}: {m}"
         )
-        if name == "vmoba" and not config.get("dense_steps"):
+        if name in ("vmoba", "rectified") and not config.get("dense_steps"):
             assert 0 < float(method.last_density) < 1  # a sparse mask, not everything
 
 

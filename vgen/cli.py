@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ulysses", type=int,
                      help="Ulysses context-parallel degree under torchrun (default: every process)")  # fmt: skip
     gen.add_argument("--ring", type=int, default=1,
-                     help="ring context-parallel degree under torchrun: every process (Wan, SkyReels-V2; methods "
-                          "dense, window, vmoba, moba, paro with quant=none), instead of Ulysses")  # fmt: skip
+                     help="ring context-parallel degree under torchrun: every process, instead of Ulysses (Wan; "
+                          "methods dense, window, vmoba, moba, rectified, paro with quant=none)")  # fmt: skip
     gen.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     gen.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet beside --out")
     gen.set_defaults(run=_generate)

@@ -265,6 +265,14 @@ def ring_method_attention(
     shards = block_splits(n, block, world)
     widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
     moved = exchange(torch.cat([q, k, v], dim=-1), plan.perm, splits, shards, group).split(widths, -1)
-    out = ring_attention(*moved, plan.mask, shards, scale=scale, group=group)
+    out, lse = ring_attention(*moved, plan.mask, shards, scale=scale, group=group, return_lse=True)
+    first = sum(shards[: dist.get_rank(group)]) // bq
+    blocks = (first, first + -(-shards[dist.get_rank(group)] // bq))
+    counts = [-(-s // bq) for s in shards]  # query blocks per rank
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # [B, H, m_r, ...] per rank -> [B, H, M, ...]
+        return gather_tokens(x.movedim(2, 1), counts, group).movedim(1, 2)
+
+    out = method.ring_finish(plan, moved[0], moved[2], out, lse, blocks=blocks, gather=gather)
     back = None if plan.perm is None else torch.argsort(plan.perm, dim=-1)
     return exchange(out, back, shards, splits, group)

@@ -44,7 +44,7 @@ from vgen.attention.common import (
     key_lengths,
 )
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.attention.registry import AttentionMethod, MethodConfig, SparsePlan, register_method
 from vgen.kernels import block_sparse_attention
 from vgen.kernels.pooled import pooled_correction, pooled_correction_reference
 from vgen.kernels.runtime import use_triton
@@ -131,10 +131,17 @@ def rectified_attention(
     out, lse = block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True)  # lse [B, H, S]
     if not (rectify_kept or compensate_dropped):
         return out
-    k_mean, counts, k_spread = block_moments(k, block_size) if k_moments is None else k_moments
-    v_mean = block_means(v, block_size)[0]
+    k_moments = block_moments(k, block_size) if k_moments is None else k_moments
+    return _correct(q, out, lse, k_moments, block_means(v, block_size)[0], keep, block_size, scale, rectify_kept,
+                    compensate_dropped, error_tolerance, head_group, differentiable=(q, k, v))  # fmt: skip
+
+
+def _correct(q, out, lse, k_moments, v_mean, keep, block_size, scale, rectify_kept, compensate_dropped,
+             error_tolerance, head_group, differentiable) -> torch.Tensor:  # fmt: skip
+    """The pooled correction of ``out`` (rows of ``keep``: ``q``'s blocks; pooled keys and values: all)."""
+    k_mean, counts, k_spread = k_moments
     # the kernel is forward only: training (gradients wanted) takes the PyTorch path
-    differentiate = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    differentiate = torch.is_grad_enabled() and any(x.requires_grad for x in differentiable)
     kernel = use_triton(q) and not differentiate
     correct = pooled_correction if kernel else pooled_correction_reference
     extra = {} if kernel else {"head_group": head_group}
@@ -174,6 +181,16 @@ class RectifiedAttention(AttentionMethod):
             )
         c = self.config
         scale = q.shape[-1] ** -0.5 if scale is None else scale
+        keep, k_moments = self._keep(q, k, layout, scale)
+        return rectified_attention(
+            q, k, v, keep, block_size=c.block_size, scale=scale, rectify_kept=c.rectify_kept,
+            compensate_dropped=c.compensate_dropped, error_tolerance=c.error_tolerance, head_group=c.head_group,
+            mask=self.last_mask, k_moments=k_moments,
+        )  # fmt: skip
+
+    def _keep(self, q, k, layout, scale):
+        """(bool ``[B, H, M, M]`` kept blocks, the keys' block moments); sets ``last_mask``, ``last_density``."""
+        c = self.config
         block, seq = c.block_size, layout.seq_len
         k_moments = block_moments(k, block)  # with gradients: the pooled correction reads them too
         k_mean, counts = k_moments[:2]
@@ -184,8 +201,20 @@ class RectifiedAttention(AttentionMethod):
             tokens = counts.double()
             self.last_density = (keep.double() * (tokens[:, None] * tokens)).sum() / (keep[..., 0, 0].numel() * seq**2)
         self.last_mask = BlockMask.from_dense(keep, (block, block), (seq, seq))
-        return rectified_attention(
-            q, k, v, keep, block_size=block, scale=scale, rectify_kept=c.rectify_kept,
-            compensate_dropped=c.compensate_dropped, error_tolerance=c.error_tolerance, head_group=c.head_group,
-            mask=self.last_mask, k_moments=k_moments,
-        )  # fmt: skip
+        return keep, k_moments
+
+    def sparse_plan(self, q, k, *, layout, step, layer, scale) -> SparsePlan:
+        """The kept blocks, with the pooled keys :meth:`ring_finish` corrects with (raster order)."""
+        check_self_attention(self.name, q, k, layout)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        keep, k_moments = self._keep(q, k, layout, scale)
+        return SparsePlan(self.last_mask, None, {"keep": keep, "k_moments": k_moments, "scale": scale})
+
+    def ring_finish(self, plan, q, v, out, lse, *, blocks, gather) -> torch.Tensor:
+        c = self.config
+        if not (c.rectify_kept or c.compensate_dropped):
+            return out
+        v_mean = gather(block_means(v, c.block_size)[0])  # every rank's value blocks, pooled: [B, H, M, D]
+        keep = plan.extra["keep"][..., blocks[0] : blocks[1], :]
+        return _correct(q, out, lse, plan.extra["k_moments"], v_mean, keep, c.block_size, plan.extra["scale"],
+                        c.rectify_kept, c.compensate_dropped, c.error_tolerance, c.head_group, (q, v))  # fmt: skip

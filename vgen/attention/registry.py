@@ -53,6 +53,7 @@ class SparsePlan:
 
     mask: BlockMask
     perm: torch.Tensor | None = None
+    extra: dict[str, Any] | None = None  # what the method's ring_finish needs (computed once, on every rank)
 
 
 class AttentionMethod:
@@ -118,10 +119,21 @@ class AttentionMethod:
             return SparsePlan(BlockMask.full(1, 1, (n, n), (128, 128), device=q.device))
         return self.sparse_plan(q, k, layout=layout, step=step, layer=layer, scale=scale)
 
+    def ring_finish(
+        self, plan: SparsePlan, q: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
+        blocks: tuple[int, int], gather: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        """Under ring parallelism, what the method does after the block-sparse part on a rank's shard
+        (``q``, ``v``: the shard in the plan's order; ``out``, ``lse``: its block-sparse result over every
+        rank's keys; ``blocks``: the shard's query blocks; ``gather(x)``: ``[B, H, m_r, ...]`` per-block
+        values of every rank's shard, concatenated). Plain block-sparse methods return ``out``."""
+        return out
+
     def sparse_plan(
         self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
     ) -> SparsePlan:
-        """Selection without execution, for methods whose execution is plain block-sparse attention."""
+        """Selection without execution, for methods whose execution is block-sparse attention (and,
+        through :meth:`ring_finish`, a correction of its result)."""
         raise NotImplementedError(
             f"attention method {self.name!r} does not split into a block mask and a block-sparse run (its execution "
             "is not plain block-sparse attention), so ring parallelism cannot run it yet; see docs/ring.md"
