@@ -29,6 +29,25 @@ def test_kernel_matches_reference_and_exact(seq, broadcast):
                                rtol=2e-5)  # fmt: skip
 
 
+def test_kernel_with_other_keys_and_lse():
+    """Keys of another length (a ring step reads another rank's shard), the log-sum-exp, an empty row."""
+    torch.manual_seed(3)
+    q, (k, v) = torch.randn(1, 256, 2, 32), (torch.randn(1, 300, 2, 32) for _ in range(2))
+    g = torch.Generator().manual_seed(1)
+    levels = torch.tensor((0, *LEVELS))[torch.randint(0, 5, (1, 2, 2, 3), generator=g)]
+    levels[..., -1] = levels[..., -1].clamp(max=1)
+    levels[0, 1, 1] = 0  # head 1's second query block keeps nothing
+    out, lse = pyramid_attention(q, k, v, levels, block=128, return_lse=True)
+    want, want_lse = pyramid_attention_reference(q, k, v, levels, block=128, return_lse=True)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+    assert lse.shape == (1, 2, 256) and torch.isneginf(lse[0, 1, 128:]).all() and out[0, 128:, 1].eq(0).all()
+    full = torch.ones(1, 1, 2, 3, dtype=torch.int64)  # full resolution everywhere: exact attention's lse
+    _, exact_lse = attention_reference(q, k, v, return_lse=True)
+    torch.testing.assert_close(pyramid_attention(q, k, v, full, block=128, return_lse=True)[1], exact_lse, atol=2e-5,
+                               rtol=2e-5)  # fmt: skip
+
+
 def test_pooled_keys_stand_for_their_tokens():
     # keys and values constant over each 8-token run: pooling is exact, so every level gives exact attention
     torch.manual_seed(1)

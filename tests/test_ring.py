@@ -87,8 +87,9 @@ WINDOW = {"window": (1, 3, 3), "block_size": (16, 16)}
 METHOD_CASES = [("vmoba", VMOBA, 0, 0), ("vmoba", VMOBA, 1, 0), ("vmoba", VMOBA, 2, 0),
                 ("vmoba", {**VMOBA, "dense_steps": 1}, 1, 0), ("window", WINDOW, 0, 0),
                 ("dense", {}, 0, 0), ("rectified", {"block_size": 16, "mass": 0.5}, 0, 0),
-                ("rectified", {"block_size": 16, "mass": 0.5, "rectify_kept": True}, 0, 0)]  # fmt: skip
-LAYOUT = VideoLayout(3, 6, 10)  # 180 tokens: ragged 16-token blocks, and even shards of 90 that cut blocks
+                ("rectified", {"block_size": 16, "mass": 0.5, "rectify_kept": True}, 0, 0),
+                ("psa", {"budget": 0.5}, 0, 0)]  # fmt: skip
+LAYOUT = VideoLayout(4, 12, 10)  # 480 tokens: ragged 16- and 128-token blocks; even shards of 240 cut blocks
 
 
 def method_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -126,11 +127,11 @@ def test_methods_over_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(
             got, want, atol=2e-5, rtol=2e-5, msg=lambda m, n=name, c=config, i=layer: f"{n} {c} layer {i}: {m}"
         )
-        if name in ("vmoba", "rectified") and not config.get("dense_steps"):
+        if name in ("vmoba", "rectified", "psa") and not config.get("dense_steps"):
             assert 0 < float(method.last_density) < 1  # a sparse mask, not everything
 
 
 def test_methods_without_a_block_sparse_plan_are_named():
     q = torch.randn(1, LAYOUT.seq_len, 2, 16)
-    with pytest.raises(NotImplementedError, match="'psa' does not split into a block mask"):
-        create_method("psa", block_size=128).sparse_plan(q, q, layout=LAYOUT, step=0, layer=0, scale=None)
+    with pytest.raises(NotImplementedError, match="'quant' does not split into a block mask"):
+        create_method("quant").sparse_plan(q, q, layout=LAYOUT, step=0, layer=0, scale=None)

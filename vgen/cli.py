@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ulysses context-parallel degree under torchrun (default: every process)")  # fmt: skip
     gen.add_argument("--ring", type=int, default=1,
                      help="ring context-parallel degree under torchrun: every process, instead of Ulysses (Wan; "
-                          "methods dense, window, vmoba, moba, rectified, paro with quant=none)")  # fmt: skip
+                          "methods dense, window, vmoba, moba, rectified, psa, paro with quant=none)")  # fmt: skip
     gen.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     gen.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet beside --out")
     gen.set_defaults(run=_generate)

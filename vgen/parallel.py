@@ -25,7 +25,7 @@ diffusers splits the sequence evenly, each self-attention call reaches vgen's in
 rank's shard, and :func:`vgen.ring.ring_method_attention` runs the method over the ranks: the
 selection on all-gathered queries and keys (so the same blocks as one GPU), then key/value shards
 around the ring, merged by log-sum-exp. Methods whose execution is plain block-sparse attention
-(dense, window, vmoba, moba, rectified, paro without quantisation) run this way; ``docs/ring.md`` has the
+(dense, window, vmoba, moba, rectified, psa, paro without quantisation) run this way; ``docs/ring.md`` has the
 design and what is left. Launch with ``torchrun --nproc-per-node N -m vgen.cli generate ...``; on
 CPUs (tests) the gloo backend works too.
 """

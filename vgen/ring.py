@@ -151,6 +151,7 @@ def ring_attention(
     scale: float | None = None,
     group: dist.ProcessGroup | None = None,
     return_lse: bool = False,
+    step_fn=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of this rank's queries over every rank's keys, passed around a ring.
 
@@ -161,6 +162,9 @@ def ring_attention(
             rank.
         splits: tokens per rank, each a multiple of both block sizes except the last rank's.
         scale: softmax scale (default ``D ** -0.5``).
+        step_fn: ``step_fn(q, k, v, rows=(first, end), cols=(first, end))`` (block ranges) returning
+            ``(out, lse)`` or ``None``, to replace the block-sparse kernel of a step (PSA's pyramid);
+            the steps whose mask slice keeps nothing are skipped either way.
 
     Returns:
         ``[B, splits[rank], H, D]`` (and the log-sum-exp ``[B, H, splits[rank]]`` with ``return_lse``); rows
@@ -203,8 +207,13 @@ def ring_attention(
                    dist.P2POp(dist.irecv, v_next, prev, group)]  # fmt: skip
             pending = dist.batch_isend_irecv(ops)
         if keeps[src]:
-            part = _slice_mask(mask, rows, (offsets[src], offsets[src + 1]), dense)
-            o, o_lse = block_sparse_attention(q, k_cur, v_cur, part, scale=scale, return_lse=True)
+            cols = (offsets[src], offsets[src + 1])
+            result = None if step_fn is None else step_fn(q, k_cur, v_cur, rows=(rows[0] // bq, -(-rows[1] // bq)),
+                                                           cols=(cols[0] // bk, -(-cols[1] // bk)))  # fmt: skip
+            if result is None:
+                result = block_sparse_attention(q, k_cur, v_cur, _slice_mask(mask, rows, cols, dense), scale=scale,
+                                                return_lse=True)  # fmt: skip
+            o, o_lse = result
             out, lse = (o, o_lse) if out is None else merge_attention(out, lse, o, o_lse)
         for request in pending:
             request.wait()
@@ -265,7 +274,10 @@ def ring_method_attention(
     shards = block_splits(n, block, world)
     widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
     moved = exchange(torch.cat([q, k, v], dim=-1), plan.perm, splits, shards, group).split(widths, -1)
-    out, lse = ring_attention(*moved, plan.mask, shards, scale=scale, group=group, return_lse=True)
+    def step_fn(q_, k_, v_, *, rows, cols):
+        return method.ring_step(plan, q_, k_, v_, rows=rows, cols=cols)
+
+    out, lse = ring_attention(*moved, plan.mask, shards, scale=scale, group=group, return_lse=True, step_fn=step_fn)
     first = sum(shards[: dist.get_rank(group)]) // bq
     blocks = (first, first + -(-shards[dist.get_rank(group)] // bq))
     counts = [-(-s // bq) for s in shards]  # query blocks per rank

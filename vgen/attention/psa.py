@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
+from vgen.attention.block_mask import BlockMask
 from vgen.attention.common import block_means, check_self_attention, diagonal_and_text_blocks, key_lengths
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.attention.registry import AttentionMethod, MethodConfig, SparsePlan, register_method
 from vgen.kernels import permute_tokens, unpermute_tokens
 from vgen.kernels.permute import curve_order
 from vgen.kernels.pyramid import LEVELS, pyramid_attention
@@ -148,11 +149,19 @@ class PyramidSparseAttention(AttentionMethod):
             raise ValueError(
                 "psa does not take padded text yet (HunyuanVideo, Motif): list those layers in dense_layers"
             )
-        c = self.config
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         perm = self._order(layout, q.device)
         if perm is not None:
             q, k, v = (permute_tokens(x, perm) for x in (q, k, v))
+        levels = self._levels(q, k, layout, scale)
+        out = pyramid_attention(q, k, v, levels, block=self.config.block_size, scale=scale,
+                                check_levels=False)  # fmt: skip (valid by construction)
+        return out if perm is None else unpermute_tokens(out, perm)
+
+    def _levels(self, q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, scale: float) -> torch.Tensor:
+        """int64 ``[B, H, M, M]`` level of each pair, for ``q`` and ``k`` in the method's order; sets
+        ``last_levels`` and ``last_density``."""
+        c = self.config
         seq, block = layout.seq_len, c.block_size
         with torch.no_grad():
             q_mean, counts = block_means(q, block)
@@ -168,5 +177,23 @@ class PyramidSparseAttention(AttentionMethod):
             cost = (pairs / levels.clamp(min=1).float()) * (levels > 0)
             self.last_density = cost.sum() / (levels[..., 0, 0].numel() * seq * seq)
         self.last_levels = levels
-        out = pyramid_attention(q, k, v, levels, block=block, scale=scale, check_levels=False)  # valid by construction
-        return out if perm is None else unpermute_tokens(out, perm)
+        return levels
+
+    def sparse_plan(self, q, k, *, layout, step, layer, scale) -> SparsePlan:
+        """The Hilbert order and each pair's level (``extra["levels"]``); the mask keeps the pairs read at
+        any level, so that a ring skips the steps with none."""
+        check_self_attention(self.name, q, k, layout)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        perm = self._order(layout, q.device)
+        if perm is not None:
+            q, k = (permute_tokens(x, perm) for x in (q, k))
+        levels = self._levels(q, k, layout, scale)
+        seq, block = layout.seq_len, self.config.block_size
+        mask = BlockMask.from_dense(levels > 0, (block, block), (seq, seq))
+        return SparsePlan(mask, perm, {"levels": levels, "scale": scale})
+
+    def ring_step(self, plan, q, k, v, *, rows: tuple[int, int], cols: tuple[int, int]):
+        """One ring step: this rank's query blocks ``rows`` against the key blocks ``cols``, at their levels."""
+        levels = plan.extra["levels"][..., rows[0] : rows[1], cols[0] : cols[1]]
+        return pyramid_attention(q, k, v, levels, block=self.config.block_size, scale=plan.extra["scale"],
+                                 check_levels=False, return_lse=True)  # fmt: skip

@@ -129,6 +129,15 @@ class AttentionMethod:
         values of every rank's shard, concatenated). Plain block-sparse methods return ``out``."""
         return out
 
+    def ring_step(
+        self, plan: SparsePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rows: tuple[int, int],
+        cols: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """Under ring parallelism, one step: this rank's queries (query blocks ``rows`` of the plan's order)
+        against one rank's keys (key blocks ``cols``), as ``(out, natural-log lse)``. ``None``: the
+        block-sparse kernel on the plan's mask (the default)."""
+        return None
+
     def sparse_plan(
         self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
     ) -> SparsePlan:

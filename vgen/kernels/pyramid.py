@@ -57,8 +57,23 @@ def _check_levels(levels: torch.Tensor, seq_k: int, block: int) -> None:
 
 @triton.jit
 def _pyramid_level(
-    b_q, b_m, b_l, b_acc, K, V, p_num, p_idx, s_ks, s_vs, SK, o_d, m_d, qk_scale,
-    POOL: tl.constexpr, LOG2_POOL: tl.constexpr, BLOCK_N: tl.constexpr,
+    b_q,
+    b_m,
+    b_l,
+    b_acc,
+    K,
+    V,
+    p_num,
+    p_idx,
+    s_ks,
+    s_vs,
+    SK,
+    o_d,
+    m_d,
+    qk_scale,
+    POOL: tl.constexpr,
+    LOG2_POOL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Walk one level's kept key blocks, updating the running max, sum and accumulator.
 
@@ -85,14 +100,54 @@ def _pyramid_level(
 
 @triton.jit
 def _pyramid_fwd_kernel(
-    Q, K1, V1, K2, V2, K4, V4, K8, V8, OUT, NUM, IDX,
-    s_qb, s_qs, s_qh,
-    s_k1b, s_k1s, s_k1h, s_k2b, s_k2s, s_k2h, s_k4b, s_k4s, s_k4h, s_k8b, s_k8s, s_k8h,
-    s_ob, s_os, s_oh,
-    s_nl, s_nb, s_nh, s_nm,
-    s_il, s_ib, s_ih, s_im,
-    H, SQ, SK, qk_scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K1,
+    V1,
+    K2,
+    V2,
+    K4,
+    V4,
+    K8,
+    V8,
+    OUT,
+    LSE,
+    NUM,
+    IDX,
+    s_qb,
+    s_qs,
+    s_qh,
+    s_k1b,
+    s_k1s,
+    s_k1h,
+    s_k2b,
+    s_k2s,
+    s_k2h,
+    s_k4b,
+    s_k4s,
+    s_k4h,
+    s_k8b,
+    s_k8s,
+    s_k8h,
+    s_ob,
+    s_os,
+    s_oh,
+    s_nl,
+    s_nb,
+    s_nh,
+    s_nm,
+    s_il,
+    s_ib,
+    s_ih,
+    s_im,
+    H,
+    SQ,
+    SK,
+    qk_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -122,6 +177,10 @@ def _pyramid_fwd_kernel(
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
     tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    if RETURN_LSE:  # natural log; -inf for a row that kept nothing
+        b_log = (b_m + tl.log2(tl.where(b_l == 0.0, 1.0, b_l))) * 0.6931471805599453
+        b_lse = tl.where(b_l == 0.0, float("-inf"), b_log)
+        tl.store(LSE + i_bh * SQ + o_m, b_lse, mask=m_m)
 
 
 def _level_lists(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,54 +201,68 @@ def pyramid_attention(
     block: int = 128,
     scale: float | None = None,
     check_levels: bool = True,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention where pair (query block i, key block j) reads keys pooled by ``levels[b, h, i, j]``.
 
     Args:
-        q, k, v: ``[B, S, H, D]``, self-attention (same S), bf16/fp16/fp32, ``D`` at most 256.
+        q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, H, D]`` (Sk may differ: a ring step reads another rank's
+            keys), bf16/fp16/fp32, ``D`` at most 256.
         levels: integer ``[B or 1, H or 1, Mq, Mk]`` with 0 (skip) or a factor of :data:`LEVELS`.
         block: query and key block size, a power of two >= 128 (so that an 8x-pooled tile has 16 rows).
         scale: softmax scale (default ``D ** -0.5``).
         check_levels: validate ``levels``' values (two host synchronisations); callers that build
             valid levels themselves skip it.
+        return_lse: also return the natural-log log-sum-exp ``[B, H, Sq]`` (fp32; ``-inf`` for a row
+            with no kept pair), pooled keys counted with their ``+ ln p``.
 
     Returns:
-        ``[B, S, H, D]`` in q's dtype; a row with no kept pair is 0. Forward only.
+        ``[B, Sq, H, D]`` in q's dtype (and the log-sum-exp); a row with no kept pair is 0. Forward only.
     """
     batch, seq, heads, dim = q.shape
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"pyramid attention is self-attention: q, k, v must share [B, S, H, D], got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")  # fmt: skip
+    seq_k = k.shape[1]
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"q must be [B, Sq, H, D] and k, v one [B, Sk, H, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")  # fmt: skip
     if block < 128 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 128 (8x pooling needs 16-row tiles), got {block}")
-    blocks = -(-seq // block)
-    if levels.shape[-2:] != (blocks, blocks) or levels.shape[0] not in (1, batch) or levels.shape[1] not in (1, heads):
-        raise ValueError(f"levels must be [B or 1, H or 1, {blocks}, {blocks}], got {list(levels.shape)}")
+    blocks, blocks_k = -(-seq // block), -(-seq_k // block)
+    if (
+        levels.shape[-2:] != (blocks, blocks_k)
+        or levels.shape[0] not in (1, batch)
+        or levels.shape[1]
+        not in (
+            1,
+            heads,
+        )
+    ):
+        raise ValueError(f"levels must be [B or 1, H or 1, {blocks}, {blocks_k}], got {list(levels.shape)}")
     if check_levels:
-        _check_levels(levels, seq, block)
+        _check_levels(levels, seq_k, block)
     scale = dim**-0.5 if scale is None else scale
     if not use_triton(q):
-        return pyramid_attention_reference(q, k, v, levels, block=block, scale=scale)
+        return pyramid_attention_reference(q, k, v, levels, block=block, scale=scale, return_lse=return_lse)
     pk, pv = build_pyramid(k, block), build_pyramid(v, block)
     num, idx = _level_lists(levels)
     out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if return_lse else out
     key_strides = [s for x in pk for s in _strides3(x)]
     grid = (blocks, batch * heads)
     _pyramid_fwd_kernel[grid](
-        q, pk[0], pv[0], pk[1], pv[1], pk[2], pv[2], pk[3], pv[3], out, num, idx,
+        q, pk[0], pv[0], pk[1], pv[1], pk[2], pv[2], pk[3], pv[3], out, lse, num, idx,
         *_strides3(q), *key_strides, *_strides3(out),
         num.stride(0), *_mask_strides(num[0]), idx.stride(0), *_mask_strides(idx[0]),
-        heads, seq, seq, scale * _LOG2E,
-        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block, BLOCK_N=block,
+        heads, seq, seq_k, scale * _LOG2E,
+        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block, BLOCK_N=block, RETURN_LSE=return_lse,
         num_warps=8 if q.is_cuda else 4, num_stages=2 if q.is_cuda else 1,
     )  # fmt: skip
-    return out
+    return (out, lse) if return_lse else out
 
 
 def pyramid_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels: torch.Tensor, *, block: int = 128,
-    scale: float | None = None,
-) -> torch.Tensor:  # fmt: skip
+    scale: float | None = None, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """fp32 PyTorch: all pyramid keys side by side, each query row masked to the pooled keys its
     level map selects, logits of a ``p``-pooled key ``+ ln p``."""
     batch, seq, heads, dim = q.shape
@@ -203,12 +276,16 @@ def pyramid_attention_reference(
         keys.append(kl)
         values.append(vl)
         biases.append(torch.full((kl.shape[1],), math.log(p), device=q.device))
-        allowed.append(full_levels[:, :, rows][:, :, :, columns] == p)  # [B, H, S, S_p]
+        allowed.append(full_levels[:, :, rows][:, :, :, columns] == p)  # [B, H, Sq, Sk_p]
     k_all, v_all, bias, mask = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(biases), torch.cat(allowed, -1)
     logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k_all) * scale + bias
     logits = logits.masked_fill(~mask, float("-inf"))
     top = logits.amax(-1, keepdim=True)
-    weights = torch.exp(logits - torch.where(top == float("-inf"), 0.0, top))
+    top = torch.where(top == float("-inf"), 0.0, top)
+    weights = torch.exp(logits - top)
     total = weights.sum(-1, keepdim=True)
-    out = torch.einsum("bhqk,bkhd->bqhd", weights / torch.where(total == 0, 1.0, total), v_all)
-    return out.to(q.dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", weights / torch.where(total == 0, 1.0, total), v_all).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = torch.where(total == 0, float("-inf"), top + torch.log(torch.where(total == 0, 1.0, total)))[..., 0]
+    return out, lse
