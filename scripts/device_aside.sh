@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ASIDE=${ASIDE:-/tmp/vgen-aside}
-PATHS=(assets/motion4d/model)
+PATHS=(assets/motion4d/model benchmarks/results assets/demo-reference.png assets/reference/samples-demo.png
+       assets/motion4d/sample-recon.png)  # none is read on the device; the tree there holds 64 MiB
 case "${1:-}" in
 out)
     for p in "${PATHS[@]}"; do
