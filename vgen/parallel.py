@@ -20,14 +20,13 @@ themselves split (Motif's decoder layers attend to the video) gather every shard
 modules whose keys are whole on every rank (cross-attention to the text, the text refiner) run
 locally, without communication: their result needs no other rank's tokens.
 
-Ring attention (``ring=N`` over all N processes, for video-only self-attention: Wan, SkyReels-V2):
+Ring attention (``ring=N`` over all N processes, for video-only self-attention; tested on Wan):
 diffusers splits the sequence evenly, each self-attention call reaches vgen's interceptor with its
 rank's shard, and :func:`vgen.ring.ring_method_attention` runs the method over the ranks: the
 selection on all-gathered queries and keys (so the same blocks as one GPU), then key/value shards
-around the ring, merged by log-sum-exp. Methods whose execution is plain block-sparse attention
-(dense, window, vmoba, moba, rectified, psa, paro without quantisation) run this way; ``docs/ring.md`` has the
-design and what is left. Launch with ``torchrun --nproc-per-node N -m vgen.cli generate ...``; on
-CPUs (tests) the gloo backend works too.
+around the ring, merged by log-sum-exp. Every method whose run returns a log-sum-exp (all but
+quantised paro) runs this way; ``docs/ring.md`` has the design and what is left. Launch with
+``torchrun --nproc-per-node N -m vgen.cli generate ...``; on CPUs (tests) the gloo backend works too.
 """
 
 from __future__ import annotations
@@ -156,7 +155,7 @@ class ContextParallelState:
     """What vgen's interceptor needs to know of a transformer spread by :func:`enable_context_parallel`.
 
     Args:
-        world: ranks in the Ulysses group.
+        world: ranks of the context-parallel group (all processes: Ulysses or the ring).
         split_context: self-attention modules whose extra tokens are split over the ranks (gathered in
             full); in the others the extra tokens are whole on every rank (one copy is kept).
         ring: ranks of the ring (1: Ulysses only). With a ring, each rank's self-attention sees its even
@@ -283,8 +282,7 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
                 # (under a ring the video self-attention runs on local shards too: vgen's interceptor takes it)
                 processor._parallel_config = None
         split = SPLIT_CONTEXT[name](transformer) if name in SPLIT_CONTEXT else frozenset()
-        transformer._vgen_context_parallel = ContextParallelState(world=world if ring > 1 else ulysses,
-                                                                  split_context=split, ring=ring)  # fmt: skip
+        transformer._vgen_context_parallel = ContextParallelState(world=world, split_context=split, ring=ring)
         if ring > 1 and sparse_attention_method(transformer) is None:
             apply_sparse_attention(transformer, "dense")  # the ring runs inside vgen's interceptor
         if spec.text_position != "none" and sparse_attention_method(transformer) is None:

@@ -19,6 +19,7 @@ gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -134,10 +135,15 @@ def exchange(
     return out.movedim(0, 1)
 
 
+def _blocks(tokens: tuple[int, int], block: int) -> slice:
+    """The blocks of a token range that starts on a block boundary (a ragged last block included)."""
+    return slice(tokens[0] // block, -(-tokens[1] // block))
+
+
 def _slice_mask(mask: BlockMask, rows: tuple[int, int], cols: tuple[int, int], dense: torch.Tensor) -> BlockMask:
     """The mask of (tokens ``rows``) x (tokens ``cols``), both block-aligned at their start."""
     bq, bk = mask.block_size
-    part = dense[..., rows[0] // bq : -(-rows[1] // bq), cols[0] // bk : -(-cols[1] // bk)]
+    part = dense[..., _blocks(rows, bq), _blocks(cols, bk)]
     return BlockMask.from_dense(part, (bq, bk), (rows[1] - rows[0], cols[1] - cols[0]))
 
 
@@ -162,7 +168,7 @@ def ring_attention(
             rank.
         splits: tokens per rank, each a multiple of both block sizes except the last rank's.
         scale: softmax scale (default ``D ** -0.5``).
-        step_fn: ``step_fn(q, k, v, rows=(first, end), cols=(first, end))`` (block ranges) returning
+        step_fn: ``step_fn(q, k, v, rows=slice, cols=slice)`` (block ranges) returning
             ``(out, lse)`` or ``None``, to replace the block-sparse kernel of a step (PSA's pyramid);
             the steps whose mask slice keeps nothing are skipped either way.
 
@@ -183,15 +189,11 @@ def ring_attention(
     if any(s % bq or s % bk for s in splits[:-1]):
         raise ValueError(f"splits {splits} must be multiples of the mask blocks {mask.block_size} (but the last)")
     offsets = _offsets(splits, "cpu").tolist()
-    rows = (offsets[rank], offsets[rank + 1])
+    spans = [(offsets[r], offsets[r + 1]) for r in range(world)]  # each rank's tokens
+    rows = spans[rank]
     dense = mask.to_dense()
-    row_blocks = dense[..., rows[0] // bq : -(-rows[1] // bq), :]
-    keeps = [
-        bool(x)
-        for x in torch.stack(
-            [row_blocks[..., offsets[j] // bk : -(-offsets[j + 1] // bk)].any() for j in range(world)]
-        ).tolist()
-    ]  # one host sync, not one a step
+    row_blocks = dense[..., _blocks(rows, bq), :]
+    keeps = torch.stack([row_blocks[..., _blocks(span, bk)].any() for span in spans]).tolist()  # one host sync
     prev, nxt = (rank - 1) % world, (rank + 1) % world
     out = lse = None
     k_cur, v_cur = k.contiguous(), v.contiguous()
@@ -207,9 +209,8 @@ def ring_attention(
                    dist.P2POp(dist.irecv, v_next, prev, group)]  # fmt: skip
             pending = dist.batch_isend_irecv(ops)
         if keeps[src]:
-            cols = (offsets[src], offsets[src + 1])
-            result = None if step_fn is None else step_fn(q, k_cur, v_cur, rows=(rows[0] // bq, -(-rows[1] // bq)),
-                                                           cols=(cols[0] // bk, -(-cols[1] // bk)))  # fmt: skip
+            cols = spans[src]
+            result = step_fn(q, k_cur, v_cur, rows=_blocks(rows, bq), cols=_blocks(cols, bk)) if step_fn else None
             if result is None:
                 result = block_sparse_attention(q, k_cur, v_cur, _slice_mask(mask, rows, cols, dense), scale=scale,
                                                 return_lse=True)  # fmt: skip
@@ -261,7 +262,7 @@ def ring_method_attention(
     method's order, attended around the ring, and sent back. Returns this rank's shard of the output,
     equal to the one-process call's rows up to rounding.
     """
-    world = dist.get_world_size(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     n = sum(splits)
     if n != layout.seq_len:
         raise ValueError(f"splits {splits} add up to {n} tokens; the layout has {layout.seq_len}")
@@ -274,12 +275,10 @@ def ring_method_attention(
     shards = block_splits(n, block, world)
     widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
     moved = exchange(torch.cat([q, k, v], dim=-1), plan.perm, splits, shards, group).split(widths, -1)
-    def step_fn(q_, k_, v_, *, rows, cols):
-        return method.ring_step(plan, q_, k_, v_, rows=rows, cols=cols)
-
-    out, lse = ring_attention(*moved, plan.mask, shards, scale=scale, group=group, return_lse=True, step_fn=step_fn)
-    first = sum(shards[: dist.get_rank(group)]) // bq
-    blocks = (first, first + -(-shards[dist.get_rank(group)] // bq))
+    out, lse = ring_attention(*moved, plan.mask, shards, scale=scale, group=group, return_lse=True,
+                              step_fn=functools.partial(method.ring_step, plan))  # fmt: skip
+    start = sum(shards[:rank])
+    blocks = _blocks((start, start + shards[rank]), bq)
     counts = [-(-s // bq) for s in shards]  # query blocks per rank
 
     def gather(x: torch.Tensor) -> torch.Tensor:  # [B, H, m_r, ...] per rank -> [B, H, M, ...]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vgen.attention.block_mask import BlockMask
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, SparsePlan, register_method
+from vgen.attention.registry import AttentionMethod, SparsePlan, full_plan, register_method
 from vgen.kernels import dense_attention
 
 __all__ = ["DenseAttention"]
@@ -33,5 +32,4 @@ class DenseAttention(AttentionMethod):
     def sparse_plan(
         self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
     ) -> SparsePlan:
-        n = q.shape[1]
-        return SparsePlan(BlockMask.full(1, 1, (n, n), (128, 128), device=q.device))
+        return full_plan(q.shape[1], q.device)

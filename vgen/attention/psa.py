@@ -192,8 +192,8 @@ class PyramidSparseAttention(AttentionMethod):
         mask = BlockMask.from_dense(levels > 0, (block, block), (seq, seq))
         return SparsePlan(mask, perm, {"levels": levels, "scale": scale})
 
-    def ring_step(self, plan, q, k, v, *, rows: tuple[int, int], cols: tuple[int, int]):
+    def ring_step(self, plan, q, k, v, *, rows: slice, cols: slice):
         """One ring step: this rank's query blocks ``rows`` against the key blocks ``cols``, at their levels."""
-        levels = plan.extra["levels"][..., rows[0] : rows[1], cols[0] : cols[1]]
+        levels = plan.extra["levels"][..., rows, cols]
         return pyramid_attention(q, k, v, levels, block=self.config.block_size, scale=plan.extra["scale"],
                                  check_levels=False, return_lse=True)  # fmt: skip

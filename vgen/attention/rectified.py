@@ -215,6 +215,6 @@ class RectifiedAttention(AttentionMethod):
         if not (c.rectify_kept or c.compensate_dropped):
             return out
         v_mean = gather(block_means(v, c.block_size)[0])  # every rank's value blocks, pooled: [B, H, M, D]
-        keep = plan.extra["keep"][..., blocks[0] : blocks[1], :]
+        keep = plan.extra["keep"][..., blocks, :]
         return _correct(q, out, lse, plan.extra["k_moments"], v_mean, keep, c.block_size, plan.extra["scale"],
                         c.rectify_kept, c.compensate_dropped, c.error_tolerance, c.head_group, (q, v))  # fmt: skip

@@ -56,6 +56,11 @@ class SparsePlan:
     extra: dict[str, Any] | None = None  # what the method's ring_finish needs (computed once, on every rank)
 
 
+def full_plan(seq_len: int, device: torch.device) -> SparsePlan:
+    """Every block pair kept, in the layout's own order: dense attention as a :class:`SparsePlan`."""
+    return SparsePlan(BlockMask.full(1, 1, (seq_len, seq_len), (128, 128), device=device))
+
+
 class AttentionMethod:
     """A sparse (or dense) attention method over ``[B, S, H, D]`` tensors.
 
@@ -115,13 +120,12 @@ class AttentionMethod:
         layers, else :meth:`sparse_plan`. Sets ``last_density`` as a call would."""
         if step < self.config.dense_steps or layer in self.config.dense_layers:
             self.last_density = 1.0
-            n = q.shape[1]
-            return SparsePlan(BlockMask.full(1, 1, (n, n), (128, 128), device=q.device))
+            return full_plan(q.shape[1], q.device)
         return self.sparse_plan(q, k, layout=layout, step=step, layer=layer, scale=scale)
 
     def ring_finish(
         self, plan: SparsePlan, q: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
-        blocks: tuple[int, int], gather: Any,
+        blocks: slice, gather: Any,
     ) -> torch.Tensor:  # fmt: skip
         """Under ring parallelism, what the method does after the block-sparse part on a rank's shard
         (``q``, ``v``: the shard in the plan's order; ``out``, ``lse``: its block-sparse result over every
@@ -130,8 +134,7 @@ class AttentionMethod:
         return out
 
     def ring_step(
-        self, plan: SparsePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rows: tuple[int, int],
-        cols: tuple[int, int],
+        self, plan: SparsePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rows: slice, cols: slice,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
         """Under ring parallelism, one step: this rank's queries (query blocks ``rows`` of the plan's order)
         against one rank's keys (key blocks ``cols``), as ``(out, natural-log lse)``. ``None``: the

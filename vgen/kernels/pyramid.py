@@ -57,24 +57,9 @@ def _check_levels(levels: torch.Tensor, seq_k: int, block: int) -> None:
 
 @triton.jit
 def _pyramid_level(
-    b_q,
-    b_m,
-    b_l,
-    b_acc,
-    K,
-    V,
-    p_num,
-    p_idx,
-    s_ks,
-    s_vs,
-    SK,
-    o_d,
-    m_d,
-    qk_scale,
-    POOL: tl.constexpr,
-    LOG2_POOL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    b_q, b_m, b_l, b_acc, K, V, p_num, p_idx, s_ks, s_vs, SK, o_d, m_d, qk_scale,
+    POOL: tl.constexpr, LOG2_POOL: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """Walk one level's kept key blocks, updating the running max, sum and accumulator.
 
     A pooled key stands for POOL keys: its base-2 logit gets ``+ LOG2_POOL``."""
@@ -100,55 +85,15 @@ def _pyramid_level(
 
 @triton.jit
 def _pyramid_fwd_kernel(
-    Q,
-    K1,
-    V1,
-    K2,
-    V2,
-    K4,
-    V4,
-    K8,
-    V8,
-    OUT,
-    LSE,
-    NUM,
-    IDX,
-    s_qb,
-    s_qs,
-    s_qh,
-    s_k1b,
-    s_k1s,
-    s_k1h,
-    s_k2b,
-    s_k2s,
-    s_k2h,
-    s_k4b,
-    s_k4s,
-    s_k4h,
-    s_k8b,
-    s_k8s,
-    s_k8h,
-    s_ob,
-    s_os,
-    s_oh,
-    s_nl,
-    s_nb,
-    s_nh,
-    s_nm,
-    s_il,
-    s_ib,
-    s_ih,
-    s_im,
-    H,
-    SQ,
-    SK,
-    qk_scale,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    RETURN_LSE: tl.constexpr,
-):
+    Q, K1, V1, K2, V2, K4, V4, K8, V8, OUT, LSE, NUM, IDX,
+    s_qb, s_qs, s_qh,
+    s_k1b, s_k1s, s_k1h, s_k2b, s_k2s, s_k2h, s_k4b, s_k4s, s_k4h, s_k8b, s_k8s, s_k8h,
+    s_ob, s_os, s_oh,
+    s_nl, s_nb, s_nh, s_nm,
+    s_il, s_ib, s_ih, s_im,
+    H, SQ, SK, qk_scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr,
+):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -227,15 +172,8 @@ def pyramid_attention(
     if block < 128 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 128 (8x pooling needs 16-row tiles), got {block}")
     blocks, blocks_k = -(-seq // block), -(-seq_k // block)
-    if (
-        levels.shape[-2:] != (blocks, blocks_k)
-        or levels.shape[0] not in (1, batch)
-        or levels.shape[1]
-        not in (
-            1,
-            heads,
-        )
-    ):
+    fits = levels.shape[-2:] == (blocks, blocks_k) and levels.shape[0] in (1, batch) and levels.shape[1] in (1, heads)
+    if not fits:
         raise ValueError(f"levels must be [B or 1, H or 1, {blocks}, {blocks_k}], got {list(levels.shape)}")
     if check_levels:
         _check_levels(levels, seq_k, block)
