@@ -90,6 +90,20 @@ def test_dataset_items():
     assert ShapesDataset(3, 5, 32, 48, seed=2).clip(1) != data.clip(1)
 
 
+def test_two_shape_share():
+    """The share sets the fraction of two-object clips; None keeps the generator's own clips."""
+    plain = ShapesDataset(400, 2, 16, 16, seed=3)
+    assert [plain.clip(i) for i in range(20)] == [ShapesDataset(400, 2, 16, 16, seed=3, two_shape_share=None).clip(i)
+                                                  for i in range(20)]
+    for share in (0.0, 0.75, 1.0):
+        data = ShapesDataset(400, 2, 16, 16, seed=3, two_shape_share=share)
+        counts = [len(data.clip(i).shapes) for i in range(len(data))]
+        two = sum(c == 2 for c in counts) / len(counts)
+        assert set(counts) <= {1, 2} and abs(two - share) < 0.07, (share, two)
+        assert {caption_split(data.clip(i).caption) for i in range(50)} == {"train"}
+    assert all(len(sample_clip(seed, 2, 16, 16, min_shapes=2).shapes) == 2 for seed in range(30))
+
+
 def test_vocabulary_covers_every_caption():
     assert list(VOCABULARY) == sorted(set(VOCABULARY))
     words = set()
@@ -192,6 +206,9 @@ def test_adherence_result(clips, videos):
             lambda: ShapeClip(0, 4, 32, 32, (ShapeTrack("star", "red", "grows"), ShapeTrack("star", "red", "bounces"))),
             "distinct colours",
         ),
+        (lambda: sample_clip(0, 4, 32, 32, max_shapes=1, min_shapes=2), "min_shapes must be 1 or 2 and at most"),
+        (lambda: ShapesDataset(4, 4, 32, 32, two_shape_share=1.5), "two_shape_share must be None or a number"),
+        (lambda: ShapesDataset(4, 4, 32, 32, max_shapes=1, two_shape_share=0.5), "with max_shapes=2"),
         (lambda: ShapesDataset(0, 4, 32, 32), "num_clips must be an int >= 1"),
         (lambda: ShapesDataset(4, 4, 12, 32), "height must be an int >= 16"),
         (lambda: ShapesDataset(4, 4, 32, 32, split="test"), "split must be 'train' or 'eval'"),

@@ -300,7 +300,9 @@ def _rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
     return round(255 * red), round(255 * green), round(255 * blue)
 
 
-def sample_clip(seed: int, frames: int, height: int, width: int, *, max_shapes: int = 2) -> ShapeClip:
+def sample_clip(
+    seed: int, frames: int, height: int, width: int, *, max_shapes: int = 2, min_shapes: int = 1
+) -> ShapeClip:
     """A random clip, fully determined by ``seed``.
 
     Args:
@@ -308,14 +310,17 @@ def sample_clip(seed: int, frames: int, height: int, width: int, *, max_shapes: 
         frames, height, width: clip size (frames >= 1, height and width >= 16); the
             motion is spread over the clip whatever its length.
         max_shapes: 1 or 2 objects at most.
+        min_shapes: 1 or 2 objects at least (at most ``max_shapes``).
     """
     _check_size(frames, height, width)
     if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if max_shapes not in (1, 2) or isinstance(max_shapes, bool):
         raise ValueError(f"max_shapes must be 1 or 2, got {max_shapes!r}")
+    if min_shapes not in (1, 2) or isinstance(min_shapes, bool) or min_shapes > max_shapes:
+        raise ValueError(f"min_shapes must be 1 or 2 and at most max_shapes={max_shapes}, got {min_shapes!r}")
     rng = np.random.default_rng(seed)
-    count = int(rng.integers(1, max_shapes + 1))
+    count = int(rng.integers(min_shapes, max_shapes + 1))
     colours = [str(c) for c in rng.permutation(COLOURS)[: 2 * count]]  # a colour and a spare new colour per shape
     shapes = [_sample_track(rng, colours[0], colours[1])]
     if count == 2:
@@ -425,6 +430,9 @@ def render(clip: ShapeClip) -> np.ndarray:
     return video
 
 
+_COUNT_KEY = 7919  # keys the per-index object-count draw apart from the clip seeds
+
+
 class ShapesDataset(Dataset):
     """``num_clips`` procedural clips: item ``i`` is ``(video [3, frames, height, width] float32 in [-1, 1], caption)``.
 
@@ -439,6 +447,10 @@ class ShapesDataset(Dataset):
         seed: dataset seed.
         split: ``"train"`` or ``"eval"``.
         max_shapes: 1 or 2 objects per clip at most.
+        two_shape_share: with ``max_shapes=2``, the fraction of clips that hold two objects
+            (None: each clip draws one or two with equal odds, as :func:`sample_clip` does). A
+            training set can weigh the harder two-object captions up without changing the
+            evaluation split's mix.
     """
 
     def __init__(
@@ -451,6 +463,7 @@ class ShapesDataset(Dataset):
         *,
         split: str = "train",
         max_shapes: int = 2,
+        two_shape_share: float | None = None,
     ) -> None:
         if not isinstance(num_clips, int) or isinstance(num_clips, bool) or num_clips < 1:
             raise ValueError(f"num_clips must be an int >= 1, got {num_clips!r}")
@@ -461,6 +474,13 @@ class ShapesDataset(Dataset):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         if max_shapes not in (1, 2) or isinstance(max_shapes, bool):
             raise ValueError(f"max_shapes must be 1 or 2, got {max_shapes!r}")
+        if two_shape_share is not None and (
+            isinstance(two_shape_share, bool) or not isinstance(two_shape_share, int | float)
+            or not 0.0 <= two_shape_share <= 1.0 or max_shapes != 2
+        ):
+            raise ValueError(f"two_shape_share must be None or a number in [0, 1] with max_shapes=2, "
+                             f"got {two_shape_share!r} (max_shapes={max_shapes})")
+        self.two_shape_share = two_shape_share
         self.num_clips, self.frames, self.height, self.width = num_clips, frames, height, width
         self.seed, self.split, self.max_shapes = seed, split, max_shapes
 
@@ -472,10 +492,15 @@ class ShapesDataset(Dataset):
         if not -self.num_clips <= index < self.num_clips:
             raise IndexError(f"index {index} out of range for {self.num_clips} clips")
         index %= self.num_clips
+        shapes = (1, self.max_shapes)
+        if self.two_shape_share is not None:  # one draw per index decides one object or two
+            entropy = (self.seed, ("train", "eval").index(self.split), index, _COUNT_KEY)
+            two = np.random.default_rng(entropy).random() < self.two_shape_share
+            shapes = (2, 2) if two else (1, 1)
         for attempt in range(1000):
             entropy = (self.seed, ("train", "eval").index(self.split), index, attempt)
             seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
-            clip = sample_clip(seed, self.frames, self.height, self.width, max_shapes=self.max_shapes)
+            clip = sample_clip(seed, self.frames, self.height, self.width, min_shapes=shapes[0], max_shapes=shapes[1])
             if caption_split(clip.caption) == self.split:
                 return clip
         raise RuntimeError(f"no {self.split} caption in 1000 draws for clip {index}")

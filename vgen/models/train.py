@@ -141,6 +141,10 @@ class TrainSettings:
         demo_clips: training clips encoded at the demo size (None: ``clips``); demo-size clips
             encode about 4x faster and are seen in larger batches, so a run that spends most steps
             on them wants more of them.
+        two_shape_share: fraction of the stage-2 training clips with two objects (None: the
+            generator's even odds); the held-out clips keep the generator's mix.
+        clip_seed: seed of the stage-2 training clips (None: ``seed``); a continuation can draw
+            fresh clips while its held-out clips, and so its validation loss, stay those of earlier runs.
         eval_clips: held-out clips encoded for the validation loss.
         shard_clips: clips per cache file.
         cache_batch: clips per encoder call.
@@ -184,6 +188,8 @@ class TrainSettings:
     from_model: str | None = None
     clips: int = 6144
     demo_clips: int | None = None
+    two_shape_share: float | None = None
+    clip_seed: int | None = None
     eval_clips: int = 64
     shard_clips: int = 512
     cache_batch: int = 8
@@ -261,6 +267,8 @@ class TrainSettings:
             raise ValueError(f"lr_floor must be in [0, 1], got {self.lr_floor!r}")
         if self.demo_clips is not None and self.demo_clips < 1:
             raise ValueError(f"demo_clips must be a positive int or None, got {self.demo_clips!r}")
+        if self.two_shape_share is not None and not 0.0 <= self.two_shape_share <= 1.0:
+            raise ValueError(f"two_shape_share must be None or in [0, 1], got {self.two_shape_share!r}")
         if not all(isinstance(n, int) and n >= 0 for n in self.size_cycle) or self.size_cycle[0] < 1:
             raise ValueError(
                 f"size_cycle must be (training-size steps >= 1, demo-size steps >= 0), got {self.size_cycle!r}"
@@ -741,7 +749,8 @@ def _cache(
     data = {}
     for i, size in enumerate(train_sizes):
         count = settings.clips if i == 0 or settings.demo_clips is None else settings.demo_clips
-        shapes = ShapesDataset(count, *size, seed=settings.seed + i)
+        clip_seed = settings.seed if settings.clip_seed is None else settings.clip_seed
+        shapes = ShapesDataset(count, *size, seed=clip_seed + i, two_shape_share=settings.two_shape_share)
         data[size] = _encode_clips(vae, shapes, root / f"train-{_size_name(size)}", settings, f"stage 2 cache {size}")
     shapes = ShapesDataset(settings.eval_clips, *train_sizes[0], seed=settings.seed, split="eval")
     held_out = _encode_clips(vae, shapes, root / f"eval-{_size_name(train_sizes[0])}", settings, "stage 2 eval")
