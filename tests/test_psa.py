@@ -29,6 +29,20 @@ def test_kernel_matches_reference_and_exact(seq, broadcast):
                                rtol=2e-5)  # fmt: skip
 
 
+def test_kernel_gathers_several_pooled_blocks_per_tile():
+    """Rows with more pooled blocks at a level than one tile gathers (POOL blocks a tile), the last tile partial."""
+    torch.manual_seed(5)
+    seq = 1300  # 10 whole key blocks and a ragged one
+    q, k, v = (torch.randn(1, seq, 2, 16) for _ in range(3))
+    g = torch.Generator().manual_seed(1)
+    levels = torch.tensor((0, 1, 2, 4, 8))[torch.randint(0, 5, (1, 2, 11, 11), generator=g)]
+    for row, p in enumerate((2, 4, 8)):  # 10 blocks at one level: 5, 3 (4 + 4 + 2) and 2 (8 + 2) tiles
+        levels[:, :, row, :10] = p
+    levels[..., -1] = levels[..., -1].clamp(max=1)
+    out = pyramid_attention(q, k, v, levels, block=128)
+    torch.testing.assert_close(out, pyramid_attention_reference(q, k, v, levels, block=128), atol=2e-5, rtol=2e-5)
+
+
 def test_kernel_with_other_keys_and_lse():
     """Keys of another length (a ring step reads another rank's shard), the log-sum-exp, an empty row."""
     torch.manual_seed(3)

@@ -97,3 +97,5 @@ def test_triton_quantiser_matches_quantize_blocks(per_channel, smooth, transpose
     values, scales = _quantize_triton(x, 32, bits, per_channel=per_channel, smooth=smooth, transpose=transpose)
     torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
     assert torch.equal(values.permute(0, 3, 1, 2) if transpose else values, expected)
+    if transpose:  # rows padded to whole blocks, for aligned loads
+        assert values.shape == (2, 3, 40, 77) and values.stride(2) == 96

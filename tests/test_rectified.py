@@ -136,6 +136,13 @@ def test_pooled_correction_kernel_matches_its_reference(pooled_kept, compensate,
     kwargs = dict(row_block=32, scale=0.3, pooled_kept=pooled_kept, compensate=compensate, tolerance=2.0)
     expected = pooled_correction_reference(*args, **kwargs)
     torch.testing.assert_close(pooled_correction(*args, **kwargs), expected, atol=1e-5, rtol=1e-5)
+    # half inputs take the tensor-core path (products in q's dtype): against the fp32 reference on the same
+    # values (fp16: the Triton interpreter's bf16 dot is broken on the CPU)
+    q16, out16 = q.half(), out.half()
+    expected16 = pooled_correction_reference(q16.float(), out16.float(), *args[2:], **kwargs)
+    got16 = pooled_correction(q16, out16, *args[2:], **kwargs)
+    assert got16.dtype == torch.float16
+    torch.testing.assert_close(got16.float(), expected16, atol=3e-2, rtol=3e-2)
 
 
 def test_pooled_kernel_refuses_gradients():

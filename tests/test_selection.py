@@ -134,6 +134,18 @@ def test_many_program_cut_matches_a_sort(threshold, count):
     assert torch.equal(got, global_cut(scores, threshold=threshold, count=count))  # the one-program bisection
 
 
+@pytest.mark.parametrize("count", [3, 6, 9])
+def test_cuts_treat_signed_zeros_as_one_value(count):
+    """-0.0 and +0.0 are one score to both cut paths (the parallel one compares values, the other keys)."""
+    from vgen.kernels.selection import _global_cut_parallel
+
+    scores = torch.tensor([1.0, 2.0, -0.0, 0.0, -0.0, 0.0, -1.0, -3.0, 0.5, -0.0]).repeat(2, 1, 1)
+    expected = scores >= sorted(scores[0, 0].tolist(), reverse=True)[count - 1]  # ties at the cut all kept
+    assert torch.equal(global_cut(scores, count=count), expected)
+    parallel = _global_cut_parallel(scores.reshape(2, -1), None, count, chunk=4)
+    assert torch.equal(parallel.view(scores.shape), expected)
+
+
 def ties(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Entries equal to the smallest kept score of their slice (a sort breaks such ties by position)."""
     flat = scores.flatten(2)

@@ -36,7 +36,7 @@ def _pooled_kernel(
     s_kb, s_kh, s_km, s_kn,
     H, S, M, scale, bound,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr,
-    POOLED_KEPT: tl.constexpr, COMPENSATE: tl.constexpr,
+    POOLED_KEPT: tl.constexpr, COMPENSATE: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -44,8 +44,9 @@ def _pooled_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < S, o_d < D
     tile = m_m[:, None] & m_d[None, :]
-    b_q = tl.load(Q + i_b.to(tl.int64) * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :], mask=tile, other=0.0)
-    b_q = b_q.to(tl.float32)
+    b_q_in = tl.load(Q + i_b.to(tl.int64) * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :], mask=tile,
+                     other=0.0)  # fmt: skip
+    b_q = b_q_in.to(tl.float32)
     b_o = tl.load(SPARSE + i_b.to(tl.int64) * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :], mask=tile,
                   other=0.0)  # fmt: skip
     b_o = b_o.to(tl.float32)
@@ -71,8 +72,11 @@ def _pooled_kernel(
         o_n = start + tl.arange(0, BLOCK_N)
         m_n = o_n < M
         b_km = tl.load(KM + o_n[:, None] * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_s = (tl.dot(b_q, tl.trans(b_km), input_precision="ieee") * scale
-               + tl.load(LOGN + o_n, mask=m_n, other=0.0)[None, :]) * _LOG2E  # fmt: skip
+        if HALF:  # tensor-core products in q's dtype, as the block-sparse kernel's logits
+            b_qk = tl.dot(b_q_in, tl.trans(b_km.to(b_q_in.dtype)))
+        else:
+            b_qk = tl.dot(b_q, tl.trans(b_km), input_precision="ieee")
+        b_s = (b_qk * scale + tl.load(LOGN + o_n, mask=m_n, other=0.0)[None, :]) * _LOG2E
         b_keep = tl.load(KEEP + rows[:, None] * s_km + o_n[None, :] * s_kn, mask=m_m[:, None] & m_n[None, :], other=0)
         b_keep = b_keep != 0
         if COMPENSATE:
@@ -93,7 +97,11 @@ def _pooled_kernel(
             b_kept = b_kept * b_alpha + tl.sum(tl.where(b_keep, b_p, 0.0), 1)
         b_p_take = tl.where(b_take, b_p, 0.0)
         b_vm = tl.load(VM + o_n[:, None] * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p_take, b_vm, input_precision="ieee")
+        if HALF:
+            b_pv = tl.dot(b_p_take.to(b_q_in.dtype), b_vm.to(b_q_in.dtype))
+        else:
+            b_pv = tl.dot(b_p_take, b_vm, input_precision="ieee")
+        b_acc = b_acc * b_alpha[:, None] + b_pv
         b_max = b_new
     if POOLED_KEPT:
         b_res = (b_o * b_kept[:, None] + b_acc) / b_all[:, None]
@@ -149,9 +157,16 @@ def pooled_correction(
     keep8 = keep.to(torch.int8)
     result = torch.empty_like(out)
     bound = 2 * math.log(2) * tolerance * d / scale**2  # |q|^2 spread < bound  <=>  sigma^2 < 2 ln 2 tolerance
-    # no register spills with ieee dots (ptxas for sm_90a, scripts/compile_kernels_sm90.py): 64 rows x 32
-    # pooled blocks at 4 warps spilled 21 KB per thread at D = 128; these tiles at 8 warps spill nothing
-    block_m = min(16 if d > 64 else 32, max(16, triton.next_power_of_2(row_block)))
+    # Half inputs: the products run on tensor cores in q's dtype (as the block-sparse kernel's do), in 64 x 32
+    # tiles at 4 warps. fp32 inputs: exact ieee dots, which run as FMA loops and need small tiles (ptxas for
+    # sm_90a, scripts/compile_kernels_sm90.py: 64 rows x 32 pooled blocks at 4 warps spilled 21 KB per thread
+    # at D = 128; 16 x 16 at 8 warps spills nothing). The 16 x 16 tiles took 14.5 ms at the 1.3B shape with
+    # bf16 inputs (profile at 7f5eeaf), against 8.2 ms for the block-sparse pass it corrects.
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if half:
+        block_m, block_n, warps = 64, 32, 4
+    else:
+        block_m, block_n, warps = min(16 if d > 64 else 32, max(16, triton.next_power_of_2(row_block))), 16, 8
     ks = [0 if keep8.shape[i] == 1 else keep8.stride(i) for i in range(2)]
     _pooled_kernel[(triton.cdiv(s, block_m), b * h)](
         q, out, lse.contiguous(), k_mean.contiguous(), v_mean.contiguous(), log_counts.float().contiguous(),
@@ -159,8 +174,8 @@ def pooled_correction(
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         ks[0], ks[1], keep8.stride(2), keep8.stride(3),
         h, s, m, scale, bound,
-        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=16, ROW_BLOCK=row_block,
-        POOLED_KEPT=pooled_kept, COMPENSATE=compensate, num_warps=8,
+        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, ROW_BLOCK=row_block,
+        POOLED_KEPT=pooled_kept, COMPENSATE=compensate, HALF=half, num_warps=warps,
     )  # fmt: skip
     return result
 

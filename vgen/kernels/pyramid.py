@@ -62,13 +62,20 @@ def _pyramid_level(
 ):  # fmt: skip
     """Walk one level's kept key blocks, updating the running max, sum and accumulator.
 
-    A pooled key stands for POOL keys: its base-2 logit gets ``+ LOG2_POOL``."""
+    A pooled key stands for POOL keys: its base-2 logit gets ``+ LOG2_POOL``. A pooled block has
+    BLOCK_N / POOL rows; each step gathers POOL kept blocks into one tile of BLOCK_N rows, so that a
+    pooled level costs its share of the work and not one full-tile step per block."""
     ROWS: tl.constexpr = BLOCK_N // POOL
-    n_it = tl.load(p_num)
-    for it in range(n_it):
-        j = tl.load(p_idx + it)
-        o_n = j * ROWS + tl.arange(0, ROWS)
-        m_n = o_n < SK // POOL
+    n_blocks = tl.load(p_num)
+    o_r = tl.arange(0, BLOCK_N)
+    for first in range(0, n_blocks, POOL):
+        if POOL == 1:
+            o_n = tl.load(p_idx + first) * ROWS + o_r
+            m_n = o_n < SK
+        else:  # row r of the tile: row r % ROWS of kept block first + r // ROWS
+            slot = first + o_r // ROWS
+            o_n = tl.load(p_idx + slot, mask=slot < n_blocks, other=0) * ROWS + o_r % ROWS
+            m_n = (slot < n_blocks) & (o_n < SK // POOL)
         b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
         b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale + LOG2_POOL

@@ -177,6 +177,12 @@ PARALLEL_CUT_ENTRIES = 65536  # slices at least this long take the many-program 
 
 
 @triton.jit
+def _key_value(key):
+    """The fp32 whose ``_order_key`` is ``key`` (int32); the inverse map."""
+    return tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _pivots(LO, HI, i_bh, PIVOTS: tl.constexpr):
     lo = tl.load(LO + i_bh)
     hi = tl.load(HI + i_bh)
@@ -191,20 +197,24 @@ def _cut_partial_kernel(
 ):  # fmt: skip
     i_bh, i_c = tl.program_id(0), tl.program_id(1)
     piv, _ = _pivots(LO, HI, i_bh, PIVOTS)
+    # Scores are compared as floats with the pivots' values: one instruction, where int64 keys took
+    # several. The same order as the keys', as the scores hold no -0.0 (the caller adds +0.0).
+    piv_value = _key_value(piv.to(tl.int32))
     peak = tl.load(PEAK + i_bh)
     base = S + i_bh.to(tl.int64) * N
-    acc = tl.zeros([PIVOTS], tl.float32)
+    # a [SUB, PIVOTS] accumulator, reduced once at the end: a reduction per SUB scores (across warps,
+    # through shared memory) cost more than the comparisons themselves
+    acc = tl.zeros([SUB, PIVOTS], tl.float32)
     for start in range(0, CHUNK, SUB):
         o = i_c * CHUNK + start + tl.arange(0, SUB)
-        m = o < N
+        m = (o < N) & (start + tl.arange(0, SUB) < CHUNK)  # (a chunk shorter than SUB ends inside the tile)
         s = tl.load(base + o, mask=m, other=0.0)
         if BY_MASS:
             w = tl.where(m, tl.exp(s - peak), 0.0)
         else:
             w = m.to(tl.float32)
-        ge = _order_key(s).to(tl.int64)[:, None] >= piv[None, :]
-        acc += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
-    tl.store(PART + (i_bh.to(tl.int64) * tl.num_programs(1) + i_c) * PIVOTS + tl.arange(0, PIVOTS), acc)
+        acc += tl.where(s[:, None] >= piv_value[None, :], w[:, None], 0.0)
+    tl.store(PART + (i_bh.to(tl.int64) * tl.num_programs(1) + i_c) * PIVOTS + tl.arange(0, PIVOTS), tl.sum(acc, 0))
 
 
 @triton.jit
@@ -234,6 +244,7 @@ def _order_key_torch(x: torch.Tensor) -> torch.Tensor:
 def _global_cut_parallel(flat: torch.Tensor, threshold: float | None, count: int | None, chunk: int = _CHUNK):
     """bool ``[BH, N]``: :func:`global_cut` of fp32 ``flat`` by the many-program pivot search."""
     slices, n = flat.shape
+    flat = flat + 0.0  # -0.0 becomes +0.0, so that comparing values orders as comparing keys
     peak = flat.amax(-1)
     lo = _order_key_torch(flat.amin(-1))  # its at-least set is everything: reaches any goal
     hi = _order_key_torch(peak) + 1  # nothing is at least this
@@ -274,7 +285,8 @@ def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: i
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if not use_triton(scores):
         return global_cut_reference(scores, threshold=threshold, count=count)
-    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).contiguous().float()
+    # + 0.0 turns -0.0 into +0.0: both paths then see one zero (the keys would order -0.0 below +0.0)
+    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).float() + 0.0
     if n >= PARALLEL_CUT_ENTRIES:
         return _global_cut_parallel(flat, threshold, None if count is None else min(count, n)).view(scores.shape)
     keep = torch.empty(flat.shape, dtype=torch.int8, device=scores.device)
