@@ -146,6 +146,22 @@ def test_cuts_treat_signed_zeros_as_one_value(count):
     assert torch.equal(parallel.view(scores.shape), expected)
 
 
+@pytest.mark.parametrize("counts", [(3, 40, 41, 200), (0, 7, 7, 500), (-2, 1, 1000, 2000)])
+def test_count_levels_matches_one_cut_per_count(counts, monkeypatch):
+    """Several cuts in one search: the same levels as one global_cut per count, ties at a cut kept."""
+    import vgen.kernels.selection as selection
+    from vgen.kernels.selection import count_levels
+
+    torch.manual_seed(sum(counts) % 97)
+    scores = torch.randn(2, 3, 30, 41)
+    scores[1, 2, :4] = scores[1, 2, 4:8]  # ties
+    got = count_levels(scores, counts)
+    expected = sum((~global_cut(scores, count=c)).long() for c in counts)
+    assert got.dtype == torch.long and torch.equal(got, expected)
+    monkeypatch.setattr(selection, "use_triton", lambda _: False)  # the PyTorch path
+    assert torch.equal(count_levels(scores, counts), expected)
+
+
 def ties(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Entries equal to the smallest kept score of their slice (a sort breaks such ties by position)."""
     flat = scores.flatten(2)

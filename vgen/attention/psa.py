@@ -34,7 +34,7 @@ from vgen.attention.registry import AttentionMethod, MethodConfig, SparsePlan, r
 from vgen.kernels import permute_tokens, unpermute_tokens
 from vgen.kernels.permute import curve_order
 from vgen.kernels.pyramid import LEVELS, pyramid_attention
-from vgen.kernels.selection import global_cut
+from vgen.kernels.selection import count_levels
 
 __all__ = ["PSAConfig", "PyramidSparseAttention", "assign_levels"]
 
@@ -101,7 +101,7 @@ def assign_levels(
     # rank r (0 = best) sits at level index #{bounds < r + 0.5} (bucketize, right=False): level j holds the
     # top floor(bound_j + 0.5) pairs, so each level is one cut by count (a bisection on CUDA, a sort elsewhere)
     bounds = itertools.accumulate(share * rows * cols for share in _shares(budget, proportions))
-    index = sum((~global_cut(importance, count=max(0, math.floor(b + 0.5)))).long() for b in bounds)
+    index = count_levels(importance, [max(0, math.floor(b + 0.5)) for b in bounds])  # one search for all cuts
     factors = _level_factors(importance.device)[index]
     return torch.where(always_full, torch.ones_like(factors), factors)
 

@@ -9,6 +9,8 @@ the attention it saves. In PyTorch it is some sixty small ops, whose launch over
 - :func:`global_cut`: per (batch, head), which of its scores a ranking of all of them keeps, by
   the softmax mass the better ones hold (``threshold``) or by count (``count``), without a sort:
   a bisection over the scores' order-preserving integer keys finds the cut score exactly.
+- :func:`count_levels`: several cuts by count of one ranking in one search (a ranking split into
+  levels).
 - :func:`compact_rows`: for bool rows, the number of True entries and their positions first,
   ascending, then the rest (what :class:`vgen.attention.BlockMask` stores).
 
@@ -16,6 +18,8 @@ Each has a PyTorch reference beside it; the Triton versions run on CUDA and unde
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -26,6 +30,7 @@ from vgen.kernels.runtime import use_triton
 __all__ = [
     "compact_rows",
     "compact_rows_reference",
+    "count_levels",
     "global_cut",
     "global_cut_reference",
     "segment_means",
@@ -192,16 +197,18 @@ def _pivots(LO, HI, i_bh, PIVOTS: tl.constexpr):
 
 @triton.jit
 def _cut_partial_kernel(
-    S, PEAK, LO, HI, PART, N,
+    S, PEAK, LO, HI, PART, N, GOALS,
     CHUNK: tl.constexpr, SUB: tl.constexpr, PIVOTS: tl.constexpr, BY_MASS: tl.constexpr,
 ):  # fmt: skip
+    # search i_bh looks for goal i_bh % GOALS of slice i_bh // GOALS (several cuts of one slice at once)
     i_bh, i_c = tl.program_id(0), tl.program_id(1)
+    i_slice = i_bh // GOALS
     piv, _ = _pivots(LO, HI, i_bh, PIVOTS)
     # Scores are compared as floats with the pivots' values: one instruction, where int64 keys took
     # several. The same order as the keys', as the scores hold no -0.0 (the caller adds +0.0).
     piv_value = _key_value(piv.to(tl.int32))
-    peak = tl.load(PEAK + i_bh)
-    base = S + i_bh.to(tl.int64) * N
+    peak = tl.load(PEAK + i_slice)
+    base = S + i_slice.to(tl.int64) * N
     # a [SUB, PIVOTS] accumulator, reduced once at the end: a reduction per SUB scores (across warps,
     # through shared memory) cost more than the comparisons themselves
     acc = tl.zeros([SUB, PIVOTS], tl.float32)
@@ -241,26 +248,34 @@ def _order_key_torch(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
 
 
+def _cut_keys(flat: torch.Tensor, goals: torch.Tensor, by_mass: bool, chunk: int = _CHUNK) -> torch.Tensor:
+    """int64 ``[BH, G]``: per slice of fp32 ``flat`` ``[BH, N]`` (no -0.0) and goal ``goals[:, g]`` (the
+    slice's softmax numerator at its peak, or a count), the largest key whose at-least set reaches the
+    goal, by the many-program pivot search; the G cuts of a slice are searched at once."""
+    slices, n = flat.shape
+    cuts = goals.shape[1]
+    peak = flat.amax(-1)
+    lo = _order_key_torch(flat.amin(-1)).repeat_interleave(cuts)  # its at-least set is everything
+    hi = (_order_key_torch(peak) + 1).repeat_interleave(cuts)  # nothing is at least this
+    goal = goals.reshape(-1).float().contiguous()
+    programs = triton.cdiv(n, chunk)
+    part = torch.empty(slices * cuts, programs, _PIVOTS, dtype=torch.float32, device=flat.device)
+    for _ in range(_PASSES):
+        _cut_partial_kernel[(slices * cuts, programs)](
+            flat, peak, lo, hi, part, n, cuts, CHUNK=chunk, SUB=64, PIVOTS=_PIVOTS, BY_MASS=by_mass, num_warps=4,
+        )  # fmt: skip
+        _cut_narrow_kernel[(slices * cuts,)](part, lo, hi, goal, programs, PIVOTS=_PIVOTS, num_warps=2)
+    return lo.view(slices, cuts)
+
+
 def _global_cut_parallel(flat: torch.Tensor, threshold: float | None, count: int | None, chunk: int = _CHUNK):
     """bool ``[BH, N]``: :func:`global_cut` of fp32 ``flat`` by the many-program pivot search."""
-    slices, n = flat.shape
     flat = flat + 0.0  # -0.0 becomes +0.0, so that comparing values orders as comparing keys
-    peak = flat.amax(-1)
-    lo = _order_key_torch(flat.amin(-1))  # its at-least set is everything: reaches any goal
-    hi = _order_key_torch(peak) + 1  # nothing is at least this
     if threshold is not None:
-        goal = (flat - peak[:, None]).exp().sum(-1) * threshold
+        goal = (flat - flat.amax(-1, keepdim=True)).exp().sum(-1, keepdim=True) * threshold
     else:
-        goal = torch.full((slices,), float(count), device=flat.device)
-    programs = triton.cdiv(n, chunk)
-    part = torch.empty(slices, programs, _PIVOTS, dtype=torch.float32, device=flat.device)
-    for _ in range(_PASSES):
-        _cut_partial_kernel[(slices, programs)](
-            flat, peak, lo, hi, part, n, CHUNK=chunk, SUB=64, PIVOTS=_PIVOTS, BY_MASS=threshold is not None,
-            num_warps=4,
-        )  # fmt: skip
-        _cut_narrow_kernel[(slices,)](part, lo, hi, goal, programs, PIVOTS=_PIVOTS, num_warps=2)
-    return _order_key_torch(flat) >= lo[:, None]
+        goal = torch.full((flat.shape[0], 1), float(count), device=flat.device)
+    return _order_key_torch(flat) >= _cut_keys(flat, goal, threshold is not None, chunk)
 
 
 def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: int | None = None) -> torch.Tensor:
@@ -295,6 +310,29 @@ def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: i
         BY_MASS=threshold is not None, BLOCK=1024, num_warps=8,
     )  # fmt: skip
     return keep.view(scores.shape).bool()
+
+
+def count_levels(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """int64, ``scores``' shape: for each entry, how many of the cuts ``global_cut(scores, count=c)``
+    (``c`` in ``counts``) leave it out. With ascending counts that is the index of the first cut that
+    keeps it: a ranking split into levels (psa's pyramid levels) in one search.
+
+    ``scores``: fp32 ``[B, H, ...]`` of finite values. Triton on CUDA or under the interpreter (the
+    many-program search with every count at once), else one :func:`global_cut` per count.
+    """
+    counts = [int(c) for c in counts]
+    n = scores[0, 0].numel() if scores.numel() else 0
+    if not use_triton(scores) or not counts or not n:
+        return sum((~global_cut(scores, count=c)).long() for c in counts) + torch.zeros(
+            scores.shape, dtype=torch.long, device=scores.device)  # fmt: skip
+    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).float() + 0.0
+    searched = [c for c in counts if 0 < c < n]  # the others keep everything or nothing
+    index = torch.full(flat.shape, sum(c <= 0 for c in counts), dtype=torch.long, device=scores.device)
+    if searched:
+        goals = torch.tensor(searched, dtype=torch.float32, device=scores.device).expand(flat.shape[0], -1)
+        cuts = _cut_keys(flat, goals, by_mass=False)  # [BH, G]
+        index += (_order_key_torch(flat)[:, :, None] < cuts[:, None, :]).sum(-1)
+    return index.view(scores.shape)
 
 
 def global_cut_reference(
