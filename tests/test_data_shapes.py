@@ -148,13 +148,15 @@ def _wrong_caption(clips: list[ShapeClip], i: int) -> str:
 def test_adherence_tells_true_from_wrong_captions(clips, videos):
     captions = [clip.caption for clip in clips]
     assert adherence_rate(videos, captions) >= 0.9
+    placed = [score_video(v, c) for v, c in zip(videos, captions, strict=True)]
+    assert np.mean([r.colour_found and r.position_matches for r in placed]) >= 0.95
     wrong = [_wrong_caption(clips, i) for i in range(len(clips))]
     assert adherence_rate(videos, wrong) <= 0.2
     noise = np.random.default_rng(0).integers(0, 256, size=(len(clips), F, H, W, 3), dtype=np.uint8)
     assert adherence_rate(noise, captions) <= 0.05
 
 
-@pytest.mark.parametrize("change", ["colour", "kind", "motion"])
+@pytest.mark.parametrize("change", ["colour", "kind", "motion", "position"])
 def test_adherence_checks_each_part(clips, videos, change):
     """The right caption but one part changed: that check fails (almost always)."""
     rng = np.random.default_rng(1)
@@ -167,11 +169,12 @@ def test_adherence_checks_each_part(clips, videos, change):
         elif change == "kind":
             kinds = [k for k in ("square", "triangle", "star", "circle") if k != main.kind]
             wrong = dataclasses.replace(main, kind=kinds[0] if main.motion == "rotates" else str(rng.choice(kinds)))
-        else:
+        else:  # the path changes: a straight move is asked to bounce, anything else to move left
             motion = "bounces" if main.motion.startswith("moves") else "moves left"
             wrong = dataclasses.replace(main, motion=motion, new_colour=None)
         result = score_video(video, wrong.phrase)
-        check = {"colour": "colour_found", "kind": "kind_matches", "motion": "motion_matches"}[change]
+        check = {"colour": "colour_found", "kind": "kind_matches", "motion": "motion_matches",
+                 "position": "position_matches"}[change]
         failed.append(not getattr(result, check))
     assert np.mean(failed) >= 0.9
 

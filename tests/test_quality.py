@@ -151,9 +151,10 @@ def test_adherence_report_on_true_renders_and_noise(tmp_path):
     report = adherence_report(pipe, prompts, [0, 1], method="window", sheet=tmp_path / "sheet.png", num_frames=17)
     assert len(report.clips) == 12 and report.rate() == 1.0 and report.rate("passed") == 1.0
     assert pipe.enabled == ["window", None] and (tmp_path / "sheet.png").stat().st_size > 0
-    assert "colour + motion **100%**" in report.to_markdown()
+    assert report.rate("follows") == 1.0 and "colour + position **100%**, colour + motion 100%" in report.to_markdown()
     noise = adherence_report(RenderingPipe(noise=True), prompts, [0])
-    assert noise.rate() <= 0.2 and noise.rate("passed") <= 0.2 and noise.method == "stock"
+    assert noise.rate() <= 0.2 and noise.rate("follows") <= 0.2 and noise.rate("passed") <= 0.2
+    assert noise.method == "stock"
     with pytest.raises(ValueError, match="check must be"):
         report.rate("nope")
     with pytest.raises(ValueError):

@@ -3,12 +3,15 @@
 :func:`score_video` parses the caption (:func:`parse_caption`, the grammar of
 :mod:`vgen.data.shapes`), finds the main object by its colour in every frame (hue, saturation
 and value against the palette; the largest connected blob above a minimum size), tracks its
-centroid, area and outline, and checks three things:
+centroid, area and outline, and checks:
 
 - ``colour_found``: the object's colour forms a blob in most frames (for "turns X": at the start);
+- ``position_matches``: the centroid's path is the caption's: a straight move that way, a reversal
+  for "bounces", staying in place for the motions that do not travel (grows, shrinks, rotates, turns);
 - ``kind_matches``: the blob's outline reads as the caption's kind (circle, square, triangle, star);
 - ``motion_matches``: the track does what the caption says (displacement, a reversal, area ratio,
-  a turn of the outline in place, or the new colour at the end where the object was).
+  a turn of the outline in place, or the new colour at the end where the object was). For the
+  travelling motions it is the position check; for the others it asks for the change itself.
 
 Ground-truth renders pass, other captions and noise fail (see tests/test_data_shapes.py for the rates).
 """
@@ -122,6 +125,8 @@ class AdherenceResult:
         colour_found: the main colour forms a blob in most frames (for "turns": at the start).
         kind_matches: the blob's outline reads as ``spec.kind``.
         motion_matches: the track shows ``spec.motion``.
+        position_matches: the centroid's path is the caption's (moves that way, bounces, or stays
+            in place); colour + position is the measure issue 4 names.
         detected_kind: what the outline reads as (None if no blob).
         found_fraction: fraction of frames with a blob of the main colour.
         displacement: centroid (dx, dy), start to end, as fractions of width and height.
@@ -132,6 +137,7 @@ class AdherenceResult:
     colour_found: bool
     kind_matches: bool
     motion_matches: bool
+    position_matches: bool
     detected_kind: str | None
     found_fraction: float
     displacement: tuple[float, float]
@@ -318,7 +324,7 @@ def score_video(video: np.ndarray, caption: str) -> AdherenceResult:
     else:
         colour_found = len(found) >= _PRESENT * num_frames
     if not found:
-        return AdherenceResult(spec, False, False, False, None, 0.0, (0.0, 0.0), 0.0)
+        return AdherenceResult(spec, False, False, False, False, None, 0.0, (0.0, 0.0), 0.0)
 
     xs = np.array([b.x for b in found]) / width
     ys = np.array([b.y for b in found]) / height
@@ -327,13 +333,18 @@ def score_video(video: np.ndarray, caption: str) -> AdherenceResult:
     area_ratio = a1 / a0
     in_place = abs(x1 - x0) <= _MAX_DRIFT and abs(y1 - y0) <= _MAX_DRIFT
     motion = spec.motion
+    if motion.startswith("moves"):
+        direction = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[motion.split()[1]]
+        position_matches = _straight(xs, ys, direction)
+    elif motion == "bounces":
+        position_matches = _bounces(xs, ys)
+    else:
+        position_matches = in_place
+    position_matches = position_matches and num_frames >= 2
     if num_frames < 2:
         motion_matches = False
-    elif motion.startswith("moves"):
-        direction = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[motion.split()[1]]
-        motion_matches = _straight(xs, ys, direction)
-    elif motion == "bounces":
-        motion_matches = _bounces(xs, ys)
+    elif motion.startswith("moves") or motion == "bounces":
+        motion_matches = position_matches
     elif motion == "grows":
         motion_matches = area_ratio >= _GROW
     elif motion == "shrinks":
@@ -356,6 +367,7 @@ def score_video(video: np.ndarray, caption: str) -> AdherenceResult:
         colour_found=colour_found,
         kind_matches=colour_found and detected_kind == spec.kind,
         motion_matches=colour_found and motion_matches,
+        position_matches=colour_found and position_matches,
         detected_kind=detected_kind,
         found_fraction=len(found) / num_frames,
         displacement=(x1 - x0, y1 - y0),

@@ -240,11 +240,17 @@ class ClipAdherence:
     colour: bool
     kind: bool
     motion: bool
+    position: bool
 
     @property
     def follows(self) -> bool:
-        """Colour and position (the motion of the main object's track) both as captioned."""
+        """Colour and motion (the path, or the growth, rotation or colour change) both as captioned."""
         return self.colour and self.motion
+
+    @property
+    def placed(self) -> bool:
+        """Colour and position (the centroid's path: moves, bounces or stays) as captioned: issue 4's measure."""
+        return self.colour and self.position
 
     @property
     def passed(self) -> bool:
@@ -261,11 +267,12 @@ class AdherenceReport:
     generate: dict[str, Any]
     clips: list[ClipAdherence] = field(default_factory=list)
 
-    def rate(self, check: str = "follows") -> float:
-        """Fraction of clips passing ``check``: ``follows`` (colour + motion), ``passed`` (all three),
-        or one of ``colour``, ``kind``, ``motion``."""
-        if check not in ("follows", "passed", "colour", "kind", "motion"):
-            raise ValueError(f"check must be follows, passed, colour, kind or motion, got {check!r}")
+    def rate(self, check: str = "placed") -> float:
+        """Fraction of clips passing ``check``: ``placed`` (colour + position), ``follows`` (colour +
+        motion), ``passed`` (colour, kind and motion), or one of ``colour``, ``kind``, ``motion``, ``position``."""
+        checks = ("placed", "follows", "passed", "colour", "kind", "motion", "position")
+        if check not in checks:
+            raise ValueError(f"check must be one of {', '.join(checks)}, got {check!r}")
         return sum(bool(getattr(c, check)) for c in self.clips) / max(1, len(self.clips))
 
     def to_markdown(self) -> str:
@@ -275,15 +282,17 @@ class AdherenceReport:
         lines = [
             f"### Prompt adherence: {self.method}{f' ({config})' if config else ''}; {settings}",
             "",
-            f"{len(self.clips)} clips: colour + motion **{self.rate():.0%}**, "
-            f"all three checks {self.rate('passed'):.0%} "
-            f"(colour {self.rate('colour'):.0%}, kind {self.rate('kind'):.0%}, motion {self.rate('motion'):.0%})",
+            f"{len(self.clips)} clips: colour + position **{self.rate():.0%}**, colour + motion "
+            f"{self.rate('follows'):.0%}, colour + kind + motion {self.rate('passed'):.0%} "
+            f"(colour {self.rate('colour'):.0%}, position {self.rate('position'):.0%}, "
+            f"kind {self.rate('kind'):.0%}, motion {self.rate('motion'):.0%})",
             "",
-            "| prompt | seed | colour | kind | motion |",
-            "|---|---|---|---|---|",
+            "| prompt | seed | colour | position | kind | motion |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {c.prompt} | {c.seed} | {mark[c.colour]} | {mark[c.kind]} | {mark[c.motion]} |" for c in self.clips
+            f"| {c.prompt} | {c.seed} | {mark[c.colour]} | {mark[c.position]} | {mark[c.kind]} | {mark[c.motion]} |"
+            for c in self.clips
         ]
         return "\n".join(lines) + "\n"
 
@@ -326,7 +335,8 @@ def adherence_report(
                 bar.update(1)
                 result = score_video(video, prompt)
                 report.clips.append(
-                    ClipAdherence(prompt, seed, result.colour_found, result.kind_matches, result.motion_matches)
+                    ClipAdherence(prompt, seed, result.colour_found, result.kind_matches, result.motion_matches,
+                                  result.position_matches)
                 )
                 if sheet is not None:
                     rows.append(contact_sheet((np.clip(video, 0, 1) * 255).round().astype(np.uint8), max_frames=8))
