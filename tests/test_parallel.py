@@ -76,9 +76,9 @@ def transformer_worker(rank: int, world: int, port: int, method: str | None, out
         dist.destroy_process_group()
 
 
-def spawn_and_compare(worker, method: str | None, tmp_path) -> dict:
-    """The tiny Wan's output in one process (stock attention or ``method``) against ``worker`` run on 2
-    ranks; returns what rank 0 saved."""
+def spawn_and_compare(worker, method: str | None, tmp_path, world: int = 2) -> dict:
+    """The tiny Wan's output in one process (stock attention or ``method``) against ``worker`` run on
+    ``world`` ranks; returns what rank 0 saved."""
     from vgen.pipelines.plumbing import apply_sparse_attention
 
     model, inputs = tiny_wan()
@@ -87,7 +87,7 @@ def spawn_and_compare(worker, method: str | None, tmp_path) -> dict:
     with torch.no_grad():
         single = model(**inputs)[0]
     out = tmp_path / "out.pt"
-    mp.spawn(worker, args=(2, free_port(), method, str(out)), nprocs=2)
+    mp.spawn(worker, args=(world, free_port(), method, str(out)), nprocs=world)
     saved = torch.load(out)
     torch.testing.assert_close(saved["out"], single, atol=1e-5, rtol=1e-5)
     return saved
@@ -306,15 +306,19 @@ def test_ring_settings_it_cannot_run_are_refused_with_a_pointer_to_its_design():
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     try:
         model, _ = tiny_wan()
-        with pytest.raises(NotImplementedError, match=r"ring=2, ulysses=.* on 1 processes.*docs/ring.md"):
+        with pytest.raises(ValueError, match=r"ring=2 must divide the number of processes \(1\)"):
             enable_context_parallel(model, ring=2)
+        with pytest.raises(ValueError, match=r"ulysses=2 x ring=1 must be the number of processes \(1\)"):
+            enable_context_parallel(model, ulysses=2)
         with pytest.raises(ValueError, match="ring must be a positive int"):
             enable_context_parallel(model, ring=0)
+        with pytest.raises(ValueError, match="ulysses must be a positive int"):
+            enable_context_parallel(model, ulysses=0)
     finally:
         dist.destroy_process_group()
 
 
-def ring_worker(rank: int, world: int, port: int, method: str | None, out: str) -> None:
+def ring_worker(rank: int, world: int, port: int, method: str | None, out: str, ulysses: int = 1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -325,11 +329,11 @@ def ring_worker(rank: int, world: int, port: int, method: str | None, out: str) 
         model, inputs = tiny_wan()
         if method:
             apply_sparse_attention(model, method, **VMOBA)
-        enable_context_parallel(model, ring=world)
+        enable_context_parallel(model, ulysses=ulysses, ring=world // ulysses)
         shards = []
 
         def spy(q, *args, **kwargs):  # every self-attention goes around the ring, on block-aligned shards
-            shards.append(q.shape[1])
+            shards.append((q.shape[1], q.shape[2]))  # (tokens, heads)
             return original_ring(q, *args, **kwargs)
 
         with mock.patch("vgen.ring.ring_attention", spy), torch.no_grad():
@@ -345,4 +349,15 @@ def ring_worker(rank: int, world: int, port: int, method: str | None, out: str) 
 def test_ring_of_two_processes_matches_one(method, tmp_path):
     saved = spawn_and_compare(ring_worker, method, tmp_path)
     # rank 0's block-aligned shard in each of the two layers: 192 tokens in 128-token blocks (dense) or 16
-    assert saved["shards"] == ([96, 96] if method else [128, 128])
+    assert saved["shards"] == ([(96, 4)] * 2 if method else [(128, 4)] * 2)
+
+
+def ulysses_ring_worker(rank: int, world: int, port: int, method: str | None, out: str) -> None:
+    ring_worker(rank, world, port, method, out, ulysses=2)
+
+
+def test_ulysses_and_ring_on_four_processes_match_one(tmp_path):
+    """ulysses=2 x ring=2: diffusers' all-to-all hands each rank 2 of the 4 heads and half the tokens, and
+    vgen's ring runs over the two ranks holding the same heads."""
+    saved = spawn_and_compare(ulysses_ring_worker, "vmoba", tmp_path, world=4)
+    assert saved["shards"] == [(96, 2)] * 2  # 192 tokens over a ring of 2 (16-token blocks), 2 of the 4 heads

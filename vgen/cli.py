@@ -290,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--fps", type=int, default=16)
     gen.add_argument("--ulysses", type=int,
-                     help="Ulysses context-parallel degree under torchrun (default: every process)")  # fmt: skip
+                     help="Ulysses context-parallel degree under torchrun (default: processes / --ring)")  # fmt: skip
     gen.add_argument("--ring", type=int, default=1,
-                     help="ring context-parallel degree under torchrun: every process, instead of Ulysses (Wan; "
-                          "methods dense, window, vmoba, moba, rectified, psa, paro with quant=none)")  # fmt: skip
+                     help="ring context-parallel degree under torchrun; --ulysses x --ring = processes (video-only "
+                          "self-attention: Wan, SkyReels-V2; methods dense, window, vmoba, moba, rectified, psa, "
+                          "paro with quant=none)")  # fmt: skip
     gen.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     gen.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet beside --out")
     gen.set_defaults(run=_generate)

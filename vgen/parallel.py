@@ -20,9 +20,11 @@ themselves split (Motif's decoder layers attend to the video) gather every shard
 modules whose keys are whole on every rank (cross-attention to the text, the text refiner) run
 locally, without communication: their result needs no other rank's tokens.
 
-Ring attention (``ring=N`` over all N processes, for video-only self-attention; tested on Wan):
-diffusers splits the sequence evenly, each self-attention call reaches vgen's interceptor with its
-rank's shard, and :func:`vgen.ring.ring_method_attention` runs the method over the ranks: the
+Ring attention (``ring=N``, for video-only self-attention; tested on Wan): diffusers splits the
+sequence evenly, each self-attention call reaches vgen's interceptor with its rank's shard (with
+``ulysses=U`` too, on ``U * N`` processes, after diffusers' Ulysses all-to-all: a contiguous run of
+``U`` shards for ``heads / U`` heads), and :func:`vgen.ring.ring_method_attention` runs the method over
+the ring's ranks: the
 selection on all-gathered queries and keys (so the same blocks as one GPU), then key/value shards
 around the ring, merged by log-sum-exp. Every method whose run returns a log-sum-exp (all but
 quantised paro) runs this way; ``docs/ring.md`` has the design and what is left. Launch with
@@ -159,12 +161,15 @@ class ContextParallelState:
         split_context: self-attention modules whose extra tokens are split over the ranks (gathered in
             full); in the others the extra tokens are whole on every rank (one copy is kept).
         ring: ranks of the ring (1: Ulysses only). With a ring, each rank's self-attention sees its even
-            shard of the sequence and vgen runs :func:`vgen.ring.ring_method_attention` on it.
+            shard of the sequence (after Ulysses' all-to-all when both run: a contiguous run of tokens for
+            its heads) and vgen runs :func:`vgen.ring.ring_method_attention` on it.
+        ring_group: the ring's process group (None: every process).
     """
 
     world: int
     split_context: frozenset[str] = frozenset()
     ring: int = 1
+    ring_group: dist.ProcessGroup | None = None
 
 
 def _chunk_parts(x: torch.Tensor, world: int, video: int, position: str, dim: int):
@@ -223,6 +228,17 @@ def canonical_mask(mask: torch.Tensor, world: int, video: int, position: str, sp
     return canonical_tokens(mask, world, video, position, split_context, dim=-1)
 
 
+def _ulysses_only(parallel_config):
+    """A copy of a transformer's ``ParallelConfig`` whose context-parallel part reads ``ring_degree=1``: the
+    attention template then runs only the Ulysses all-to-all, over the same Ulysses groups."""
+    import copy
+
+    config = copy.copy(parallel_config)
+    config.context_parallel_config = copy.copy(parallel_config.context_parallel_config)
+    config.context_parallel_config.ring_degree = 1
+    return config
+
+
 def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None = None, ring: int = 1) -> None:
     """Spread ``transformer``'s sequence over the ranks of the default process group (Ulysses).
 
@@ -231,8 +247,11 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
             (vgen's methods intercept it), with a context-parallel plan: diffusers' (Wan, LTX, ...)
             or vgen's (:data:`PLANS`: SkyReels-V2, HunyuanVideo, MotifVideo). Joint text-video
             attention goes through vgen's interceptor, with vgen's ``dense`` method if none is applied.
-        ulysses: ranks that split the heads (default: the whole world); must divide the heads.
-        ring: must be 1 (see the module docstring).
+        ulysses: ranks that split the heads (default: the processes the ring leaves, ``world / ring``);
+            must divide the heads.
+        ring: ranks of the ring (default 1); ``ulysses * ring`` must be the number of processes. With
+            both, diffusers' Ulysses all-to-all runs first (over groups of ``ulysses`` ranks), then vgen's
+            ring over the ranks that hold the same heads.
     """
     from diffusers import ContextParallelConfig
 
@@ -242,14 +261,15 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
     world = dist.get_world_size()
     if not isinstance(ring, int) or isinstance(ring, bool) or ring < 1:
         raise ValueError(f"ring must be a positive int, got {ring!r}")
-    ulysses = (world // ring if ring > 1 else world) if ulysses is None else ulysses
-    if ring > 1 and (ring != world or ulysses != 1):
-        raise NotImplementedError(f"ring={ring}, ulysses={ulysses!r} on {world} processes: vgen runs either "
-                                  "Ulysses or a ring over every process, not both yet (docs/ring.md)")  # fmt: skip
-    if ring == 1 and (not isinstance(ulysses, int) or isinstance(ulysses, bool) or ulysses < 1 or ulysses != world):
-        raise ValueError(f"ulysses must equal the number of processes ({world}), got {ulysses!r}")
+    if ulysses is None and world % ring:
+        raise ValueError(f"ring={ring} must divide the number of processes ({world})")
+    ulysses = world // ring if ulysses is None else ulysses
+    if not isinstance(ulysses, int) or isinstance(ulysses, bool) or ulysses < 1:
+        raise ValueError(f"ulysses must be a positive int, got {ulysses!r}")
+    if ulysses * ring != world:
+        raise ValueError(f"ulysses={ulysses} x ring={ring} must be the number of processes ({world})")
     heads = getattr(transformer.config, "num_attention_heads", None)
-    if ring == 1 and heads is not None and heads % ulysses:
+    if heads is not None and heads % ulysses:
         raise ValueError(f"ulysses={ulysses} must divide the transformer's {heads} attention heads")
     name = type(transformer).__name__
     plan = PLANS[name](transformer) if name in PLANS else None
@@ -262,7 +282,7 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
     if ring > 1 and (spec is None or spec.text_position != "none"):
         raise NotImplementedError(f"ring parallelism runs video-only self-attention (Wan, SkyReels-V2) so far; "
                                   f"{name} has joint text-video attention: use Ulysses")  # fmt: skip
-    config = ContextParallelConfig(ulysses_degree=ulysses) if ring == 1 else ContextParallelConfig(ring_degree=ring)
+    config = ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring)
     if torch.accelerator.device_count() == 0:
         from diffusers.models.modeling_utils import ModelMixin
 
@@ -273,16 +293,21 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
     if spec is not None:
         # Attention whose keys are whole on every rank (cross-attention to the text, a text refiner) needs no
         # other rank's tokens: it runs locally. Only the video self-attention goes through the all-to-all.
+        # Under a ring, diffusers' own ring never runs: the video self-attention keeps Ulysses' all-to-all
+        # (when ulysses > 1) and vgen's interceptor runs the ring on what it hands over.
         video_attention = re.compile(spec.self_attention)
+        ulysses_only = _ulysses_only(transformer._parallel_config) if ring > 1 and ulysses > 1 else None
         for module_name, module in transformer.named_modules():
             processor = getattr(module, "processor", None)
-            if getattr(processor, "_parallel_config", None) is not None and (
-                ring > 1 or not video_attention.fullmatch(module_name)
-            ):
-                # (under a ring the video self-attention runs on local shards too: vgen's interceptor takes it)
-                processor._parallel_config = None
+            if getattr(processor, "_parallel_config", None) is not None:
+                if not video_attention.fullmatch(module_name):
+                    processor._parallel_config = None
+                elif ring > 1:
+                    processor._parallel_config = ulysses_only
         split = SPLIT_CONTEXT[name](transformer) if name in SPLIT_CONTEXT else frozenset()
-        transformer._vgen_context_parallel = ContextParallelState(world=world, split_context=split, ring=ring)
+        ring_group = transformer._parallel_config.context_parallel_config._ring_mesh.get_group() if ring > 1 else None
+        transformer._vgen_context_parallel = ContextParallelState(world=world, split_context=split, ring=ring,
+                                                                  ring_group=ring_group)  # fmt: skip
         if ring > 1 and sparse_attention_method(transformer) is None:
             apply_sparse_attention(transformer, "dense")  # the ring runs inside vgen's interceptor
         if spec.text_position != "none" and sparse_attention_method(transformer) is None:

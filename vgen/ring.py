@@ -194,7 +194,10 @@ def ring_attention(
     dense = mask.to_dense()
     row_blocks = dense[..., _blocks(rows, bq), :]
     keeps = torch.stack([row_blocks[..., _blocks(span, bk)].any() for span in spans]).tolist()  # one host sync
-    prev, nxt = (rank - 1) % world, (rank + 1) % world
+    def global_rank(r: int) -> int:  # point-to-point calls name the peer in the default group, whatever `group`
+        return r if group is None else dist.get_global_rank(group, r)
+
+    prev, nxt = global_rank((rank - 1) % world), global_rank((rank + 1) % world)
     out = lse = None
     k_cur, v_cur = k.contiguous(), v.contiguous()
     for step in range(world):

@@ -180,7 +180,7 @@ class _Run:
             )
         parallel = getattr(self.transformer, "_vgen_context_parallel", None)
         if parallel is not None and parallel.ring > 1:
-            return self._attend_ring(layer, step, grid, parallel.ring, query, key, value, attn_mask, scale)
+            return self._attend_ring(layer, step, grid, parallel, query, key, value, attn_mask, scale)
         if parallel is not None and parallel.world > 1 and self.spec.text_position != "none":
             # Joint attention under Ulysses: rank-chunked tokens -> single-GPU order -> method -> back.
             from vgen.parallel import canonical_mask, canonical_tokens, rank_chunked_tokens
@@ -194,18 +194,21 @@ class _Run:
             return rank_chunked_tokens(out, *order)
         return self._attend(layer, step, grid, query, key, value, attn_mask, scale)
 
-    def _attend_ring(self, layer, step, grid, ring, query, key, value, attn_mask, scale) -> torch.Tensor:
-        """This rank's even shard of a video-only self-attention, attended over the ring (vgen.ring)."""
+    def _attend_ring(self, layer, step, grid, parallel, query, key, value, attn_mask, scale) -> torch.Tensor:
+        """This rank's even shard of a video-only self-attention (after Ulysses' all-to-all, if any: a
+        contiguous run of tokens for this rank's heads), attended over the ring (vgen.ring)."""
         from vgen.ring import ring_method_attention
 
         if attn_mask is not None:
             raise NotImplementedError("ring parallelism takes self-attention without a mask")
+        ring = parallel.ring
         tokens = query.shape[2] * ring
         if tokens != grid.seq_len:
             raise ValueError(f"a ring of {ring} ranks holds {tokens} tokens; the video grid has {grid.seq_len}")
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         out = ring_method_attention(self.method, q, k, v, layout=grid, step=step, layer=layer,
-                                    splits=[query.shape[2]] * ring, scale=scale)  # fmt: skip
+                                    splits=[query.shape[2]] * ring, scale=scale,
+                                    group=parallel.ring_group)  # fmt: skip
         return out.transpose(1, 2)
 
     def _attend(self, layer, step, grid, query, key, value, attn_mask, scale) -> torch.Tensor:

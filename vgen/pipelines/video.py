@@ -249,8 +249,9 @@ class VideoPipeline:
 
     def enable_parallelism(self, *, ulysses: int | None = None, ring: int = 1) -> None:
         """Spread each transformer over the ranks of torch.distributed's default group: Ulysses context
-        parallelism through diffusers (default), or with ``ring=N`` (every rank) ring attention run by vgen
-        (:mod:`vgen.ring`; video-only self-attention, block-sparse methods); see :mod:`vgen.parallel`.
+        parallelism through diffusers (default), ring attention run by vgen with ``ring=N`` (:mod:`vgen.ring`;
+        video-only self-attention, block-sparse methods), or both (``ulysses * ring`` ranks); see
+        :mod:`vgen.parallel`.
         Every rank runs the pipeline with the same arguments and gets the same video; only rank 0 should
         write it."""
         from vgen.parallel import enable_context_parallel
