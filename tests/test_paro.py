@@ -168,7 +168,7 @@ def test_pooled_budget_goes_to_spread_maps_and_keeps_the_total():
     assert torch.equal(_pooled_masks(maps[:, None], seq, block, density).squeeze(1), each)
 
 
-def _ring_worker(rank: int, world: int, port: int, calibration: str, out: str) -> None:
+def _ring_worker(rank: int, world: int, port: int, calibration: str, out: str, quant: str) -> None:
     import os
 
     import torch.distributed as dist
@@ -181,7 +181,7 @@ def _ring_worker(rank: int, world: int, port: int, calibration: str, out: str) -
     q, k, v = (torch.randn(1, 192, 2, 16) for _ in range(3))
     splits = [100, 92]  # canonical shards that cut the 32-token blocks
     mine = slice(sum(splits[:rank]), sum(splits[: rank + 1]))
-    method = create_method("paro", calibration=calibration, quant="none")
+    method = create_method("paro", calibration=calibration, quant=quant)
     layout = VideoLayout(3, 8, 8)
     results = [ring_method_attention(method, q[:, mine], k[:, mine], v[:, mine], layout=layout, step=step,
                                      layer=layer, splits=splits) for step, layer in ((0, 0), (2, 1))]  # fmt: skip
@@ -194,8 +194,10 @@ def _ring_worker(rank: int, world: int, port: int, calibration: str, out: str) -
     os._exit(0)
 
 
-def test_paro_as_a_ring_of_two_processes_matches_one(calibration, tmp_path):
-    """Per-head token orders go through the ring's re-cut (one all-to-all of (token, head) pairs)."""
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_paro_as_a_ring_of_two_processes_matches_one(calibration, tmp_path, quant):
+    """Per-head token orders go through the ring's re-cut (one all-to-all of (token, head) pairs); quantised,
+    every ring step smooths its keys by the whole sequence's mean and returns a log-sum-exp to merge."""
     import socket
 
     import torch.multiprocessing as mp
@@ -204,14 +206,11 @@ def test_paro_as_a_ring_of_two_processes_matches_one(calibration, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "ring.pt"
-    mp.spawn(_ring_worker, args=(2, port, str(calibration), str(out)), nprocs=2)
+    mp.spawn(_ring_worker, args=(2, port, str(calibration), str(out), quant), nprocs=2)
     gathered = torch.load(out)
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 192, 2, 16) for _ in range(3))
-    method = create_method("paro", calibration=str(calibration), quant="none")
+    method = create_method("paro", calibration=str(calibration), quant=quant)
     for i, (step, layer) in enumerate(((0, 0), (2, 1))):
         want = method(q, k, v, layout=VideoLayout(3, 8, 8), step=step, layer=layer)
         torch.testing.assert_close(torch.cat([g[i] for g in gathered], 1), want, atol=2e-5, rtol=2e-5)
-    with pytest.raises(NotImplementedError, match="quant='none'"):
-        create_method("paro", calibration=str(calibration)).sparse_plan(
-            q, k, layout=VideoLayout(3, 8, 8), step=0, layer=0, scale=None)

@@ -37,6 +37,34 @@ def test_kernel_matches_its_reference(pv_bits, sq, sk, dim, block):
     assert error < (0.03 if pv_bits == 8 else 0.35)
 
 
+@pytest.mark.parametrize("pv_bits", [8, 4])
+def test_key_parts_with_one_smoothing_mean_merge_into_the_whole(pv_bits):
+    """What a ring step does: keys in two block-aligned parts, smoothed by the whole sequence's mean, each
+    returning its log-sum-exp; merged, they give the one-pass result. The kernel's LSE matches the reference's."""
+    from vgen.kernels import merge_attention
+
+    torch.manual_seed(11 + pv_bits)
+    q, k, v = torch.randn(1, 100, 2, 32), torch.randn(1, 160, 2, 32) + 1.5, torch.randn(1, 160, 2, 32)
+    mask = random_mask(2, 100, 160, (32, 32), 0.7, seed=4)
+    whole = quantized_attention(q, k, v, mask, pv_bits=pv_bits)
+    k_mean = k.float().mean(1)  # [B, H, D]: the whole key sequence's
+    dense = mask.to_dense()
+    parts = []
+    for cols in (slice(0, 96), slice(96, 160)):  # 3 key blocks, then 2 (the last one whole)
+        blocks = slice(cols.start // 32, -(-cols.stop // 32))
+        part = BlockMask.from_dense(dense[..., blocks].contiguous(), (32, 32), (100, cols.stop - cols.start))
+        out, lse = quantized_attention(q, k[:, cols], v[:, cols], part, pv_bits=pv_bits, k_mean=k_mean, return_lse=True)
+        ref_out, ref_lse = quantized_attention_reference(q, k[:, cols], v[:, cols], part, pv_bits=pv_bits,
+                                                         k_mean=k_mean, return_lse=True)  # fmt: skip
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+        parts.append((out, lse))
+    merged, _ = merge_attention(*parts[0], *parts[1])
+    torch.testing.assert_close(merged, whole, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="k_mean must be"):
+        quantized_attention(q, k, v, mask, k_mean=k_mean[0])
+
+
 def test_int8_is_close_and_smoothing_matters():
     torch.manual_seed(0)
     q, v = torch.randn(1, 256, 2, 64), torch.randn(1, 256, 2, 64)

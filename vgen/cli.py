@@ -293,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ulysses context-parallel degree under torchrun (default: processes / --ring)")  # fmt: skip
     gen.add_argument("--ring", type=int, default=1,
                      help="ring context-parallel degree under torchrun; --ulysses x --ring = processes (video-only "
-                          "self-attention: Wan, SkyReels-V2; methods dense, window, vmoba, moba, rectified, psa, "
-                          "paro with quant=none)")  # fmt: skip
+                          "self-attention: Wan, SkyReels-V2; every vgen method)")  # fmt: skip
     gen.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     gen.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet beside --out")
     gen.set_defaults(run=_generate)

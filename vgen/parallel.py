@@ -24,11 +24,11 @@ Ring attention (``ring=N``, for video-only self-attention; tested on Wan): diffu
 sequence evenly, each self-attention call reaches vgen's interceptor with its rank's shard (with
 ``ulysses=U`` too, on ``U * N`` processes, after diffusers' Ulysses all-to-all: a contiguous run of
 ``U`` shards for ``heads / U`` heads), and :func:`vgen.ring.ring_method_attention` runs the method over
-the ring's ranks: the
-selection on all-gathered queries and keys (so the same blocks as one GPU), then key/value shards
-around the ring, merged by log-sum-exp. Every method whose run returns a log-sum-exp (all but
-quantised paro) runs this way; ``docs/ring.md`` has the design and what is left. Launch with
-``torchrun --nproc-per-node N -m vgen.cli generate ...``; on CPUs (tests) the gloo backend works too.
+the ring's ranks: the selection on all-gathered queries and keys (so the same blocks as one GPU), then
+key/value shards around the ring, merged by log-sum-exp. Every vgen method runs this way (quantised
+paro's steps smooth their keys by the whole sequence's mean, so that their log-sum-exps merge);
+``docs/ring.md`` has the design and what is left. Launch with ``torchrun --nproc-per-node N -m vgen.cli
+generate ...``; on CPUs (tests) the gloo backend works too.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import AttentionMethod, MethodConfig, SparsePlan, register_method
 from vgen.kernels import permute_tokens, unpermute_tokens
 from vgen.kernels.permute import axis_order
+from vgen.kernels.quantized import quantized_attention
 
 __all__ = ["AXIS_ORDERS", "ParoCalibration", "PAROAttention", "PAROConfig", "block_mass", "calibrate_paro"]
 
@@ -270,18 +271,28 @@ class PAROAttention(AttentionMethod):
     def sparse_plan(
         self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
     ) -> SparsePlan:
-        """The calibrated order per head and mask (no q/k statistics needed); ``quant="none"`` only: the
-        quantised kernel returns no log-sum-exp to merge partial results with."""
-        if self.config.quant != "none":
-            raise NotImplementedError(f"paro with quant={self.config.quant!r} cannot run as a ring (the quantised "
-                                      "kernel returns no log-sum-exp); use quant='none'")  # fmt: skip
+        """The calibrated order per head and mask (no q/k statistics needed). Quantised, also what every ring
+        step shares: the whole key sequence's mean (``extra["k_mean"]``), which the steps smooth their keys
+        by, so that their logits share one shift and their log-sum-exps merge."""
         check_self_attention(self.name, q, k, layout)
         self.calibration.check(layout, layer, q.shape[2])
         dense, density = self._mask(self.calibration.bucket(step), layer, layout.seq_len, q.device)
         self.last_density = density
         block = self.calibration.meta["block_size"]
         mask = BlockMask.from_dense(dense, (block, block), (layout.seq_len, layout.seq_len))
-        return SparsePlan(mask, self._perm(layout, layer, q.device))
+        extra = None
+        if self.config.quant != "none":
+            extra = {"k_mean": k.float().mean(1), "dense": dense, "scale": scale}  # [B, H, D]; order-free
+        return SparsePlan(mask, self._perm(layout, layer, q.device), extra)
+
+    def ring_step(self, plan: SparsePlan, q, k, v, *, rows: slice, cols: slice):
+        """Quantised: one ring step through the INT8/INT4 kernel, keys smoothed by the whole sequence's mean."""
+        if self.config.quant == "none":
+            return None
+        block = plan.mask.block_size
+        part = BlockMask.from_dense(plan.extra["dense"][..., rows, cols].contiguous(), block, (q.shape[1], k.shape[1]))
+        return quantized_attention(q, k, v, part, scale=plan.extra["scale"], pv_bits=_QUANT_BITS[self.config.quant],
+                                   k_mean=plan.extra["k_mean"], return_lse=True)  # fmt: skip
 
 
 class _Calibrator(AttentionMethod):

@@ -45,7 +45,8 @@ _LEVELS = {8: 127, 4: 7}
 
 
 def quantize_blocks(
-    x: torch.Tensor, block: int, bits: int = 8, *, per_channel: bool = False, smooth: bool = False
+    x: torch.Tensor, block: int, bits: int = 8, *, per_channel: bool = False, smooth: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric quantisation of ``x`` ``[B, S, H, D]`` in blocks of ``block`` tokens.
 
@@ -54,6 +55,7 @@ def quantize_blocks(
         bits: 8 (values in [-127, 127]) or 4 (values in [-7, 7], stored in int8).
         per_channel: one scale per channel of each block instead of one per block.
         smooth: subtract the mean over all tokens (per batch and head) first.
+        mean: with ``smooth``, fp32 ``[B, H, D]`` to subtract instead of ``x``'s own mean.
 
     Returns:
         int8 ``[B, S, H, D]`` values and fp32 scales ``[B, H, M]`` (or ``[B, H, M, D]`` per channel).
@@ -63,7 +65,7 @@ def quantize_blocks(
     levels = _LEVELS[bits]
     xf = x.float()
     if smooth:
-        xf = xf - xf.mean(1, keepdim=True)
+        xf = xf - (xf.mean(1, keepdim=True) if mean is None else mean.float()[:, None])
     batch, seq, heads, dim = xf.shape
     blocks = -(-seq // block)
     padded = torch.nn.functional.pad(xf, (0, 0, 0, 0, 0, blocks * block - seq)).view(batch, blocks, block, heads, dim)
@@ -130,7 +132,7 @@ def _quantize_kernel(
 
 def _quantize_triton(
     x: torch.Tensor, block: int, bits: int, *, per_channel: bool = False, smooth: bool = False,
-    transpose: bool = False,
+    transpose: bool = False, mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_blocks` in one Triton pass; ``transpose`` writes the values ``[B, H, D, S]`` (a view
     of rows padded to whole blocks)."""
@@ -146,7 +148,10 @@ def _quantize_triton(
         values = torch.empty(batch, seq, heads, dim, dtype=torch.int8, device=x.device)
         strides = (values.stride(0), values.stride(1), values.stride(2), values.stride(3))
     scales = torch.empty((batch, heads, blocks, dim) if per_channel else (batch, heads, blocks), device=x.device)
-    mean = x.mean(1, dtype=torch.float32).contiguous() if smooth else scales  # [B, H, D]; unused without smooth
+    if smooth:  # [B, H, D]: the tokens' own mean, or the one given (a ring step smooths by the whole sequence's)
+        mean = (x.mean(1, dtype=torch.float32) if mean is None else mean.float()).contiguous()
+    else:
+        mean = scales  # unused
     x = x if x.stride(-1) == 1 else x.contiguous()
     _quantize_kernel[(blocks, batch * heads)](
         x, mean, values, scales, *_strides3(x), *strides, heads, seq, blocks, float(_LEVELS[bits]),
@@ -166,7 +171,7 @@ QUANT_LAUNCH = {"rows": 128, "warps": 8, "stages": 3}
 
 @triton.jit
 def _quant_fwd_kernel(
-    Q, K, VT, QS, KS, VS, OUT, KV_NUM, KV_IDX,
+    Q, K, VT, QS, KS, VS, OUT, LSE, KV_NUM, KV_IDX,
     s_qb, s_qs, s_qh,
     s_kb, s_ks, s_kh,
     s_vb, s_vh, s_vd,
@@ -175,6 +180,7 @@ def _quant_fwd_kernel(
     s_ib, s_ih, s_im,
     H, SQ, SK, MQ, MK, qk_scale, p_levels,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
     # one program: ROWS query tokens of a mask block of BLOCK_M (a divisor: half a 128-row block keeps the
     # int32 score tile, P and the fp32 accumulator in registers)
@@ -228,22 +234,25 @@ def _quant_fwd_kernel(
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
     tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    if RETURN_LSE:  # natural log of the (quantised) softmax mass, logits of the smoothed keys; -inf: nothing kept
+        b_log = (b_m + tl.log2(tl.where(b_l == 0.0, 1.0, b_l))) * 0.6931471805599453
+        tl.store(LSE + i_bh * SQ + o_m, tl.where(b_l == 0.0, float("-inf"), b_log), mask=m_m)
 
 
-def _quantize_all(q, k, v, block_mask, pv_bits):
+def _quantize_all(q, k, v, block_mask, pv_bits, k_mean=None):
     """The reference's quantisation (PyTorch): Q, smoothed K, per-channel V, all ``[B, S, H, D]``."""
     block_m, block_n = block_mask.block_size
     q8, q_scale = quantize_blocks(q, block_m, 8)
-    k8, k_scale = quantize_blocks(k, block_n, 8, smooth=True)
+    k8, k_scale = quantize_blocks(k, block_n, 8, smooth=True, mean=k_mean)
     vq, v_scale = quantize_blocks(v, block_n, pv_bits, per_channel=True)
     return q8, q_scale, k8, k_scale, vq, v_scale
 
 
-def _quantize_for_kernel(q, k, v, block_mask, pv_bits):
+def _quantize_for_kernel(q, k, v, block_mask, pv_bits, k_mean=None):
     """The same values in three Triton passes, V written transposed ``[B, H, D, S]``."""
     block_m, block_n = block_mask.block_size
     q8, q_scale = _quantize_triton(q, block_m, 8)
-    k8, k_scale = _quantize_triton(k, block_n, 8, smooth=True)
+    k8, k_scale = _quantize_triton(k, block_n, 8, smooth=True, mean=k_mean)
     vt, v_scale = _quantize_triton(v, block_n, pv_bits, per_channel=True, transpose=True)
     return q8, q_scale, k8, k_scale, vt, v_scale
 
@@ -256,7 +265,9 @@ def quantized_attention(
     *,
     scale: float | None = None,
     pv_bits: int = 8,
-) -> torch.Tensor:
+    k_mean: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention with INT8 QK^T and INT8 or INT4 PV; forward only (no autograd).
 
     Args:
@@ -264,10 +275,15 @@ def quantized_attention(
         block_mask: the kept blocks; its block sizes are also the quantisation blocks (>= 32 each).
         scale: softmax scale (default ``D ** -0.5``).
         pv_bits: 8 or 4.
+        k_mean: fp32 ``[B, H, D]`` the keys are smoothed by (default: their own mean). Calls over parts
+            of one key sequence (ring steps) pass the whole sequence's, so that their logits share one
+            shift and their log-sum-exps merge.
+        return_lse: also return the natural-log log-sum-exp ``[B, H, Sq]`` (fp32) of the logits of the
+            smoothed keys (``-inf`` for a row with no kept key).
 
     Returns:
-        ``[B, Sq, H, D]`` in q's dtype. Triton on CUDA or under ``TRITON_INTERPRET=1``, else
-        :func:`quantized_attention_reference`.
+        ``[B, Sq, H, D]`` in q's dtype (and the log-sum-exp). Triton on CUDA or under
+        ``TRITON_INTERPRET=1``, else :func:`quantized_attention_reference`.
     """
     _check_inputs(q, k, v, block_mask)
     if pv_bits not in _LEVELS:
@@ -278,13 +294,17 @@ def quantized_attention(
             f"(exact integer products), got block_size={block_mask.block_size}"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if k_mean is not None and tuple(k_mean.shape) != (q.shape[0], q.shape[2], q.shape[3]):
+        raise ValueError(f"k_mean must be [B, H, D] = {[q.shape[0], q.shape[2], q.shape[3]]}, got {list(k_mean.shape)}")
     if not use_triton(q):
-        return quantized_attention_reference(q, k, v, block_mask, scale=scale, pv_bits=pv_bits)
-    q8, q_scale, k8, k_scale, vt, v_scale = _quantize_for_kernel(q, k, v, block_mask, pv_bits)
+        return quantized_attention_reference(q, k, v, block_mask, scale=scale, pv_bits=pv_bits, k_mean=k_mean,
+                                             return_lse=return_lse)  # fmt: skip
+    q8, q_scale, k8, k_scale, vt, v_scale = _quantize_for_kernel(q, k, v, block_mask, pv_bits, k_mean)
     batch, sq, heads, dim = q.shape
     sk = k.shape[1]
     block_m, block_n = block_mask.block_size
     out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device) if return_lse else out
     # On the GPU, QUANT_LAUNCH's rows per program (a divisor of the mask block) and warps; half blocks under
     # the interpreter, so that the tests cover the sub-tiling.
     if q.is_cuda:
@@ -293,14 +313,15 @@ def quantized_attention(
         rows = block_m // 2
     grid = (triton.cdiv(sq, rows), batch * heads)
     _quant_fwd_kernel[grid](
-        q8, k8, vt, q_scale, k_scale, v_scale, out, block_mask.kv_num_blocks, block_mask.kv_indices,
+        q8, k8, vt, q_scale, k_scale, v_scale, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q8), *_strides3(k8), *_strides3(vt), *_strides3(out),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
         heads, sq, sk, q_scale.shape[-1], k_scale.shape[-1], scale * _LOG2E, float(_LEVELS[pv_bits]),
         D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows,
-        num_warps=QUANT_LAUNCH["warps"] if q.is_cuda else 4, num_stages=QUANT_LAUNCH["stages"] if q.is_cuda else 1,
+        RETURN_LSE=return_lse, num_warps=QUANT_LAUNCH["warps"] if q.is_cuda else 4,
+        num_stages=QUANT_LAUNCH["stages"] if q.is_cuda else 1,
     )  # fmt: skip
-    return out
+    return (out, lse) if return_lse else out
 
 
 def quantized_attention_reference(
@@ -311,11 +332,13 @@ def quantized_attention_reference(
     *,
     scale: float | None = None,
     pv_bits: int = 8,
-) -> torch.Tensor:
+    k_mean: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The same quantisation in PyTorch with an exact softmax. P is quantised per (row, key block)
     against its maximum there, as the kernel does, so the two differ only by float rounding."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q8, q_scale, k8, k_scale, vq, v_scale = _quantize_all(q, k, v, block_mask, pv_bits)
+    q8, q_scale, k8, k_scale, vq, v_scale = _quantize_all(q, k, v, block_mask, pv_bits, k_mean)
     block_m, block_n = block_mask.block_size
     sq, sk = q.shape[1], k.shape[1]
     rows, cols = torch.arange(sq, device=q.device) // block_m, torch.arange(sk, device=q.device) // block_n
@@ -334,5 +357,9 @@ def quantized_attention_reference(
     # rounded to the nearest level, ties to even, as the kernel's magic-number add does
     pq = ((tiles * (levels / tile_max)).round() * tile_max / levels).flatten(-2)[..., :sk]
     denom = pq.sum(-1, keepdim=True)
-    out = torch.einsum("bhqk,bkhd->bqhd", pq / torch.where(denom == 0, 1.0, denom), vd)
-    return out.to(q.dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", pq / torch.where(denom == 0, 1.0, denom), vd).to(q.dtype)
+    if not return_lse:
+        return out
+    peak = torch.where(m == float("-inf"), 0.0, m)
+    lse = torch.where(denom == 0, float("-inf"), peak + torch.log(torch.where(denom == 0, 1.0, denom)))
+    return out, lse[..., 0]
