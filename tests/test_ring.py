@@ -81,14 +81,18 @@ def test_block_splits_and_errors():
 
 VMOBA = {"block_size": (16, 16), "temporal_chunk": 1, "spatial_chunk": (4, 4), "cube_chunk": (2, 4, 4)}
 # (method, config, layer, step): vmoba's three partitions (1D is in order; 2D and 3D permute the tokens),
-# a dense warm-up step of vmoba, a static window, dense, and rectified (the ring, then its pooled correction
-# with every rank's pooled values; both ways of weighing the kept part)
+# a dense warm-up step of vmoba, a static window, dense, rectified (the ring, then its pooled correction
+# with every rank's pooled values; both ways of weighing the kept part), psa, dense warm-up steps of both,
+# and the quantised dense method (every step smooths its keys by the whole sequence's mean)
 WINDOW = {"window": (1, 3, 3), "block_size": (16, 16)}
 METHOD_CASES = [("vmoba", VMOBA, 0, 0), ("vmoba", VMOBA, 1, 0), ("vmoba", VMOBA, 2, 0),
                 ("vmoba", {**VMOBA, "dense_steps": 1}, 1, 0), ("window", WINDOW, 0, 0),
                 ("dense", {}, 0, 0), ("rectified", {"block_size": 16, "mass": 0.5}, 0, 0),
                 ("rectified", {"block_size": 16, "mass": 0.5, "rectify_kept": True}, 0, 0),
-                ("psa", {"budget": 0.5}, 0, 0)]  # fmt: skip
+                ("psa", {"budget": 0.5}, 0, 0), ("psa", {"budget": 0.5, "dense_steps": 1}, 0, 0),
+                ("rectified", {"block_size": 16, "mass": 0.5, "dense_steps": 1}, 0, 0),
+                ("quant", {"block_size": (32, 32)}, 0, 0), ("quant", {"block_size": (32, 64), "pv_bits": 4}, 0, 0),
+                ("quant", {"block_size": (32, 32), "dense_steps": 1}, 0, 0)]  # fmt: skip
 LAYOUT = VideoLayout(4, 12, 10)  # 480 tokens: a ragged 128-token block
 
 
@@ -132,6 +136,11 @@ def test_methods_over_two_ranks_match_one_process(tmp_path):
 
 
 def test_methods_without_a_block_sparse_plan_are_named():
+    from vgen.attention import AttentionMethod
+
+    class Opaque(AttentionMethod):
+        name = "opaque"
+
     q = torch.randn(1, LAYOUT.seq_len, 2, 16)
-    with pytest.raises(NotImplementedError, match="'quant' does not split into a block mask"):
-        create_method("quant").sparse_plan(q, q, layout=LAYOUT, step=0, layer=0, scale=None)
+    with pytest.raises(NotImplementedError, match="'opaque' does not split into a block mask"):
+        Opaque(create_method("dense").config).sparse_plan(q, q, layout=LAYOUT, step=0, layer=0, scale=None)

@@ -278,8 +278,11 @@ def ring_method_attention(
     shards = block_splits(n, block, world)
     widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
     moved = exchange(torch.cat([q, k, v], dim=-1), plan.perm, splits, shards, group).split(widths, -1)
+    # A plan without extras is plain block-sparse attention: a method's own step and finish read its extras,
+    # and a dense warm-up step or layer (full_plan) has none.
+    custom = plan.extra is not None
     out, lse = ring_attention(*moved, plan.mask, shards, scale=scale, group=group, return_lse=True,
-                              step_fn=functools.partial(method.ring_step, plan))  # fmt: skip
+                              step_fn=functools.partial(method.ring_step, plan) if custom else None)  # fmt: skip
     start = sum(shards[:rank])
     blocks = _blocks((start, start + shards[rank]), bq)
     counts = [-(-s // bq) for s in shards]  # query blocks per rank
@@ -287,6 +290,7 @@ def ring_method_attention(
     def gather(x: torch.Tensor) -> torch.Tensor:  # [B, H, m_r, ...] per rank -> [B, H, M, ...]
         return gather_tokens(x.movedim(2, 1), counts, group).movedim(1, 2)
 
-    out = method.ring_finish(plan, moved[0], moved[2], out, lse, blocks=blocks, gather=gather)
+    if custom:
+        out = method.ring_finish(plan, moved[0], moved[2], out, lse, blocks=blocks, gather=gather)
     back = None if plan.perm is None else torch.argsort(plan.perm, dim=-1)
     return exchange(out, back, shards, splits, group)

@@ -14,7 +14,7 @@ import torch
 from vgen.attention.block_mask import BlockMask
 from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse
 from vgen.attention.layout import VideoLayout
-from vgen.attention.registry import AttentionMethod, MethodConfig, register_method
+from vgen.attention.registry import AttentionMethod, MethodConfig, SparsePlan, register_method
 from vgen.kernels.quantized import quantized_attention
 
 __all__ = ["QuantAttention", "QuantConfig"]
@@ -73,3 +73,18 @@ class QuantAttention(AttentionMethod):
         blocks = -(-seq // self.config.block_size[0]), -(-seq // self.config.block_size[1])
         dense = torch.ones(1, 1, *blocks, dtype=torch.bool, device=q.device)
         return run_block_sparse(q, k, v, dense, self.config.block_size, scale, lengths, pv_bits=self.config.pv_bits)
+
+    def sparse_plan(self, q, k, *, layout, step, layer, scale) -> SparsePlan:
+        """Every block pair, with what each ring step shares: the whole key sequence's mean, which the steps
+        smooth their keys by (so that their logits share one shift and their log-sum-exps merge)."""
+        check_self_attention(self.name, q, k, layout)
+        self.last_density = 1.0
+        seq = layout.seq_len
+        mask = BlockMask.full(1, 1, (seq, seq), self.config.block_size, q.device)
+        return SparsePlan(mask, None, {"k_mean": k.float().mean(1), "scale": scale})
+
+    def ring_step(self, plan: SparsePlan, q, k, v, *, rows: slice, cols: slice):
+        """One ring step through the quantised kernel, keys smoothed by the whole sequence's mean."""
+        part = BlockMask.full(1, 1, (q.shape[1], k.shape[1]), self.config.block_size, q.device)
+        return quantized_attention(q, k, v, part, scale=plan.extra["scale"], pv_bits=self.config.pv_bits,
+                                   k_mean=plan.extra["k_mean"], return_lse=True)  # fmt: skip

@@ -130,7 +130,8 @@ class AttentionMethod:
         """Under ring parallelism, what the method does after the block-sparse part on a rank's shard
         (``q``, ``v``: the shard in the plan's order; ``out``, ``lse``: its block-sparse result over every
         rank's keys; ``blocks``: the shard's query blocks; ``gather(x)``: ``[B, H, m_r, ...]`` per-block
-        values of every rank's shard, concatenated). Plain block-sparse methods return ``out``."""
+        values of every rank's shard, concatenated). Plain block-sparse methods return ``out``. Called for
+        plans with ``extra`` only (a dense warm-up's :func:`full_plan` has none), as is :meth:`ring_step`."""
         return out
 
     def ring_step(
