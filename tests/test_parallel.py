@@ -223,8 +223,11 @@ def tiny_joint(family: str):
     transformer = build_tiny_pipeline(family, 0).transformer
     if family == "motif":
         torch.manual_seed(1)
-        transformer = type(transformer).from_config({**transformer.config, "num_single_layers": 2,
-                                                     "num_decoder_layers": 1})  # fmt: skip
+        # (without the config's `_use_default_values`, which names num_decoder_layers and would make
+        # from_config ignore the value given here)
+        config = {k: v for k, v in transformer.config.items() if k != "_use_default_values"}
+        transformer = type(transformer).from_config({**config, "num_single_layers": 2, "num_decoder_layers": 1})
+        assert transformer.config.num_decoder_layers == 1
     transformer.eval()
     torch.manual_seed(2)
     channels = transformer.config.in_channels
@@ -237,7 +240,8 @@ def tiny_joint(family: str):
     return transformer, inputs
 
 
-def joint_worker(rank: int, world: int, port: int, family: str, method: str | None, out: str) -> None:
+def joint_worker(rank: int, world: int, port: int, family: str, method: str | None, out: str,
+                 ring: int = 1) -> None:  # fmt: skip
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -247,21 +251,36 @@ def joint_worker(rank: int, world: int, port: int, family: str, method: str | No
         model, inputs = tiny_joint(family)
         if method:
             apply_sparse_attention(model, method, **JOINT_VMOBA)
-        enable_context_parallel(model)
+        enable_context_parallel(model, ring=ring)
         applied = sparse_attention_method(model).name
-        with torch.no_grad():
+        from vgen.ring import ring_attention as original_ring
+
+        lengths = []
+
+        def spy(*args, **kwargs):  # the joint attention goes around the ring, padded keys counted per sample
+            lengths.append((sum(args[4]), kwargs.get("key_lengths")))  # (tokens, valid keys per sample)
+            return original_ring(*args, **kwargs)
+
+        with mock.patch("vgen.ring.ring_attention", spy), torch.no_grad():
             result = model(**inputs)[0]
         if rank == 0:
-            torch.save({"out": result, "method": applied}, out)
+            torch.save({"out": result, "method": applied, "ring_calls": lengths}, out)
         leave_rank()
     finally:
         dist.destroy_process_group()
 
 
+def joint_ring_worker(rank: int, world: int, port: int, family: str, method: str | None, out: str) -> None:
+    joint_worker(rank, world, port, family, method, out, ring=world)
+
+
 @pytest.mark.parametrize("family", ["hunyuan", "motif"])
-@pytest.mark.parametrize("method", [None, "vmoba"])
-def test_joint_attention_models_match_one_process(family, method, tmp_path):
-    """vgen's plans for HunyuanVideo and MotifVideo: text whole on every rank, padded prompts, Motif's decoder."""
+@pytest.mark.parametrize("method,ring", [(None, False), ("vmoba", False), ("vmoba", True)])
+def test_joint_attention_models_match_one_process(family, method, ring, tmp_path):
+    """vgen's plans for HunyuanVideo and MotifVideo: text whole on every rank, padded prompts, Motif's decoder;
+    with Ulysses, and as a ring (each rank takes part of the text into the ring; the padded prompt becomes
+    per-sample key counts). (The ring cuts at 16-token blocks here: dense's 128-token blocks would leave the
+    tiny model's 20 tokens one block, too few for two ranks.)"""
     from vgen.pipelines.plumbing import apply_sparse_attention
 
     model, inputs = tiny_joint(family)
@@ -270,11 +289,18 @@ def test_joint_attention_models_match_one_process(family, method, tmp_path):
     with torch.no_grad():
         single = model(**inputs)[0]
     out = tmp_path / "out.pt"
-    mp.spawn(joint_worker, args=(2, free_port(), family, method, str(out)), nprocs=2)
+    mp.spawn(joint_ring_worker if ring else joint_worker, args=(2, free_port(), family, method, str(out)), nprocs=2)
     saved = torch.load(out)
     torch.testing.assert_close(saved["out"], single, atol=2e-5, rtol=2e-5)
     # Without a method the joint attention still goes through vgen (its dense method), to be reordered.
     assert saved["method"] == (method or "dense")
+    if ring:
+        # the joint calls: 12 video tokens and 8 text tokens, the second prompt with 3 of them valid; Motif's
+        # decoder layer: 12 video tokens and the encoder's 12 (split over the ranks too), no mask
+        text, decoder = (20, [20, 15]), (24, None)
+        assert saved["ring_calls"] == ([text, text, decoder] if family == "motif" else [text, text])
+    else:
+        assert not saved["ring_calls"]
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -28,6 +28,10 @@ def _inputs(seed: int, n: int, block: int):
     return q, k, v, BlockMask.from_dense(dense, (block, block), (n, n)), perm
 
 
+def _lengths(n: int) -> list[int]:
+    return [n - 7, n // 2 + 3]
+
+
 def worker(rank: int, world: int, port: int, n: int, block: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -42,8 +46,10 @@ def worker(rank: int, world: int, port: int, n: int, block: int, out: str) -> No
         starts = [sum(splits[:r]) for r in range(world + 1)]
         mine = slice(starts[rank], starts[rank + 1])
         o, lse = ring_attention(q[:, mine], k[:, mine], v[:, mine], mask, splits, return_lse=True)
+        # padded keys at the end: batch element 0 loses a few, element 1 most of rank 1's shard
+        padded = ring_attention(q[:, mine], k[:, mine], v[:, mine], mask, splits, key_lengths=_lengths(n))
         gathered = [None] * world
-        dist.all_gather_object(gathered, {"shard": shard, "back": back, "out": o, "lse": lse})
+        dist.all_gather_object(gathered, {"shard": shard, "back": back, "out": o, "lse": lse, "padded": padded})
         if rank == 0:
             torch.save({"parts": gathered, "splits": splits, "even": even}, out)
         leave_rank()
@@ -67,6 +73,10 @@ def test_two_ranks_match_one_process(n, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat([p["lse"] for p in parts], 2), want_lse, atol=1e-5, rtol=0)
     assert got[0, 32:64, 0].eq(0).all()  # the query block that keeps nothing
+    keys = torch.arange(n)[None, :] < torch.tensor(_lengths(n))[:, None]  # [B, keys]: the valid prefix
+    token_mask = mask.expand_tokens() & keys[:, None, None, :]
+    want_padded = attention_reference(q, k, v, mask=token_mask)
+    torch.testing.assert_close(torch.cat([p["padded"] for p in parts], 1), want_padded, atol=1e-5, rtol=1e-5)
 
 
 def test_block_splits_and_errors():

@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ulysses", type=int,
                      help="Ulysses context-parallel degree under torchrun (default: processes / --ring)")  # fmt: skip
     gen.add_argument("--ring", type=int, default=1,
-                     help="ring context-parallel degree under torchrun; --ulysses x --ring = processes (video-only "
-                          "self-attention: Wan, SkyReels-V2; every vgen method)")  # fmt: skip
+                     help="ring context-parallel degree under torchrun; --ulysses x --ring = processes (every "
+                          "vgen method; joint text-video models such as HunyuanVideo with --ulysses 1)")  # fmt: skip
     gen.add_argument("--out", required=True, help="output file: .mp4, .gif or .png (contact sheet)")
     gen.add_argument("--sheet", action="store_true", help="also write a PNG contact sheet beside --out")
     gen.set_defaults(run=_generate)

@@ -20,19 +20,23 @@ themselves split (Motif's decoder layers attend to the video) gather every shard
 modules whose keys are whole on every rank (cross-attention to the text, the text refiner) run
 locally, without communication: their result needs no other rank's tokens.
 
-Ring attention (``ring=N``, for video-only self-attention; tested on Wan): diffusers splits the
+Ring attention (``ring=N``; tested on Wan, HunyuanVideo and MotifVideo): diffusers splits the
 sequence evenly, each self-attention call reaches vgen's interceptor with its rank's shard (with
 ``ulysses=U`` too, on ``U * N`` processes, after diffusers' Ulysses all-to-all: a contiguous run of
 ``U`` shards for ``heads / U`` heads), and :func:`vgen.ring.ring_method_attention` runs the method over
 the ring's ranks: the selection on all-gathered queries and keys (so the same blocks as one GPU), then
 key/value shards around the ring, merged by log-sum-exp. Every vgen method runs this way (quantised
 paro's steps smooth their keys by the whole sequence's mean, so that their log-sum-exps merge);
-``docs/ring.md`` has the design and what is left. Launch with ``torchrun --nproc-per-node N -m vgen.cli
-generate ...``; on CPUs (tests) the gloo backend works too.
+Joint text-video attention (HunyuanVideo, Motif) runs as a ring with ``ulysses=1``: each rank takes
+an even part of the whole text into the ring (:func:`joint_ring_order`) and gathers the text's output
+back; a padded prompt's key mask becomes per-sample key counts; Motif's decoder layers bring their own
+shard of the encoder's tokens. ``docs/ring.md`` has the design and what is left. Launch with
+``torchrun --nproc-per-node N -m vgen.cli generate ...``; on CPUs (tests) the gloo backend works too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -219,6 +223,45 @@ def rank_chunked_tokens(x: torch.Tensor, world: int, video: int, position: str, 
     return torch.cat(chunks, dim=dim)
 
 
+@functools.lru_cache(maxsize=32)
+def joint_ring_order(ring: int, video: int, extra: int, position: str, split_context: bool, device: torch.device):
+    """How a joint text-video attention's tokens enter a ring of ``ring`` ranks, each holding ``video / ring``
+    video tokens and ``extra`` extra tokens (after or before them): the whole text (every rank takes an even,
+    contiguous part of it into the ring) or, with ``split_context``, its own shard of the extra tokens.
+
+    Returns ``(source_perm, splits, parts)``: ``source_perm`` int64 ``[N]`` on ``device``, position ``p`` of
+    the single-GPU order (all video, the extra tokens once, before or after) is position ``source_perm[p]`` of
+    the ranks' shards laid end to end, each shard ``[video_r, own part]`` (``[own part, video_r]`` before);
+    ``splits``: tokens per shard; ``parts``: each rank's own part as a ``(start, stop)`` range of its extra
+    tokens. Cached (read-only)."""
+    local_video = video // ring
+    if split_context:
+        parts = [(0, extra)] * ring
+    else:
+        sizes = [extra // ring + (r < extra % ring) for r in range(ring)]
+        starts = [sum(sizes[:r]) for r in range(ring)]
+        parts = [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+    splits = [local_video + b - a for a, b in parts]
+    shard_start = torch.tensor([0, *splits]).cumsum(0)[:-1]
+    j = torch.arange(video)
+    video_rank = j // local_video
+    video_source = shard_start[video_rank] + j % local_video
+    if split_context:
+        t = torch.arange(extra * ring)
+        extra_rank, within = t // extra, t % extra
+    else:
+        t = torch.arange(extra)
+        extra_rank = torch.bucketize(t, torch.tensor([b for _, b in parts]), right=True)
+        within = t - torch.tensor([a for a, _ in parts])[extra_rank] if extra else t
+    extra_source = shard_start[extra_rank] + within
+    if position == "after":
+        source = torch.cat([video_source, extra_source + local_video])
+    else:
+        own = torch.tensor([b - a for a, b in parts])
+        source = torch.cat([extra_source, video_source + own[video_rank]])
+    return source.to(device), splits, parts
+
+
 def canonical_mask(mask: torch.Tensor, world: int, video: int, position: str, split_context: bool) -> torch.Tensor:
     """A key-padding mask ``[..., 1, keys]`` in rank-chunked order (diffusers' Ulysses all-gathers each
     rank's mask to match its all-to-all) put in single-GPU order, like :func:`canonical_tokens`."""
@@ -279,9 +322,11 @@ def enable_context_parallel(transformer: torch.nn.Module, *, ulysses: int | None
     from vgen.pipelines.plumbing import TRANSFORMER_SPECS, apply_sparse_attention, sparse_attention_method
 
     spec = TRANSFORMER_SPECS.get(name)
-    if ring > 1 and (spec is None or spec.text_position != "none"):
-        raise NotImplementedError(f"ring parallelism runs video-only self-attention (Wan, SkyReels-V2) so far; "
-                                  f"{name} has joint text-video attention: use Ulysses")  # fmt: skip
+    if ring > 1 and spec is None:
+        raise NotImplementedError(f"ring parallelism runs through vgen's interceptor, which does not know {name}")
+    if ring > 1 and ulysses > 1 and spec.text_position != "none":
+        raise NotImplementedError(f"{name} has joint text-video attention: vgen runs it as a ring or with Ulysses, "
+                                  f"not both (got ulysses={ulysses}, ring={ring})")  # fmt: skip
     config = ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring)
     if torch.accelerator.device_count() == 0:
         from diffusers.models.modeling_utils import ModelMixin

@@ -147,6 +147,32 @@ def _slice_mask(mask: BlockMask, rows: tuple[int, int], cols: tuple[int, int], d
     return BlockMask.from_dense(part, (bq, bk), (rows[1] - rows[0], cols[1] - cols[0]))
 
 
+def _ring_step(q, k, v, mask, dense, rows, cols, scale, step_fn, valid):
+    """``(out, lse)`` of the queries (tokens ``rows``) over one shard's keys (tokens ``cols``); with ``valid``,
+    per batch element over the shard's first ``valid[b]`` keys (none: zeros and ``-inf``)."""
+    bq, bk = mask.block_size
+
+    def attend(q, k, v, cols, dense):
+        result = step_fn(q, k, v, rows=_blocks(rows, bq), cols=_blocks(cols, bk)) if step_fn else None
+        if result is None:
+            result = block_sparse_attention(q, k, v, _slice_mask(mask, rows, cols, dense), scale=scale, return_lse=True)
+        return result
+
+    if valid is None or all(n == cols[1] - cols[0] for n in valid):
+        return attend(q, k, v, cols, dense)
+    outs, lses = [], []
+    for b, n in enumerate(valid):
+        if n == 0:  # every key of this shard is padding for this batch element
+            outs.append(torch.zeros_like(q[b : b + 1]))
+            lses.append(torch.full((1, q.shape[2], q.shape[1]), float("-inf"), device=q.device))
+            continue
+        o, o_lse = attend(q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], (cols[0], cols[0] + n),
+                          dense[b : b + 1] if dense.shape[0] > 1 else dense)  # fmt: skip
+        outs.append(o)
+        lses.append(o_lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -158,6 +184,7 @@ def ring_attention(
     group: dist.ProcessGroup | None = None,
     return_lse: bool = False,
     step_fn=None,
+    key_lengths: list[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention of this rank's queries over every rank's keys, passed around a ring.
 
@@ -171,6 +198,9 @@ def ring_attention(
         step_fn: ``step_fn(q, k, v, rows=slice, cols=slice)`` (block ranges) returning
             ``(out, lse)`` or ``None``, to replace the block-sparse kernel of a step (PSA's pyramid);
             the steps whose mask slice keeps nothing are skipped either way.
+        key_lengths: per batch element, how many keys of the sequence are valid: the first ones, the rest
+            padding (a padded prompt after the video). Each step then attends a shard's valid prefix, per
+            batch element; ``None``: every key.
 
     Returns:
         ``[B, splits[rank], H, D]`` (and the log-sum-exp ``[B, H, splits[rank]]`` with ``return_lse``); rows
@@ -188,6 +218,10 @@ def ring_attention(
     bq, bk = mask.block_size
     if any(s % bq or s % bk for s in splits[:-1]):
         raise ValueError(f"splits {splits} must be multiples of the mask blocks {mask.block_size} (but the last)")
+    n_all = sum(splits)
+    if key_lengths is not None and (len(key_lengths) != q.shape[0] or not all(0 < n <= n_all for n in key_lengths)):
+        raise ValueError(f"key_lengths must give 1..{n_all} valid keys for each of the {q.shape[0]} batch "
+                         f"elements, got {key_lengths}")  # fmt: skip
     offsets = _offsets(splits, "cpu").tolist()
     spans = [(offsets[r], offsets[r + 1]) for r in range(world)]  # each rank's tokens
     rows = spans[rank]
@@ -213,11 +247,8 @@ def ring_attention(
             pending = dist.batch_isend_irecv(ops)
         if keeps[src]:
             cols = spans[src]
-            result = step_fn(q, k_cur, v_cur, rows=_blocks(rows, bq), cols=_blocks(cols, bk)) if step_fn else None
-            if result is None:
-                result = block_sparse_attention(q, k_cur, v_cur, _slice_mask(mask, rows, cols, dense), scale=scale,
-                                                return_lse=True)  # fmt: skip
-            o, o_lse = result
+            valid = None if key_lengths is None else [min(max(n - cols[0], 0), cols[1] - cols[0]) for n in key_lengths]
+            o, o_lse = _ring_step(q, k_cur, v_cur, mask, dense, rows, cols, scale, step_fn, valid)
             out, lse = (o, o_lse) if out is None else merge_attention(out, lse, o, o_lse)
         for request in pending:
             request.wait()
@@ -255,11 +286,17 @@ def ring_method_attention(
     splits: list[int],
     scale: float | None = None,
     group: dist.ProcessGroup | None = None,
+    source_perm: torch.Tensor | None = None,
+    key_lengths: list[int] | None = None,
 ) -> torch.Tensor:
     """One call of a block-sparse ``method`` with the sequence spread over the ranks of ``group``.
 
     ``q``, ``k``, ``v``: ``[B, splits[rank], H, D]``, this rank's shard of the layout's token order (any
-    cut, e.g. diffusers' even one). The method's selection sees the whole sequence: this first version
+    cut, e.g. diffusers' even one), or of another order of the same tokens: with ``source_perm`` (int
+    ``[N]``), position ``p`` of the layout's order is position ``source_perm[p]`` of the ranks' shards laid
+    end to end (joint text-video models hold ``[video_r, their part of the text]``). ``key_lengths``: per
+    batch element, the valid keys of the layout's order, a prefix (a padded prompt after the video); the
+    methods' orders keep such text in place. The method's selection sees the whole sequence: this first version
     all-gathers ``q`` and ``k`` (docs/ring.md plans pooled statistics instead), so every rank computes the
     same :class:`~vgen.attention.SparsePlan`. The tokens are then re-cut into block-aligned shards of the
     method's order, attended around the ring, and sent back. Returns this rank's shard of the output,
@@ -269,20 +306,33 @@ def ring_method_attention(
     n = sum(splits)
     if n != layout.seq_len:
         raise ValueError(f"splits {splits} add up to {n} tokens; the layout has {layout.seq_len}")
+    if source_perm is not None and tuple(source_perm.shape) != (n,):
+        raise ValueError(f"source_perm must be [{n}], got {tuple(source_perm.shape)}")
     # one collective each where three would do: q and k gathered together, q, k and v re-cut together
-    q_full, k_full = gather_tokens(torch.cat([q, k], dim=-1), splits, group).split([q.shape[-1], k.shape[-1]], -1)
+    qk = gather_tokens(torch.cat([q, k], dim=-1), splits, group)
+    if source_perm is not None:
+        qk = qk[:, source_perm.to(qk.device)]
+    q_full, k_full = qk.split([q.shape[-1], k.shape[-1]], -1)
     plan = method.plan(q_full, k_full, layout=layout, step=step, layer=layer, scale=scale)
-    del q_full, k_full
+    del qk, q_full, k_full
+    custom = plan.extra is not None
+    if key_lengths is not None and custom:
+        raise NotImplementedError(f"{method.name} runs its own ring steps, which take no padded keys: "
+                                  "a padded prompt under a ring needs a plain block-sparse method")  # fmt: skip
+    perm = plan.perm
+    if source_perm is not None:  # the method's order straight from the ranks' shards
+        source = source_perm.to(q.device)
+        perm = source if perm is None else source[perm]
     bq, bk = plan.mask.block_size
     block = bq * bk // math.gcd(bq, bk)
     shards = block_splits(n, block, world)
     widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
-    moved = exchange(torch.cat([q, k, v], dim=-1), plan.perm, splits, shards, group).split(widths, -1)
+    moved = exchange(torch.cat([q, k, v], dim=-1), perm, splits, shards, group).split(widths, -1)
     # A plan without extras is plain block-sparse attention: a method's own step and finish read its extras,
     # and a dense warm-up step or layer (full_plan) has none.
-    custom = plan.extra is not None
     out, lse = ring_attention(*moved, plan.mask, shards, scale=scale, group=group, return_lse=True,
-                              step_fn=functools.partial(method.ring_step, plan) if custom else None)  # fmt: skip
+                              step_fn=functools.partial(method.ring_step, plan) if custom else None,
+                              key_lengths=key_lengths)  # fmt: skip
     start = sum(shards[:rank])
     blocks = _blocks((start, start + shards[rank]), bq)
     counts = [-(-s // bq) for s in shards]  # query blocks per rank
@@ -292,5 +342,5 @@ def ring_method_attention(
 
     if custom:
         out = method.ring_finish(plan, moved[0], moved[2], out, lse, blocks=blocks, gather=gather)
-    back = None if plan.perm is None else torch.argsort(plan.perm, dim=-1)
+    back = None if perm is None else torch.argsort(perm, dim=-1)
     return exchange(out, back, shards, splits, group)

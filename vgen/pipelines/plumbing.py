@@ -180,6 +180,9 @@ class _Run:
             )
         parallel = getattr(self.transformer, "_vgen_context_parallel", None)
         if parallel is not None and parallel.ring > 1:
+            if self.spec.text_position != "none":
+                return self._attend_joint_ring(layer, step, grid, parallel, module_name in parallel.split_context,
+                                               query, key, value, attn_mask, scale)  # fmt: skip
             return self._attend_ring(layer, step, grid, parallel, query, key, value, attn_mask, scale)
         if parallel is not None and parallel.world > 1 and self.spec.text_position != "none":
             # Joint attention under Ulysses: rank-chunked tokens -> single-GPU order -> method -> back.
@@ -210,6 +213,55 @@ class _Run:
                                     splits=[query.shape[2]] * ring, scale=scale,
                                     group=parallel.ring_group)  # fmt: skip
         return out.transpose(1, 2)
+
+    def _attend_joint_ring(self, layer, step, grid, parallel, split_context, query, key, value, attn_mask,
+                           scale) -> torch.Tensor:  # fmt: skip
+        """Joint text-video attention over the ring. A rank holds its video shard and extra tokens: the whole
+        text (each rank then takes an even part of it into the ring, and the text's output is gathered
+        back), or, in ``split_context`` modules (Motif's decoder), its own shard of them. The method sees the
+        single-GPU sequence; a padded prompt (a prefix key mask) becomes per-sample key counts."""
+        import torch.distributed as dist
+
+        from vgen.attention.common import key_lengths
+        from vgen.parallel import joint_ring_order
+        from vgen.ring import gather_tokens, ring_method_attention
+
+        ring, group = parallel.ring, parallel.ring_group
+        rank = dist.get_rank(group)
+        position, local = self.spec.text_position, query.shape[2]
+        video = grid.num_video_tokens
+        if video % ring:
+            raise ValueError(f"{video} video tokens do not split into {ring} equal ring shards")
+        local_video = video // ring
+        extra = local - local_video
+        order = joint_ring_order(ring, video, extra, position, split_context, query.device)
+        source_perm, splits, parts = order
+        lo, hi = parts[rank]  # this rank's own extra tokens, within its local ones
+        lengths = None
+        if attn_mask is not None:
+            if position != "after" or split_context:
+                raise NotImplementedError("ring parallelism takes a key mask only for padded text after the video")
+            # the local tokens: this rank's video shard (any grid of that many tokens) and the text after it
+            local_layout = VideoLayout(1, 1, local_video, text_after=extra)
+            local_lengths = key_lengths(attn_mask, query.shape[0], local_layout)
+            lengths = None if local_lengths is None else [video + n - local_video for n in local_lengths]
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, S_local, H, D]
+
+        def mine(x):  # [video_r, own extra] or [own extra, video_r], the ranks' shards' layout
+            vid, ext = (x[:, :local_video], x[:, local_video:]) if position == "after" else (x[:, extra:], x[:, :extra])
+            return torch.cat([vid, ext[:, lo:hi]] if position == "after" else [ext[:, lo:hi], vid], dim=1)
+
+        layout = grid.with_context(len(source_perm), position)
+        out = ring_method_attention(self.method, mine(q), mine(k), mine(v), layout=layout, step=step, layer=layer,
+                                    splits=splits, scale=scale, group=group, source_perm=source_perm,
+                                    key_lengths=lengths)  # fmt: skip
+        if position == "after":
+            vid, own = out[:, :local_video], out[:, local_video:]
+        else:
+            own, vid = out[:, : hi - lo], out[:, hi - lo :]
+        if not split_context:  # the whole text's output, the same on every rank
+            own = gather_tokens(own, [b - a for a, b in parts], group)
+        return torch.cat([vid, own] if position == "after" else [own, vid], dim=1).transpose(1, 2)
 
     def _attend(self, layer, step, grid, query, key, value, attn_mask, scale) -> torch.Tensor:
         layout = grid.with_context(query.shape[2], self.spec.text_position)
