@@ -18,13 +18,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vgen.kernels import fps, pooled, quantized, selection, winding
+from vgen.kernels import fps, pooled, pyramid, quantized, selection, winding
 
 POOLED = {"Q": "*bf16", "SPARSE": "*bf16", "LSE": "*fp32", "KM": "*fp32", "VM": "*fp32", "LOGN": "*fp32",
           "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32"}  # fmt: skip
 QUANTIZE = {"X": "*bf16", "MEAN": "*fp32", "OUT": "*i8", "SCALE": "*fp32", "levels": "fp32"}
+POOLED_FP32 = {**POOLED, "Q": "*fp32", "SPARSE": "*fp32", "OUT": "*fp32"}
 QUANT_FWD = {"Q": "*i8", "K": "*i8", "VT": "*i8", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": "*bf16",
-             "KV_NUM": "*i32", "KV_IDX": "*i32", "qk_scale": "fp32", "p_levels": "fp32"}  # fmt: skip
+             "LSE": "*fp32", "KV_NUM": "*i32", "KV_IDX": "*i32", "qk_scale": "fp32", "p_levels": "fp32"}  # fmt: skip
+PYRAMID = {**{f"{x}{p}": "*bf16" for x in "KV" for p in (1, 2, 4, 8)}, "Q": "*bf16", "OUT": "*bf16", "LSE": "*fp32",
+           "NUM": "*i32", "IDX": "*i32", "qk_scale": "fp32"}  # fmt: skip
 KERNELS = [
     (selection._segment_means_kernel, {"X": "*bf16", "STARTS": "*i64", "SIZES": "*i64", "OUT": "*fp32",
                                        "SPREAD": "*fp32"}, {"D": 128, "BLOCK_D": 128, "BLOCK_T": 32,
@@ -38,18 +41,26 @@ KERNELS = [
     (selection._cut_narrow_kernel, {"PART": "*fp32", "LO": "*i64", "HI": "*i64", "GOAL": "*fp32"},
      {"PIVOTS": 64}, 2, 1),
     (selection._compact_rows_kernel, {"DENSE": "*i8", "COUNT": "*i32", "INDICES": "*i32"}, {"BLOCK": 256}, 4, 1),
-    (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 32, "BLOCK_N": 16, "ROW_BLOCK": 128,
-                                     "POOLED_KEPT": False, "COMPENSATE": True}, 8, 1),
-    (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 16, "ROW_BLOCK": 128,
-                                     "POOLED_KEPT": True, "COMPENSATE": True}, 8, 1),
-    (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 16, "ROW_BLOCK": 128,
-                                     "POOLED_KEPT": False, "COMPENSATE": True}, 8, 1),
+    # half inputs: tensor-core tiles (pooled_correction's launch for bf16/fp16)
+    (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 32, "BLOCK_N": 32, "ROW_BLOCK": 128,
+                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True}, 4, 1),
+    (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 32, "BLOCK_N": 32, "ROW_BLOCK": 128,
+                                     "POOLED_KEPT": True, "COMPENSATE": True, "HALF": True}, 4, 1),
+    (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 32, "BLOCK_N": 32, "ROW_BLOCK": 128,
+                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True}, 4, 1),
+    # fp32 inputs: exact ieee dots in small tiles
+    (pooled._pooled_kernel, POOLED_FP32, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 16, "ROW_BLOCK": 128,
+                                          "POOLED_KEPT": False, "COMPENSATE": True, "HALF": False}, 8, 1),
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": False,
                                             "SMOOTH": True}, 4, 1),
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True,
                                             "SMOOTH": False}, 4, 1),
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
-                                              "ROWS": 64}, 8, 2),
+                                              "ROWS": 128, "RETURN_LSE": False}, 8, 3),
+    (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
+                                              "ROWS": 128, "RETURN_LSE": True}, 8, 3),
+    (pyramid._pyramid_fwd_kernel, PYRAMID, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
+                                            "RETURN_LSE": True}, 8, 2),
     (fps._fps_kernel, {"P": "*fp32", "OUT": "*i64"}, {"BLOCK_N": 2048}, 4, 1),
     (winding._winding_kernel, {"P": "*fp32", "TRI": "*fp32", "OUT": "*fp32"}, {"BLOCK_Q": 64, "BLOCK_F": 32}, 8, 1),
 ]  # fmt: skip

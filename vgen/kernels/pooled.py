@@ -157,14 +157,15 @@ def pooled_correction(
     keep8 = keep.to(torch.int8)
     result = torch.empty_like(out)
     bound = 2 * math.log(2) * tolerance * d / scale**2  # |q|^2 spread < bound  <=>  sigma^2 < 2 ln 2 tolerance
-    # Half inputs: the products run on tensor cores in q's dtype (as the block-sparse kernel's do), in 64 x 32
-    # tiles at 4 warps. fp32 inputs: exact ieee dots, which run as FMA loops and need small tiles (ptxas for
-    # sm_90a, scripts/compile_kernels_sm90.py: 64 rows x 32 pooled blocks at 4 warps spilled 21 KB per thread
-    # at D = 128; 16 x 16 at 8 warps spills nothing). The 16 x 16 tiles took 14.5 ms at the 1.3B shape with
-    # bf16 inputs (profile at 7f5eeaf), against 8.2 ms for the block-sparse pass it corrects.
+    # Half inputs: the products run on tensor cores in q's dtype (as the block-sparse kernel's do), in 32 x 32
+    # tiles at 4 warps: ptxas for sm_90a at D = 128 (scripts/compile_kernels_sm90.py) spills nothing there, and
+    # 28-404 B per thread at 64 x 32 (4 or 8 warps). fp32 inputs: exact ieee dots, which run as FMA loops and
+    # need small tiles (64 x 32 at 4 warps spilled 21 KB per thread; 16 x 16 at 8 warps spills nothing). The
+    # 16 x 16 ieee tiles took 14.5 ms at the 1.3B shape with bf16 inputs (profile at 7f5eeaf), against 8.2 ms
+    # for the block-sparse pass it corrects.
     half = q.dtype in (torch.float16, torch.bfloat16)
     if half:
-        block_m, block_n, warps = 64, 32, 4
+        block_m, block_n, warps = 32, 32, 4
     else:
         block_m, block_n, warps = min(16 if d > 64 else 32, max(16, triton.next_power_of_2(row_block))), 16, 8
     ks = [0 if keep8.shape[i] == 1 else keep8.stride(i) for i in range(2)]
