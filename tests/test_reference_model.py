@@ -107,6 +107,24 @@ def test_flow_matching_loss_is_what_the_scheduler_inverts():
     assert (x - x0).abs().max() < 0.02  # integer timesteps: s is read to 1/1000
 
 
+def test_first_frame_weight_weighs_the_first_latent_frame():
+    """Errors only in latent frame 0: the weighted loss scales them by w / mean(weights) against the plain one."""
+    x0 = torch.randn(2, 16, 3, 8, 8)
+
+    def off_in_frame_0(hidden_states, timestep, encoder_hidden_states, return_dict=False):
+        exact = (hidden_states - x0) / (timestep.float() / 1000).view(-1, 1, 1, 1, 1)
+        exact[:, :, 0] += 1.0
+        return (exact,)
+
+    def loss(weight):
+        return flow_matching_loss(off_in_frame_0, x0, None, flow_shift=TINY.flow_shift, first_frame_weight=weight,
+                                  generator=torch.Generator().manual_seed(0)).item()  # fmt: skip
+
+    plain = loss(1.0)
+    assert plain == pytest.approx(1 / 3, rel=1e-4)  # one frame of three off by 1
+    assert loss(4.0) == pytest.approx(4 / 6, rel=1e-4)  # weights (4, 1, 1): 4 * 1 / 6
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny training run (3 + 3 steps) on the CPU."""

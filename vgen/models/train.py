@@ -154,6 +154,8 @@ class TrainSettings:
         lr, weight_decay, betas, warmup, grad_clip: AdamW and schedule (cosine to ``lr_floor`` x lr).
         lr_floor: final learning rate as a fraction of the peak, for both stages.
         caption_dropout: fraction of captions replaced by the empty prompt.
+        first_frame_weight: stage-3 loss weight of the first latent frame against 1 for the others
+            (:func:`flow_matching_loss`); the held-out loss stays unweighted.
         ema_decay: EMA decay of the stage-3 weights (0: no EMA).
         size_cycle: stage-3 steps at the training size, then at the demo size, per cycle (``(1, 1)``
             alternates; ``(1, 3)`` spends most steps on the cheap demo size; ``(1, 0)``: no demo size).
@@ -203,6 +205,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     lr_floor: float = 0.1
     caption_dropout: float = 0.1
+    first_frame_weight: float = 1.0
     ema_decay: float = 0.999
     size_cycle: tuple[int, int] = (1, 1)
     demo_batch: int = 32
@@ -267,6 +270,8 @@ class TrainSettings:
             raise ValueError(f"lr_floor must be in [0, 1], got {self.lr_floor!r}")
         if self.demo_clips is not None and self.demo_clips < 1:
             raise ValueError(f"demo_clips must be a positive int or None, got {self.demo_clips!r}")
+        if not self.first_frame_weight > 0:
+            raise ValueError(f"first_frame_weight must be > 0, got {self.first_frame_weight!r}")
         if self.two_shape_share is not None and not 0.0 <= self.two_shape_share <= 1.0:
             raise ValueError(f"two_shape_share must be None or in [0, 1], got {self.two_shape_share!r}")
         if not all(isinstance(n, int) and n >= 0 for n in self.size_cycle) or self.size_cycle[0] < 1:
@@ -794,6 +799,7 @@ def flow_matching_loss(
     flow_shift: float,
     generator: torch.Generator | None = None,
     u: torch.Tensor | None = None,
+    first_frame_weight: float = 1.0,
 ) -> torch.Tensor:
     """The rectified-flow loss that Wan's flow-prediction schedulers invert.
 
@@ -809,9 +815,13 @@ def flow_matching_loss(
         flow_shift: the scheduler's shift.
         generator: for ``u`` and the noise.
         u: ``[B]`` in [0, 1], to fix the noise levels (e.g. for a held-out loss).
+        first_frame_weight: weight of the first latent frame's squared errors against 1 for the others
+            (the weights' mean normalises the loss). The Wan VAE encodes the first pixel frame alone into
+            that latent frame, whose latents spread far less than the others': its errors are small
+            in the plain mean, and the model learns that frame last.
 
     Returns:
-        The mean squared error, float32 scalar.
+        The (weighted) mean squared error, float32 scalar.
     """
     if u is None:
         u = torch.rand(x0.shape[0], device=x0.device, generator=generator)
@@ -824,7 +834,12 @@ def flow_matching_loss(
         encoder_hidden_states=encoder_hidden_states,
         return_dict=False,
     )[0]
-    return F.mse_loss(velocity.float(), noise - x0)
+    if first_frame_weight == 1.0:
+        return F.mse_loss(velocity.float(), noise - x0)
+    weights = torch.ones(x0.shape[2], device=x0.device)
+    weights[0] = first_frame_weight
+    error = (velocity.float() - (noise - x0)).square().mean(dim=(0, 1, 3, 4))  # [T]
+    return (weights * error).sum() / weights.sum()
 
 
 class _Denoiser(torch.nn.Module):
@@ -836,13 +851,13 @@ class _Denoiser(torch.nn.Module):
         self.tokenizer, self.config = pipe.tokenizer, config
 
     def loss(
-        self, x0: torch.Tensor, captions: Sequence[str], generator: torch.Generator, u: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, x0: torch.Tensor, captions: Sequence[str], generator: torch.Generator, u: torch.Tensor | None = None,
+        first_frame_weight: float = 1.0,
+    ) -> torch.Tensor:  # fmt: skip
         """:func:`flow_matching_loss` of the transformer, conditioned on ``captions``."""
         embeddings = encode_prompts(self.tokenizer, self.text_encoder, captions, self.config.max_sequence_length)
-        return flow_matching_loss(
-            self.transformer, x0, embeddings, flow_shift=self.config.flow_shift, generator=generator, u=u
-        )
+        return flow_matching_loss(self.transformer, x0, embeddings, flow_shift=self.config.flow_shift,
+                                  generator=generator, u=u, first_frame_weight=first_frame_weight)  # fmt: skip
 
 
 class _Ema:
@@ -958,7 +973,8 @@ def _train_dit(
         clock.begin()
         x0 = (latents[index.to(device)].float() - mean) / std
         with _autocast(device):
-            loss = model.loss(x0, captions, _generator(device, settings.seed, _STAGE_KEYS["dit"], clock.step))
+            loss = model.loss(x0, captions, _generator(device, settings.seed, _STAGE_KEYS["dit"], clock.step),
+                              first_frame_weight=settings.first_frame_weight)  # fmt: skip
         _update(loss, optimizer, params, settings.grad_clip)
         if ema is not None:
             ema.update(clock.step)
