@@ -234,8 +234,7 @@ class _Run:
             raise ValueError(f"{video} video tokens do not split into {ring} equal ring shards")
         local_video = video // ring
         extra = local - local_video
-        order = joint_ring_order(ring, video, extra, position, split_context, query.device)
-        source_perm, splits, parts = order
+        source_perm, splits, parts = joint_ring_order(ring, video, extra, position, split_context, query.device)
         lo, hi = parts[rank]  # this rank's own extra tokens, within its local ones
         lengths = None
         if attn_mask is not None:
