@@ -45,6 +45,27 @@ def test_denoiser_mixes_space_time_and_conditions():
     assert (model(x, c_noise, points, shape + 1) - base).abs().max() > 1e-4
 
 
+def test_frame_positions_break_the_temporal_attention_s_blindness_to_order():
+    """Without frame positions, reordering the frames (latents and point clouds) reorders the output; with
+    them (once trained away from their zero start) it does not; a config saved before them loads without."""
+    import dataclasses
+
+    torch.manual_seed(1)
+    x, points, shape = torch.randn(1, 4, 5, 4), torch.rand(1, 4, 16, 3), torch.randn(1, 7, 6)
+    order = torch.tensor([3, 1, 0, 2])
+    for positions in (False, True):
+        model = LatentSetDenoiser(dataclasses.replace(TINY, frame_positions=positions))
+        torch.nn.init.normal_(model.out[1].weight, std=0.1)
+        if positions:
+            assert (model.frame_in.weight == 0).all()  # no embedding until trained
+            torch.nn.init.normal_(model.frame_in.weight, std=0.5)
+        c_noise = torch.tensor([0.1])
+        reordered = model(x[:, order], c_noise, points[:, order], shape)
+        gap = (reordered - model(x, c_noise, points, shape)[:, order]).abs().max()
+        assert (gap > 1e-3) if positions else (gap < 1e-5), (positions, gap)
+    assert DenoiserConfig(**{k: v for k, v in dataclasses.asdict(TINY).items() if k != "frame_positions"}) == TINY
+
+
 def test_edm_training_reduces_the_loss():
     torch.manual_seed(0)
     model = LatentSetDenoiser(TINY)

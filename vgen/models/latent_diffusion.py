@@ -43,6 +43,10 @@ class DenoiserConfig:
         frequencies: Fourier frequencies of the point-cloud embedding.
         point_tokens: condition tokens per frame, each a max-pooled group of input points.
         temporal: temporal self-attention across frames (off: every frame on its own, the per-frame baseline).
+        frame_positions: add an embedding of each frame's index to its latents. Without it the temporal
+            attention is blind to frame order (it sees only each frame's content and conditions): the
+            first temporal model, trained without, lost 0.19 IoU from the first frame to the last of 17
+            (0.10 per frame), most of it in the last frame, as if averaging the motion's far end away.
     """
 
     latent_dim: int = 32
@@ -53,6 +57,7 @@ class DenoiserConfig:
     frequencies: int = 8
     point_tokens: int = 64
     temporal: bool = True
+    frame_positions: bool = False
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "width", "heads", "layers", "frequencies", "point_tokens"):
@@ -110,6 +115,10 @@ class LatentSetDenoiser(nn.Module):
         self.shape_in = nn.Linear(c.shape_dim, c.width) if c.shape_dim else None
         self.level = nn.Sequential(nn.Linear(64, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
         self.blocks = nn.ModuleList(_Block(c.width, c.heads, c.temporal) for _ in range(c.layers))
+        self.frame_in = nn.Linear(64, c.width) if c.frame_positions else None
+        if self.frame_in is not None:  # starts as no embedding at all
+            nn.init.zeros_(self.frame_in.weight)
+            nn.init.zeros_(self.frame_in.bias)
         self.out = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, c.latent_dim))
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
@@ -146,6 +155,10 @@ class LatentSetDenoiser(nn.Module):
             shape_tokens = self.shape_in(shape)[:, None].expand(-1, x.shape[1], -1, -1)
             context = torch.cat([shape_tokens, context], 2)
         h = self.x_in(x)
+        if self.frame_in is not None:  # sinusoids of the frame index, one vector per frame
+            index = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
+            angles = index[:, None] * torch.exp(-math.log(100.0) * torch.arange(32, device=x.device) / 32)
+            h = h + self.frame_in(torch.cat([angles.sin(), angles.cos()], -1).to(h.dtype))[None, :, None]
         for block in self.blocks:
             h = block(h, context, level)
         return self.out(h)

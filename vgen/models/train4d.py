@@ -72,6 +72,7 @@ class Train4DSettings:
     device: str = "cuda"
     minutes: float | None = None
     temporal: bool = True
+    frame_positions: bool = True  # (with temporal) frame-index embeddings in the deformation denoiser
     workers: int = 12
     sequences: int = 512
     frames: int = 17
@@ -173,7 +174,8 @@ def train(settings: Train4DSettings, out: str | Path) -> Path:
     began = time.time()
     config = dataclasses.replace(
         CONFIGS[settings.config],
-        deform_denoiser=dataclasses.replace(CONFIGS[settings.config].deform_denoiser, temporal=settings.temporal),
+        deform_denoiser=dataclasses.replace(CONFIGS[settings.config].deform_denoiser, temporal=settings.temporal,
+                                            frame_positions=settings.temporal and settings.frame_positions),
     )
     pipe = Motion4DPipeline(config, device)
     data = {k: v.to(device) for k, v in render_data(settings).items()}
