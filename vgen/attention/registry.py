@@ -53,7 +53,8 @@ class SparsePlan:
 
     mask: BlockMask
     perm: torch.Tensor | None = None
-    extra: dict[str, Any] | None = None  # what the method's ring_finish needs (computed once, on every rank)
+    # what the method's ring_step / ring_finish read (computed once, on every rank); None: plain block-sparse
+    extra: dict[str, Any] | None = None
 
 
 def full_plan(seq_len: int, device: torch.device) -> SparsePlan:

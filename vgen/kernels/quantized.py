@@ -348,7 +348,8 @@ def quantized_attention_reference(
     s = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * scale
     s = s.masked_fill(~block_mask.expand_tokens(), float("-inf"))
     m = s.amax(-1, keepdim=True)
-    p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m))
+    peak = torch.where(m == float("-inf"), 0.0, m)
+    p = torch.exp(s - peak)
     levels = _LEVELS[pv_bits]
     batch, heads = p.shape[:2]
     blocks = -(-sk // block_n)
@@ -360,6 +361,5 @@ def quantized_attention_reference(
     out = torch.einsum("bhqk,bkhd->bqhd", pq / torch.where(denom == 0, 1.0, denom), vd).to(q.dtype)
     if not return_lse:
         return out
-    peak = torch.where(m == float("-inf"), 0.0, m)
     lse = torch.where(denom == 0, float("-inf"), peak + torch.log(torch.where(denom == 0, 1.0, denom)))
     return out, lse[..., 0]

@@ -248,13 +248,16 @@ def _order_key_torch(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
 
 
-def _cut_keys(flat: torch.Tensor, goals: torch.Tensor, by_mass: bool, chunk: int = _CHUNK) -> torch.Tensor:
+def _cut_keys(
+    flat: torch.Tensor, goals: torch.Tensor, by_mass: bool, chunk: int = _CHUNK, peak: torch.Tensor | None = None
+) -> torch.Tensor:
     """int64 ``[BH, G]``: per slice of fp32 ``flat`` ``[BH, N]`` (no -0.0) and goal ``goals[:, g]`` (the
     slice's softmax numerator at its peak, or a count), the largest key whose at-least set reaches the
-    goal, by the many-program pivot search; the G cuts of a slice are searched at once."""
+    goal, by the many-program pivot search; the G cuts of a slice are searched at once. ``peak``: the
+    slices' maxima, when the caller has them."""
     slices, n = flat.shape
     cuts = goals.shape[1]
-    peak = flat.amax(-1)
+    peak = flat.amax(-1) if peak is None else peak
     lo = _order_key_torch(flat.amin(-1)).repeat_interleave(cuts)  # its at-least set is everything
     hi = (_order_key_torch(peak) + 1).repeat_interleave(cuts)  # nothing is at least this
     goal = goals.reshape(-1).float().contiguous()
@@ -271,11 +274,12 @@ def _cut_keys(flat: torch.Tensor, goals: torch.Tensor, by_mass: bool, chunk: int
 def _global_cut_parallel(flat: torch.Tensor, threshold: float | None, count: int | None, chunk: int = _CHUNK):
     """bool ``[BH, N]``: :func:`global_cut` of fp32 ``flat`` by the many-program pivot search."""
     flat = flat + 0.0  # -0.0 becomes +0.0, so that comparing values orders as comparing keys
+    peak = flat.amax(-1)
     if threshold is not None:
-        goal = (flat - flat.amax(-1, keepdim=True)).exp().sum(-1, keepdim=True) * threshold
+        goal = (flat - peak[:, None]).exp().sum(-1, keepdim=True) * threshold
     else:
         goal = torch.full((flat.shape[0], 1), float(count), device=flat.device)
-    return _order_key_torch(flat) >= _cut_keys(flat, goal, threshold is not None, chunk)
+    return _order_key_torch(flat) >= _cut_keys(flat, goal, threshold is not None, chunk, peak)
 
 
 def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: int | None = None) -> torch.Tensor:
@@ -300,10 +304,11 @@ def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: i
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if not use_triton(scores):
         return global_cut_reference(scores, threshold=threshold, count=count)
-    # + 0.0 turns -0.0 into +0.0: both paths then see one zero (the keys would order -0.0 below +0.0)
-    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).float() + 0.0
+    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).float()
     if n >= PARALLEL_CUT_ENTRIES:
         return _global_cut_parallel(flat, threshold, None if count is None else min(count, n)).view(scores.shape)
+    # + 0.0 turns -0.0 into +0.0, as the parallel path does: both see one zero (the keys order -0.0 below +0.0)
+    flat = flat + 0.0
     keep = torch.empty(flat.shape, dtype=torch.int8, device=scores.device)
     _global_cut_kernel[(flat.shape[0],)](
         flat, keep, n, 0.0 if threshold is None else float(threshold), 0.0 if count is None else float(min(count, n)),
