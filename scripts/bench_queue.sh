@@ -4,18 +4,22 @@
 #
 #   SIDE_JOB='bash scripts/bench_queue.sh' ... bash scripts/train_reference_h200.sh start
 #
-# BENCHES picks and orders them (default: all; profile_calls, the per-kernel profile, is extra). A failing benchmark does not stop the others.
+# BENCHES picks and orders them (default: all; profile_calls, the per-kernel profile, is extra); "vmoba:1,2"
+# passes --parts 1,2. A failing benchmark does not stop the others.
 # "train4d" in BENCHES trains the 4D model for $M4D_MINUTES (default 12) into $dest/m4d (37 MB of weights).
 set -uo pipefail
 dest=${SIDE_OUT:-${OUT:-/tmp/out}}
 mkdir -p "$dest"
-for bench in ${BENCHES:-quantized_quick attention vmoba paro rectified_psa}; do
-    echo "== $bench $(date +%T)"
+for entry in ${BENCHES:-quantized_quick attention vmoba paro rectified_psa}; do
+    bench=${entry%%:*}  # "name:1,2" runs only parts 1 and 2 (benchmarks with --parts)
+    parts=()
+    [[ $entry == *:* ]] && parts=(--parts "${entry#*:}")
+    echo "== $entry $(date +%T)"
     case "$bench" in
     quantized_quick) python3 benchmarks/quantized_quick.py --sweep >"$dest/quantized_quick.txt" 2>&1 ;;
     train4d) python3 -m vgen.models.train4d --out "$dest/m4d" --device cuda --minutes "${M4D_MINUTES:-12}" ;;
     attention) python3 benchmarks/attention.py --sweep --forward-only --out "$dest/attention.md" ;;
-    *) python3 "benchmarks/$bench.py" --out "$dest/$bench.md" ;;
+    *) python3 "benchmarks/$bench.py" --out "$dest/$bench.md" "${parts[@]}" ;;
     esac
-    echo "== $bench exit $? $(date +%T)"
+    echo "== $entry exit $? $(date +%T)"
 done

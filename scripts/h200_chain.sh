@@ -9,6 +9,8 @@
 #   MINUTES=13 BENCHES="quantized_quick vmoba rectified_psa paro" bash scripts/h200_chain.sh start  # first call
 #   bash scripts/h200_chain.sh poll                                                                  # later calls
 #
+# BENCH_FIRST=1 runs the benchmarks before the training.
+#
 # Every call polls until POLL_UNTIL seconds (keep it under the call's limit) or the chain's end, then
 # copies what is finished to $OUT: the training's results once it is done (once: the reference model
 # alone is 60 MB of the 64 MiB a call brings back), and a tar of the benchmarks' outputs so far. The
@@ -19,7 +21,7 @@ POLL_UNTIL=${POLL_UNTIL:-540}
 OUT=${OUT:-/tmp/out}
 began=$(date +%s)
 FIRST=${FIRST:-m4d}
-export RUN OUT FIRST BENCHES="${BENCHES:-quantized_quick vmoba rectified_psa paro}"
+export RUN OUT FIRST BENCHES="${BENCHES:-quantized_quick vmoba rectified_psa paro}" BENCH_FIRST="${BENCH_FIRST:-}"
 
 case "${1:-}" in
 start)
@@ -36,9 +38,12 @@ start)
     setsid nohup bash -c '
         chain=$RUN  # (a prefix assignment sees the new RUN of the one before it)
         script=$([[ $FIRST == ref ]] && echo train_reference_h200.sh || echo train4d_h200.sh)
-        RUN=$chain/$FIRST OUT=$chain/first-out POLL_UNTIL=1000000 bash "scripts/$script" start >"$chain/first.log" 2>&1
-        echo "$FIRST exit $?" >"$chain/first.done"
-        SIDE_OUT=$chain/bench bash scripts/bench_queue.sh >"$chain/bench.log" 2>&1
+        train() {
+            RUN=$chain/$FIRST OUT=$chain/first-out POLL_UNTIL=1000000 bash "scripts/$script" start >"$chain/first.log" 2>&1
+            echo "$FIRST exit $?" >"$chain/first.done"
+        }
+        benches() { SIDE_OUT=$chain/bench bash scripts/bench_queue.sh >"$chain/bench.log" 2>&1; }
+        if [[ -n "${BENCH_FIRST:-}" ]]; then benches; train; else train; benches; fi
         echo done >"$chain/chain.done"
     ' >"$RUN/chain.log" 2>&1 </dev/null &
     ;;
