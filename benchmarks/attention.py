@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,8 +37,9 @@ DENSITIES = (1.0, 0.5, 0.25, 0.1)
 BLOCK = 128
 
 
-def bench(fn) -> float:
-    """Median ms over at least 100 ms and at least 8 calls (do_bench alone gives a 14B-sized call one sample)."""
+def bench(fn, calls: int = 8) -> float:
+    """Median ms over at least 100 ms and at least ``calls`` calls (do_bench alone gives a 14B-sized call one
+    sample)."""
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -45,7 +47,38 @@ def bench(fn) -> float:
     end.record()
     torch.cuda.synchronize()
     once = start.elapsed_time(end)
-    return triton.testing.do_bench(fn, warmup=max(25, 2 * once), rep=max(100, 8 * once), return_mode="median")
+    return triton.testing.do_bench(fn, warmup=max(25, 2 * once), rep=max(100, calls * once), return_mode="median")
+
+
+def build_times(build, n: int = 200) -> tuple[float, float]:
+    """(GPU ms, host ms) per call of ``build``, a mask build of one small kernel launch.
+
+    do_bench times a call from its start event to its end event; for a call this small that is mostly
+    the host's launch work with the GPU idle. Here the GPU is first held busy (torch.cuda._sleep) for
+    longer than the host takes to enqueue ``n`` builds, so the events around them measure the builds'
+    own GPU time back to back; the host's time per build is measured beside it.
+    """
+    build()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        build()
+    torch.cuda.synchronize()
+    host = (time.perf_counter() - t0) * 1000 / n
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    hold = n * host + 5  # ms of GPU sleep (cycles at 2 GHz; H200 clocks are lower, so at least this long)
+    torch.cuda._sleep(int(2e6 * hold))
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(n):
+        build()
+    end.record()
+    enqueue = (time.perf_counter() - t0) * 1000
+    torch.cuda.synchronize()
+    gpu = start.elapsed_time(end) / n
+    if enqueue > hold:  # the sleep may have run out before the last build was enqueued: flag it, not hide it
+        print(f"build_times: enqueueing took {enqueue:.2f} ms; the GPU figure may include host gaps", flush=True)
+    return gpu, host
 
 
 def shape_of(name: str) -> tuple[int, int, VideoLayout]:
@@ -143,6 +176,41 @@ def sweep(device) -> list[dict]:
     return rows
 
 
+# Backward tiles per kernel, (BLOCK_M, BLOCK_N, warps, stages); the first is the library default. Per ptxas for
+# sm_90a (Triton 3.6) the default dK/dV tiles spill about 400 B; 32 query rows spill about 130 B.
+BWD_CANDIDATES = {"dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2)],
+                  "dq": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (64, 128, 4, 2)]}
+BWD_CASES = (1.0, 0.25)  # densities of random masks at the wan1.3b-480p shape
+
+
+def sweep_backward(device) -> list[dict]:
+    """Time forward+backward with each backward kernel's candidate tiles (one kernel at a time, dK/dV
+    first) at the 1.3B shape; keep the fastest of each."""
+    heads, head_dim, grid = shape_of("wan1.3b-480p")
+    seq = grid.num_video_tokens
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    masks = [random_mask(heads, seq, d, device) for d in BWD_CASES]
+    rows = []
+    for kind, candidates in BWD_CANDIDATES.items():
+        best = None
+        for tiles in candidates:
+            block_sparse.CUDA_TILES[kind] = tiles
+            try:
+                times = [bench(fwd_bwd(lambda m=m: block_sparse_attention(q, k, v, m), (q, k, v), grad), calls=10)
+                         for m in masks]
+            except Exception as err:  # a variant the compiler rejects on this GPU
+                rows.append({"kernel": kind, "tiles": tiles, "error": str(err).splitlines()[0][:120]})
+                continue
+            rows.append({"kernel": kind, "tiles": tiles, "ms": dict(zip(map(str, BWD_CASES), times, strict=True))})
+            print(json.dumps(rows[-1]), flush=True)
+            if best is None or sum(times) < best[0]:
+                best = (sum(times), tiles)
+        block_sparse.CUDA_TILES[kind] = best[1]
+    return rows
+
+
 def run_shape(name: str, device, xformers, forward_only: bool) -> tuple[list[dict], list[dict]]:
     heads, head_dim, grid = shape_of(name)
     seq = grid.num_video_tokens
@@ -193,11 +261,12 @@ def run_shape(name: str, device, xformers, forward_only: bool) -> tuple[list[dic
             if forward_only:
                 t_ours_fb = t_flex_fb = float("nan")
             else:
-                t_ours_fb = bench(fwd_bwd(lambda m=mask: block_sparse_attention(q, k, v, m), (q, k, v), grad))
-                t_flex_fb = bench(fwd_bwd(lambda m=fmask: flex(qt, kt, vt, block_mask=m), (qt, kt, vt), grad_t))
+                t_ours_fb = bench(fwd_bwd(lambda m=mask: block_sparse_attention(q, k, v, m), (q, k, v), grad), calls=5)
+                t_flex_fb = bench(fwd_bwd(lambda m=fmask: flex(qt, kt, vt, block_mask=m), (qt, kt, vt), grad_t),
+                                  calls=5)
             # the build itself (the cache bypassed), and a cached call as every later layer and step makes it
-            t_build = (bench(lambda w=window: _window_mask.__wrapped__(grid, w, (BLOCK, BLOCK), device))
-                       if window is not None else None)
+            t_build, t_build_host = (None, None) if window is None else build_times(
+                lambda w=window: _window_mask.__wrapped__(grid, w, (BLOCK, BLOCK), device))
             t_cached = (bench(lambda w=window: local_window_mask(grid, w, block_size=(BLOCK, BLOCK), device=device))
                         if window is not None else None)
             if density == 1.0:
@@ -209,13 +278,15 @@ def run_shape(name: str, device, xformers, forward_only: bool) -> tuple[list[dic
                 "flex_fwd_bwd_ms": t_flex_fb, "ours_fwd_tflops": pair_flops * kept / t_ours / 1e9,
                 "flex_fwd_tflops": pair_flops * kept / t_flex / 1e9,
                 "ours_fwd_bwd_tflops": 3.5 * pair_flops * kept / t_ours_fb / 1e9,
-                "linearity": t_ours / (actual * ours_dense), "mask_build_ms": t_build, "mask_cached_ms": t_cached,
+                "linearity": t_ours / (actual * ours_dense), "mask_build_ms": t_build,
+                "mask_build_host_ms": t_build_host, "mask_cached_ms": t_cached,
             })
             print(json.dumps(rows[-1]), flush=True)
     return dense_rows, rows
 
 
-def markdown(meta: dict, sweep_rows: list[dict], dense_rows: list[dict], rows: list[dict]) -> str:
+def markdown(meta: dict, sweep_rows: list[dict], dense_rows: list[dict], rows: list[dict],
+             bwd_rows: list[dict] | None = None) -> str:
     lines = [f"### Attention kernels, {meta['date']}, commit {meta['commit']}, {meta['gpu']}",
              "", f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; bf16, B=1, "
              "head_dim 128, do_bench medians. TFLOP/s count kept work only (4·H·D per kept pair forward; "
@@ -225,18 +296,22 @@ def markdown(meta: dict, sweep_rows: list[dict], dense_rows: list[dict], rows: l
               for r in dense_rows]
     lines += ["", "| shape | mask | density | vgen fwd ms | Flex fwd ms | **fwd speedup vs Flex** | vgen TFLOP/s | "
               "time / (density x vgen dense) | vgen fwd+bwd ms | Flex fwd+bwd ms | **fwd+bwd speedup** | "
-              "mask build (% of vgen fwd) | err vs Flex |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "**bwd speedup** (fwd+bwd - fwd) | "
+              "mask build: GPU (% of vgen fwd); host | err vs Flex |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = r["err_vs_flex"] < 2e-2
         speed = f"{r['flex_fwd_ms'] / r['ours_fwd_ms']:.2f}x" if ok else "MISMATCH"
         speed_fb = f"{r['flex_fwd_bwd_ms'] / r['ours_fwd_bwd_ms']:.2f}x" if ok else "MISMATCH"
-        build = (f"{r['mask_build_ms']:.3f} ms ({100 * r['mask_build_ms'] / r['ours_fwd_ms']:.1f}%); cached "
-                 f"{1000 * r['mask_cached_ms']:.0f} us" if r["mask_build_ms"] is not None else "-")
+        speed_b = (f"{(r['flex_fwd_bwd_ms'] - r['flex_fwd_ms']) / (r['ours_fwd_bwd_ms'] - r['ours_fwd_ms']):.2f}x"
+                   if ok else "MISMATCH")
+        build = (f"{1000 * r['mask_build_ms']:.1f} us ({100 * r['mask_build_ms'] / r['ours_fwd_ms']:.2f}%); host "
+                 f"{1000 * r['mask_build_host_ms']:.0f} us; cached {1000 * r['mask_cached_ms']:.0f} us"
+                 if r["mask_build_ms"] is not None else "-")
         lines.append(
             f"| {r['shape']} | {r['mask']} | {r['density']:.3f} | {r['ours_fwd_ms']:.2f} | {r['flex_fwd_ms']:.2f} | "
             f"{speed} | {r['ours_fwd_tflops']:.0f} | {r['linearity']:.2f} | {r['ours_fwd_bwd_ms']:.2f} | "
-            f"{r['flex_fwd_bwd_ms']:.2f} | {speed_fb} | {build} | {r['err_vs_flex']:.1e} |")
+            f"{r['flex_fwd_bwd_ms']:.2f} | {speed_fb} | {speed_b} | {build} | {r['err_vs_flex']:.1e} |")
     if sweep_rows:
         labels = [f"{name} d{density}" for name, density in SWEEP_CASES]
         lines += ["", "Forward variants (random masks; the one with the lowest summed time relative to the first "
@@ -250,6 +325,16 @@ def markdown(meta: dict, sweep_rows: list[dict], dense_rows: list[dict], rows: l
                 lines.append(f"{head} failed: {r['error']} |" + " |" * (len(labels) - 1))
             else:
                 lines.append(head + "".join(f" {r['ms'][x]:.2f} |" for x in labels))
+    if bwd_rows:
+        lines += ["", "Backward variants (wan1.3b-480p, random masks, forward+backward ms; one kernel varied at a "
+                  "time, the fastest of each was used above):", "",
+                  "| kernel | (BLOCK_M, BLOCK_N, warps, stages) | "
+                  + " | ".join(f"ms at {d}" for d in BWD_CASES) + " |",
+                  "|---|---|" + "---|" * len(BWD_CASES)]
+        for r in bwd_rows:
+            cells = ([f"failed: {r['error']}"] + [""] * (len(BWD_CASES) - 1) if "error" in r
+                     else [f"{r['ms'][str(d)]:.2f}" for d in BWD_CASES])
+            lines.append(f"| {r['kernel']} | {r['tiles']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -258,6 +343,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["wan1.3b-480p", "wan14b-720p"])
     parser.add_argument("--sweep", action="store_true", help="time forward variants first and use the fastest")
     parser.add_argument("--forward-only", action="store_true", help="skip the forward+backward timings")
+    parser.add_argument("--sweep-backward", action="store_true",
+                        help="time backward tile variants first and use the fastest of each kernel")
     parser.add_argument("--out", type=Path, help="write the Markdown table here (and a .json beside it)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -279,18 +366,24 @@ def main() -> None:
         meta["tiles"] = dict(block_sparse.CUDA_TILES)
         meta["tma"] = block_sparse.USE_TMA
         meta["warp_specialize"] = block_sparse.WARP_SPECIALIZE
+    bwd_rows = []
+    if args.sweep_backward:
+        bwd_rows = sweep_backward(device)
+        meta["tiles"] = dict(block_sparse.CUDA_TILES)
+        torch.cuda.empty_cache()
     dense_rows, rows = [], []
     for name in args.shapes:
         d, r = run_shape(name, device, xformers, args.forward_only)
         dense_rows += d
         rows += r
-    text = markdown(meta, sweep_rows, dense_rows, rows)
+    text = markdown(meta, sweep_rows, dense_rows, rows, bwd_rows)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         args.out.with_suffix(".json").write_text(json.dumps(
-            {"meta": meta, "sweep": sweep_rows, "dense": dense_rows, "rows": rows}, indent=1, default=str))
+            {"meta": meta, "sweep": sweep_rows, "sweep_backward": bwd_rows, "dense": dense_rows, "rows": rows},
+            indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ def _bwd_dkdv_kernel(
             b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
             # [BLOCK_N, BLOCK_M]: P^T recomputed from the saved LSE; padded queries contribute nothing
             b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale - b_lse[None, :])
-            b_pt = tl.where(m_m[None, :], b_pt, 0.0)
+            if i_qb * MASK_M + (i_sub + 1) * BLOCK_M > SQ:  # only the ragged last tile has queries to mask
+                b_pt = tl.where(m_m[None, :], b_pt, 0.0)
             b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
             b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
             b_dst = b_pt * (b_dpt - b_delta[None, :])

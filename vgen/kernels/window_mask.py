@@ -89,13 +89,15 @@ def window_block_indices(
         device: where the tensors are built.
     """
     rows, cols = block_size
-    m_rows, m_cols = triton.cdiv(seq_len, rows), triton.cdiv(seq_len, cols)
+    # plain integer arithmetic: triton.cdiv and next_power_of_2 cost microseconds a call on the host, and this
+    # launch is all host time next to the tiny kernel
+    m_rows, m_cols = -(-seq_len // rows), -(-seq_len // cols)
     frames, height, width = grid
     num = torch.empty(m_rows, dtype=torch.int32, device=device)
     idx = torch.empty(m_rows, m_cols, dtype=torch.int32, device=device)
     reach_t, reach_y, reach_x = (UNBOUNDED if r is None else int(r) for r in reach)
     _window_mask_kernel[(m_rows,)](
         num, idx, seq_len, m_cols, text_before, frames * height * width, frames, height, width,
-        reach_t, reach_y, reach_x, ROWS=rows, COLS=cols, BLOCK_C=max(16, triton.next_power_of_2(m_cols)),
+        reach_t, reach_y, reach_x, ROWS=rows, COLS=cols, BLOCK_C=max(16, 1 << (m_cols - 1).bit_length()),
     )
     return num, idx
