@@ -162,24 +162,26 @@ def _bwd_dkdv_kernel(
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for j in range(n_q):
-        i_qb = tl.load(p_idx + j)
-        for i_sub in tl.static_range(MASK_M // BLOCK_M):
-            o_m = i_qb * MASK_M + i_sub * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_m = o_m < SQ
-            m_md = m_m[:, None] & (o_d < D)[None, :]
-            b_q = tl.load(Q + o_m[:, None] * s_qs + o_d[None, :], mask=m_md, other=0.0)
-            b_do = tl.load(DO + o_m[:, None] * s_ds + o_d[None, :], mask=m_md, other=0.0)
-            b_lse = tl.load(LSE + o_m, mask=m_m, other=0.0) * 1.4426950408889634
-            b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
-            # [BLOCK_N, BLOCK_M]: P^T recomputed from the saved LSE; padded queries contribute nothing
-            b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale - b_lse[None, :])
-            if i_qb * MASK_M + (i_sub + 1) * BLOCK_M > SQ:  # only the ragged last tile has queries to mask
-                b_pt = tl.where(m_m[None, :], b_pt, 0.0)
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+    SUB: tl.constexpr = MASK_M // BLOCK_M
+    # one flat loop over query tiles (SUB per kept mask block), as in the forward: the pipeliner prefetches
+    # the next tile's q and dO while this one computes, which a nested loop over sub-tiles prevented
+    for it in range(n_q * SUB):
+        start = tl.load(p_idx + it // SUB) * MASK_M + (it % SUB) * BLOCK_M
+        o_m = start + tl.arange(0, BLOCK_M)
+        m_m = o_m < SQ
+        m_md = m_m[:, None] & (o_d < D)[None, :]
+        b_q = tl.load(Q + o_m[:, None] * s_qs + o_d[None, :], mask=m_md, other=0.0)
+        b_do = tl.load(DO + o_m[:, None] * s_ds + o_d[None, :], mask=m_md, other=0.0)
+        b_lse = tl.load(LSE + o_m, mask=m_m, other=0.0) * 1.4426950408889634
+        b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
+        # [BLOCK_N, BLOCK_M]: P^T recomputed from the saved LSE; padded queries contribute nothing
+        b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale - b_lse[None, :])
+        if start + BLOCK_M > SQ:  # only the ragged last tile has queries to mask
+            b_pt = tl.where(m_m[None, :], b_pt, 0.0)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
 
     p_dk = DK + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
     p_dv = DV + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
@@ -220,19 +222,19 @@ def _bwd_dq_kernel(
     V += i_b * s_vb + i_h * s_vh
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for j in range(n_kv):
-        i_kb = tl.load(p_idx + j)
-        for i_sub in tl.static_range(MASK_N // BLOCK_N):
-            o_n = i_kb * MASK_N + i_sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            m_n = o_n < SK
-            m_nd = m_n[:, None] & m_d[None, :]
-            b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
-            b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
-            b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale - b_lse[:, None])
-            if i_kb * MASK_N + (i_sub + 1) * BLOCK_N > SK:  # only the ragged last tile has keys to mask
-                b_p = tl.where(m_n[None, :], b_p, 0.0)
-            b_ds = b_p * (tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION) - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+    SUB: tl.constexpr = MASK_N // BLOCK_N
+    for it in range(n_kv * SUB):  # one flat loop over key tiles, as in the dK/dV kernel
+        start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
+        o_n = start + tl.arange(0, BLOCK_N)
+        m_n = o_n < SK
+        m_nd = m_n[:, None] & m_d[None, :]
+        b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
+        b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
+        b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale - b_lse[:, None])
+        if start + BLOCK_N > SK:  # only the ragged last tile has keys to mask
+            b_p = tl.where(m_n[None, :], b_p, 0.0)
+        b_ds = b_p * (tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION) - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
 
     p_dq = DQ + i_b * s_dqb + i_h * s_dqh + o_m[:, None] * s_dqs + o_d[None, :]
     tl.store(p_dq, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_md)
@@ -253,7 +255,7 @@ def _mask_strides(t: torch.Tensor) -> tuple[int, int, int]:
 CUDA_TILES: dict[str, tuple[int, int, int, int]] = {
     "fwd": (128, 128, 8, 3),
     "dkdv": (64, 128, 8, 2),
-    "dq": (128, 128, 8, 2),
+    "dq": (128, 64, 8, 2),
 }
 
 
