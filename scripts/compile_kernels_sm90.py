@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vgen.kernels import fps, pooled, pyramid, quantized, selection, winding
+from vgen.kernels import block_sparse, fps, pooled, pyramid, quantized, selection, winding
 
 POOLED = {"Q": "*bf16", "SPARSE": "*bf16", "LSE": "*fp32", "KM": "*fp32", "VM": "*fp32", "LOGN": "*fp32",
           "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32"}  # fmt: skip
@@ -28,7 +28,21 @@ QUANT_FWD = {"Q": "*i8", "K": "*i8", "VT": "*i8", "QS": "*fp32", "KS": "*fp32", 
              "LSE": "*fp32", "KV_NUM": "*i32", "KV_IDX": "*i32", "qk_scale": "fp32", "p_levels": "fp32"}  # fmt: skip
 PYRAMID = {**{f"{x}{p}": "*bf16" for x in "KV" for p in (1, 2, 4, 8)}, "Q": "*bf16", "OUT": "*bf16", "LSE": "*fp32",
            "NUM": "*i32", "IDX": "*i32", "qk_scale": "fp32"}  # fmt: skip
+BLOCK_SPARSE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "LSE": "*fp32", "KV_NUM": "*i32",
+                "KV_IDX": "*i32", "qk_scale": "fp32"}
+HOST_DESC = "tensordesc<bf16[1, 128, 1, 128]>"
+BACKWARD = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DK": "*bf16",
+            "DV": "*bf16", "DQ": "*bf16", "Q_NUM": "*i32", "Q_IDX": "*i32", "KV_NUM": "*i32", "KV_IDX": "*i32",
+            "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
+BACKWARD_CONSTS = {"D": 128, "BLOCK_D": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32"}
 KERNELS = [
+    # the forward with K/V descriptors built on the host (block_sparse.HOST_TMA, a benchmark sweep candidate)
+    (block_sparse._fwd_kernel, {**BLOCK_SPARSE, "K": HOST_DESC, "V": HOST_DESC},
+     {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
+      "USE_TMA": True, "WARP_SPECIALIZE": False, "HOST_TMA": True}, 8, 3),
+    # the backward at block_sparse.CUDA_TILES (Triton 3.6: dK/dV spilled 744 B before its loop was flattened, dQ 128 B)
+    (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 128}, 8, 2),
+    (block_sparse._bwd_dq_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
     (selection._segment_means_kernel, {"X": "*bf16", "STARTS": "*i64", "SIZES": "*i64", "OUT": "*fp32",
                                        "SPREAD": "*fp32"}, {"D": 128, "BLOCK_D": 128, "BLOCK_T": 32,
                                                             "WITH_SPREAD": True}, 4, 1),

@@ -54,8 +54,10 @@ def _fwd_kernel(
     H, SQ, SK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, HOST_TMA: tl.constexpr = False,
 ):
+    """With HOST_TMA, K and V are host-built [B, S, H, D] tensor descriptors (blocks [1, BLOCK_N, 1, BLOCK_D])
+    instead of pointers: no per-program descriptor build."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_row = i_m * BLOCK_M // MASK_M
@@ -69,21 +71,26 @@ def _fwd_kernel(
 
     n_it = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm) * SUB
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_row * s_im
-    K += i_b * s_kb + i_h * s_kh
-    V += i_b * s_vb + i_h * s_vh
     desc_k = None
     desc_v = None
-    if USE_TMA:
-        desc_k = tl.make_tensor_descriptor(K, shape=[SK, D], strides=[s_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
-        desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
+    if not HOST_TMA:
+        K += i_b * s_kb + i_h * s_kh
+        V += i_b * s_vb + i_h * s_vh
+        if USE_TMA:
+            desc_k = tl.make_tensor_descriptor(K, shape=[SK, D], strides=[s_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
+            desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
 
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for it in tl.range(0, n_it, warp_specialize=WARP_SPECIALIZE):
         start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
-        b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
-        b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
+        if HOST_TMA:
+            b_k = K.load([i_b, start, i_h, 0]).reshape(BLOCK_N, BLOCK_D)
+            b_v = V.load([i_b, start, i_h, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
+            b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
         if start + BLOCK_N > SK:  # only the ragged last tile has keys to mask
             b_s = tl.where((start + tl.arange(0, BLOCK_N) < SK)[None, :], b_s, float("-inf"))
@@ -263,6 +270,9 @@ CUDA_TILES: dict[str, tuple[int, int, int, int]] = {
 USE_TMA = True
 # Triton's warp-specialised (producer/consumer) lowering of the forward's key loop; a --sweep candidate.
 WARP_SPECIALIZE = False
+# TMA descriptors for K and V built once on the host ([B, S, H, D], blocks [1, BLOCK_N, 1, D]) instead of by
+# every program on the device (a global write and a tensormap fence each); a --sweep candidate, untimed so far.
+HOST_TMA = False
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -270,6 +280,11 @@ def _tma_ok(x: torch.Tensor) -> bool:
     return (torch.cuda.get_device_capability(x.device)[0] >= 9 and x.stride(1) * x.element_size() % 16 == 0
             and x.stride(0) * x.element_size() % 16 == 0 and x.stride(2) * x.element_size() % 16 == 0
             and x.data_ptr() % 16 == 0)
+
+
+def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward loads K/V tiles by TMA (a function, so the tests can run those paths in the interpreter)."""
+    return k.is_cuda and USE_TMA and all(_tma_ok(x) for x in (k, v))
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -319,20 +334,28 @@ def _launch_forward(q, k, v, block_mask, scale):
     sk = k.shape[1]
     mask_m, mask_n = block_mask.block_size
     block_m, block_n, warps, stages = _tiles("fwd", mask_m, mask_n, q.is_cuda)
-    use_tma = q.is_cuda and USE_TMA and all(_tma_ok(x) for x in (k, v))
-    if use_tma:  # device-side descriptors live in a scratch buffer Triton asks for
+    use_tma = _use_tma(k, v)
+    block_d = max(16, triton.next_power_of_2(d))
+    host_tma = use_tma and HOST_TMA and block_d == d
+    if host_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_arg, v_arg = (TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, 1, block_d]) for x in (k, v))
+    else:
+        k_arg, v_arg = k, v
+    if use_tma and not host_tma:  # device-side descriptors live in a scratch buffer Triton asks for
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
     out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(sq, block_m), b * h)
     _fwd_kernel[grid](
-        q, k, v, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
+        q, k_arg, v_arg, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
         h, sq, sk, scale * _LOG2E,
-        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+        D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         MASK_M=mask_m, MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
-        WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, num_warps=warps, num_stages=stages,
+        WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, HOST_TMA=host_tma, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
