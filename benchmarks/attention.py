@@ -298,6 +298,16 @@ def run_shape(name: str, device, xformers, forward_only: bool) -> tuple[list[dic
     return dense_rows, rows
 
 
+def variant_table(title: str, lead: list[str], timed: list[str], rows: list[dict], lead_cells, times) -> list[str]:
+    """Markdown lines of a sweep's variants: each row's ``lead_cells``, then its ``times`` or its error."""
+    lines = ["", title, "", "| " + " | ".join(lead + timed) + " |", "|" + "---|" * (len(lead) + len(timed))]
+    for r in rows:
+        cells = ([f"failed: {r['error']}"] + [""] * (len(timed) - 1) if "error" in r
+                 else [f"{t:.2f}" for t in times(r)])
+        lines.append("| " + " | ".join(lead_cells(r) + cells) + " |")
+    return lines
+
+
 def markdown(meta: dict, sweep_rows: list[dict], dense_rows: list[dict], rows: list[dict],
              bwd_rows: list[dict] | None = None) -> str:
     lines = [f"### Attention kernels, {meta['date']}, commit {meta['commit']}, {meta['gpu']}",
@@ -327,27 +337,17 @@ def markdown(meta: dict, sweep_rows: list[dict], dense_rows: list[dict], rows: l
             f"{r['flex_fwd_bwd_ms']:.2f} | {speed_fb} | {speed_b} | {build} | {r['err_vs_flex']:.1e} |")
     if sweep_rows:
         labels = [f"{name} d{density}" for name, density in SWEEP_CASES]
-        lines += ["", "Forward variants (random masks; the one with the lowest summed time relative to the first "
-                  "was used above):", "",
-                  "| kernel | (BLOCK_M, BLOCK_N, warps, stages) | TMA | "
-                  + " | ".join(f"ms {x}" for x in labels) + " |",
-                  "|---|---|---|" + "---|" * len(labels)]
-        for r in sweep_rows:
-            head = f"| {r['kernel']} | {r['tiles']} | {r['tma']}{' (host)' if r.get('host_tma') else ''} |"
-            if "error" in r:
-                lines.append(f"{head} failed: {r['error']} |" + " |" * (len(labels) - 1))
-            else:
-                lines.append(head + "".join(f" {r['ms'][x]:.2f} |" for x in labels))
+        lines += variant_table(
+            "Forward variants (random masks; the one with the lowest summed time relative to the first was used "
+            "above):", ["kernel", "(BLOCK_M, BLOCK_N, warps, stages)", "TMA"], [f"ms {x}" for x in labels], sweep_rows,
+            lambda r: [r["kernel"], str(r["tiles"]), f"{r['tma']}{' (host)' if r.get('host_tma') else ''}"],
+            lambda r: [r["ms"][x] for x in labels])
     if bwd_rows:
-        lines += ["", "Backward variants (wan1.3b-480p, random masks, forward+backward ms; one kernel varied at a "
-                  "time, the fastest of each was used above):", "",
-                  "| kernel | (BLOCK_M, BLOCK_N, warps, stages) | "
-                  + " | ".join(f"ms at {d}" for d in BWD_CASES) + " |",
-                  "|---|---|" + "---|" * len(BWD_CASES)]
-        for r in bwd_rows:
-            cells = ([f"failed: {r['error']}"] + [""] * (len(BWD_CASES) - 1) if "error" in r
-                     else [f"{r['ms'][str(d)]:.2f}" for d in BWD_CASES])
-            lines.append(f"| {r['kernel']} | {r['tiles']} | " + " | ".join(cells) + " |")
+        lines += variant_table(
+            "Backward variants (wan1.3b-480p, random masks, forward+backward ms; one kernel varied at a time, the "
+            "fastest of each was used above):", ["kernel", "(BLOCK_M, BLOCK_N, warps, stages)"],
+            [f"ms at {d}" for d in BWD_CASES], bwd_rows, lambda r: [r["kernel"], str(r["tiles"])],
+            lambda r: [r["ms"][str(d)] for d in BWD_CASES])
     return "\n".join(lines) + "\n"
 
 

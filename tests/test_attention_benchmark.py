@@ -1,0 +1,52 @@
+"""benchmarks/attention.py's report (it needs a GPU to time anything): the ratios it prints are computed from
+the timings it was given, a failed variant shows its error, and a mismatch against Flex hides the speedups."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import attention  # noqa: E402
+
+META = {"date": "d", "commit": "c", "gpu": "g", "command": "python benchmarks/attention.py", "torch": "t",
+        "triton": "tr"}  # fmt: skip
+
+
+def row(**changes):
+    base = {"shape": "wan1.3b-480p", "mask": "local-3D", "density": 0.25, "window": (2, 3, 4), "err_vs_flex": 1e-3,
+            "ours_fwd_ms": 2.0, "flex_fwd_ms": 2.6, "ours_fwd_bwd_ms": 10.0, "flex_fwd_bwd_ms": 12.6,
+            "ours_fwd_tflops": 500.0, "flex_fwd_tflops": 400.0, "ours_fwd_bwd_tflops": 350.0, "linearity": 1.02,
+            "mask_build_ms": 0.004, "mask_build_host_ms": 0.08, "mask_cached_ms": 0.001}  # fmt: skip
+    return {**base, **changes}
+
+
+def cells(text: str, prefix: str) -> list[str]:
+    line = next(x for x in text.splitlines() if x.startswith(prefix))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_ratios_come_from_the_timings():
+    text = attention.markdown(META, [], [], [row()])
+    c = cells(text, "| wan1.3b-480p | local-3D")
+    assert c[5] == "1.30x"  # forward: 2.6 / 2.0
+    assert c[10] == "1.26x"  # forward+backward: 12.6 / 10.0
+    assert c[11] == "1.25x"  # backward alone: (12.6 - 2.6) / (10.0 - 2.0)
+    assert c[12].startswith("4.0 us (0.20%); host 80 us")
+
+
+def test_mismatch_hides_speedups():
+    c = cells(attention.markdown(META, [], [], [row(err_vs_flex=0.5)]), "| wan1.3b-480p | local-3D")
+    assert c[5] == c[10] == c[11] == "MISMATCH"
+
+
+def test_variant_tables_show_times_and_errors():
+    labels = [f"{name} d{density}" for name, density in attention.SWEEP_CASES]
+    sweep = [{"kernel": "fwd", "tiles": (128, 128, 8, 3), "tma": True, "ws": False, "host_tma": True,
+              "ms": {x: 1.5 + i for i, x in enumerate(labels)}},
+             {"kernel": "fwd", "tiles": (64, 64, 4, 3), "tma": False, "ws": False,
+              "error": "out of resource"}]  # fmt: skip
+    backward = [{"kernel": "dq", "tiles": (128, 64, 8, 2), "ms": {str(d): 7.0 for d in attention.BWD_CASES}}]
+    text = attention.markdown(META, sweep, [], [], backward)
+    assert cells(text, "| fwd | (128, 128, 8, 3)") == ["fwd", "(128, 128, 8, 3)", "True (host)", "1.50", "2.50", "3.50"]
+    assert cells(text, "| fwd | (64, 64, 4, 3)")[3] == "failed: out of resource"
+    assert cells(text, "| dq | (128, 64, 8, 2)")[2:] == ["7.00"] * len(attention.BWD_CASES)
