@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vgen.attention import BlockMask, VideoLayout, create_method
+from vgen.kernels import quantized
 from vgen.kernels.quantized import quantize_blocks, quantized_attention, quantized_attention_reference
 from vgen.kernels.reference import attention_reference
 
@@ -22,9 +23,13 @@ def random_mask(heads, sq, sk, block, density, seed):
     return BlockMask.from_dense(dense, block, (sq, sk))
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["loads", "tma"])
 @pytest.mark.parametrize("pv_bits", [8, 4])
 @pytest.mark.parametrize("sq,sk,dim,block", [(100, 100, 48, (32, 32)), (70, 130, 64, (32, 64))])
-def test_kernel_matches_its_reference(pv_bits, sq, sk, dim, block):
+def test_kernel_matches_its_reference(monkeypatch, tma, pv_bits, sq, sk, dim, block):
+    # tma: K and V^T tiles by tensor descriptors (quantized.QUANT_TMA on the GPU), forced in the interpreter;
+    # head_dim 48 reads past D and the 130 keys past SK, which must read as zeros
+    monkeypatch.setattr(quantized, "_use_quant_tma", lambda k8, vt: tma)
     torch.manual_seed(sq + pv_bits)
     q, k, v = torch.randn(2, sq, 2, dim), torch.randn(2, sk, 2, dim) + 2.0, torch.randn(2, sk, 2, dim)
     mask = random_mask(2, sq, sk, block, 0.6, seed=sq)

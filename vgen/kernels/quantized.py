@@ -167,6 +167,10 @@ def _quantize_triton(
 #   1.3B shape: 128/8/2 32.1, 128/8/3 34.5, 64/4/2 42.6, 64/8/3 59.1, 64/8/2 59.8
 #   14B shape:  128/8/3 267.7, 64/4/2 275.3, 128/8/2 317.8, 64/8/3 475.4, 64/8/2 571.2
 QUANT_LAUNCH = {"rows": 128, "warps": 8, "stages": 3}
+# K and V^T tiles by TMA (device-built descriptors, as the bf16 forward's): the register loads above stage
+# every tile through registers, and the kernel's shared memory (49 KB at 3 stages) shows no tile pipeline.
+# A `benchmarks/quantized_quick.py --sweep` candidate; untimed so far.
+QUANT_TMA = False
 
 
 @triton.jit
@@ -180,7 +184,7 @@ def _quant_fwd_kernel(
     s_ib, s_ih, s_im,
     H, SQ, SK, MQ, MK, qk_scale, p_levels,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    RETURN_LSE: tl.constexpr,
+    RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     # one program: ROWS query tokens of a mask block of BLOCK_M (a divisor: half a 128-row block keeps the
     # int32 score tile, P and the fp32 accumulator in registers)
@@ -198,6 +202,11 @@ def _quant_fwd_kernel(
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_m * s_im
     K += i_b * s_kb + i_h * s_kh
     VT += i_b * s_vb + i_h * s_vh
+    desc_k = None
+    desc_vt = None
+    if USE_TMA:  # tiles past SK or D read as zeros, as the masked loads below
+        desc_k = tl.make_tensor_descriptor(K, shape=[SK, D], strides=[s_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
+        desc_vt = tl.make_tensor_descriptor(VT, shape=[D, SK], strides=[s_vd, 1], block_shape=[BLOCK_D, BLOCK_N])
     b_m = tl.full([ROWS], float("-inf"), tl.float32)
     b_l = tl.zeros([ROWS], tl.float32)
     b_acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
@@ -206,10 +215,14 @@ def _quant_fwd_kernel(
         o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < SK
         tile = m_n[:, None] & m_d[None, :]
-        b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=tile, other=0)
         # V^T tiles [D, N]: the PV product's B operand with its reduction axis contiguous, the only
         # layout Hopper's 8-bit tensor-core instructions take from shared memory
-        b_vt = tl.load(VT + o_d[:, None] * s_vd + o_n[None, :], mask=m_d[:, None] & m_n[None, :], other=0)
+        if USE_TMA:
+            b_k = desc_k.load([j * BLOCK_N, 0])
+            b_vt = desc_vt.load([0, j * BLOCK_N])
+        else:
+            b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=tile, other=0)
+            b_vt = tl.load(VT + o_d[:, None] * s_vd + o_n[None, :], mask=m_d[:, None] & m_n[None, :], other=0)
         v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
         # |q8 . k8| <= 127^2 * 256 < 2^22: the exact magic-number conversion applies
         b_s = _i32_to_f32(tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32)) * (q_scale * tl.load(KS + i_bh * MK + j))
@@ -237,6 +250,15 @@ def _quant_fwd_kernel(
     if RETURN_LSE:  # natural log of the (quantised) softmax mass, logits of the smoothed keys; -inf: nothing kept
         b_log = (b_m + tl.log2(tl.where(b_l == 0.0, 1.0, b_l))) * 0.6931471805599453
         tl.store(LSE + i_bh * SQ + o_m, tl.where(b_l == 0.0, float("-inf"), b_log), mask=m_m)
+
+
+def _use_quant_tma(k8: torch.Tensor, vt: torch.Tensor) -> bool:
+    """QUANT_TMA on a GPU of compute capability 9+, with 16-byte aligned rows (a function, so the tests can run
+    the TMA path in the interpreter)."""
+    if not (k8.is_cuda and QUANT_TMA and torch.cuda.get_device_capability(k8.device)[0] >= 9):
+        return False
+    aligned = all(x.stride(i) % 16 == 0 for x in (k8, vt) for i in range(3))
+    return aligned and k8.data_ptr() % 16 == 0 and vt.data_ptr() % 16 == 0
 
 
 def _quantize_all(q, k, v, block_mask, pv_bits, k_mean=None):
@@ -312,13 +334,16 @@ def quantized_attention(
     else:
         rows = block_m // 2
     grid = (triton.cdiv(sq, rows), batch * heads)
+    use_tma = _use_quant_tma(k8, vt)
+    if use_tma:  # device-side descriptors live in a scratch buffer Triton asks for
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
     _quant_fwd_kernel[grid](
         q8, k8, vt, q_scale, k_scale, v_scale, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q8), *_strides3(k8), *_strides3(vt), *_strides3(out),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
         heads, sq, sk, q_scale.shape[-1], k_scale.shape[-1], scale * _LOG2E, float(_LEVELS[pv_bits]),
         D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows,
-        RETURN_LSE=return_lse, num_warps=QUANT_LAUNCH["warps"] if q.is_cuda else 4,
+        RETURN_LSE=return_lse, USE_TMA=use_tma, num_warps=QUANT_LAUNCH["warps"] if q.is_cuda else 4,
         num_stages=QUANT_LAUNCH["stages"] if q.is_cuda else 1,
     )  # fmt: skip
     return (out, lse) if return_lse else out
