@@ -282,6 +282,11 @@ def _tma_ok(x: torch.Tensor) -> bool:
             and x.data_ptr() % 16 == 0)
 
 
+def _descriptor_scratch(device: torch.device) -> None:
+    """Device-side TMA descriptors live in a scratch buffer Triton asks for; give it one on ``device``."""
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+
+
 def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the forward loads K/V tiles by TMA (a function, so the tests can run those paths in the interpreter)."""
     return k.is_cuda and USE_TMA and all(_tma_ok(x) for x in (k, v))
@@ -343,8 +348,8 @@ def _launch_forward(q, k, v, block_mask, scale):
         k_arg, v_arg = (TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_n, 1, block_d]) for x in (k, v))
     else:
         k_arg, v_arg = k, v
-    if use_tma and not host_tma:  # device-side descriptors live in a scratch buffer Triton asks for
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+    if use_tma and not host_tma:
+        _descriptor_scratch(q.device)
     out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(sq, block_m), b * h)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vgen.kernels.block_sparse import _check_inputs, _mask_strides, _strides3
+from vgen.kernels.block_sparse import _check_inputs, _descriptor_scratch, _mask_strides, _strides3, _tma_ok
 from vgen.kernels.runtime import use_triton
 
 if TYPE_CHECKING:
@@ -214,14 +214,13 @@ def _quant_fwd_kernel(
         j = tl.load(p_idx + it)
         o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         m_n = o_n < SK
-        tile = m_n[:, None] & m_d[None, :]
         # V^T tiles [D, N]: the PV product's B operand with its reduction axis contiguous, the only
         # layout Hopper's 8-bit tensor-core instructions take from shared memory
         if USE_TMA:
             b_k = desc_k.load([j * BLOCK_N, 0])
             b_vt = desc_vt.load([0, j * BLOCK_N])
         else:
-            b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=tile, other=0)
+            b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0)
             b_vt = tl.load(VT + o_d[:, None] * s_vd + o_n[None, :], mask=m_d[:, None] & m_n[None, :], other=0)
         v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
         # |q8 . k8| <= 127^2 * 256 < 2^22: the exact magic-number conversion applies
@@ -255,10 +254,7 @@ def _quant_fwd_kernel(
 def _use_quant_tma(k8: torch.Tensor, vt: torch.Tensor) -> bool:
     """QUANT_TMA on a GPU of compute capability 9+, with 16-byte aligned rows (a function, so the tests can run
     the TMA path in the interpreter)."""
-    if not (k8.is_cuda and QUANT_TMA and torch.cuda.get_device_capability(k8.device)[0] >= 9):
-        return False
-    aligned = all(x.stride(i) % 16 == 0 for x in (k8, vt) for i in range(3))
-    return aligned and k8.data_ptr() % 16 == 0 and vt.data_ptr() % 16 == 0
+    return k8.is_cuda and QUANT_TMA and all(_tma_ok(x) for x in (k8, vt))
 
 
 def _quantize_all(q, k, v, block_mask, pv_bits, k_mean=None):
@@ -335,8 +331,8 @@ def quantized_attention(
         rows = block_m // 2
     grid = (triton.cdiv(sq, rows), batch * heads)
     use_tma = _use_quant_tma(k8, vt)
-    if use_tma:  # device-side descriptors live in a scratch buffer Triton asks for
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+    if use_tma:
+        _descriptor_scratch(q.device)
     _quant_fwd_kernel[grid](
         q8, k8, vt, q_scale, k_scale, v_scale, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q8), *_strides3(k8), *_strides3(vt), *_strides3(out),
