@@ -103,17 +103,18 @@ def main() -> None:
             "return_dict": False,
         }  # fmt: skip
 
-        def forward(model=model, inputs=inputs) -> None:
+        def forward(model=model, inputs=inputs) -> torch.Tensor:
             with torch.inference_mode():
-                model(**inputs)
+                return model(**inputs)[0]
 
         single: dict[str, float] = {}
         densities: dict[str, float] = {}
+        outputs: dict[str, torch.Tensor] = {}  # rank 0's one-GPU outputs, to compare with the N-GPU ones
         for method in ("dense", "vmoba"):  # one GPU: rank 0 alone, the others wait at the barrier
             if method == "vmoba":
                 apply_sparse_attention(model, "vmoba", **vmoba)
             if rank == 0:
-                forward()
+                outputs[method] = forward().float().cpu()
                 alone = timer(device)  # this rank only: the others wait at the barrier below
                 single[method] = statistics.median(alone(forward) for _ in range(args.repeats))
                 instance = sparse_attention_method(model)
@@ -122,9 +123,13 @@ def main() -> None:
             remove_sparse_attention(model)
         enable_context_parallel(model, ring=world if args.ring else 1)
         parallel: dict[str, float] = {}
+        error: dict[str, float] = {}  # N GPUs against one: max |difference| / max |one-GPU output|
         for method in ("dense", "vmoba"):
             if method == "vmoba":
                 apply_sparse_attention(model, "vmoba", **vmoba)
+            spread = forward().float().cpu()
+            if rank == 0:
+                error[method] = float((spread - outputs[method]).abs().max() / outputs[method].abs().max())
             parallel[method] = median_time(forward, device, args.repeats)
             remove_sparse_attention(model)
         patch = model.config.patch_size
@@ -141,7 +146,7 @@ def main() -> None:
                 row = {
                     "shape": name, "method": method, "tokens": tokens, "density": densities[method],
                     "gpus": world, "single_s": single[method], "parallel_s": parallel[method],
-                    "speedup": single[method] / parallel[method], "a2a_ms": 1000 * a2a,
+                    "speedup": single[method] / parallel[method], "max_rel_error": error[method], "a2a_ms": 1000 * a2a,
                     "comm_s": comm, "predicted_s": predicted,
                 }  # fmt: skip
                 print(json.dumps(row), flush=True)
@@ -169,17 +174,19 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device) -
         f"### {mode} context parallelism, {datetime.date.today().isoformat()}, commit {commit or 'unknown'}, "
         f"{world} x {gpu}", "",
         f"Command: `torchrun --nproc-per-node {world} benchmarks/parallel.py {' '.join(sys.argv[1:])}`; torch "
-        f"{torch.__version__}; transformer forward, random weights, median of {args.repeats} after a warm-up. "
+        f"{torch.__version__}; transformer forward, random weights, median of {args.repeats} after a warm-up; max error = max |N-GPU output - "
+        "one-GPU output| / max |one-GPU output|. "
         "The 4- and 8-GPU columns are predictions (compute / N + the measured all-to-all cost scaled to N), "
         "not measurements.", "",
         f"| shape | tokens | method | density (last layer) | 1 GPU s | {world} GPUs s | **speedup** | efficiency | "
-        "all-to-all ms (one) | predicted 4 GPUs s | predicted 8 GPUs s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"max error vs 1 GPU | all-to-all ms (one) | predicted 4 GPUs s | predicted 8 GPUs s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['tokens']:,} | {r['method']} | {r['density']:.3f} | {r['single_s']:.3f} | "
-            f"{r['parallel_s']:.3f} | {r['speedup']:.2f}x | {r['speedup'] / r['gpus']:.0%} | {r['a2a_ms']:.2f} | "
+            f"{r['parallel_s']:.3f} | {r['speedup']:.2f}x | {r['speedup'] / r['gpus']:.0%} | "
+            f"{r['max_rel_error']:.1e} | {r['a2a_ms']:.2f} | "
             f"{r['predicted_s'][4]:.3f} | {r['predicted_s'][8]:.3f} |"
         )
     return "\n".join(lines) + "\n"
