@@ -11,7 +11,7 @@
 # When the evaluation is done, $OUT gets m4d-results.tar (eval4d.md/json/png, both logs and loss curves) and
 # the temporal model as m4d-model.tar.part-* (15 MB pieces; `cat m4d-model.tar.part-* | tar -x`), which is
 # what assets/motion4d ships. TRAIN_ARGS go to both trainings (e.g. "--set batch=32"), EVAL_ARGS to the
-# evaluation; DEVICE=cpu with TRAIN_ARGS="--config tiny" is a smoke test without a GPU.
+# evaluation; FIRST_GPU and SECOND_GPU pick the two models' GPUs (default 0 and 1, or 0 and 0); DEVICE=cpu with TRAIN_ARGS="--config tiny" is a smoke test without a GPU.
 set -euo pipefail
 RUN=${RUN:-build/m4d-run}
 MINUTES=${MINUTES:-12}
@@ -20,7 +20,8 @@ SEQUENCES=${SEQUENCES:-20}
 OUT=${OUT:-/tmp/out}
 DEVICE=${DEVICE:-cuda}
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-SECOND=$((GPUS > 1 ? 1 : 0)) # the baseline's GPU
+FIRST_GPU=${FIRST_GPU:-0}                       # the temporal model's GPU
+SECOND=${SECOND_GPU:-$((GPUS > 1 ? 1 : 0))} # the baseline's GPU
 began=$(date +%s)
 
 launch() { # name gpu command...
@@ -37,7 +38,7 @@ start)
     nvidia-smi -L || true
     mkdir -p "$RUN"
     # shellcheck disable=SC2086
-    launch temporal 0 python3 -m vgen.models.train4d --out "$RUN/temporal" --device "$DEVICE" --minutes "$MINUTES" ${TRAIN_ARGS:-}
+    launch temporal "$FIRST_GPU" python3 -m vgen.models.train4d --out "$RUN/temporal" --device "$DEVICE" --minutes "$MINUTES" ${TRAIN_ARGS:-}
     # shellcheck disable=SC2086
     launch frame $SECOND python3 -m vgen.models.train4d --out "$RUN/frame" --device "$DEVICE" --minutes "$MINUTES" --no-temporal ${TRAIN_ARGS:-}
     ;;
@@ -56,7 +57,7 @@ while (($(date +%s) - began < POLL_UNTIL)); do
         done
         echo "== evaluating both on $SEQUENCES held-out sequences"
         for name in temporal frame; do
-            gpu=$([[ $name == temporal ]] && echo 0 || echo $SECOND)
+            gpu=$([[ $name == temporal ]] && echo "$FIRST_GPU" || echo "$SECOND")
             # shellcheck disable=SC2086
             launch "eval-$name" "$gpu" python3 -m vgen.models.eval4d --model "$RUN/$name/model" \
                 --sequences "$SEQUENCES" --device "$DEVICE" --out "$RUN/eval-$name" ${EVAL_ARGS:-}
