@@ -65,6 +65,7 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before triton-using 
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -554,7 +555,10 @@ def verdict(results: dict[str, Any]) -> list[str]:
         by_variant = {r["variant"]: r for r in results.get("quality", {}).get("rows", []) if r["method"] == name}
         if by_variant:
             plain, method = by_variant["plain"]["psnr"], by_variant[name]["psnr"]
-            psnr_text, higher = f"{plain:.2f} -> {method:.2f}", method > plain
+            clips = list(zip(by_variant["plain"]["clip_psnr"], by_variant[name]["clip_psnr"], strict=True))
+            better = sum(m > p for p, m in clips)
+            psnr_text = f"{plain:.2f} -> {method:.2f} (higher in {better} of {len(clips)} clips)"
+            higher = method > plain
         real_text = shape_text = "n/a"
         if "real" in results:
             summary = next((s for s in results["real"][f"{name}_summary"] if s[key] == setting), None)
@@ -580,6 +584,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the Markdown here (and a .json beside it)")
     parser.add_argument("--parts", default="1,2,3", help="comma-separated parts to run (default 1,2,3)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--captions", type=int, help="part 3: held-out captions (default 3; 1 with --smoke)")
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",") if p.strip()}
     if not parts <= {1, 2, 3}:
@@ -587,6 +592,10 @@ def main() -> None:
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("benchmarks/rectified_psa.py needs a CUDA GPU (or --smoke for a CPU check)")
     sizes = smoke_sizes() if args.smoke else gpu_sizes()
+    if args.captions is not None:
+        if args.captions < 1:
+            sys.exit(f"--captions must be >= 1, got {args.captions}")
+        sizes = dataclasses.replace(sizes, quality_prompts=args.captions)
     cuda = sizes.device.type == "cuda"
     meta = run_meta(sizes.device, sizes.dtype, args.smoke, parts, "kernel times are do_bench medians in ms")
     print(json.dumps(meta), flush=True)

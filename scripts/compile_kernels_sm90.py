@@ -33,7 +33,7 @@ BLOCK_SPARSE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "LSE":
 HOST_DESC = "tensordesc<bf16[1, 128, 1, 128]>"
 BACKWARD = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DK": "*bf16",
             "DV": "*bf16", "DQ": "*bf16", "Q_NUM": "*i32", "Q_IDX": "*i32", "KV_NUM": "*i32", "KV_IDX": "*i32",
-            "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
+            "DQ_ACC": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
 BACKWARD_CONSTS = {"D": 128, "BLOCK_D": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32"}
 KERNELS = [
     # the forward with K/V descriptors built on the host (block_sparse.HOST_TMA, a benchmark sweep candidate)
@@ -41,8 +41,14 @@ KERNELS = [
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
       "USE_TMA": True, "WARP_SPECIALIZE": False, "HOST_TMA": True}, 8, 3),
     # the backward at block_sparse.CUDA_TILES (Triton 3.6: dK/dV spilled 744 B before its loop was flattened, dQ 128 B)
-    (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 128}, 8, 2),
-    (block_sparse._bwd_dq_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
+    (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": False,
+                                               "REDUCE_TMA": False}, 4, 2),
+    (block_sparse._bwd_dq_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 128, "BLOCK_N": 128}, 8, 2),
+    # the backward in one kernel (block_sparse.FUSED_DQ): dQ by TMA reduce-add, at CUDA_TILES["fused"] and smaller
+    (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 128, "FUSED_DQ": True,
+                                               "REDUCE_TMA": True}, 8, 2),
+    (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": True,
+                                               "REDUCE_TMA": True}, 4, 2),
     (selection._segment_means_kernel, {"X": "*bf16", "STARTS": "*i64", "SIZES": "*i64", "OUT": "*fp32",
                                        "SPREAD": "*fp32"}, {"D": 128, "BLOCK_D": 128, "BLOCK_T": 32,
                                                             "WITH_SPREAD": True}, 4, 1),
@@ -62,6 +68,9 @@ KERNELS = [
                                      "POOLED_KEPT": True, "COMPENSATE": True, "HALF": True}, 4, 1),
     (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 32, "BLOCK_N": 32, "ROW_BLOCK": 128,
                                      "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True}, 4, 1),
+    # D <= 64 (the reference model): 64 x 64 tiles
+    (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64, "ROW_BLOCK": 128,
+                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True}, 4, 1),
     # fp32 inputs: exact ieee dots in small tiles
     (pooled._pooled_kernel, POOLED_FP32, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 16, "ROW_BLOCK": 128,
                                           "POOLED_KEPT": False, "COMPENSATE": True, "HALF": False}, 8, 1),
@@ -73,9 +82,9 @@ KERNELS = [
                                               "ROWS": 128, "RETURN_LSE": False, "USE_TMA": False}, 8, 3),
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
                                               "ROWS": 128, "RETURN_LSE": True, "USE_TMA": False}, 8, 3),
-    # K and V^T tiles by TMA (quantized.QUANT_TMA, a quantized_quick --sweep candidate)
+    # the library default: K and V^T tiles by TMA (quantized.QUANT_TMA), 64 rows, 4 warps, 3 stages
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
-                                              "ROWS": 128, "RETURN_LSE": True, "USE_TMA": True}, 8, 3),
+                                              "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True}, 4, 3),
     (pyramid._pyramid_fwd_kernel, PYRAMID, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
                                             "RETURN_LSE": True}, 8, 2),
     (fps._fps_kernel, {"P": "*fp32", "OUT": "*i64"}, {"BLOCK_N": 2048}, 4, 1),

@@ -62,7 +62,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("b, sq, sk, h, d, block_size, dtype, layout", CASES)
-def test_matches_fp32_reference(b, sq, sk, h, d, block_size, dtype, layout):
+@pytest.mark.parametrize("fused", [False, True], ids=["two-kernel-bwd", "fused-dq-bwd"])
+def test_matches_fp32_reference(b, sq, sk, h, d, block_size, dtype, layout, fused, monkeypatch):
+    # fused: dQ accumulated by the dK/dV kernel (block_sparse.FUSED_DQ; element atomics in the interpreter)
+    monkeypatch.setattr(block_sparse, "FUSED_DQ", fused)
     q, k, v = qkv(b, sq, sk, h, d, dtype, seed=sq + sk, layout=layout)
     dense = random_mask(b, h, (sq, sk), block_size, seed=d)
     dense[0, 0, 0] = False  # a query block that attends nothing

@@ -138,7 +138,7 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, DQ_ACC,
     s_qb, s_qs, s_qh,
     s_kb, s_ks, s_kh,
     s_vb, s_vs, s_vh,
@@ -146,10 +146,14 @@ def _bwd_dkdv_kernel(
     s_dkb, s_dks, s_dkh,
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
+    s_ab, s_as, s_ah,
     H, SQ, SK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSED_DQ: tl.constexpr = False, REDUCE_TMA: tl.constexpr = False,
 ):
+    # FUSED_DQ: also add each tile's dS K into the fp32 dQ accumulator DQ_ACC ([B, S, H, D], unscaled), by a
+    # TMA reduce (REDUCE_TMA) or element atomics, so that no second kernel recomputes P for dQ
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_col = i_n * BLOCK_N // MASK_N
@@ -169,6 +173,12 @@ def _bwd_dkdv_kernel(
 
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    desc_dq = None
+    if FUSED_DQ:
+        DQ_ACC += i_b.to(tl.int64) * s_ab + i_h * s_ah
+        if REDUCE_TMA:  # rows past SQ are clipped by the descriptor's bounds
+            desc_dq = tl.make_tensor_descriptor(DQ_ACC, shape=[SQ, D], strides=[s_as, 1],
+                                                block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
     SUB: tl.constexpr = MASK_M // BLOCK_M
     # one flat loop over query tiles (SUB per kept mask block), as in the forward: the pipeliner prefetches
     # the next tile's q and dO while this one computes, which a nested loop over sub-tiles prevented
@@ -189,6 +199,12 @@ def _bwd_dkdv_kernel(
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+        if FUSED_DQ:
+            b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
+            if REDUCE_TMA:
+                desc_dq.atomic_add([start, 0], b_dq)
+            else:
+                tl.atomic_add(DQ_ACC + o_m[:, None] * s_as + o_d[None, :], b_dq, mask=m_md, sem="relaxed")
 
     p_dk = DK + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
     p_dv = DV + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
@@ -258,12 +274,19 @@ def _mask_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on CUDA, capped by the mask's block sizes
-# (chosen by benchmarks/attention.py --sweep on an H200).
+# (chosen by benchmarks/attention.py --sweep --sweep-backward on an H200; the backward at c7a5733, forward +
+# backward at the 1.3B shape, density 1.0 / 0.25: dK/dV (64, 64, 4, 2) 62.9 / 15.0 ms against (64, 128, 8, 2)
+# 67.1 / 15.3; then dQ (128, 128, 8, 2) 59.4 / 14.8 against (128, 64, 8, 2) 62.9 / 15.0).
 CUDA_TILES: dict[str, tuple[int, int, int, int]] = {
     "fwd": (128, 128, 8, 3),
-    "dkdv": (64, 128, 8, 2),
-    "dq": (128, 64, 8, 2),
+    "dkdv": (64, 64, 4, 2),
+    "dq": (128, 128, 8, 2),
+    "fused": (64, 128, 8, 2),  # dK/dV with dQ accumulated in the same kernel (FUSED_DQ)
 }
+# The backward in one kernel: each (query tile, key tile) pair's dS K goes into an fp32 dQ accumulator by a TMA
+# reduce (element atomics without TMA), instead of a second kernel that recomputes P and dP for dQ (7 matrix
+# products per pair -> 5). A `benchmarks/attention.py --sweep-backward` candidate; untimed so far.
+FUSED_DQ = False
 
 
 # K and V tiles through tensor-memory-accelerator descriptors on Hopper and newer GPUs.
@@ -271,7 +294,8 @@ USE_TMA = True
 # Triton's warp-specialised (producer/consumer) lowering of the forward's key loop; a --sweep candidate.
 WARP_SPECIALIZE = False
 # TMA descriptors for K and V built once on the host ([B, S, H, D], blocks [1, BLOCK_N, 1, D]) instead of by
-# every program on the device (a global write and a tensormap fence each); a --sweep candidate, untimed so far.
+# every program on the device (a global write and a tensormap fence each); a --sweep candidate. At c7a5733 it lost:
+# 12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 (1.3B dense, 1.3B at 0.25, 14B at 0.5).
 HOST_TMA = False
 
 
@@ -290,6 +314,11 @@ def _descriptor_scratch(device: torch.device) -> None:
 def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the forward loads K/V tiles by TMA (a function, so the tests can run those paths in the interpreter)."""
     return k.is_cuda and USE_TMA and all(_tma_ok(x) for x in (k, v))
+
+
+def _use_fused_dq(q: torch.Tensor) -> bool:
+    """FUSED_DQ, read at call time (a function, so the tests can run both backward paths)."""
+    return FUSED_DQ
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -377,18 +406,26 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
         out, dout, dlse if dlse is not None else lse, delta, *_strides3(out), *_strides3(dout), h, sq,
         D=d, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None,
     )
-    dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, sk, h, d, device=q.device, dtype=k.dtype)
     dv = torch.empty(b, sk, h, d, device=q.device, dtype=v.dtype)
-    block_m, block_n, warps, stages = _tiles("dkdv", mask_m, mask_n, q.is_cuda)
+    fused = _use_fused_dq(q)
+    dq_acc = torch.zeros(b, sq, h, d, device=q.device, dtype=torch.float32) if fused else dk
+    reduce_tma = fused and q.is_cuda and _tma_ok(dq_acc)
+    if reduce_tma:
+        _descriptor_scratch(q.device)
+    block_m, block_n, warps, stages = _tiles("fused" if fused else "dkdv", mask_m, mask_n, q.is_cuda)
     _bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * h)](
-        q, k, v, dout, lse, delta, dk, dv, block_mask.q_num_blocks, block_mask.q_indices,
+        q, k, v, dout, lse, delta, dk, dv, block_mask.q_num_blocks, block_mask.q_indices, dq_acc,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk),
         *_mask_strides(block_mask.q_num_blocks), *_mask_strides(block_mask.q_indices),
+        *(_strides3(dq_acc) if fused else (0, 0, 0)),
         h, sq, sk, scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        DOT_PRECISION=_dot_precision(q), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q), FUSED_DQ=fused, REDUCE_TMA=reduce_tma, num_warps=warps, num_stages=stages,
     )
+    if fused:
+        return (dq_acc * scale).to(q.dtype), dk, dv
+    dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     block_m, block_n, warps, stages = _tiles("dq", mask_m, mask_n, q.is_cuda)
     _bwd_dq_kernel[(triton.cdiv(sq, block_m), b * h)](
         q, k, v, dout, lse, delta, dq, block_mask.kv_num_blocks, block_mask.kv_indices,

@@ -161,16 +161,16 @@ def _quantize_triton(
     return values, scales
 
 
-# Launch of the forward kernel on the GPU. ptxas for sm_90a at D = 128 (scripts/compile_kernels_sm90.py):
-# 128 rows x 8 warps spill 440 B per thread, 64 rows x 8 warps 148 B, 64 rows x 4 warps 808 B; yet on the
-# H200 (benchmarks/quantized_quick.py --sweep at 4a6defb, dense, ms) the spilling full blocks are fastest:
-#   1.3B shape: 128/8/2 32.1, 128/8/3 34.5, 64/4/2 42.6, 64/8/3 59.1, 64/8/2 59.8
-#   14B shape:  128/8/3 267.7, 64/4/2 275.3, 128/8/2 317.8, 64/8/3 475.4, 64/8/2 571.2
-QUANT_LAUNCH = {"rows": 128, "warps": 8, "stages": 3}
-# K and V^T tiles by TMA (device-built descriptors, as the bf16 forward's): the register loads above stage
-# every tile through registers, and the kernel's shared memory (49 KB at 3 stages) shows no tile pipeline.
-# A `benchmarks/quantized_quick.py --sweep` candidate; untimed so far.
-QUANT_TMA = False
+# Launch of the forward kernel on the GPU, and K / V^T tiles by TMA (device-built descriptors, as the bf16
+# forward's) instead of register loads, which stage every tile through registers (no tile pipeline).
+# H200, `benchmarks/quantized_quick.py --sweep` at c7a5733, INT8, ms (rows/warps/stages, TMA or not):
+#   1.3B dense:  64/4/3 TMA 15.00, 64/4/2 TMA 15.68, 128/8/3 TMA 17.91, 128/8/3 26.78, 64/4/2 31.20
+#   1.3B 0.25:   64/4/3 TMA 4.17,  64/4/2 TMA 4.34,  128/8/3 TMA 4.92,  128/8/3 7.00
+#   14B dense:   64/4/3 TMA 249.0, 64/4/2 259.0, 64/4/2 TMA 259.6, 128/8/3 270.2, 128/8/3 TMA 286.4
+#   14B 0.25:    64/4/3 TMA 64.6,  64/4/2 67.3,  64/4/2 TMA 67.3,  128/8/3 69.8
+# (ptxas for sm_90a, scripts/compile_kernels_sm90.py: with TMA, 40 B of spills at 128/8/3.)
+QUANT_LAUNCH = {"rows": 64, "warps": 4, "stages": 3}
+QUANT_TMA = True
 
 
 @triton.jit
