@@ -218,3 +218,14 @@ def test_tma_forward_paths(monkeypatch, host, d):
     ref_out, ref_lse = attention_reference(q.float(), k.float(), v.float(), mask=mask.expand_tokens(), return_lse=True)
     assert err_ratio(out, ref_out) < 5e-3
     assert err_ratio(lse, ref_lse) < 1e-5
+
+
+def test_fused_backward_is_chosen_by_accumulator_size(monkeypatch):
+    """FUSED_DQ=None fuses while one head's fp32 dQ fits FUSED_DQ_BYTES (the 1.3B shape yes, the 14B one no)."""
+    monkeypatch.setattr(block_sparse, "FUSED_DQ", None)
+    wan_13b, wan_14b = (torch.empty(1, s, h, 128, device="meta") for s, h in ((32760, 12), (75600, 40)))
+    assert block_sparse._use_fused_dq(wan_13b) and not block_sparse._use_fused_dq(wan_14b)
+    monkeypatch.setattr(block_sparse, "FUSED_DQ", True)
+    assert block_sparse._use_fused_dq(wan_14b)
+    monkeypatch.setattr(block_sparse, "FUSED_DQ", False)
+    assert not block_sparse._use_fused_dq(wan_13b)

@@ -285,8 +285,13 @@ CUDA_TILES: dict[str, tuple[int, int, int, int]] = {
 }
 # The backward in one kernel: each (query tile, key tile) pair's dS K goes into an fp32 dQ accumulator by a TMA
 # reduce (element atomics without TMA), instead of a second kernel that recomputes P and dP for dQ (7 matrix
-# products per pair -> 5). A `benchmarks/attention.py --sweep-backward` candidate; untimed so far.
-FUSED_DQ = False
+# products per pair -> 5). True / False force it; None (auto) fuses while one head's accumulator (Sq x D fp32)
+# fits in FUSED_DQ_BYTES, so that it stays in L2 while the programs of that head add into it. H200,
+# `benchmarks/attention.py --sweep-backward`, forward + backward ms:
+#   1.3B (Sq x D x 4 = 16.8 MB), density 1.0 / 0.25: fused 58.0 / 14.6 against two kernels 60.8 / 14.9 (2a3e56d);
+#   14B (38.7 MB), backward alone, dense: fused 786 ms (2a3e56d) against two kernels 763 ms (c7a5733).
+FUSED_DQ: bool | None = None
+FUSED_DQ_BYTES = 24 * 2**20
 
 
 # K and V tiles through tensor-memory-accelerator descriptors on Hopper and newer GPUs.
@@ -317,7 +322,9 @@ def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _use_fused_dq(q: torch.Tensor) -> bool:
-    """FUSED_DQ, read at call time (a function, so the tests can run both backward paths)."""
+    """FUSED_DQ, read at call time; None: fused while one head's fp32 dQ (Sq x D) fits in FUSED_DQ_BYTES."""
+    if FUSED_DQ is None:
+        return q.shape[1] * q.shape[3] * 4 <= FUSED_DQ_BYTES
     return FUSED_DQ
 
 
