@@ -174,12 +174,12 @@ def markdown(rows: list[dict], args: argparse.Namespace, device: torch.device) -
         f"### {mode} context parallelism, {datetime.date.today().isoformat()}, commit {commit or 'unknown'}, "
         f"{world} x {gpu}", "",
         f"Command: `torchrun --nproc-per-node {world} benchmarks/parallel.py {' '.join(sys.argv[1:])}`; torch "
-        f"{torch.__version__}; transformer forward, random weights, median of {args.repeats} after a warm-up; max error = max |N-GPU output - "
-        "one-GPU output| / max |one-GPU output|. "
+        f"{torch.__version__}; transformer forward, random weights, median of {args.repeats} after a warm-up; "
+        "max error = max |N-GPU output - one-GPU output| / max |one-GPU output|. "
         "The 4- and 8-GPU columns are predictions (compute / N + the measured all-to-all cost scaled to N), "
         "not measurements.", "",
         f"| shape | tokens | method | density (last layer) | 1 GPU s | {world} GPUs s | **speedup** | efficiency | "
-        f"max error vs 1 GPU | all-to-all ms (one) | predicted 4 GPUs s | predicted 8 GPUs s |",
+        "max error vs 1 GPU | all-to-all ms (one) | predicted 4 GPUs s | predicted 8 GPUs s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
