@@ -579,12 +579,34 @@ def verdict(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def quality_runs(runs: tuple[QualityRun, ...], methods: list[str] | None, settings: list[str]) -> tuple:
+    """Part 3's runs, narrowed to ``methods`` and with ``METHOD.KEY=VALUE`` settings (JSON values, or strings)."""
+    runs = tuple(r for r in runs if methods is None or r.method in methods)
+    for item in settings:
+        name, _, value = item.partition("=")
+        method, _, key = name.partition(".")
+        if not key or not value or method not in {r.method for r in runs}:
+            sys.exit(f"--set takes METHOD.KEY=VALUE for a method of part 3, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        runs = tuple(dataclasses.replace(r, config={**r.config, key: parsed}) if r.method == method else r
+                     for r in runs)  # fmt: skip
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the Markdown here (and a .json beside it)")
     parser.add_argument("--parts", default="1,2,3", help="comma-separated parts to run (default 1,2,3)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
     parser.add_argument("--captions", type=int, help="part 3: held-out captions (default 3; 1 with --smoke)")
+    parser.add_argument("--quality-methods", nargs="+", choices=("rectified", "psa"),
+                        help="part 3: only these methods (default: both)")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="part 3: a setting of the method's variant (not its plain one), e.g. "
+                             "rectified.spread_shift=true; repeatable")  # fmt: skip
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",") if p.strip()}
     if not parts <= {1, 2, 3}:
@@ -596,6 +618,7 @@ def main() -> None:
         if args.captions < 1:
             sys.exit(f"--captions must be >= 1, got {args.captions}")
         sizes = dataclasses.replace(sizes, quality_prompts=args.captions)
+    sizes = dataclasses.replace(sizes, quality=quality_runs(sizes.quality, args.quality_methods, args.set))
     cuda = sizes.device.type == "cuda"
     meta = run_meta(sizes.device, sizes.dtype, args.smoke, parts, "kernel times are do_bench medians in ms")
     print(json.dumps(meta), flush=True)

@@ -6,6 +6,10 @@ The interpreter that runs the tests accepts things the compiler rejects (a plain
 say), so this catches compile errors before device time is spent. It prints OK or FAIL per kernel, the
 shared memory each uses, and the registers and spills that Triton's bundled ptxas reports for sm_90a
 (spills in a kernel's inner loop cost more than anything else in it). It needs no GPU.
+
+Give every constexpr of a kernel, those with defaults too: compiled from a bare signature, a constexpr left
+out does not take its default (a left-out FUSED_DQ compiled the fused branch; a left-out SPREAD_SHIFT
+changed the registers).
 """
 
 import glob
@@ -21,7 +25,8 @@ from triton.compiler import ASTSource
 from vgen.kernels import block_sparse, fps, pooled, pyramid, quantized, selection, winding
 
 POOLED = {"Q": "*bf16", "SPARSE": "*bf16", "LSE": "*fp32", "KM": "*fp32", "VM": "*fp32", "LOGN": "*fp32",
-          "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32"}  # fmt: skip
+          "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32",
+          "shift": "fp32"}  # fmt: skip
 QUANTIZE = {"X": "*bf16", "MEAN": "*fp32", "OUT": "*i8", "SCALE": "*fp32", "levels": "fp32"}
 POOLED_FP32 = {**POOLED, "Q": "*fp32", "SPARSE": "*fp32", "OUT": "*fp32"}
 QUANT_FWD = {"Q": "*i8", "K": "*i8", "VT": "*i8", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": "*bf16",
@@ -63,17 +68,26 @@ KERNELS = [
     (selection._compact_rows_kernel, {"DENSE": "*i8", "COUNT": "*i32", "INDICES": "*i32"}, {"BLOCK": 256}, 4, 1),
     # half inputs: tensor-core tiles (pooled_correction's launch for bf16/fp16)
     (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 32, "BLOCK_N": 32, "ROW_BLOCK": 128,
-                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True}, 4, 1),
+                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True,
+                                     "SPREAD_SHIFT": False}, 4, 1),
     (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 32, "BLOCK_N": 32, "ROW_BLOCK": 128,
-                                     "POOLED_KEPT": True, "COMPENSATE": True, "HALF": True}, 4, 1),
+                                     "POOLED_KEPT": True, "COMPENSATE": True, "HALF": True,
+                                     "SPREAD_SHIFT": False}, 4, 1),
     (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 32, "BLOCK_N": 32, "ROW_BLOCK": 128,
-                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True}, 4, 1),
+                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True,
+                                     "SPREAD_SHIFT": False}, 4, 1),
     # D <= 64 (the reference model): 64 x 64 tiles
     (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64, "ROW_BLOCK": 128,
-                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True}, 4, 1),
+                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True,
+                                     "SPREAD_SHIFT": False}, 4, 1),
+    # with the spread shift (RectifiedConfig.spread_shift)
+    (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64, "ROW_BLOCK": 128,
+                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True,
+                                     "SPREAD_SHIFT": True}, 4, 1),
     # fp32 inputs: exact ieee dots in small tiles
     (pooled._pooled_kernel, POOLED_FP32, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 16, "ROW_BLOCK": 128,
-                                          "POOLED_KEPT": False, "COMPENSATE": True, "HALF": False}, 8, 1),
+                                          "POOLED_KEPT": False, "COMPENSATE": True, "HALF": False,
+                                          "SPREAD_SHIFT": False}, 8, 1),
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": False,
                                             "SMOOTH": True}, 4, 1),
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True,

@@ -29,6 +29,8 @@ VARIANTS = {
     "paper": {"rectify_kept": True},
     "default": {},
     "default, all dropped": {"error_tolerance": 1e9},
+    "default + spread shift": {"spread_shift": True},
+    "all dropped + spread shift": {"error_tolerance": 1e9, "spread_shift": True},
 }
 
 

@@ -18,7 +18,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def spelled_out(q, k, v, keep, block, scale, tolerance=1.0, pooled_kept=False):
+def spelled_out(q, k, v, keep, block, scale, tolerance=1.0, pooled_kept=False, spread_shift=False):
     """Float64, token by token and block by block, as the module docstring describes it."""
     q, k, v = q.double(), k.double(), v.double()
     batch, seq, heads, dim = q.shape
@@ -39,6 +39,8 @@ def spelled_out(q, k, v, keep, block, scale, tolerance=1.0, pooled_kept=False):
                     [q[b, i, h] @ k_mean[j] * scale + math.log(len(members[j])) for j in range(blocks)]
                 )
                 sigma2 = [q[b, i, h].square().sum() * spread[j] / dim * scale**2 for j in range(blocks)]
+                if spread_shift:  # the second-order term of mean(exp) over exp(mean)
+                    pooled = pooled + torch.stack(sigma2) / 2
                 taken = [j for j in range(blocks) if not row[j] and sigma2[j] < 2 * math.log(2) * tolerance]
                 if pooled_kept:  # the paper: kept share from pooled masses, compensation in pooled-full units
                     full = torch.logsumexp(pooled, 0)
@@ -73,6 +75,10 @@ def test_matches_the_spelled_out_reference():
     paper = rectified_attention(q, k, v, keep, block_size=32, scale=0.25, rectify_kept=True)
     torch.testing.assert_close(paper.double(), spelled_out(q, k, v, keep, 32, 0.25, pooled_kept=True), atol=2e-5,
                                rtol=2e-5)  # fmt: skip
+    shifted = rectified_attention(q, k, v, keep, block_size=32, scale=0.25, spread_shift=True)
+    expected = spelled_out(q, k, v, keep, 32, 0.25, spread_shift=True)
+    torch.testing.assert_close(shifted.double(), expected, atol=2e-5, rtol=2e-5)
+    assert (shifted - out).abs().max() > 1e-3  # the shift changes the compensated rows
 
 
 def test_full_mass_is_exact_and_rectification_removes_error():
@@ -120,9 +126,11 @@ def test_rectified_in_a_pipeline_and_errors(tmp_path):
         create_method("rectified", block_size=16)(x, x, x, layout=layout, step=0, layer=0, attn_mask=padded)
 
 
-@pytest.mark.parametrize("pooled_kept,compensate", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("pooled_kept,compensate,shift", [(False, True, False), (True, True, False),
+                                                          (True, False, False), (False, True, True),
+                                                          (True, True, True)])  # fmt: skip
 @pytest.mark.parametrize("heads_in_keep", [1, 2])
-def test_pooled_correction_kernel_matches_its_reference(pooled_kept, compensate, heads_in_keep):
+def test_pooled_correction_kernel_matches_its_reference(pooled_kept, compensate, shift, heads_in_keep):
     from vgen.attention.common import block_means, block_moments
     from vgen.kernels.pooled import pooled_correction, pooled_correction_reference
 
@@ -133,7 +141,8 @@ def test_pooled_correction_kernel_matches_its_reference(pooled_kept, compensate,
     spread = spread * torch.rand(2, 2, 5) * 0.5  # some blocks pass the gain test
     keep = torch.rand(2, heads_in_keep, 5, 5) < 0.5
     args = (q, out, lse, k_mean, block_means(v, 32)[0], counts.log(), spread, keep)
-    kwargs = dict(row_block=32, scale=0.3, pooled_kept=pooled_kept, compensate=compensate, tolerance=2.0)
+    kwargs = dict(row_block=32, scale=0.3, pooled_kept=pooled_kept, compensate=compensate, tolerance=2.0,
+                  spread_shift=shift)  # fmt: skip
     expected = pooled_correction_reference(*args, **kwargs)
     torch.testing.assert_close(pooled_correction(*args, **kwargs), expected, atol=1e-5, rtol=1e-5)
     # half inputs take the tensor-core path (products in q's dtype): against the fp32 reference on the same

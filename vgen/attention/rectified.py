@@ -65,6 +65,9 @@ class RectifiedConfig(MethodConfig):
         compensate_dropped: add pooled attention for dropped blocks (gain-aware rectification).
         error_tolerance: multiplies the gain-aware bound ``2 ln 2`` on the logit variance; 0 turns
             compensation off, larger values compensate blocks with more spread keys.
+        spread_shift: raise each pooled logit by half its estimated variance, ``sigma^2 / 2`` (the gain test's
+            ``sigma``): ``exp(q . mean(k))`` is at most the block's mean ``exp(q . k)`` (Jensen), and this is
+            the second-order term of the difference, so compensated blocks are not under-weighted.
         head_group: heads per pooled-attention chunk (memory ``B * group * S * M`` floats).
     """
 
@@ -73,6 +76,7 @@ class RectifiedConfig(MethodConfig):
     rectify_kept: bool = False
     compensate_dropped: bool = True
     error_tolerance: float = 1.0
+    spread_shift: bool = False
     head_group: int = 4
 
     def __post_init__(self) -> None:
@@ -116,6 +120,7 @@ def rectified_attention(
     rectify_kept: bool = False,
     compensate_dropped: bool = True,
     error_tolerance: float = 1.0,
+    spread_shift: bool = False,
     head_group: int = 4,
     mask: BlockMask | None = None,
     k_moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -133,11 +138,11 @@ def rectified_attention(
         return out
     k_moments = block_moments(k, block_size) if k_moments is None else k_moments
     return _correct(q, out, lse, k_moments, block_means(v, block_size)[0], keep, block_size, scale, rectify_kept,
-                    compensate_dropped, error_tolerance, head_group, differentiable=(q, k, v))  # fmt: skip
+                    compensate_dropped, error_tolerance, spread_shift, head_group, differentiable=(q, k, v))  # fmt: skip
 
 
 def _correct(q, out, lse, k_moments, v_mean, keep, block_size, scale, rectify_kept, compensate_dropped,
-             error_tolerance, head_group, differentiable) -> torch.Tensor:  # fmt: skip
+             error_tolerance, spread_shift, head_group, differentiable) -> torch.Tensor:  # fmt: skip
     """The pooled correction of ``out`` (rows of ``keep``: ``q``'s blocks; pooled keys and values: all)."""
     k_mean, counts, k_spread = k_moments
     # the kernel is forward only: training (gradients wanted) takes the PyTorch path
@@ -147,7 +152,8 @@ def _correct(q, out, lse, k_moments, v_mean, keep, block_size, scale, rectify_ke
     extra = {} if kernel else {"head_group": head_group}
     return correct(
         q, out, lse, k_mean, v_mean, counts.log(), k_spread, keep, row_block=block_size, scale=scale,
-        pooled_kept=rectify_kept, compensate=compensate_dropped, tolerance=error_tolerance, **extra,
+        pooled_kept=rectify_kept, compensate=compensate_dropped, tolerance=error_tolerance, spread_shift=spread_shift,
+        **extra,
     )  # fmt: skip
 
 
@@ -184,8 +190,8 @@ class RectifiedAttention(AttentionMethod):
         keep, k_moments = self._keep(q, k, layout, scale)
         return rectified_attention(
             q, k, v, keep, block_size=c.block_size, scale=scale, rectify_kept=c.rectify_kept,
-            compensate_dropped=c.compensate_dropped, error_tolerance=c.error_tolerance, head_group=c.head_group,
-            mask=self.last_mask, k_moments=k_moments,
+            compensate_dropped=c.compensate_dropped, error_tolerance=c.error_tolerance, spread_shift=c.spread_shift,
+            head_group=c.head_group, mask=self.last_mask, k_moments=k_moments,
         )  # fmt: skip
 
     def _keep(self, q, k, layout, scale):
@@ -217,4 +223,5 @@ class RectifiedAttention(AttentionMethod):
         v_mean = gather(block_means(v, c.block_size)[0])  # every rank's value blocks, pooled: [B, H, M, D]
         keep = plan.extra["keep"][..., blocks, :]
         return _correct(q, out, lse, plan.extra["k_moments"], v_mean, keep, c.block_size, plan.extra["scale"],
-                        c.rectify_kept, c.compensate_dropped, c.error_tolerance, c.head_group, (q, v))  # fmt: skip
+                        c.rectify_kept, c.compensate_dropped, c.error_tolerance, c.spread_shift, c.head_group,
+                        (q, v))  # fmt: skip

@@ -26,6 +26,7 @@ import triton.language as tl
 __all__ = ["pooled_correction", "pooled_correction_reference"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
+_LOG2E_PY = 1.4426950408889634
 
 
 @triton.jit
@@ -34,9 +35,9 @@ def _pooled_kernel(
     s_qb, s_qs, s_qh,
     s_ob, s_os, s_oh,
     s_kb, s_kh, s_km, s_kn,
-    H, S, M, scale, bound,
+    H, S, M, scale, bound, shift,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BLOCK: tl.constexpr,
-    POOLED_KEPT: tl.constexpr, COMPENSATE: tl.constexpr, HALF: tl.constexpr,
+    POOLED_KEPT: tl.constexpr, COMPENSATE: tl.constexpr, HALF: tl.constexpr, SPREAD_SHIFT: tl.constexpr = False,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -79,8 +80,11 @@ def _pooled_kernel(
         b_s = (b_qk * scale + tl.load(LOGN + o_n, mask=m_n, other=0.0)[None, :]) * _LOG2E
         b_keep = tl.load(KEEP + rows[:, None] * s_km + o_n[None, :] * s_kn, mask=m_m[:, None] & m_n[None, :], other=0)
         b_keep = b_keep != 0
-        if COMPENSATE:
+        if COMPENSATE or SPREAD_SHIFT:
             b_spread = tl.load(SPREAD + o_n, mask=m_n, other=float("inf"))
+        if SPREAD_SHIFT:  # + sigma^2 / 2: the mean of exp over the block's logits, to second order
+            b_s += tl.where(m_n[None, :], b_q_norm2[:, None] * b_spread[None, :], 0.0) * shift
+        if COMPENSATE:
             b_take = ~b_keep & (b_q_norm2[:, None] * b_spread[None, :] < bound) & m_n[None, :]
         else:
             b_take = tl.zeros([BLOCK_M, BLOCK_N], tl.int1)
@@ -138,6 +142,7 @@ def pooled_correction(
     pooled_kept: bool = False,
     compensate: bool = True,
     tolerance: float = 1.0,
+    spread_shift: bool = False,
 ) -> torch.Tensor:
     """The corrected output, ``q``'s shape and ``out``'s dtype (see the module docstring).
 
@@ -157,6 +162,7 @@ def pooled_correction(
     keep8 = keep.to(torch.int8)
     result = torch.empty_like(out)
     bound = 2 * math.log(2) * tolerance * d / scale**2  # |q|^2 spread < bound  <=>  sigma^2 < 2 ln 2 tolerance
+    shift = 0.5 * scale**2 / d * _LOG2E_PY  # sigma^2 / 2 in base 2, per unit of |q|^2 spread
     # Half inputs: the products run on tensor cores in q's dtype (as the block-sparse kernel's do), in 32 x 32
     # tiles at 4 warps: ptxas for sm_90a at D = 128 (scripts/compile_kernels_sm90.py) spills nothing there, and
     # 28-404 B per thread at 64 x 32 (4 or 8 warps). fp32 inputs: exact ieee dots, which run as FMA loops and
@@ -176,9 +182,9 @@ def pooled_correction(
         spread.contiguous(), keep8, result,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         ks[0], ks[1], keep8.stride(2), keep8.stride(3),
-        h, s, m, scale, bound,
+        h, s, m, scale, bound, shift,
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, ROW_BLOCK=row_block,
-        POOLED_KEPT=pooled_kept, COMPENSATE=compensate, HALF=half, num_warps=warps,
+        POOLED_KEPT=pooled_kept, COMPENSATE=compensate, HALF=half, SPREAD_SHIFT=spread_shift, num_warps=warps,
     )  # fmt: skip
     return result
 
@@ -198,6 +204,7 @@ def pooled_correction_reference(
     pooled_kept: bool = False,
     compensate: bool = True,
     tolerance: float = 1.0,
+    spread_shift: bool = False,
     head_group: int = 4,
 ) -> torch.Tensor:
     """The same in PyTorch, ``head_group`` heads at a time (memory ``B * group * S * M`` floats)."""
@@ -211,8 +218,10 @@ def pooled_correction_reference(
         logits = qh @ k_mean[:, h].transpose(-1, -2) * scale + log_counts.float()  # [B, g, S, M]
         kept = keep[:, h][:, :, rows] if keep.shape[1] > 1 else keep[:, :, rows].expand(-1, qh.shape[1], -1, -1)
         o = out[:, :, h].float().transpose(1, 2)
+        sigma2 = qh.square().sum(-1, keepdim=True) * spread[:, h][:, :, None] * scale**2 / dim
+        if spread_shift:
+            logits = logits + sigma2 / 2
         if compensate:
-            sigma2 = qh.square().sum(-1, keepdim=True) * spread[:, h][:, :, None] * scale**2 / dim
             take = ~kept & (sigma2 < 2 * math.log(2) * tolerance)
         else:
             take = torch.zeros_like(kept)
