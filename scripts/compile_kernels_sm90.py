@@ -76,12 +76,8 @@ KERNELS = [
     (pooled._pooled_kernel, POOLED, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 32, "BLOCK_N": 32, "ROW_BLOCK": 128,
                                      "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True,
                                      "SPREAD_SHIFT": False}, 4, 1),
-    # D <= 64 (the reference model): 64 x 64 tiles
-    (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64, "ROW_BLOCK": 128,
-                                     "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True,
-                                     "SPREAD_SHIFT": False}, 4, 1),
     # with the spread shift (RectifiedConfig.spread_shift)
-    (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64, "ROW_BLOCK": 128,
+    (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 32, "BLOCK_N": 32, "ROW_BLOCK": 128,
                                      "POOLED_KEPT": False, "COMPENSATE": True, "HALF": True,
                                      "SPREAD_SHIFT": True}, 4, 1),
     # fp32 inputs: exact ieee dots in small tiles

@@ -27,6 +27,25 @@ def test_tiny_training_writes_a_loadable_model(tmp_path):
     assert weights < 2 * parameters + 20_000  # stored in fp16
 
 
+def test_ablation_baseline_shares_every_network_but_the_deformation_denoiser(tmp_path):
+    train4d.main(["--out", str(tmp_path / "run"), "--config", "tiny", "--device", "cpu",
+                  "--set", "steps=[3,3,3,5]", "--set", "baseline=true"])  # fmt: skip
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["deform_diffusion"]["steps"] == log["deform_diffusion_baseline"]["steps"] == 5
+    temporal = Motion4DPipeline.from_pretrained(tmp_path / "run" / "model", device="cpu")
+    frame = Motion4DPipeline.from_pretrained(tmp_path / "run" / "baseline" / "model", device="cpu")
+    assert temporal.config.deform_denoiser.temporal and not frame.config.deform_denoiser.temporal
+    assert not frame.config.deform_denoiser.frame_positions
+    assert frame.config.shape_latent_std == temporal.config.shape_latent_std
+    for name in ("shape_vae", "deform_vae", "shape_denoiser"):
+        a, b = getattr(temporal, name).state_dict(), getattr(frame, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = temporal.deform_denoiser.state_dict(), frame.deform_denoiser.state_dict()
+    assert a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a)  # trained apart
+    with pytest.raises(ValueError, match="baseline=True .* needs temporal"):
+        train4d.Train4DSettings(config="tiny", temporal=False, baseline=True)
+
+
 def test_evaluation_scores_an_oracle_reconstruction(monkeypatch, tmp_path):
     """With oracle decoders (a sphere of radius 0.25, no motion) every metric is computed and in range."""
     from tests.test_motion4d import CONFIG, oracle
@@ -73,6 +92,10 @@ def test_time_budget_gives_each_stage_its_share():
     assert train4d._stage_seconds(settings, 2, began=time.time() - 660) == pytest.approx(180, abs=2)
     assert train4d._stage_seconds(settings, 3, began=time.time() - 840) == pytest.approx(360, abs=2)
     assert train4d._stage_seconds(settings, 0, began=time.time() - 2000) == 1.0  # overdue: a token second
+    # with the baseline denoiser, a fifth stage as long as the fourth: the fourth gets half of what is left
+    ablation = train4d.Train4DSettings(config="tiny", minutes=20.0, shares=(0.3, 0.25, 0.15, 0.3), baseline=True)
+    assert train4d._stage_seconds(ablation, 3, began=time.time() - 840) == pytest.approx(180, abs=2)
+    assert train4d._stage_seconds(ablation, 4, began=time.time() - 1020) == pytest.approx(180, abs=2)
 
 
 def test_timed_stage_stops_at_its_deadline_and_decays_the_rate(monkeypatch):

@@ -169,11 +169,11 @@ def pooled_correction(
     # need small tiles (64 x 32 at 4 warps spilled 21 KB per thread; 16 x 16 at 8 warps spills nothing). The
     # 16 x 16 ieee tiles took 14.5 ms at the 1.3B shape with bf16 inputs (profile at 7f5eeaf), against 8.2 ms
     # for the block-sparse pass it corrects.
-    # At D <= 64 (the reference model's heads) a 64 x 64 tile holds as few registers as 32 x 32 at D = 128, and
-    # takes a quarter of the loop steps.
+    # (64 x 64 tiles at D = 64 were timed at 2a3e56d: no measurable change of rectified's time on the reference
+    # model's q/k/v, and Triton 3.9's ptxas spills 280 B there.)
     half = q.dtype in (torch.float16, torch.bfloat16)
     if half:
-        block_m, block_n, warps = (64, 64, 4) if d <= 64 else (32, 32, 4)
+        block_m, block_n, warps = 32, 32, 4
     else:
         block_m, block_n, warps = min(16 if d > 64 else 32, max(16, triton.next_power_of_2(row_block))), 16, 8
     ks = [0 if keep8.shape[i] == 1 else keep8.stride(i) for i in range(2)]
