@@ -137,8 +137,9 @@ def rectified_attention(
     if not (rectify_kept or compensate_dropped):
         return out
     k_moments = block_moments(k, block_size) if k_moments is None else k_moments
-    return _correct(q, out, lse, k_moments, block_means(v, block_size)[0], keep, block_size, scale, rectify_kept,
-                    compensate_dropped, error_tolerance, spread_shift, head_group, differentiable=(q, k, v))  # fmt: skip
+    v_mean = block_means(v, block_size)[0]
+    return _correct(q, out, lse, k_moments, v_mean, keep, block_size, scale, rectify_kept, compensate_dropped,
+                    error_tolerance, spread_shift, head_group, differentiable=(q, k, v))  # fmt: skip
 
 
 def _correct(q, out, lse, k_moments, v_mean, keep, block_size, scale, rectify_kept, compensate_dropped,
