@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +49,16 @@ def bench(fn, calls: int = 8) -> float:
     torch.cuda.synchronize()
     once = start.elapsed_time(end)
     return triton.testing.do_bench(fn, warmup=max(25, 2 * once), rep=max(100, calls * once), return_mode="median")
+
+
+def paired(fn_a, fn_b, rounds: int = 3, calls: int = 8) -> tuple[float, float]:
+    """Medians of ``bench(fn_a)`` and ``bench(fn_b)`` taken in turns (a, b, a, b, ...), so that a drift of
+    the GPU's speed over the run (clocks under sustained load) weighs on both alike."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(bench(fn_a, calls))
+        b.append(bench(fn_b, calls))
+    return statistics.median(a), statistics.median(b)
 
 
 def build_times(build, n: int = 200) -> tuple[float, float]:
@@ -298,14 +309,14 @@ def run_shape(name: str, device, xformers, forward_only: bool) -> tuple[list[dic
                 ours_out = block_sparse_attention(q, k, v, mask)
                 flex_out = flex(qt, kt, vt, block_mask=fmask).transpose(1, 2)
                 err = err_ratio(ours_out, flex_out)
-                t_ours = bench(lambda m=mask: block_sparse_attention(q, k, v, m))
-                t_flex = bench(lambda m=fmask: flex(qt, kt, vt, block_mask=m))
+                t_ours, t_flex = paired(lambda m=mask: block_sparse_attention(q, k, v, m),
+                                        lambda m=fmask: flex(qt, kt, vt, block_mask=m))  # fmt: skip
             if forward_only:
                 t_ours_fb = t_flex_fb = float("nan")
             else:
-                t_ours_fb = bench(fwd_bwd(lambda m=mask: block_sparse_attention(q, k, v, m), (q, k, v), grad), calls=5)
-                t_flex_fb = bench(fwd_bwd(lambda m=fmask: flex(qt, kt, vt, block_mask=m), (qt, kt, vt), grad_t),
-                                  calls=5)
+                t_ours_fb, t_flex_fb = paired(
+                    fwd_bwd(lambda m=mask: block_sparse_attention(q, k, v, m), (q, k, v), grad),
+                    fwd_bwd(lambda m=fmask: flex(qt, kt, vt, block_mask=m), (qt, kt, vt), grad_t), rounds=2, calls=5)
             # the build itself (the cache bypassed), and a cached call as every later layer and step makes it
             t_build, t_build_host = (None, None) if window is None else build_times(
                 lambda w=window: _window_mask.__wrapped__(grid, w, (BLOCK, BLOCK), device))
@@ -341,7 +352,8 @@ def markdown(meta: dict, sweep_rows: list[dict], dense_rows: list[dict], rows: l
              bwd_rows: list[dict] | None = None) -> str:
     lines = [f"### Attention kernels, {meta['date']}, commit {meta['commit']}, {meta['gpu']}",
              "", f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; bf16, B=1, "
-             "head_dim 128, do_bench medians. TFLOP/s count kept work only (4·H·D per kept pair forward; "
+             "head_dim 128, do_bench medians (vgen and Flex timed in turns, 3 rounds forward, 2 forward+backward, "
+             "median of the rounds). TFLOP/s count kept work only (4·H·D per kept pair forward; "
              "x3.5 forward+backward).", ""]
     lines += ["| shape | dense method | fwd ms | fwd TFLOP/s | fwd+bwd ms |", "|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['method']} | {r['fwd_ms']:.2f} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_ms']:.2f} |"
