@@ -2,6 +2,7 @@
 
 import os
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from vgen.attention import VideoLayout, create_method  # noqa: E402
 from vgen.attention.block_mask import BlockMask  # noqa: E402
 from vgen.kernels.reference import attention_reference  # noqa: E402
 from vgen.ring import block_splits, exchange, ring_attention, ring_method_attention  # noqa: E402
+from vgen.ring import gather_tokens as original_gather  # noqa: E402
 
 
 def _inputs(seed: int, n: int, block: int):
@@ -114,13 +116,21 @@ def method_worker(rank: int, world: int, port: int, out: str) -> None:
         q, k, v = (torch.randn(1, LAYOUT.seq_len, 2, 16, generator=g) for _ in range(3))
         even = [250, 230]  # canonical shards that cut both the 16- and the 128-token blocks
         mine = slice(sum(even[:rank]), sum(even[: rank + 1]))
-        results = []
+        results, gathers = [], []
         for name, config, layer, step in METHOD_CASES:
             method = create_method(name, **config)
-            results.append(ring_method_attention(method, q[:, mine], k[:, mine], v[:, mine], layout=LAYOUT,
-                                                 step=step, layer=layer, splits=even))  # fmt: skip
+            calls = []
+
+            def counted(*args, calls=calls, **kwargs):
+                calls.append(args[0].shape)
+                return original_gather(*args, **kwargs)
+
+            with mock.patch("vgen.ring.gather_tokens", counted):
+                results.append(ring_method_attention(method, q[:, mine], k[:, mine], v[:, mine], layout=LAYOUT,
+                                                     step=step, layer=layer, splits=even))  # fmt: skip
+            gathers.append(len(calls))
         gathered = [None] * world
-        dist.all_gather_object(gathered, results)
+        dist.all_gather_object(gathered, (results, gathers))
         if rank == 0:
             torch.save(gathered, out)
         leave_rank()
@@ -137,7 +147,10 @@ def test_methods_over_two_ranks_match_one_process(tmp_path):
     for i, (name, config, layer, step) in enumerate(METHOD_CASES):
         method = create_method(name, **config)
         want = method(q, k, v, layout=LAYOUT, step=step, layer=layer)
-        got = torch.cat([gathered[r][i] for r in range(2)], 1)
+        got = torch.cat([gathered[r][0][i] for r in range(2)], 1)
+        # q and k are gathered only for a selection that reads them: not for dense, window or warm-up steps
+        reads = name not in ("dense", "window") and step >= config.get("dense_steps", 0)
+        assert (gathered[0][1][i] > 0) == reads, (name, config, gathered[0][1][i])
         torch.testing.assert_close(
             got, want, atol=2e-5, rtol=2e-5, msg=lambda m, n=name, c=config, i=layer: f"{n} {c} layer {i}: {m}"
         )

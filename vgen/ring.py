@@ -309,12 +309,16 @@ def ring_method_attention(
     if source_perm is not None and tuple(source_perm.shape) != (n,):
         raise ValueError(f"source_perm must be [{n}], got {tuple(source_perm.shape)}")
     # one collective each where three would do: q and k gathered together, q, k and v re-cut together
-    qk = gather_tokens(torch.cat([q, k], dim=-1), splits, group)
-    if source_perm is not None:
-        qk = qk[:, source_perm.to(qk.device)]
-    q_full, k_full = qk.split([q.shape[-1], k.shape[-1]], -1)
+    if method.plan_reads_qk(step=step, layer=layer):
+        qk = gather_tokens(torch.cat([q, k], dim=-1), splits, group)
+        if source_perm is not None:
+            qk = qk[:, source_perm.to(qk.device)]
+        q_full, k_full = qk.split([q.shape[-1], k.shape[-1]], -1)
+        del qk
+    else:  # a plan from the layout alone (dense, window, warm-up steps): the shapes, without a collective
+        q_full, k_full = (x[:, :1].expand(-1, n, -1, -1) for x in (q, k))
     plan = method.plan(q_full, k_full, layout=layout, step=step, layer=layer, scale=scale)
-    del qk, q_full, k_full
+    del q_full, k_full
     custom = plan.extra is not None
     if key_lengths is not None and custom:
         raise NotImplementedError(f"{method.name} runs its own ring steps, which take no padded keys: "

@@ -33,3 +33,6 @@ class DenseAttention(AttentionMethod):
         self, q: torch.Tensor, k: torch.Tensor, *, layout: VideoLayout, step: int, layer: int, scale: float | None
     ) -> SparsePlan:
         return full_plan(q.shape[1], q.device)
+
+    def plan_reads_qk(self, *, step: int, layer: int) -> bool:
+        return False

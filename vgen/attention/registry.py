@@ -124,6 +124,12 @@ class AttentionMethod:
             return full_plan(q.shape[1], q.device)
         return self.sparse_plan(q, k, layout=layout, step=step, layer=layer, scale=scale)
 
+    def plan_reads_qk(self, *, step: int, layer: int) -> bool:
+        """Whether :meth:`plan` reads the values of q and k at this step and layer (a ring gathers them only
+        then): not on dense warm-up steps and dense layers; subclasses whose mask follows from the layout
+        alone (dense, window) say never."""
+        return not (step < self.config.dense_steps or layer in self.config.dense_layers)
+
     def ring_finish(
         self, plan: SparsePlan, q: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
         blocks: slice, gather: Any,

@@ -93,3 +93,6 @@ class WindowAttention(AttentionMethod):
             self._densities[key] = mask.density()
         self.last_density = self._densities[key]
         return SparsePlan(mask)
+
+    def plan_reads_qk(self, *, step: int, layer: int) -> bool:
+        return False  # the window's mask follows from the layout alone
