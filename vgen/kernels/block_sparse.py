@@ -290,6 +290,8 @@ CUDA_TILES: dict[str, tuple[int, int, int, int]] = {
 # `benchmarks/attention.py --sweep-backward`, forward + backward ms:
 #   1.3B (Sq x D x 4 = 16.8 MB), density 1.0 / 0.25: fused 58.0 / 14.6 against two kernels 60.8 / 14.9 (2a3e56d);
 #   14B (38.7 MB), backward alone, dense: fused 786 ms (2a3e56d) against two kernels 763 ms (c7a5733).
+# The fused dQ sums in fp32 in whatever order the programs' reduce-adds arrive, so it can differ from run to
+# run in the last bits; FUSED_DQ = False gives the deterministic two-kernel backward.
 FUSED_DQ: bool | None = None
 FUSED_DQ_BYTES = 24 * 2**20
 
