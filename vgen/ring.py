@@ -197,7 +197,9 @@ def ring_attention(
         scale: softmax scale (default ``D ** -0.5``).
         step_fn: ``step_fn(q, k, v, rows=slice, cols=slice)`` (block ranges) returning
             ``(out, lse)`` or ``None``, to replace the block-sparse kernel of a step (PSA's pyramid);
-            the steps whose mask slice keeps nothing are skipped either way.
+            with it, the steps whose mask slice keeps nothing are skipped (one host sync per call); without
+            it, every step runs on the kernel, which gives such rows zeros and ``-inf``, and the call
+            does not synchronise with the host (key_lengths aside).
         key_lengths: per batch element, how many keys of the sequence are valid: the first ones, the rest
             padding (a padded prompt after the video). Each step then attends a shard's valid prefix, per
             batch element; ``None``: every key.
@@ -226,8 +228,11 @@ def ring_attention(
     spans = [(offsets[r], offsets[r + 1]) for r in range(world)]  # each rank's tokens
     rows = spans[rank]
     dense = mask.to_dense()
-    row_blocks = dense[..., _blocks(rows, bq), :]
-    keeps = torch.stack([row_blocks[..., _blocks(span, bk)].any() for span in spans]).tolist()  # one host sync
+    if step_fn is None:  # the kernel takes a shard with no kept block (zeros, -inf): no host sync to skip it
+        keeps = [True] * world
+    else:  # a method's own step may not: skip those shards (one host sync)
+        row_blocks = dense[..., _blocks(rows, bq), :]
+        keeps = torch.stack([row_blocks[..., _blocks(span, bk)].any() for span in spans]).tolist()
     def global_rank(r: int) -> int:  # point-to-point calls name the peer in the default group, whatever `group`
         return r if group is None else dist.get_global_rank(group, r)
 
