@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 benchmarks/parallel.py --out $OUT/parallel.md
     torchrun --nproc-per-node 2 benchmarks/parallel.py --ring --out $OUT/parallel-ring.md          # ring instead
     torchrun --nproc-per-node 2 benchmarks/parallel.py --smoke --out build/parallel.md   # CPU, gloo, tiny
+    torchrun --nproc-per-node 2 benchmarks/parallel.py --ring --profile --shapes wan1.3b-720p --out $OUT/p.md
 
 Every rank builds the same random-weight transformer (Wan2.1-1.3B config) and inputs. First rank 0
 alone times the forward on one GPU (dense, then vmoba with its defaults), while the other ranks
@@ -59,6 +60,22 @@ def synced_seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def profile_forward(fn, device: torch.device, rows: int) -> str:
+    """torch.profiler's table of one call of ``fn`` on this rank: operators, kernels and collectives by total
+    device time (CPU time without a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if dist.is_initialized():
+        dist.barrier()
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+
 def median_time(fn, device: torch.device, repeats: int) -> float:
     fn()  # warm-up (compilation, autotuning, caches)
     return statistics.median(synced_seconds(fn, device) for _ in range(repeats))
@@ -79,6 +96,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (gloo; TRITON_INTERPRET=1)")
     parser.add_argument("--out", type=Path, help="Markdown table here (rank 0), a .json beside it")
     parser.add_argument("--ring", action="store_true", help="ring attention over every rank instead of Ulysses")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one N-GPU forward per shape and method (torch.profiler; rank 0's "
+                             "kernels and collectives by total time, in the report)")  # fmt: skip
+    parser.add_argument("--profile-rows", type=int, default=25, help="rows of each profile table (default 25)")
     args = parser.parse_args()
     if not init_from_environment():
         sys.exit("launch with torchrun --nproc-per-node N (N >= 2)")
@@ -88,6 +109,7 @@ def main() -> None:
     shapes = [SMOKE_SHAPE] if args.smoke else args.shapes
     vmoba = SMOKE_VMOBA if args.smoke else {}
     rows = []
+    profiles: list[tuple[str, str, str]] = []  # (shape, method, the profiler's table on this rank)
     for shape in shapes:
         name, preset = _shape(shape)
         torch.manual_seed(0)
@@ -131,6 +153,8 @@ def main() -> None:
             if rank == 0:
                 error[method] = float((spread - outputs[method]).abs().max() / outputs[method].abs().max())
             parallel[method] = median_time(forward, device, args.repeats)
+            if args.profile:  # every rank profiles one more forward (the collectives need all); rank 0 reports
+                profiles.append((name, method, profile_forward(forward, device, args.profile_rows)))
             remove_sparse_attention(model)
         patch = model.config.patch_size
         tokens = (grid[0] // patch[0]) * (grid[1] // patch[1]) * (grid[2] // patch[2])
@@ -156,6 +180,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     if rank == 0:
         text = markdown(rows, args, device)
+        for name, method, table in profiles:
+            text += f"\n#### Profile of one {world}-GPU forward, {name}, {method} (rank 0)\n\n```\n{table}\n```\n"
         print(text)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
