@@ -235,7 +235,6 @@ def sweep_backward(device) -> list[dict]:
 
     rows = []
     best_total = {}
-    block_sparse.FUSED_DQ = False
     for kind, candidates in BWD_CANDIDATES.items():
         block_sparse.FUSED_DQ = kind == "fused"
         best = None

@@ -26,7 +26,6 @@ import triton.language as tl
 __all__ = ["pooled_correction", "pooled_correction_reference"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
-_LOG2E_PY = 1.4426950408889634
 
 
 @triton.jit
@@ -162,7 +161,7 @@ def pooled_correction(
     keep8 = keep.to(torch.int8)
     result = torch.empty_like(out)
     bound = 2 * math.log(2) * tolerance * d / scale**2  # |q|^2 spread < bound  <=>  sigma^2 < 2 ln 2 tolerance
-    shift = 0.5 * scale**2 / d * _LOG2E_PY  # sigma^2 / 2 in base 2, per unit of |q|^2 spread
+    shift = 0.5 * scale**2 / d * _LOG2E.value  # sigma^2 / 2 in base 2, per unit of |q|^2 spread
     # Half inputs: the products run on tensor cores in q's dtype (as the block-sparse kernel's do), in 32 x 32
     # tiles at 4 warps: ptxas for sm_90a at D = 128 (scripts/compile_kernels_sm90.py) spills nothing there, and
     # 28-404 B per thread at 64 x 32 (4 or 8 warps). fp32 inputs: exact ieee dots, which run as FMA loops and
@@ -218,7 +217,8 @@ def pooled_correction_reference(
         logits = qh @ k_mean[:, h].transpose(-1, -2) * scale + log_counts.float()  # [B, g, S, M]
         kept = keep[:, h][:, :, rows] if keep.shape[1] > 1 else keep[:, :, rows].expand(-1, qh.shape[1], -1, -1)
         o = out[:, :, h].float().transpose(1, 2)
-        sigma2 = qh.square().sum(-1, keepdim=True) * spread[:, h][:, :, None] * scale**2 / dim
+        if spread_shift or compensate:
+            sigma2 = qh.square().sum(-1, keepdim=True) * spread[:, h][:, :, None] * scale**2 / dim
         if spread_shift:
             logits = logits + sigma2 / 2
         if compensate:
