@@ -41,13 +41,13 @@ def test_mismatch_hides_speedups():
 
 def test_variant_tables_show_times_and_errors():
     labels = [f"{name} d{density}" for name, density in attention.SWEEP_CASES]
-    sweep = [{"kernel": "fwd", "tiles": (128, 128, 8, 3), "tma": True, "persistent": True, "prefetch_q": True,
+    sweep = [{"kernel": "fwd", "tiles": (128, 128, 8, 3), "tma": True, "host_desc": True,
               "ms": {x: 1.5 + i for i, x in enumerate(labels)}},
-             {"kernel": "fwd", "tiles": (64, 64, 4, 3), "tma": False, "persistent": False, "prefetch_q": False,
+             {"kernel": "fwd", "tiles": (64, 64, 4, 3), "tma": False, "host_desc": False,
               "error": "out of resource"}]  # fmt: skip
     backward = [{"kernel": "dq", "tiles": (128, 64, 8, 2), "ms": {str(d): 7.0 for d in attention.BWD_CASES}}]
     text = attention.markdown(META, sweep, [], [], backward)
-    assert cells(text, "| fwd | (128, 128, 8, 3)") == ["fwd", "(128, 128, 8, 3)", "True", "True (queries a tile ahead)",
+    assert cells(text, "| fwd | (128, 128, 8, 3)") == ["fwd", "(128, 128, 8, 3)", "True (host descriptors)",
                                                          "1.50", "2.50", "3.50", "4.50"]
-    assert cells(text, "| fwd | (64, 64, 4, 3)")[4] == "failed: out of resource"
+    assert cells(text, "| fwd | (64, 64, 4, 3)")[3] == "failed: out of resource"
     assert cells(text, "| dq | (128, 64, 8, 2)")[2:] == ["7.00"] * len(attention.BWD_CASES)

@@ -201,18 +201,16 @@ def test_merge_rejects_mismatched_shapes():
         merge_attention(torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 4), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2))
 
 
-@pytest.mark.parametrize("path", ["tiled", "persistent", "persistent-prefetch"])
+@pytest.mark.parametrize("host", [False, True], ids=["device-descriptors", "host-descriptors"])
 @pytest.mark.parametrize("d", [64, 96])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-def test_tma_forward_paths(monkeypatch, path, d, layout):
-    """The forward's TMA paths (on the GPU: the tiled kernel by default, the persistent one as a sweep candidate)
-    run in the interpreter too when forced: ragged lengths, a batch of two, heads side by side and as planes,
-    a row that keeps no key block, head_dim 96 (which the persistent path leaves to the tiled kernel). The
-    interpreter runs 3 persistent programs, so each takes several tiles of different heads and batches."""
+def test_tma_forward_paths(monkeypatch, host, d, layout):
+    """The forward's TMA paths (on the GPU: descriptors built by every program by default, built once on the
+    host over a 3D view as a sweep candidate) run in the interpreter too when forced: ragged lengths, a batch of
+    two, heads side by side and as planes, a row that keeps no key block, head_dim 96 (which the host path
+    leaves to device descriptors)."""
     monkeypatch.setattr(block_sparse, "_use_tma", lambda k, v: True)
-    monkeypatch.setattr(block_sparse, "PERSISTENT", path != "tiled")
-    monkeypatch.setattr(block_sparse, "PREFETCH_Q", path == "persistent-prefetch")
-    assert block_sparse._use_persistent(*(torch.empty(1, 8, 2, d),) * 3) == (path != "tiled" and d == 64)
+    monkeypatch.setattr(block_sparse, "HOST_DESC", host)
     b, sq, sk, h, block = 2, 200, 150, 2, (64, 64)
     q, k, v = (x.detach() for x in qkv(b, sq, sk, h, d, torch.float16, seed=d, layout=layout))
     dense = random_mask(b, h, (sq, sk), block, density=0.5, seed=3)
@@ -226,8 +224,8 @@ def test_tma_forward_paths(monkeypatch, path, d, layout):
     assert (out[1, 128:192, 0] == 0).all() and (lse[1, 0, 128:192] == float("-inf")).all()
 
 
-def test_persistent_views_of_k_and_v():
-    """The 3D views the persistent kernel reads K/V through: heads side by side ([B, S, H, D]), heads as
+def test_host_descriptor_views_of_k_and_v():
+    """The 3D views the host-built descriptors read K/V through: heads side by side ([B, S, H, D]), heads as
     planes ([B, H, S, D] storage), a slice of a fused qkv tensor; None where no such view exists."""
     x = torch.empty(2, 10, 3, 64)
     assert block_sparse._row_groups(x) == (2, 10 * 192, 192, 1, 0, 64, 192)

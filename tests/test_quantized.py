@@ -126,6 +126,7 @@ def test_triton_quantiser_matches_quantize_blocks(per_channel, smooth, transpose
 
     torch.manual_seed(bits + 2 * smooth)
     x = torch.randn(2, 77, 3, 40) * 3 + 1  # ragged last block, head_dim below its power of two
+    x = x.cuda() if torch.cuda.is_available() else x  # the kernel itself: compiled on a GPU, interpreted here
     expected, expected_scales = quantize_blocks(x, 32, bits, per_channel=per_channel, smooth=smooth)
     values, scales = _quantize_triton(x, 32, bits, per_channel=per_channel, smooth=smooth, transpose=transpose)
     torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)

@@ -52,10 +52,14 @@ def _fwd_kernel(
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
     H, SQ, SK, qk_scale,
+    k_gb, k_gh, k_ch, v_gb, v_gh, v_ch,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, HOST_DESC: tl.constexpr,
 ):
+    """With HOST_DESC, K and V are descriptors built once on the host over a 3D view [groups, SK, width]
+    (blocks [1, BLOCK_N, D]; head h of batch b is group ``b * k_gb + h * k_gh`` at column ``h * k_ch``)
+    instead of pointers from which every program builds its own 2D descriptors."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_row = i_m * BLOCK_M // MASK_M
@@ -69,11 +73,12 @@ def _fwd_kernel(
 
     n_it = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm) * SUB
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_row * s_im
-    K += i_b * s_kb + i_h * s_kh
-    V += i_b * s_vb + i_h * s_vh
     desc_k = None
     desc_v = None
-    if USE_TMA:
+    if not HOST_DESC:
+        K += i_b * s_kb + i_h * s_kh
+        V += i_b * s_vb + i_h * s_vh
+    if USE_TMA and not HOST_DESC:
         desc_k = tl.make_tensor_descriptor(K, shape=[SK, D], strides=[s_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
         desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
 
@@ -82,8 +87,12 @@ def _fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for it in tl.range(0, n_it, warp_specialize=WARP_SPECIALIZE):
         start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
-        b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
-        b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
+        if HOST_DESC:
+            b_k = K.load([i_b * k_gb + i_h * k_gh, start, i_h * k_ch]).reshape(BLOCK_N, BLOCK_D)
+            b_v = V.load([i_b * v_gb + i_h * v_gh, start, i_h * v_ch]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
+            b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
         if start + BLOCK_N > SK:  # only the ragged last tile has keys to mask
             b_s = tl.where((start + tl.arange(0, BLOCK_N) < SK)[None, :], b_s, float("-inf"))
@@ -105,124 +114,6 @@ def _fwd_kernel(
     p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
     tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     tl.store(LSE + i_bh * SQ + o_m, b_lse, mask=m_m)
-
-
-@triton.jit
-def _fwd_persistent_kernel(
-    Q, K, V, OUT, LSE, KV_NUM, KV_IDX,
-    s_qb, s_qs, s_qh,
-    s_ob, s_os, s_oh,
-    s_nb, s_nh, s_nm,
-    s_ib, s_ih, s_im,
-    k_rows, k_s0, k_s1, k_gb, k_gh, k_ch, k_w,
-    v_rows, v_s0, v_s1, v_gb, v_gh, v_ch, v_w,
-    H, SQ, SK, N_M, N_TILES, qk_scale,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, MAX_TILES: tl.constexpr, PREFETCH_Q: tl.constexpr,
-):
-    """The forward as one program per SM: program p takes query tiles p, p + P, ... (P programs; tile t is
-    query tile t % N_M of head t // N_M) in ONE flat loop over (tile, key tile) pairs. The TMA pipeline of
-    K/V tiles thus runs on across tile boundaries, and the per-tile fixed work (descriptors, the pipeline's
-    fill) is paid once per program instead of once per tile. K and V are read through one 3D descriptor
-    each, [groups, SK, width] (``k_gb``/``k_gh``: group of a batch/head, ``k_ch``: column of a head), so
-    that no per-head descriptor is built. A row that keeps no key block takes one fully masked iteration,
-    so it writes zeros and a -inf LSE like the tiled kernel. PREFETCH_Q loads the next tile's queries one
-    tile ahead."""
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    SUB: tl.constexpr = MASK_N // BLOCK_N
-    # this program's tiles' key-tile counts, at once
-    o_j = tl.arange(0, MAX_TILES)
-    o_t = pid + o_j * n_prog
-    m_t = o_t < N_TILES
-    t_bh = o_t // N_M
-    t_row = (o_t % N_M) * BLOCK_M // MASK_M
-    cnt = tl.load(KV_NUM + (t_bh // H) * s_nb + (t_bh % H) * s_nh + t_row * s_nm, mask=m_t, other=0) * SUB
-    total = tl.sum(tl.where(m_t, tl.maximum(cnt, 1), 0))
-    n_cur = tl.sum(tl.where(o_j == 0, cnt, 0))
-    n_next = tl.sum(tl.where(o_j == 1, cnt, 0))
-
-    desc_k = tl.make_tensor_descriptor(K, shape=[k_rows, SK, k_w], strides=[k_s0, k_s1, 1],
-                                       block_shape=[1, BLOCK_N, D])  # fmt: skip
-    desc_v = tl.make_tensor_descriptor(V, shape=[v_rows, SK, v_w], strides=[v_s0, v_s1, 1],
-                                       block_shape=[1, BLOCK_N, D])  # fmt: skip
-    o_r = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, D)
-    o_k = tl.arange(0, BLOCK_N)
-
-    b_q = _q_tile(Q, pid, N_M, N_TILES, H, SQ, s_qb, s_qs, s_qh, o_r, o_d, BLOCK_M)
-    b_q_next = b_q
-    if PREFETCH_Q:
-        b_q_next = _q_tile(Q, pid + n_prog, N_M, N_TILES, H, SQ, s_qb, s_qs, s_qh, o_r, o_d, BLOCK_M)
-    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    b_l = tl.zeros([BLOCK_M], tl.float32)
-    b_acc = tl.zeros([BLOCK_M, D], tl.float32)
-    j = 0  # which of this program's tiles
-    it = 0  # which key tile of it
-    for _ in range(total):
-        t = pid + j * n_prog
-        i_bh = t // N_M
-        i_m = t % N_M
-        i_b = i_bh // H
-        i_h = i_bh % H
-        start = tl.load(KV_IDX + i_b * s_ib + i_h * s_ih + (i_m * BLOCK_M // MASK_M) * s_im + it // SUB) * MASK_N
-        start += (it % SUB) * BLOCK_N
-        b_k = desc_k.load([i_b * k_gb + i_h * k_gh, start, i_h * k_ch]).reshape(BLOCK_N, D)
-        b_v = desc_v.load([i_b * v_gb + i_h * v_gh, start, i_h * v_ch]).reshape(BLOCK_N, D)
-        # (the compiler copies the loop-carried b_q to shared memory before every product: 32 KB of stores per
-        # key tile that the tiled kernel does once; a select in front moved it to registers through a layout
-        # conversion per key tile instead, worse)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-        if (start + BLOCK_N > SK) | (n_cur == 0):  # the ragged last key tile, or a row that keeps nothing
-            b_s = tl.where(((start + o_k < SK) & (n_cur > 0))[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s * qk_scale - b_m_safe[:, None])
-        # a tile's first key tile finds b_m = -inf: alpha = 0 clears the previous tile's l and accumulator
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=DOT_PRECISION)
-        b_m = b_m_new
-        last = it + 1 >= tl.maximum(n_cur, 1)
-        if last:  # the tile is done: write it, then start the next one
-            b_empty = b_l == 0.0
-            b_o = b_acc / tl.where(b_empty, 1.0, b_l)[:, None]
-            b_lse = tl.where(b_empty, float("-inf"), (b_m + tl.log2(tl.where(b_empty, 1.0, b_l))) * 0.6931471805599453)
-            o_m = i_m * BLOCK_M + o_r
-            p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
-            tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=(o_m < SQ)[:, None])
-            tl.store(LSE + i_bh * SQ + o_m, b_lse, mask=o_m < SQ)
-            b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            if PREFETCH_Q:
-                b_q = b_q_next
-                b_q_next = _q_tile(Q, t + 2 * n_prog, N_M, N_TILES, H, SQ, s_qb, s_qs, s_qh, o_r, o_d, BLOCK_M)
-            else:
-                b_q = _q_tile(Q, t + n_prog, N_M, N_TILES, H, SQ, s_qb, s_qs, s_qh, o_r, o_d, BLOCK_M)
-        # the loop's state, scalars only (apart from the tensor work above, so the pipeliner can run it ahead)
-        if last:
-            n_cur = n_next
-            n_next = _tile_count(KV_NUM, t + 2 * n_prog, N_M, N_TILES, H, s_nb, s_nh, s_nm, BLOCK_M, MASK_M) * SUB
-            j += 1
-            it = 0
-        else:
-            it += 1
-
-
-@triton.jit
-def _q_tile(Q, t, N_M, N_TILES, H, SQ, s_qb, s_qs, s_qh, o_r, o_d, BLOCK_M: tl.constexpr):
-    """Queries of tile ``t`` ([BLOCK_M, D]); rows past SQ, and every row of a ``t`` past the last tile, read 0."""
-    i_bh = t // N_M
-    o_m = tl.where(t < N_TILES, (t % N_M) * BLOCK_M + o_r, SQ)
-    return tl.load(Q + (i_bh // H) * s_qb + (i_bh % H) * s_qh + o_m[:, None] * s_qs + o_d[None, :],
-                   mask=(o_m < SQ)[:, None], other=0.0)
-
-
-@triton.jit
-def _tile_count(KV_NUM, t, N_M, N_TILES, H, s_nb, s_nh, s_nm, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr):
-    """Kept key blocks of tile ``t``'s mask row (0 past the last tile)."""
-    i_bh = t // N_M
-    return tl.load(KV_NUM + (i_bh // H) * s_nb + (i_bh % H) * s_nh + ((t % N_M) * BLOCK_M // MASK_M) * s_nm,
-                   mask=t < N_TILES, other=0)
 
 
 @triton.jit
@@ -411,12 +302,15 @@ FUSED_DQ_BYTES = 24 * 2**20
 USE_TMA = True
 # Triton's warp-specialised (producer/consumer) lowering of the forward's key loop; a --sweep candidate.
 WARP_SPECIALIZE = False
-# The forward as one program per SM over a flat (tile, key tile) loop (_fwd_persistent_kernel), so that the
-# K/V pipeline runs on across query tiles; a --sweep candidate. PREFETCH_Q loads its next tile's queries a tile
-# ahead. (Replaces HOST_TMA, K/V descriptors built on the host as [B, S, H, D] with [1, N, 1, D] blocks, which
-# lost at c7a5733: 12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 at 1.3B dense, 1.3B at 0.25, 14B at 0.5.)
-PERSISTENT = False
-PREFETCH_Q = False
+# K/V TMA descriptors built once on the host over a 3D view [groups, S, width] of [B, S, H, D] (_row_groups), instead
+# of by every program on the device (two descriptor writes and a tensormap fence per query tile); a --sweep
+# candidate. Tried and dropped: host-built [B, S, H, D] descriptors with [1, N, 1, D] blocks lost at c7a5733
+# (12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 at 1.3B dense, 1.3B at 0.25, 14B at 0.5); a persistent
+# forward (one program per SM, one flat loop over (query tile, key tile) pairs so that the K/V pipeline runs
+# across query tiles) lost at 66980f2: 19.32 / 4.24 / 1.79 / 150.93 ms against 12.59 / 3.23 / 1.40 / 114.80 (1.3B
+# at 1.0 / 0.25 / 0.1, 14B at 0.5). In Triton the loop-carried queries are copied to shared memory before every
+# QK^T product, and the pipeline held two K/V stages instead of three.
+HOST_DESC = False
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -492,24 +386,11 @@ def _row_groups(x: torch.Tensor) -> tuple[int, ...] | None:
     planes ([B, H, S, D] storage) one group per (batch, head)."""
     b, s, h, d = x.shape
     sb, ss, sh, _ = x.stride()
-    if h == 1 or (sh >= d and (h - 1) * sh + d <= ss):
+    if (h == 1 or sh >= d) and (h - 1) * sh + d <= ss:
         return b, (sb if b > 1 else ss * s), ss, 1, 0, sh, (h - 1) * sh + d
     if sh >= ss * s and (b == 1 or sb == h * sh) and ss >= d:
         return b * h, sh, ss, h, 1, 0, d
     return None
-
-
-def _use_persistent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """PERSISTENT, where the persistent kernel applies: TMA K/V, a power-of-two head_dim, 3D-viewable K/V."""
-    d = q.shape[3]
-    return (PERSISTENT and _use_tma(k, v) and d >= 16 and d & (d - 1) == 0
-            and _row_groups(k) is not None and _row_groups(v) is not None)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 3  # the interpreter: a few programs, so that each takes several tiles
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_forward(q, k, v, block_mask, scale):
@@ -519,29 +400,28 @@ def _launch_forward(q, k, v, block_mask, scale):
     block_m, block_n, warps, stages = _tiles("fwd", mask_m, mask_n, q.is_cuda)
     use_tma = _use_tma(k, v)
     block_d = max(16, triton.next_power_of_2(d))
+    views = [_row_groups(x) for x in (k, v)]
+    host_desc = use_tma and HOST_DESC and block_d == d and None not in views
+    groups = [0] * 6
+    k_arg, v_arg = k, v
+    if host_desc:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_arg, v_arg = (TensorDescriptor(x, [n, sk, width], [s0, s1, 1], [1, block_n, d])
+                        for x, (n, s0, s1, _, _, _, width) in zip((k, v), views, strict=True))
+        groups = [*views[0][3:6], *views[1][3:6]]
+    elif use_tma:
+        _descriptor_scratch(q.device)
     out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
-    mask_args = (*_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices))
-    consts = dict(D=d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-                  DOT_PRECISION=_dot_precision(q), num_warps=warps, num_stages=stages)
-    if use_tma:
-        _descriptor_scratch(q.device)
-    if _use_persistent(q, k, v):
-        n_m = triton.cdiv(sq, block_m)
-        n_tiles = n_m * b * h
-        programs = min(n_tiles, _num_sms(q.device))
-        _fwd_persistent_kernel[(programs,)](
-            q, k, v, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
-            *_strides3(q), *_strides3(out), *mask_args, *_row_groups(k), *_row_groups(v),
-            h, sq, sk, n_m, n_tiles, scale * _LOG2E,
-            MAX_TILES=max(2, triton.next_power_of_2(triton.cdiv(n_tiles, programs))), PREFETCH_Q=PREFETCH_Q, **consts,
-        )
-        return out, lse
     _fwd_kernel[(triton.cdiv(sq, block_m), b * h)](
-        q, k, v, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *mask_args,
-        h, sq, sk, scale * _LOG2E, BLOCK_D=block_d, USE_TMA=use_tma, WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda,
-        **consts,
+        q, k_arg, v_arg, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+        *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
+        h, sq, sk, scale * _LOG2E, *groups,
+        D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
+        DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma, WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda,
+        HOST_DESC=host_desc, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
