@@ -40,3 +40,18 @@ def tiny_dirs(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture
+def kernels_on_the_gpu():
+    """On a GPU machine, tensors a test makes without a device go to the GPU, so that the kernels run there
+    (CPU tensors take the PyTorch path on such a machine, and a kernel test would compare the reference with
+    itself). Under the interpreter, nothing changes."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device("cpu")

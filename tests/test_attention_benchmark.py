@@ -51,3 +51,14 @@ def test_variant_tables_show_times_and_errors():
                                                          "1.50", "2.50", "3.50", "4.50"]
     assert cells(text, "| fwd | (64, 64, 4, 3)")[3] == "failed: out of resource"
     assert cells(text, "| dq | (128, 64, 8, 2)")[2:] == ["7.00"] * len(attention.BWD_CASES)
+
+
+def test_ab_table_shows_ratios_and_round_ranges():
+    import ab_forward
+
+    row = {"shape": "wan1.3b-480p", "density": 0.1, "err_on_vs_off": 0.0, "off_ms": 2.0, "on_ms": 1.9,
+           "flex_ms": 2.4, "off_rounds": [2.0, 2.1, 1.9], "on_rounds": [1.9, 1.8, 2.0], "flex_rounds": [2.4] * 3}
+    meta = {**META, "rounds": 3}
+    text = ab_forward.markdown("HOST_DESC", meta, [row])
+    assert cells(text, "| wan1.3b-480p") == ["wan1.3b-480p", "0.100", "2.00 (1.90-2.10)", "1.90 (1.80-2.00)", "0.950",
+                                             "2.40 (2.40-2.40)", "1.200x", "1.263x", "0.0e+00"]

@@ -130,6 +130,7 @@ def test_rectified_in_a_pipeline_and_errors(tmp_path):
                                                           (True, False, False), (False, True, True),
                                                           (True, True, True)])  # fmt: skip
 @pytest.mark.parametrize("heads_in_keep", [1, 2])
+@pytest.mark.usefixtures("kernels_on_the_gpu")
 def test_pooled_correction_kernel_matches_its_reference(pooled_kept, compensate, shift, heads_in_keep):
     from vgen.attention.common import block_means, block_moments
     from vgen.kernels.pooled import pooled_correction, pooled_correction_reference

@@ -12,6 +12,8 @@ from vgen.kernels.selection import (
     segment_means_reference,
 )
 
+pytestmark = pytest.mark.usefixtures("kernels_on_the_gpu")
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_segment_means_match_the_reference(dtype):
@@ -55,6 +57,8 @@ def test_global_cut_by_count_matches_a_sort(count):
 def test_global_cut_keeps_ties_and_needs_one_rule():
     scores = torch.tensor([[[3.0, 1.0, 3.0, -2.0]]])
     assert global_cut(scores, count=1).tolist() == [[[True, False, True, False]]]
+    # the PyTorch path (a CPU without the interpreter) keeps them too
+    assert global_cut_reference(scores, count=1).tolist() == [[[True, False, True, False]]]
     with pytest.raises(ValueError, match="exactly one of threshold and count"):
         global_cut(scores)
 
@@ -142,6 +146,7 @@ def test_cuts_treat_signed_zeros_as_one_value(count):
     scores = torch.tensor([1.0, 2.0, -0.0, 0.0, -0.0, 0.0, -1.0, -3.0, 0.5, -0.0]).repeat(2, 1, 1)
     expected = scores >= sorted(scores[0, 0].tolist(), reverse=True)[count - 1]  # ties at the cut all kept
     assert torch.equal(global_cut(scores, count=count), expected)
+    assert torch.equal(global_cut_reference(scores, count=count), expected)
     parallel = _global_cut_parallel(scores.reshape(2, -1), None, count, chunk=4)
     assert torch.equal(parallel.view(scores.shape), expected)
 

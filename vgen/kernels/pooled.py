@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vgen.kernels.runtime import use_triton
+
 __all__ = ["pooled_correction", "pooled_correction_reference"]
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -155,6 +157,11 @@ def pooled_correction(
     _check(q, out, lse, k_mean, v_mean, log_counts, spread, keep, row_block)
     if torch.is_grad_enabled() and (q.requires_grad or out.requires_grad):
         raise ValueError("pooled_correction is forward only; use pooled_correction_reference to differentiate")
+    if not use_triton(q):
+        return pooled_correction_reference(
+            q, out, lse, k_mean, v_mean, log_counts, spread, keep, row_block=row_block, scale=scale,
+            pooled_kept=pooled_kept, compensate=compensate, tolerance=tolerance, spread_shift=spread_shift,
+        ).to(out.dtype)
     q, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, out))
     b, s, h, d = q.shape
     m = k_mean.shape[2]

@@ -85,6 +85,8 @@ def segment_means(
         starts, sizes: int ``[C]`` on ``x``'s device; every segment inside ``[0, S)``, sizes >= 1.
         with_spread: also return fp32 ``[B, H, C]``, each segment's mean squared distance to its mean.
     """
+    if not use_triton(x):
+        return segment_means_reference(x, starts, sizes, with_spread=with_spread)
     batch, _, heads, dim = x.shape
     chunks = starts.numel()
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -343,7 +345,8 @@ def count_levels(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
 def global_cut_reference(
     scores: torch.Tensor, *, threshold: float | None = None, count: int | None = None
 ) -> torch.Tensor:
-    """The same by a sort (ties broken by position)."""
+    """The same by a sort; as in the kernels, every entry tied with the last one kept is kept too (-0.0 and +0.0
+    are one value)."""
     flat = scores.reshape(scores.shape[0], scores.shape[1], -1)
     order = flat.argsort(dim=-1, descending=True)
     if threshold is not None:
@@ -351,7 +354,9 @@ def global_cut_reference(
         kept_sorted = (mass.cumsum(-1) - mass) < threshold
     else:
         kept_sorted = (torch.arange(flat.shape[-1], device=flat.device) < count).expand_as(flat)
-    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, order, kept_sorted).view(scores.shape)
+    kept = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, order, kept_sorted)
+    cut = flat.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)
+    return (kept.any(-1, keepdim=True) & (flat >= cut)).view(scores.shape)
 
 
 # ----------------------------------------------------------------------------- row compaction
@@ -381,6 +386,8 @@ def compact_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = dense.shape[-1]
     if n > 16384:
         raise ValueError(f"compact_rows handles rows of at most 16384 entries, got {n}")
+    if not use_triton(dense):
+        return compact_rows_reference(dense)
     rows = dense.reshape(-1, n).contiguous()
     count = torch.empty(rows.shape[0], dtype=torch.int32, device=dense.device)
     indices = torch.empty(rows.shape, dtype=torch.int32, device=dense.device)

@@ -1,0 +1,120 @@
+"""A/B timing of the block-sparse forward with one `vgen.kernels.block_sparse` setting off and on.
+
+    python benchmarks/ab_forward.py HOST_DESC --out benchmarks/results/ab-host-desc.md [--rounds 5]
+
+A sweep (`attention.py --sweep`) times each candidate once, one after another; a difference of 1-2% between
+two candidates is then within the drift of the GPU's speed over a run. Here the two settings and
+FlexAttention (the reference the issue's ratios are taken against) are timed in turns, ``--rounds`` times,
+at every shape and density of `attention.py`'s table (random masks), and the medians are reported with the
+spread of the rounds. The outputs of the two settings are checked against each other first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention.flex_attention import flex_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import DENSITIES, bench, err_ratio, flex_mask, random_mask, shape_of  # noqa: E402
+
+from vgen.kernels import block_sparse  # noqa: E402
+from vgen.kernels.block_sparse import block_sparse_attention  # noqa: E402
+
+
+def run(flag: str, shapes: list[str], rounds: int) -> list[dict]:
+    device = torch.device("cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for name in shapes:
+        heads, head_dim, grid = shape_of(name)
+        seq = grid.num_video_tokens
+        q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+        for density in DENSITIES:
+            mask = random_mask(heads, seq, density, device)
+            fm = flex_mask(mask)
+
+            def ours(on: bool, mask=mask):
+                setattr(block_sparse, flag, on)
+                return block_sparse_attention(q, k, v, mask)
+
+            def theirs(fm=fm):
+                return flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=fm).transpose(1, 2)
+
+            with torch.no_grad():
+                off_out, on_out = ours(False), ours(True)
+                err = err_ratio(on_out, off_out)
+                del off_out, on_out
+                times = {"off": [], "on": [], "flex": []}
+                for _ in range(rounds):
+                    times["off"].append(bench(lambda: ours(False)))
+                    times["on"].append(bench(lambda: ours(True)))
+                    times["flex"].append(bench(theirs))
+            setattr(block_sparse, flag, False)
+            row = {"shape": name, "density": mask.density(), "err_on_vs_off": err,
+                   **{f"{key}_ms": statistics.median(t) for key, t in times.items()},
+                   **{f"{key}_rounds": t for key, t in times.items()}}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(flag: str, meta: dict, rows: list[dict]) -> str:
+    lines = [f"### Forward A/B: `block_sparse.{flag}` off / on, {meta['date']}, commit {meta['commit']}, {meta['gpu']}",
+             "", f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; bf16, B=1, random "
+             f"masks; off, on and FlexAttention timed in turns, {meta['rounds']} rounds; medians (range of the "
+             "rounds).", "",
+             "| shape | density | off ms | on ms | **on / off** | Flex ms | off: Flex / vgen | on: Flex / vgen | "
+             "on vs off output |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def cell(r, key):
+        t = r[f"{key}_rounds"]
+        return f"{r[f'{key}_ms']:.2f} ({min(t):.2f}-{max(t):.2f})"
+
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['density']:.3f} | {cell(r, 'off')} | {cell(r, 'on')} | "
+                     f"{r['on_ms'] / r['off_ms']:.3f} | {cell(r, 'flex')} | {r['flex_ms'] / r['off_ms']:.3f}x | "
+                     f"{r['flex_ms'] / r['on_ms']:.3f}x | {r['err_on_vs_off']:.1e} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("flag", help="a boolean setting of vgen.kernels.block_sparse, e.g. HOST_DESC")
+    parser.add_argument("--shapes", nargs="+", default=["wan1.3b-480p", "wan14b-720p"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="write the Markdown here (and a .json beside it)")
+    args = parser.parse_args()
+    if not isinstance(getattr(block_sparse, args.flag, None), bool):
+        parser.error(f"flag must name a boolean setting of vgen.kernels.block_sparse, got {args.flag!r}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not torch.cuda.is_available():
+        sys.exit("ab_forward.py times the kernels on a GPU; none is available")
+    commit = os.environ.get("VGEN_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"date": datetime.date.today().isoformat(), "commit": commit or "unknown",
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "command": "python " + " ".join(sys.argv), "rounds": args.rounds, "flag": args.flag}
+    rows = run(args.flag, args.shapes, args.rounds)
+    text = markdown(args.flag, meta, rows)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
