@@ -43,11 +43,11 @@ def run(flag: str, shapes: list[str], rounds: int) -> list[dict]:
             mask = random_mask(heads, seq, density, device)
             fm = flex_mask(mask)
 
-            def ours(on: bool, mask=mask):
+            def ours(on: bool, q=q, k=k, v=v, mask=mask):
                 setattr(block_sparse, flag, on)
                 return block_sparse_attention(q, k, v, mask)
 
-            def theirs(fm=fm):
+            def theirs(q=q, k=k, v=v, fm=fm):
                 return flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=fm).transpose(1, 2)
 
             with torch.no_grad():
