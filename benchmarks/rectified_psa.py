@@ -579,8 +579,13 @@ def verdict(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+# settings of the selection's size: they go to the plain variant too, so that both keep one density
+SHARED_SETTINGS = {("rectified", "mass"), ("psa", "budget")}
+
+
 def quality_runs(runs: tuple[QualityRun, ...], methods: list[str] | None, settings: list[str]) -> tuple:
-    """Part 3's runs, narrowed to ``methods`` and with ``METHOD.KEY=VALUE`` settings (JSON values, or strings)."""
+    """Part 3's runs, narrowed to ``methods`` and with ``METHOD.KEY=VALUE`` settings (JSON values, or strings);
+    rectified.mass and psa.budget apply to the plain variant as well (SHARED_SETTINGS)."""
     runs = tuple(r for r in runs if methods is None or r.method in methods)
     for item in settings:
         name, _, value = item.partition("=")
@@ -591,8 +596,10 @@ def quality_runs(runs: tuple[QualityRun, ...], methods: list[str] | None, settin
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
-        runs = tuple(dataclasses.replace(r, config={**r.config, key: parsed}) if r.method == method else r
-                     for r in runs)  # fmt: skip
+        shared = (method, key) in SHARED_SETTINGS
+        runs = tuple(dataclasses.replace(r, config={**r.config, key: parsed},
+                                         plain={**r.plain, key: parsed} if shared else r.plain)
+                     if r.method == method else r for r in runs)  # fmt: skip
     return runs
 
 
@@ -605,8 +612,8 @@ def main() -> None:
     parser.add_argument("--quality-methods", nargs="+", choices=("rectified", "psa"),
                         help="part 3: only these methods (default: both)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="part 3: a setting of the method's variant (not its plain one), e.g. "
-                             "rectified.spread_shift=true; repeatable")  # fmt: skip
+                        help="part 3: a setting of the method's variant (not its plain one, except the selection "
+                             "sizes rectified.mass and psa.budget), e.g. rectified.spread_shift=true; repeatable")
     args = parser.parse_args()
     parts = {int(p) for p in args.parts.split(",") if p.strip()}
     if not parts <= {1, 2, 3}:

@@ -62,3 +62,14 @@ def test_ab_table_shows_ratios_and_round_ranges():
     text = ab_forward.markdown("HOST_DESC", meta, [row])
     assert cells(text, "| wan1.3b-480p") == ["wan1.3b-480p", "0.100", "2.00 (1.90-2.10)", "1.90 (1.80-2.00)", "0.950",
                                              "2.40 (2.40-2.40)", "1.200x", "1.263x", "0.0e+00"]
+
+
+def test_quality_settings_keep_the_plain_variant_at_the_same_density():
+    """rectified_psa --set: a selection size (rectified.mass) goes to both variants, a correction setting only
+    to the method's own."""
+    import rectified_psa
+
+    base = (rectified_psa.QualityRun("rectified", {"mass": 0.7}, {"mass": 0.7, "rectify_kept": False}, {}),)
+    (run,) = rectified_psa.quality_runs(base, None, ["rectified.mass=0.9", "rectified.spread_shift=true"])
+    assert run.config == {"mass": 0.9, "spread_shift": True}
+    assert run.plain == {"mass": 0.9, "rectify_kept": False}
