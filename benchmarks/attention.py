@@ -152,14 +152,12 @@ SWEEP_CASES = (("wan1.3b-480p", 1.0), ("wan1.3b-480p", 0.25), ("wan1.3b-480p", 0
 def sweep(device) -> list[dict]:
     """Time candidate forward variants (tiles, TMA) on random masks at SWEEP_CASES; keep the one with the
     lowest summed time relative to the first candidate (so the 14B case weighs as much as each 1.3B one)."""
-    # (BLOCK_M, BLOCK_N, warps, stages), TMA, K/V descriptors built once on the host (block_sparse.HOST_DESC).
-    # Triton 3.6 ignores warp_specialize on Hopper (same SASS), so those candidates are gone. 64-row tiles at 4
-    # warps and 64-key tiles fit two programs per SM (115 KB of shared memory each): while one waits on its
-    # QK^T product, the other's softmax runs, the overlap one 128-row program at 8 warps cannot get.
-    # (64, 64, 4, 3) was 6-11% slower than the default at 93e1ed2, the other 64-row or 64-key tiles slower still.
-    # A persistent forward lost by a third at 66980f2 (see block_sparse.HOST_DESC) and is gone.
-    candidates = [((128, 128, 8, 3), True, False), ((128, 128, 8, 3), True, True), ((128, 128, 8, 2), True, True),
-                  ((128, 128, 8, 3), False, False)]
+    # (BLOCK_M, BLOCK_N, warps, stages), TMA. Triton 3.6 ignores warp_specialize on Hopper (same SASS), so those
+    # candidates are gone. 64-row tiles at 4 warps and 64-key tiles fit two programs per SM (115 KB of shared
+    # memory each): while one waits on its QK^T product, the other's softmax runs, the overlap one 128-row
+    # program at 8 warps cannot get. (64, 64, 4, 3) was 6-11% slower than the default at 93e1ed2, the other 64-row
+    # or 64-key tiles slower still. Host-built descriptors and a persistent forward lost (see block_sparse.py).
+    candidates = [((128, 128, 8, 3), True), ((128, 128, 8, 2), True), ((128, 128, 8, 3), False)]
     cases = []
     for name, density in SWEEP_CASES:
         heads, head_dim, grid = shape_of(name)
@@ -169,8 +167,8 @@ def sweep(device) -> list[dict]:
     rows = []
     best = None
     reference = {}
-    for tiles, tma, host in candidates:
-        block_sparse.CUDA_TILES["fwd"], block_sparse.USE_TMA, block_sparse.HOST_DESC = tiles, tma, host
+    for tiles, tma in candidates:
+        block_sparse.CUDA_TILES["fwd"], block_sparse.USE_TMA = tiles, tma
         try:
             with torch.no_grad():
                 # every candidate must agree with the first before its time counts
@@ -185,14 +183,14 @@ def sweep(device) -> list[dict]:
                          for label, q, k, v, m in cases}
         except Exception as err:  # a variant the compiler rejects on this GPU, or a wrong one
             error = str(err).splitlines()[0][:120]
-            rows.append({"kernel": "fwd", "tiles": tiles, "tma": tma, "host_desc": host, "error": error})
+            rows.append({"kernel": "fwd", "tiles": tiles, "tma": tma, "error": error})
             continue
-        rows.append({"kernel": "fwd", "tiles": tiles, "tma": tma, "host_desc": host, "ms": times})
+        rows.append({"kernel": "fwd", "tiles": tiles, "tma": tma, "ms": times})
         print(json.dumps(rows[-1]), flush=True)
         score = sum(t / rows[0]["ms"][label] for label, t in times.items()) if "ms" in rows[0] else 0.0
         if best is None or score < best[0]:
-            best = (score, tiles, tma, host)
-    block_sparse.CUDA_TILES["fwd"], block_sparse.USE_TMA, block_sparse.HOST_DESC = best[1:4]
+            best = (score, tiles, tma)
+    block_sparse.CUDA_TILES["fwd"], block_sparse.USE_TMA = best[1:3]
     del cases, reference
     torch.cuda.empty_cache()
     return rows
@@ -379,7 +377,7 @@ def markdown(meta: dict, sweep_rows: list[dict], dense_rows: list[dict], rows: l
             "Forward variants (random masks; the one with the lowest summed time relative to the first was used "
             "above):", ["kernel", "(BLOCK_M, BLOCK_N, warps, stages)", "TMA"],
             [f"ms {x}" for x in labels], sweep_rows,
-            lambda r: [r["kernel"], str(r["tiles"]), f"{r['tma']}{' (host descriptors)' if r['host_desc'] else ''}"],
+            lambda r: [r["kernel"], str(r["tiles"]), str(r["tma"])],
             lambda r: [r["ms"][x] for x in labels])
     if bwd_rows:
         lines += variant_table(
@@ -418,7 +416,6 @@ def main() -> None:
         sweep_rows = sweep(device)
         meta["tiles"] = dict(block_sparse.CUDA_TILES)
         meta["tma"] = block_sparse.USE_TMA
-        meta["host_desc"] = block_sparse.HOST_DESC
     bwd_rows = []
     if args.sweep_backward:
         bwd_rows = sweep_backward(device)

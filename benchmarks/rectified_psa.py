@@ -559,6 +559,7 @@ def verdict(results: dict[str, Any]) -> list[str]:
             better = sum(m > p for p, m in clips)
             psnr_text = f"{plain:.2f} -> {method:.2f} (higher in {better} of {len(clips)} clips)"
             higher = method > plain
+            setting = by_variant[name]["config"].get(key, setting)  # the times at part 3's setting
         real_text = shape_text = "n/a"
         if "real" in results:
             summary = next((s for s in results["real"][f"{name}_summary"] if s[key] == setting), None)
@@ -566,13 +567,16 @@ def verdict(results: dict[str, Any]) -> list[str]:
                 times.append(summary[f"{name}_extra_pct"])
                 real_text = f"{pct(times[-1])} ({key} {setting})"
         if "shapes" in results:
-            values = [r[f"{name}_extra_pct"] for r in results["shapes"]["rows"] if r["method"] == name]
+            values = [r[f"{name}_extra_pct"] for r in results["shapes"]["rows"] if r["method"] == name
+                      and r.get(key, setting) == setting]
             if values and all(v is not None for v in values):
                 times += values
                 shape_text = ", ".join(pct(v) for v in values)
         fast = all(t <= TARGET_EXTRA for t in times) if times else None
         if higher is None:  # no quality part: the time half of the target only
             within = "n/a" if fast is None else f"time only: {yes_no(fast)}"
+        elif fast is None:  # no time at this setting: the quality half only
+            within = f"PSNR only: {yes_no(higher)}"
         else:
             within = yes_no(higher and fast is not False)
         rows.append(f"| {name} | {psnr_text} | {yes_no(higher)} | {real_text} | {shape_text} | {within} |")

@@ -35,19 +35,15 @@ PYRAMID = {**{f"{x}{p}": "*bf16" for x in "KV" for p in (1, 2, 4, 8)}, "Q": "*bf
            "NUM": "*i32", "IDX": "*i32", "qk_scale": "fp32"}  # fmt: skip
 BLOCK_SPARSE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "LSE": "*fp32", "KV_NUM": "*i32",
                 "KV_IDX": "*i32", "qk_scale": "fp32"}
-HOST_DESC = "tensordesc<bf16[1, 128, 128]>"
 BACKWARD = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DK": "*bf16",
             "DV": "*bf16", "DQ": "*bf16", "Q_NUM": "*i32", "Q_IDX": "*i32", "KV_NUM": "*i32", "KV_IDX": "*i32",
             "DQ_ACC": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
 BACKWARD_CONSTS = {"D": 128, "BLOCK_D": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32"}
 KERNELS = [
-    # the forward at block_sparse.CUDA_TILES: descriptors built by every program (the default), or on the host
+    # the forward at block_sparse.CUDA_TILES
     (block_sparse._fwd_kernel, BLOCK_SPARSE,
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
-      "USE_TMA": True, "WARP_SPECIALIZE": False, "HOST_DESC": False}, 8, 3),
-    (block_sparse._fwd_kernel, {**BLOCK_SPARSE, "K": HOST_DESC, "V": HOST_DESC},
-     {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
-      "USE_TMA": True, "WARP_SPECIALIZE": False, "HOST_DESC": True}, 8, 3),
+      "USE_TMA": True, "WARP_SPECIALIZE": False}, 8, 3),
     # the backward at block_sparse.CUDA_TILES (Triton 3.6: dK/dV spilled 744 B before its loop was flattened, dQ 128 B)
     (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": False,
                                                "REDUCE_TMA": False}, 4, 2),

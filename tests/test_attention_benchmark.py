@@ -41,13 +41,13 @@ def test_mismatch_hides_speedups():
 
 def test_variant_tables_show_times_and_errors():
     labels = [f"{name} d{density}" for name, density in attention.SWEEP_CASES]
-    sweep = [{"kernel": "fwd", "tiles": (128, 128, 8, 3), "tma": True, "host_desc": True,
+    sweep = [{"kernel": "fwd", "tiles": (128, 128, 8, 3), "tma": True,
               "ms": {x: 1.5 + i for i, x in enumerate(labels)}},
-             {"kernel": "fwd", "tiles": (64, 64, 4, 3), "tma": False, "host_desc": False,
+             {"kernel": "fwd", "tiles": (64, 64, 4, 3), "tma": False,
               "error": "out of resource"}]  # fmt: skip
     backward = [{"kernel": "dq", "tiles": (128, 64, 8, 2), "ms": {str(d): 7.0 for d in attention.BWD_CASES}}]
     text = attention.markdown(META, sweep, [], [], backward)
-    assert cells(text, "| fwd | (128, 128, 8, 3)") == ["fwd", "(128, 128, 8, 3)", "True (host descriptors)",
+    assert cells(text, "| fwd | (128, 128, 8, 3)") == ["fwd", "(128, 128, 8, 3)", "True",
                                                          "1.50", "2.50", "3.50", "4.50"]
     assert cells(text, "| fwd | (64, 64, 4, 3)")[3] == "failed: out of resource"
     assert cells(text, "| dq | (128, 64, 8, 2)")[2:] == ["7.00"] * len(attention.BWD_CASES)
@@ -59,7 +59,7 @@ def test_ab_table_shows_ratios_and_round_ranges():
     row = {"shape": "wan1.3b-480p", "density": 0.1, "err_on_vs_off": 0.0, "off_ms": 2.0, "on_ms": 1.9,
            "flex_ms": 2.4, "off_rounds": [2.0, 2.1, 1.9], "on_rounds": [1.9, 1.8, 2.0], "flex_rounds": [2.4] * 3}
     meta = {**META, "rounds": 3}
-    text = ab_forward.markdown("HOST_DESC", meta, [row])
+    text = ab_forward.markdown("USE_TMA", meta, [row])
     assert cells(text, "| wan1.3b-480p") == ["wan1.3b-480p", "0.100", "2.00 (1.90-2.10)", "1.90 (1.80-2.00)", "0.950",
                                              "2.40 (2.40-2.40)", "1.200x", "1.263x", "0.0e+00"]
 
@@ -73,3 +73,20 @@ def test_quality_settings_keep_the_plain_variant_at_the_same_density():
     (run,) = rectified_psa.quality_runs(base, None, ["rectified.mass=0.9", "rectified.spread_shift=true"])
     assert run.config == {"mass": 0.9, "spread_shift": True}
     assert run.plain == {"mass": 0.9, "rectify_kept": False}
+
+
+def test_rectified_verdict_takes_the_times_at_part_3s_setting():
+    import rectified_psa
+
+    def quality(mass):
+        return {"rows": [{"method": "rectified", "variant": v, "psnr": p, "clip_psnr": [p, p], "config": {"mass": mass}}
+                         for v, p in (("plain", 20.0), ("rectified", 21.0))]}  # fmt: skip
+
+    real = {"rectified_summary": [{"mass": m, "rectified_extra_pct": e} for m, e in ((0.7, 18.0), (0.9, 10.0))],
+            "psa_summary": []}
+    (line, _) = rectified_psa.verdict({"quality": quality(0.9), "real": real})
+    assert "+10.0% (mass 0.9)" in line and line.endswith("| yes |")
+    (line, _) = rectified_psa.verdict({"quality": quality(0.7), "real": real})
+    assert "+18.0% (mass 0.7)" in line and line.endswith("| **no** |")
+    (line, _) = rectified_psa.verdict({"quality": quality(0.9)})  # no times measured: not a full verdict
+    assert line.endswith("| PSNR only: yes |")

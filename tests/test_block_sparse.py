@@ -201,16 +201,12 @@ def test_merge_rejects_mismatched_shapes():
         merge_attention(torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 4), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2))
 
 
-@pytest.mark.parametrize("host", [False, True], ids=["device-descriptors", "host-descriptors"])
 @pytest.mark.parametrize("d", [64, 96])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-def test_tma_forward_paths(monkeypatch, host, d, layout):
-    """The forward's TMA paths (on the GPU: descriptors built by every program by default, built once on the
-    host over a 3D view as a sweep candidate) run in the interpreter too when forced: ragged lengths, a batch of
-    two, heads side by side and as planes, a row that keeps no key block, head_dim 96 (which the host path
-    leaves to device descriptors)."""
+def test_tma_forward_path(monkeypatch, d, layout):
+    """The forward's TMA path (the default on the GPU) runs in the interpreter too when forced: ragged lengths,
+    a batch of two, heads side by side and as planes, a row that keeps no key block, head_dim 96."""
     monkeypatch.setattr(block_sparse, "_use_tma", lambda k, v: True)
-    monkeypatch.setattr(block_sparse, "HOST_DESC", host)
     b, sq, sk, h, block = 2, 200, 150, 2, (64, 64)
     q, k, v = (x.detach() for x in qkv(b, sq, sk, h, d, torch.float16, seed=d, layout=layout))
     dense = random_mask(b, h, (sq, sk), block, density=0.5, seed=3)
@@ -222,18 +218,6 @@ def test_tma_forward_paths(monkeypatch, host, d, layout):
     assert err_ratio(out, ref_out) < 5e-3
     assert err_ratio(lse, ref_lse) < 1e-5
     assert (out[1, 128:192, 0] == 0).all() and (lse[1, 0, 128:192] == float("-inf")).all()
-
-
-def test_host_descriptor_views_of_k_and_v():
-    """The 3D views the host-built descriptors read K/V through: heads side by side ([B, S, H, D]), heads as
-    planes ([B, H, S, D] storage), a slice of a fused qkv tensor; None where no such view exists."""
-    x = torch.empty(2, 10, 3, 64)
-    assert block_sparse._row_groups(x) == (2, 10 * 192, 192, 1, 0, 64, 192)
-    planes = torch.empty(2, 3, 10, 64).transpose(1, 2)
-    assert block_sparse._row_groups(planes) == (6, 640, 64, 3, 1, 0, 64)
-    qkv_k = torch.empty(2, 10, 3, 3, 64)[:, :, 1]  # k of a [B, S, 3, H, D] tensor
-    assert block_sparse._row_groups(qkv_k) == (2, 10 * 576, 576, 1, 0, 64, 192)
-    assert block_sparse._row_groups(torch.empty(2, 3, 64, 10).permute(0, 3, 1, 2)) is None  # head_dim strided
 
 
 def test_fused_backward_is_chosen_by_accumulator_size(monkeypatch):

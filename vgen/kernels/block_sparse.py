@@ -52,14 +52,10 @@ def _fwd_kernel(
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
     H, SQ, SK, qk_scale,
-    k_gb, k_gh, k_ch, v_gb, v_gh, v_ch,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, HOST_DESC: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """With HOST_DESC, K and V are descriptors built once on the host over a 3D view [groups, SK, width]
-    (blocks [1, BLOCK_N, D]; head h of batch b is group ``b * k_gb + h * k_gh`` at column ``h * k_ch``)
-    instead of pointers from which every program builds its own 2D descriptors."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_row = i_m * BLOCK_M // MASK_M
@@ -73,12 +69,11 @@ def _fwd_kernel(
 
     n_it = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm) * SUB
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_row * s_im
+    K += i_b * s_kb + i_h * s_kh
+    V += i_b * s_vb + i_h * s_vh
     desc_k = None
     desc_v = None
-    if not HOST_DESC:
-        K += i_b * s_kb + i_h * s_kh
-        V += i_b * s_vb + i_h * s_vh
-    if USE_TMA and not HOST_DESC:
+    if USE_TMA:
         desc_k = tl.make_tensor_descriptor(K, shape=[SK, D], strides=[s_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
         desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
 
@@ -87,12 +82,8 @@ def _fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for it in tl.range(0, n_it, warp_specialize=WARP_SPECIALIZE):
         start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
-        if HOST_DESC:
-            b_k = K.load([i_b * k_gb + i_h * k_gh, start, i_h * k_ch]).reshape(BLOCK_N, BLOCK_D)
-            b_v = V.load([i_b * v_gb + i_h * v_gh, start, i_h * v_ch]).reshape(BLOCK_N, BLOCK_D)
-        else:
-            b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
-            b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
+        b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
+        b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
         if start + BLOCK_N > SK:  # only the ragged last tile has keys to mask
             b_s = tl.where((start + tl.arange(0, BLOCK_N) < SK)[None, :], b_s, float("-inf"))
@@ -302,15 +293,15 @@ FUSED_DQ_BYTES = 24 * 2**20
 USE_TMA = True
 # Triton's warp-specialised (producer/consumer) lowering of the forward's key loop; a --sweep candidate.
 WARP_SPECIALIZE = False
-# K/V TMA descriptors built once on the host over a 3D view [groups, S, width] of [B, S, H, D] (_row_groups), instead
-# of by every program on the device (two descriptor writes and a tensormap fence per query tile); a --sweep
-# candidate. Tried and dropped: host-built [B, S, H, D] descriptors with [1, N, 1, D] blocks lost at c7a5733
-# (12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 at 1.3B dense, 1.3B at 0.25, 14B at 0.5); a persistent
-# forward (one program per SM, one flat loop over (query tile, key tile) pairs so that the K/V pipeline runs
-# across query tiles) lost at 66980f2: 19.32 / 4.24 / 1.79 / 150.93 ms against 12.59 / 3.23 / 1.40 / 114.80 (1.3B
-# at 1.0 / 0.25 / 0.1, 14B at 0.5). In Triton the loop-carried queries are copied to shared memory before every
-# QK^T product, and the pipeline held two K/V stages instead of three.
-HOST_DESC = False
+# Tried for the forward and dropped (`benchmarks/attention.py --sweep`, `benchmarks/ab_forward.py`, H200):
+# - K/V TMA descriptors built once on the host instead of by every program: as [B, S, H, D] with [1, N, 1, D]
+#   blocks, 12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 (1.3B dense, 1.3B at 0.25, 14B at 0.5;
+#   c7a5733); over a 3D [groups, S, width] view with [1, N, D] blocks, even at 1.3B (-2.3% to +1.2%) and 3.4-5.6%
+#   slower at 14B (cdb5451, 5 rounds in turns).
+# - A persistent forward (one program per SM, one flat loop over (query tile, key tile) pairs so that the K/V
+#   pipeline runs across query tiles): 19.32 / 4.24 / 1.79 / 150.93 ms against 12.59 / 3.23 / 1.40 / 114.80 (1.3B
+#   at 1.0 / 0.25 / 0.1, 14B at 0.5; 66980f2). Triton copies the loop-carried queries to shared memory before
+#   every QK^T product, and its pipeline kept two K/V stages instead of three.
 
 
 def _tma_ok(x: torch.Tensor) -> bool:
@@ -379,49 +370,24 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _row_groups(x: torch.Tensor) -> tuple[int, ...] | None:
-    """A 3D TMA view [groups, S, width] (strides (s0, s1, 1)) of x [B, S, H, D] in which head h of batch b is
-    group ``b * gb + h * gh`` at column ``h * ch``: (groups, s0, s1, gb, gh, ch, width); None if x's strides
-    allow none. Heads side by side in a row (the usual [B, S, H, D]) make one group per batch; heads as
-    planes ([B, H, S, D] storage) one group per (batch, head)."""
-    b, s, h, d = x.shape
-    sb, ss, sh, _ = x.stride()
-    if (h == 1 or sh >= d) and (h - 1) * sh + d <= ss:
-        return b, (sb if b > 1 else ss * s), ss, 1, 0, sh, (h - 1) * sh + d
-    if sh >= ss * s and (b == 1 or sb == h * sh) and ss >= d:
-        return b * h, sh, ss, h, 1, 0, d
-    return None
-
-
 def _launch_forward(q, k, v, block_mask, scale):
     b, sq, h, d = q.shape
     sk = k.shape[1]
     mask_m, mask_n = block_mask.block_size
     block_m, block_n, warps, stages = _tiles("fwd", mask_m, mask_n, q.is_cuda)
     use_tma = _use_tma(k, v)
-    block_d = max(16, triton.next_power_of_2(d))
-    views = [_row_groups(x) for x in (k, v)]
-    host_desc = use_tma and HOST_DESC and block_d == d and None not in views
-    groups = [0] * 6
-    k_arg, v_arg = k, v
-    if host_desc:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        k_arg, v_arg = (TensorDescriptor(x, [n, sk, width], [s0, s1, 1], [1, block_n, d])
-                        for x, (n, s0, s1, _, _, _, width) in zip((k, v), views, strict=True))
-        groups = [*views[0][3:6], *views[1][3:6]]
-    elif use_tma:
+    if use_tma:
         _descriptor_scratch(q.device)
     out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(sq, block_m), b * h)](
-        q, k_arg, v_arg, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
+        q, k, v, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
-        h, sq, sk, scale * _LOG2E, *groups,
-        D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma, WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda,
-        HOST_DESC=host_desc, num_warps=warps, num_stages=stages,
+        h, sq, sk, scale * _LOG2E,
+        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m,
+        MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
+        WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
