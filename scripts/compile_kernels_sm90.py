@@ -60,9 +60,11 @@ KERNELS = [
      {"BY_MASS": True, "BLOCK": 1024}, 8, 1),
     (selection._global_cut_kernel, {"S": "*fp32", "KEEP": "*i8", "threshold": "fp32", "count": "fp32"},
      {"BY_MASS": False, "BLOCK": 1024}, 8, 1),
-    (selection._cut_partial_kernel, {"S": "*fp32", "PEAK": "*fp32", "LO": "*i64", "HI": "*i64", "PART": "*fp32"},
+    (selection._cut_partial_kernel, {"S": "*fp32", "PEAK": "*fp32", "LO": "*i64", "HI": "*i64", "PART": "*fp32",
+                                     "PMIN": "*fp32", "PMAX": "*fp32"},
      {"CHUNK": 2048, "SUB": 64, "PIVOTS": 64, "BY_MASS": True}, 4, 1),
-    (selection._cut_narrow_kernel, {"PART": "*fp32", "LO": "*i64", "HI": "*i64", "GOAL": "*fp32"},
+    (selection._cut_narrow_kernel, {"PART": "*fp32", "PMIN": "*fp32", "PMAX": "*fp32", "LO": "*i64", "HI": "*i64",
+                                    "GOAL": "*fp32"},
      {"PIVOTS": 64}, 2, 1),
     (selection._compact_rows_kernel, {"DENSE": "*i8", "COUNT": "*i32", "INDICES": "*i32"}, {"BLOCK": 256}, 4, 1),
     # half inputs: tensor-core tiles (pooled_correction's launch for bf16/fp16)
