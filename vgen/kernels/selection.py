@@ -193,20 +193,15 @@ def _key_value(key):
 
 
 @triton.jit
-def _pivots(LO, HI, i_bh, PIVOTS: tl.constexpr):
-    lo = tl.load(LO + i_bh)
-    hi = tl.load(HI + i_bh)
-    j = tl.arange(0, PIVOTS).to(tl.int64)
-    return lo + (j * (hi - lo) + PIVOTS - 1) // PIVOTS, hi  # pivot 0 is lo
+def _pivot_keys(lo, hi, FIRST: tl.constexpr, PIVOTS: tl.constexpr):
+    """Pivots FIRST .. FIRST + PIVOTS - 1 spread evenly over keys [lo, hi): pivot 0 is lo, pivot PIVOTS is hi."""
+    j = tl.arange(FIRST, FIRST + PIVOTS).to(tl.int64)
+    return lo + (j * (hi - lo) + PIVOTS - 1) // PIVOTS
 
 
 @triton.jit
-def _bucket_ends(LO, HI, i_bh, PIVOTS: tl.constexpr):
-    """Pivot j + 1 for each pivot j, by _pivots' formula; for the last, that formula gives hi."""
-    lo = tl.load(LO + i_bh)
-    hi = tl.load(HI + i_bh)
-    j = tl.arange(1, PIVOTS + 1).to(tl.int64)
-    return lo + (j * (hi - lo) + PIVOTS - 1) // PIVOTS
+def _bracket(LO, HI, i_bh):
+    return tl.load(LO + i_bh), tl.load(HI + i_bh)
 
 
 @triton.jit
@@ -217,14 +212,13 @@ def _cut_partial_kernel(
     # search i_bh looks for goal i_bh % GOALS of slice i_bh // GOALS (several cuts of one slice at once)
     i_bh, i_c = tl.program_id(0), tl.program_id(1)
     i_slice = i_bh // GOALS
-    piv, hi = _pivots(LO, HI, i_bh, PIVOTS)
-    if hi - tl.load(LO + i_bh) > 1:  # a search already down to one key has nothing left to do
+    lo, hi = _bracket(LO, HI, i_bh)
+    if hi - lo > 1:  # a search already down to one key has nothing left to do
         # Scores are compared as floats with the pivots' values: one instruction, where int64 keys took
         # several. The same order as the keys', as the scores hold no -0.0 (the caller adds +0.0).
-        piv_value = _key_value(piv.to(tl.int32))
+        piv_value = _key_value(_pivot_keys(lo, hi, 0, PIVOTS).to(tl.int32))
         # each pivot's bucket ends where the next pivot starts (the last one's at hi)
-        o_p = tl.arange(0, PIVOTS)
-        next_value = _key_value(_bucket_ends(LO, HI, i_bh, PIVOTS).to(tl.int32))
+        next_value = _key_value(_pivot_keys(lo, hi, 1, PIVOTS).to(tl.int32))
         peak = tl.load(PEAK + i_slice)
         base = S + i_slice.to(tl.int64) * N
         # [SUB, PIVOTS] accumulators, reduced once at the end: a reduction per SUB scores (across warps,
@@ -246,7 +240,7 @@ def _cut_partial_kernel(
             inside = at_least & (s[:, None] < next_value[None, :]) & m[:, None]
             low = tl.minimum(low, tl.where(inside, s[:, None], float("inf")))
             high = tl.maximum(high, tl.where(inside, s[:, None], float("-inf")))
-        out = (i_bh.to(tl.int64) * tl.num_programs(1) + i_c) * PIVOTS + o_p
+        out = (i_bh.to(tl.int64) * tl.num_programs(1) + i_c) * PIVOTS + tl.arange(0, PIVOTS)
         tl.store(PART + out, tl.sum(acc, 0))
         tl.store(PMIN + out, tl.min(low, 0))
         tl.store(PMAX + out, tl.max(high, 0))
@@ -258,8 +252,9 @@ def _cut_narrow_kernel(PART, PMIN, PMAX, LO, HI, GOAL, P, PIVOTS: tl.constexpr):
     last pivot whose at-least mass reaches the goal and the next; if that interval holds one distinct score,
     that score's key is the cut, and the interval shrinks to it."""
     i_bh = tl.program_id(0)
-    piv, hi = _pivots(LO, HI, i_bh, PIVOTS)
-    if hi - tl.load(LO + i_bh) > 1:
+    lo, hi = _bracket(LO, HI, i_bh)
+    if hi - lo > 1:
+        piv = _pivot_keys(lo, hi, 0, PIVOTS)
         mass = tl.zeros([PIVOTS], tl.float32)
         low = tl.full([PIVOTS], float("inf"), tl.float32)
         high = tl.full([PIVOTS], float("-inf"), tl.float32)
@@ -272,7 +267,7 @@ def _cut_narrow_kernel(PART, PMIN, PMAX, LO, HI, GOAL, P, PIVOTS: tl.constexpr):
         j = tl.maximum(tl.sum(reach.to(tl.int32), 0) - 1, 0)  # the at-least mass falls with the pivot
         o = tl.arange(0, PIVOTS)
         new_lo = tl.sum(tl.where(o == j, piv, 0), 0)
-        new_hi = tl.where(j + 1 < PIVOTS, tl.sum(tl.where(o == j + 1, piv, 0), 0), hi)
+        new_hi = tl.sum(tl.where(o == j, _pivot_keys(lo, hi, 1, PIVOTS), 0), 0)  # pivot j + 1 (or hi)
         low_j = tl.sum(tl.where(o == j, low, 0.0), 0)
         high_j = tl.sum(tl.where(o == j, high, 0.0), 0)
         if low_j == high_j:  # one distinct score in the bucket (an empty one has inf > -inf)
