@@ -22,8 +22,9 @@ The plain baselines keep each method's own selection and drop its correction:
    21 x 30 x 52 = 32,760 tokens), captured exactly as ``benchmarks/vmoba.py`` part 1 does (its
    ``capture_reference``: a held-out shapes clip, encoded, noised to sigma 0.5, one transformer
    forward). Per layer:
-   - rectified at mass 0.5 / 0.7 / 0.9: plain, pooled reallocation (the paper's), rectified (vgen's default);
-   - psa at budget 0.1 / 0.2 / 0.3: plain, psa (default proportions 1 : 2 : 2 : 5);
+   - rectified at mass 0.5 / 0.7 / 0.9 (0.9: the default): plain, pooled reallocation (the paper's), rectified
+     (vgen's default);
+   - psa at budget 0.1 / 0.2 / 0.25 / 0.3 (0.25: the default): plain, psa (default proportions 1 : 2 : 2 : 5);
    for each: the density (``method.last_density``), the relative error of its output against fp32
    dense attention, and the time of the whole method call (selection included); the extra time of
    each variant over its plain one in percent; and, with the plain variant's mask, vgen's
@@ -32,12 +33,12 @@ The plain baselines keep each method's own selection and drop its correction:
    live), and dense cuDNN SDPA (``[B, H, S, D]`` inputs). Flex's output is checked against the plain
    variant's: a row that disagrees prints MISMATCH.
 2. **Wan shapes, random q/k/v** (wan1.3b-480p: 12 x 128 heads, 32,760 tokens; wan14b-720p: 40 x 128,
-   75,600; bf16): times only, rectified (mass 0.7) against its plain variant and psa (budget 0.2)
+   75,600; bf16): times only, rectified (default mass) against its plain variant and psa (default budget)
    against its plain variant, with cuDNN dense, vgen's kernel and Flex with the plain mask. Random
    q/k give near-uniform pooled scores, so rectified keeps about ``mass`` of the blocks here.
 3. **Video quality on the reference model** (bf16): ``quality_report`` for 3 held-out captions
-   (seed 0) at 33 x 256 x 256 pixels (9 x 32 x 32 = 9,216 tokens), 20 steps: rectified (mass 0.7)
-   and its plain variant, psa (budget 0.2) and its plain variant, each against dense: mean PSNR and
+   (seed 0) at 33 x 256 x 256 pixels (9 x 32 x 32 = 9,216 tokens), 20 steps: rectified (default mass)
+   and its plain variant, psa (default budget) and its plain variant, each against dense: mean PSNR and
    SSIM, the density (mean over calls) and the attention output's relative error (mean over calls).
 
 Kernel-level times are ``triton.testing.do_bench`` medians (ms); part 3 reports wall seconds.
@@ -93,7 +94,7 @@ from vmoba import (  # benchmarks/vmoba.py: its part 1 capture and small helpers
 )
 
 from vgen import VideoPipeline
-from vgen.attention import BlockMask, VideoLayout, create_method
+from vgen.attention import BlockMask, PSAConfig, RectifiedConfig, VideoLayout, create_method
 from vgen.cli import _held_out_captions
 from vgen.kernels import block_sparse_attention, curve_order, dense_attention, permute_tokens
 from vgen.pipelines.quality import quality_report
@@ -134,17 +135,29 @@ class Sizes:
     quality: tuple[QualityRun, ...]
 
 
+# parts 2 and 3 and the verdict measure each method at its default selection size
+DEFAULT_MASS = RectifiedConfig().mass
+DEFAULT_BUDGET = PSAConfig().budget
+
+
+def with_default(values: tuple[float, ...], default: float) -> tuple[float, ...]:
+    """``values`` with the method's default among them, in ascending order."""
+    return tuple(sorted({*values, default}))
+
+
 def gpu_sizes() -> Sizes:
     generate = {"num_frames": 33, "height": 256, "width": 256, "num_inference_steps": 20}
     return Sizes(
         device=torch.device("cuda"), dtype=torch.bfloat16, clip=(81, 240, 416), real_layers=None, real_heads=None,
         rectified={},
-        psa={}, masses=(0.5, 0.7, 0.9), budgets=(0.1, 0.2, 0.3),
+        psa={}, masses=with_default((0.5, 0.7, 0.9), DEFAULT_MASS),
+        budgets=with_default((0.1, 0.2, 0.3), DEFAULT_BUDGET),
         shapes=tuple((name, *shape_of(name)) for name in ("wan1.3b-480p", "wan14b-720p")),
-        shape_mass=0.7, shape_budget=0.2, quality_prompts=3,
+        shape_mass=DEFAULT_MASS, shape_budget=DEFAULT_BUDGET, quality_prompts=3,
         quality=(
-            QualityRun("rectified", {"mass": 0.7}, {"mass": 0.7, **PLAIN_RECTIFIED}, generate),
-            QualityRun("psa", {"budget": 0.2}, {"budget": 0.2, "proportions": PLAIN_PSA}, generate),
+            QualityRun("rectified", {"mass": DEFAULT_MASS}, {"mass": DEFAULT_MASS, **PLAIN_RECTIFIED}, generate),
+            QualityRun("psa", {"budget": DEFAULT_BUDGET}, {"budget": DEFAULT_BUDGET, "proportions": PLAIN_PSA},
+                       generate),
         ),
     )  # fmt: skip
 
@@ -158,8 +171,10 @@ def smoke_sizes() -> Sizes:
         device=torch.device("cpu"), dtype=torch.float32, clip=(9, 128, 128), real_layers=1, real_heads=2,
         rectified={},
         psa={}, masses=(0.5, 0.7, 0.9), budgets=(0.1, 0.2, 0.3),
-        shapes=(("tiny", 2, 32, VideoLayout(3, 16, 16)),), shape_mass=0.7, shape_budget=0.2, quality_prompts=1,
-        quality=(QualityRun("psa", {"budget": 0.2}, {"budget": 0.2, "proportions": PLAIN_PSA}, psa_grid),),
+        shapes=(("tiny", 2, 32, VideoLayout(3, 16, 16)),), shape_mass=DEFAULT_MASS, shape_budget=DEFAULT_BUDGET,
+        quality_prompts=1,
+        quality=(QualityRun("psa", {"budget": DEFAULT_BUDGET}, {"budget": DEFAULT_BUDGET, "proportions": PLAIN_PSA},
+                            psa_grid),),
     )  # fmt: skip
 
 
@@ -550,7 +565,7 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
 def verdict(results: dict[str, Any]) -> list[str]:
     """One line per method: part 3's PSNR against plain, the extra times of parts 1 and 2 at its setting."""
     rows = []
-    for name, key, setting in (("rectified", "mass", 0.7), ("psa", "budget", 0.2)):
+    for name, key, setting in (("rectified", "mass", DEFAULT_MASS), ("psa", "budget", DEFAULT_BUDGET)):
         psnr_text, higher, times = "n/a", None, []
         by_variant = {r["variant"]: r for r in results.get("quality", {}).get("rows", []) if r["method"] == name}
         if by_variant:

@@ -90,3 +90,18 @@ def test_rectified_verdict_takes_the_times_at_part_3s_setting():
     assert "+18.0% (mass 0.7)" in line and line.endswith("| **no** |")
     (line, _) = rectified_psa.verdict({"quality": quality(0.9)})  # no times measured: not a full verdict
     assert line.endswith("| PSNR only: yes |")
+
+
+def test_rectified_psa_measures_each_method_at_its_default_setting():
+    """Parts 2-3 and the verdict take the selection size from the methods' configs, and part 1's sweep has it."""
+    import rectified_psa
+
+    from vgen.attention import PSAConfig, RectifiedConfig
+
+    sizes = rectified_psa.gpu_sizes()
+    mass, budget = RectifiedConfig().mass, PSAConfig().budget
+    assert (sizes.shape_mass, sizes.shape_budget) == (mass, budget)
+    assert mass in sizes.masses and budget in sizes.budgets and list(sizes.budgets) == sorted(sizes.budgets)
+    runs = {run.method: run for run in sizes.quality}
+    assert runs["rectified"].config["mass"] == runs["rectified"].plain["mass"] == mass
+    assert runs["psa"].config["budget"] == runs["psa"].plain["budget"] == budget
