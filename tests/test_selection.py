@@ -173,17 +173,3 @@ def ties(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     weakest = torch.where(keep.flatten(2), flat, torch.inf).amin(-1, keepdim=True)
     return (flat == weakest).view(scores.shape)
 
-
-def test_pivot_search_ends_on_the_cut_entry(monkeypatch):
-    """Once a search's bracket holds one distinct score, that score's key is its cut and the passes left do
-    nothing: four passes (not the 2^32 keys' six) end exactly on the entry at the cut."""
-    import vgen.kernels.selection as selection
-
-    monkeypatch.setattr(selection, "_PASSES", 4)
-    torch.manual_seed(5)
-    flat = torch.randn(6, 2050) * 4
-    goals = torch.tensor([[1.0, 77.0, 2050.0]]).expand(6, 3)
-    keys = selection._cut_keys(flat, goals, by_mass=False, chunk=256)
-    ranked = flat.sort(-1, descending=True).values
-    expected = selection._order_key_torch(ranked[:, [0, 76, 2049]])
-    assert torch.equal(keys, expected)

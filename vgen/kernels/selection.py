@@ -176,10 +176,12 @@ def _global_cut_kernel(
 # some 33 sequential passes over the slice: at 40 heads x 591 query blocks x 630 chunks (Wan2.1-14B with
 # 2D chunks) that took 5-9 ms on an H200. Here each pass evaluates PIVOTS cut candidates at once, spread
 # evenly over the remaining key interval, with the slice split over many programs (their partial sums
-# reduced in a fixed order, so the result is deterministic); PASSES passes narrow 2^32 keys to one. Each pass
-# also finds the smallest and largest score between consecutive pivots: once the bracket left holds one distinct
-# score, that score's key is the cut, and the passes after it return at once (about 3 working passes instead of
-# 6 at the Wan shapes' slices, by the bracket sizes; not timed yet: 6 x 40 us at 1.3B 2D in the 93e1ed2 profile).
+# reduced in a fixed order, so the result is deterministic); PASSES passes narrow 2^32 keys to one.
+# Tried and dropped (00a38dc): each pass also keeping every bucket's smallest and largest score, so that a search
+# whose bracket held one distinct score could stop early. Three [SUB, PIVOTS] accumulators instead of one made
+# every pass several times dearer, and the brackets at the Wan shapes rarely came down to one score early:
+# 14B 2D selection 17.6 ms at a5646d3 against 5.6 ms at 8eba17f (`benchmarks/vmoba.py --parts 1,2`; the a5646d3
+# GPU ran dense cuDNN 1.6x slower than usual, the selection 3.1x).
 _PIVOTS = 64
 _PASSES = 6  # 64^6 >= 2^32
 _CHUNK = 2048
@@ -193,88 +195,58 @@ def _key_value(key):
 
 
 @triton.jit
-def _pivot_keys(lo, hi, FIRST: tl.constexpr, PIVOTS: tl.constexpr):
-    """Pivots FIRST .. FIRST + PIVOTS - 1 spread evenly over keys [lo, hi): pivot 0 is lo, pivot PIVOTS is hi."""
-    j = tl.arange(FIRST, FIRST + PIVOTS).to(tl.int64)
-    return lo + (j * (hi - lo) + PIVOTS - 1) // PIVOTS
-
-
-@triton.jit
-def _bracket(LO, HI, i_bh):
-    return tl.load(LO + i_bh), tl.load(HI + i_bh)
+def _pivots(LO, HI, i_bh, PIVOTS: tl.constexpr):
+    lo = tl.load(LO + i_bh)
+    hi = tl.load(HI + i_bh)
+    j = tl.arange(0, PIVOTS).to(tl.int64)
+    return lo + (j * (hi - lo) + PIVOTS - 1) // PIVOTS, hi  # pivot 0 is lo
 
 
 @triton.jit
 def _cut_partial_kernel(
-    S, PEAK, LO, HI, PART, PMIN, PMAX, N, GOALS,
+    S, PEAK, LO, HI, PART, N, GOALS,
     CHUNK: tl.constexpr, SUB: tl.constexpr, PIVOTS: tl.constexpr, BY_MASS: tl.constexpr,
 ):  # fmt: skip
     # search i_bh looks for goal i_bh % GOALS of slice i_bh // GOALS (several cuts of one slice at once)
     i_bh, i_c = tl.program_id(0), tl.program_id(1)
     i_slice = i_bh // GOALS
-    lo, hi = _bracket(LO, HI, i_bh)
-    if hi - lo > 1:  # a search already down to one key has nothing left to do
-        # Scores are compared as floats with the pivots' values: one instruction, where int64 keys took
-        # several. The same order as the keys', as the scores hold no -0.0 (the caller adds +0.0).
-        piv_value = _key_value(_pivot_keys(lo, hi, 0, PIVOTS).to(tl.int32))
-        # each pivot's bucket ends where the next pivot starts (the last one's at hi)
-        next_value = _key_value(_pivot_keys(lo, hi, 1, PIVOTS).to(tl.int32))
-        peak = tl.load(PEAK + i_slice)
-        base = S + i_slice.to(tl.int64) * N
-        # [SUB, PIVOTS] accumulators, reduced once at the end: a reduction per SUB scores (across warps,
-        # through shared memory) cost more than the comparisons themselves. Beside each pivot's at-least
-        # mass, the smallest and largest score in its bucket: a bucket of one distinct score ends the search.
-        acc = tl.zeros([SUB, PIVOTS], tl.float32)
-        low = tl.full([SUB, PIVOTS], float("inf"), tl.float32)
-        high = tl.full([SUB, PIVOTS], float("-inf"), tl.float32)
-        for start in range(0, CHUNK, SUB):
-            o = i_c * CHUNK + start + tl.arange(0, SUB)
-            m = (o < N) & (start + tl.arange(0, SUB) < CHUNK)  # (a chunk shorter than SUB ends inside the tile)
-            s = tl.load(base + o, mask=m, other=0.0)
-            if BY_MASS:
-                w = tl.where(m, tl.exp(s - peak), 0.0)
-            else:
-                w = m.to(tl.float32)
-            at_least = s[:, None] >= piv_value[None, :]
-            acc += tl.where(at_least, w[:, None], 0.0)
-            inside = at_least & (s[:, None] < next_value[None, :]) & m[:, None]
-            low = tl.minimum(low, tl.where(inside, s[:, None], float("inf")))
-            high = tl.maximum(high, tl.where(inside, s[:, None], float("-inf")))
-        out = (i_bh.to(tl.int64) * tl.num_programs(1) + i_c) * PIVOTS + tl.arange(0, PIVOTS)
-        tl.store(PART + out, tl.sum(acc, 0))
-        tl.store(PMIN + out, tl.min(low, 0))
-        tl.store(PMAX + out, tl.max(high, 0))
+    piv, _ = _pivots(LO, HI, i_bh, PIVOTS)
+    # Scores are compared as floats with the pivots' values: one instruction, where int64 keys took
+    # several. The same order as the keys', as the scores hold no -0.0 (the caller adds +0.0).
+    piv_value = _key_value(piv.to(tl.int32))
+    peak = tl.load(PEAK + i_slice)
+    base = S + i_slice.to(tl.int64) * N
+    # a [SUB, PIVOTS] accumulator, reduced once at the end: a reduction per SUB scores (across warps,
+    # through shared memory) cost more than the comparisons themselves
+    acc = tl.zeros([SUB, PIVOTS], tl.float32)
+    for start in range(0, CHUNK, SUB):
+        o = i_c * CHUNK + start + tl.arange(0, SUB)
+        m = (o < N) & (start + tl.arange(0, SUB) < CHUNK)  # (a chunk shorter than SUB ends inside the tile)
+        s = tl.load(base + o, mask=m, other=0.0)
+        if BY_MASS:
+            w = tl.where(m, tl.exp(s - peak), 0.0)
+        else:
+            w = m.to(tl.float32)
+        acc += tl.where(s[:, None] >= piv_value[None, :], w[:, None], 0.0)
+    tl.store(PART + (i_bh.to(tl.int64) * tl.num_programs(1) + i_c) * PIVOTS + tl.arange(0, PIVOTS), tl.sum(acc, 0))
 
 
 @triton.jit
-def _cut_narrow_kernel(PART, PMIN, PMAX, LO, HI, GOAL, P, PIVOTS: tl.constexpr):
+def _cut_narrow_kernel(PART, LO, HI, GOAL, P, PIVOTS: tl.constexpr):
     """Sum the programs' partial masses per pivot (in program order) and keep the interval between the
-    last pivot whose at-least mass reaches the goal and the next; if that interval holds one distinct score,
-    that score's key is the cut, and the interval shrinks to it."""
+    last pivot whose at-least mass reaches the goal and the next."""
     i_bh = tl.program_id(0)
-    lo, hi = _bracket(LO, HI, i_bh)
-    if hi - lo > 1:
-        piv = _pivot_keys(lo, hi, 0, PIVOTS)
-        mass = tl.zeros([PIVOTS], tl.float32)
-        low = tl.full([PIVOTS], float("inf"), tl.float32)
-        high = tl.full([PIVOTS], float("-inf"), tl.float32)
-        for p in range(0, P):
-            at = (i_bh.to(tl.int64) * P + p) * PIVOTS + tl.arange(0, PIVOTS)
-            mass += tl.load(PART + at)
-            low = tl.minimum(low, tl.load(PMIN + at))
-            high = tl.maximum(high, tl.load(PMAX + at))
-        reach = mass >= tl.load(GOAL + i_bh)
-        j = tl.maximum(tl.sum(reach.to(tl.int32), 0) - 1, 0)  # the at-least mass falls with the pivot
-        o = tl.arange(0, PIVOTS)
-        new_lo = tl.sum(tl.where(o == j, piv, 0), 0)
-        new_hi = tl.sum(tl.where(o == j, _pivot_keys(lo, hi, 1, PIVOTS), 0), 0)  # pivot j + 1 (or hi)
-        low_j = tl.sum(tl.where(o == j, low, 0.0), 0)
-        high_j = tl.sum(tl.where(o == j, high, 0.0), 0)
-        if low_j == high_j:  # one distinct score in the bucket (an empty one has inf > -inf)
-            new_lo = _order_key(low_j).to(tl.int64)
-            new_hi = new_lo + 1
-        tl.store(LO + i_bh, new_lo)
-        tl.store(HI + i_bh, new_hi)
+    piv, hi = _pivots(LO, HI, i_bh, PIVOTS)
+    mass = tl.zeros([PIVOTS], tl.float32)
+    for p in range(0, P):
+        mass += tl.load(PART + (i_bh.to(tl.int64) * P + p) * PIVOTS + tl.arange(0, PIVOTS))
+    reach = mass >= tl.load(GOAL + i_bh)
+    j = tl.maximum(tl.sum(reach.to(tl.int32), 0) - 1, 0)  # the at-least mass falls with the pivot
+    o = tl.arange(0, PIVOTS)
+    new_lo = tl.sum(tl.where(o == j, piv, 0), 0)
+    new_hi = tl.where(j + 1 < PIVOTS, tl.sum(tl.where(o == j + 1, piv, 0), 0), hi)
+    tl.store(LO + i_bh, new_lo)
+    tl.store(HI + i_bh, new_hi)
 
 
 def _order_key_torch(x: torch.Tensor) -> torch.Tensor:
@@ -297,15 +269,12 @@ def _cut_keys(
     hi = (_order_key_torch(peak) + 1).repeat_interleave(cuts)  # nothing is at least this
     goal = goals.reshape(-1).float().contiguous()
     programs = triton.cdiv(n, chunk)
-    part, part_min, part_max = (torch.empty(slices * cuts, programs, _PIVOTS, dtype=torch.float32, device=flat.device)
-                                for _ in range(3))  # fmt: skip
-    for _ in range(_PASSES):  # (passes after a search has its cut return at once)
+    part = torch.empty(slices * cuts, programs, _PIVOTS, dtype=torch.float32, device=flat.device)
+    for _ in range(_PASSES):
         _cut_partial_kernel[(slices * cuts, programs)](
-            flat, peak, lo, hi, part, part_min, part_max, n, cuts, CHUNK=chunk, SUB=64, PIVOTS=_PIVOTS,
-            BY_MASS=by_mass, num_warps=4,
+            flat, peak, lo, hi, part, n, cuts, CHUNK=chunk, SUB=64, PIVOTS=_PIVOTS, BY_MASS=by_mass, num_warps=4,
         )  # fmt: skip
-        _cut_narrow_kernel[(slices * cuts,)](part, part_min, part_max, lo, hi, goal, programs, PIVOTS=_PIVOTS,
-                                             num_warps=2)  # fmt: skip
+        _cut_narrow_kernel[(slices * cuts,)](part, lo, hi, goal, programs, PIVOTS=_PIVOTS, num_warps=2)
     return lo.view(slices, cuts)
 
 
