@@ -96,8 +96,13 @@ KERNELS = [
     # the library default: K and V^T tiles by TMA (quantized.QUANT_TMA), 64 rows, 4 warps, 3 stages
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
                                               "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True}, 4, 3),
+    # the library default (pyramid.STAGES), and without TMA (K/V of unaligned strides)
     (pyramid._pyramid_fwd_kernel, PYRAMID, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
-                                            "RETURN_LSE": True}, 8, 2),
+                                            "RETURN_LSE": True, "USE_TMA": True, "FULL_STAGES": pyramid.STAGES[0],
+                                            "POOLED_STAGES": pyramid.STAGES[1]}, 8, 2),
+    (pyramid._pyramid_fwd_kernel, PYRAMID, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
+                                            "RETURN_LSE": False, "USE_TMA": False, "FULL_STAGES": pyramid.STAGES[0],
+                                            "POOLED_STAGES": pyramid.STAGES[1]}, 8, 2),
     (fps._fps_kernel, {"P": "*fp32", "OUT": "*i64"}, {"BLOCK_N": 2048}, 4, 1),
     (winding._winding_kernel, {"P": "*fp32", "TRI": "*fp32", "OUT": "*fp32"}, {"BLOCK_Q": 64, "BLOCK_F": 32}, 8, 1),
 ]  # fmt: skip

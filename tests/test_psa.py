@@ -43,6 +43,24 @@ def test_kernel_gathers_several_pooled_blocks_per_tile():
     torch.testing.assert_close(out, pyramid_attention_reference(q, k, v, levels, block=128), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("seq_k", [1300, 1280])
+def test_kernel_full_level_by_tma(monkeypatch, seq_k):
+    """The full level's TMA loads (the default on a Hopper GPU), forced in the interpreter: a ragged last key
+    block read in full or not, pooled levels beside it, keys of another length than the queries."""
+    import vgen.kernels.pyramid as pyramid
+
+    monkeypatch.setattr(pyramid, "_use_tma", lambda k, v: True)
+    torch.manual_seed(seq_k)
+    q, (k, v) = torch.randn(1, 1000, 2, 32), (torch.randn(1, seq_k, 2, 32) for _ in range(2))
+    g = torch.Generator().manual_seed(2)
+    blocks_k = -(-seq_k // 128)
+    levels = torch.tensor((0, 1, 1, 2, 4, 8))[torch.randint(0, 6, (1, 2, 8, blocks_k), generator=g)]
+    if seq_k % 128:
+        levels[..., -1] = 1  # the ragged block, read in full
+    out = pyramid_attention(q, k, v, levels, block=128)
+    torch.testing.assert_close(out, pyramid_attention_reference(q, k, v, levels, block=128), atol=2e-5, rtol=2e-5)
+
+
 def test_kernel_with_other_keys_and_lse():
     """Keys of another length (a ring step reads another rank's shard), the log-sum-exp, an empty row."""
     torch.manual_seed(3)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vgen.kernels.block_sparse import _mask_strides, _strides3
+from vgen.kernels.block_sparse import _descriptor_scratch, _load_tile, _mask_strides, _strides3, _use_tma
 from vgen.kernels.runtime import use_triton
 
 __all__ = ["LEVELS", "build_pyramid", "pyramid_attention", "pyramid_attention_reference"]
@@ -27,6 +27,9 @@ __all__ = ["LEVELS", "build_pyramid", "pyramid_attention", "pyramid_attention_re
 LEVELS: tuple[int, ...] = (1, 2, 4, 8)
 """Pool factors of the pyramid levels; a level map holds these values, or 0 for a skipped pair."""
 _LOG2E = 1.4426950408889634
+# K/V pipeline stages of the full level's loop (TMA tiles) and of the pooled levels' loops (gathered rows) on CUDA.
+# Before 0f1852a+1: one loop form for every level, 2 stages, no TMA, the accumulator rescaled outside the MMA.
+STAGES: tuple[int, int] = (3, 2)
 
 
 def build_pyramid(x: torch.Tensor, block: int) -> list[torch.Tensor]:
@@ -57,35 +60,44 @@ def _check_levels(levels: torch.Tensor, seq_k: int, block: int) -> None:
 
 @triton.jit
 def _pyramid_level(
-    b_q, b_m, b_l, b_acc, K, V, p_num, p_idx, s_ks, s_vs, SK, o_d, m_d, qk_scale,
-    POOL: tl.constexpr, LOG2_POOL: tl.constexpr, BLOCK_N: tl.constexpr,
+    b_q, b_m, b_l, b_acc, K, V, desc_k, desc_v, p_num, p_idx, s_ks, s_vs, SK, o_d, m_d, qk_scale,
+    POOL: tl.constexpr, LOG2_POOL: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
-    """Walk one level's kept key blocks, updating the running max, sum and accumulator.
+    """Walk one level's kept key blocks, updating the running max (in scaled base-2 units), sum and accumulator.
 
     A pooled key stands for POOL keys: its base-2 logit gets ``+ LOG2_POOL``. A pooled block has
     BLOCK_N / POOL rows; each step gathers POOL kept blocks into one tile of BLOCK_N rows, so that a
-    pooled level costs its share of the work and not one full-tile step per block."""
+    pooled level costs its share of the work and not one full-tile step per block. The full level (POOL 1)
+    reads whole key blocks, by TMA where it can (as the block-sparse forward does)."""
     ROWS: tl.constexpr = BLOCK_N // POOL
     n_blocks = tl.load(p_num)
     o_r = tl.arange(0, BLOCK_N)
-    for first in range(0, n_blocks, POOL):
+    for first in tl.range(0, n_blocks, POOL, num_stages=STAGES):
         if POOL == 1:
-            o_n = tl.load(p_idx + first) * ROWS + o_r
-            m_n = o_n < SK
+            start = tl.load(p_idx + first) * BLOCK_N
+            b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
+            b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
+            b_s = tl.dot(b_q, tl.trans(b_k))
+            if start + BLOCK_N > SK:  # only the ragged last block has keys to mask
+                b_s = tl.where((start + o_r < SK)[None, :], b_s, float("-inf"))
         else:  # row r of the tile: row r % ROWS of kept block first + r // ROWS
             slot = first + o_r // ROWS
             o_n = tl.load(p_idx + slot, mask=slot < n_blocks, other=0) * ROWS + o_r % ROWS
             m_n = (slot < n_blocks) & (o_n < SK // POOL)
-        b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale + LOG2_POOL
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+            b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+            b_s = tl.dot(b_q, tl.trans(b_k))
+            if first + POOL > n_blocks:  # only the last, partly filled tile has rows to mask
+                b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        # raw products: the scale and the pool's bias fold into one multiply-add per score
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale + LOG2_POOL)
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        b_p = tl.exp2(b_s * qk_scale - (b_m_safe - LOG2_POOL)[:, None])
         b_alpha = tl.exp2(b_m - b_m_safe)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        # the rescaled accumulator goes into the MMA as its addend: no separate add pass
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None])
         b_m = b_m_new
     return b_m, b_l, b_acc
 
@@ -100,6 +112,7 @@ def _pyramid_fwd_kernel(
     s_il, s_ib, s_ih, s_im,
     H, SQ, SK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr, FULL_STAGES: tl.constexpr, POOLED_STAGES: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -114,18 +127,27 @@ def _pyramid_fwd_kernel(
     row_num = NUM + i_b * s_nb + i_h * s_nh + i_m * s_nm
     row_idx = IDX + i_b * s_ib + i_h * s_ih + i_m * s_im
     # the K and V pyramids share strides level by level (values are built like keys)
-    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K1 + i_b * s_k1b + i_h * s_k1h,
-                                     V1 + i_b * s_k1b + i_h * s_k1h, row_num, row_idx, s_k1s, s_k1s, SK, o_d, m_d,
-                                     qk_scale, 1, 0.0, BLOCK_N)  # fmt: skip
+    K1 += i_b * s_k1b + i_h * s_k1h
+    V1 += i_b * s_k1b + i_h * s_k1h
+    desc_k = None
+    desc_v = None
+    if USE_TMA:  # the full level's whole key blocks by TMA
+        desc_k = tl.make_tensor_descriptor(K1, shape=[SK, D], strides=[s_k1s, 1], block_shape=[BLOCK_N, BLOCK_D])
+        desc_v = tl.make_tensor_descriptor(V1, shape=[SK, D], strides=[s_k1s, 1], block_shape=[BLOCK_N, BLOCK_D])
+    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K1, V1, desc_k, desc_v, row_num, row_idx, s_k1s, s_k1s, SK,
+                                     o_d, m_d, qk_scale, 1, 0.0, BLOCK_N, USE_TMA, FULL_STAGES)  # fmt: skip
     b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K2 + i_b * s_k2b + i_h * s_k2h,
-                                     V2 + i_b * s_k2b + i_h * s_k2h, row_num + s_nl, row_idx + s_il, s_k2s, s_k2s,
-                                     SK, o_d, m_d, qk_scale, 2, 1.0, BLOCK_N)  # fmt: skip
+                                     V2 + i_b * s_k2b + i_h * s_k2h, None, None, row_num + s_nl, row_idx + s_il,
+                                     s_k2s, s_k2s, SK, o_d, m_d, qk_scale, 2, 1.0, BLOCK_N, False,
+                                     POOLED_STAGES)  # fmt: skip
     b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K4 + i_b * s_k4b + i_h * s_k4h,
-                                     V4 + i_b * s_k4b + i_h * s_k4h, row_num + 2 * s_nl, row_idx + 2 * s_il, s_k4s,
-                                     s_k4s, SK, o_d, m_d, qk_scale, 4, 2.0, BLOCK_N)  # fmt: skip
+                                     V4 + i_b * s_k4b + i_h * s_k4h, None, None, row_num + 2 * s_nl,
+                                     row_idx + 2 * s_il, s_k4s, s_k4s, SK, o_d, m_d, qk_scale, 4, 2.0, BLOCK_N, False,
+                                     POOLED_STAGES)  # fmt: skip
     b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K8 + i_b * s_k8b + i_h * s_k8h,
-                                     V8 + i_b * s_k8b + i_h * s_k8h, row_num + 3 * s_nl, row_idx + 3 * s_il, s_k8s,
-                                     s_k8s, SK, o_d, m_d, qk_scale, 8, 3.0, BLOCK_N)  # fmt: skip
+                                     V8 + i_b * s_k8b + i_h * s_k8h, None, None, row_num + 3 * s_nl,
+                                     row_idx + 3 * s_il, s_k8s, s_k8s, SK, o_d, m_d, qk_scale, 8, 3.0, BLOCK_N, False,
+                                     POOLED_STAGES)  # fmt: skip
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
     tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
@@ -189,6 +211,10 @@ def pyramid_attention(
         return pyramid_attention_reference(q, k, v, levels, block=block, scale=scale, return_lse=return_lse)
     pk, pv = build_pyramid(k, block), build_pyramid(v, block)
     num, idx = _level_lists(levels)
+    use_tma = _use_tma(pk[0], pv[0])
+    if use_tma:
+        _descriptor_scratch(q.device)
+    stages = STAGES if q.is_cuda else (1, 1)
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if return_lse else out
     key_strides = [s for x in pk for s in _strides3(x)]
@@ -199,7 +225,7 @@ def pyramid_attention(
         num.stride(0), *_mask_strides(num[0]), idx.stride(0), *_mask_strides(idx[0]),
         heads, seq, seq_k, scale * _LOG2E,
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block, BLOCK_N=block, RETURN_LSE=return_lse,
-        num_warps=8 if q.is_cuda else 4, num_stages=2 if q.is_cuda else 1,
+        USE_TMA=use_tma, FULL_STAGES=stages[0], POOLED_STAGES=stages[1], num_warps=8 if q.is_cuda else 4,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
