@@ -42,11 +42,41 @@ def load_module(path: Path):
     return module
 
 
+def time_settings(q, k, v, levels, scale, rounds, baseline, mask) -> tuple[dict, dict]:
+    """Each setting's times over ``rounds`` turns and its output's difference from the first setting's."""
+    use_tma, stages_before = pyramid._use_tma, pyramid.STAGES
+    calls = {}
+    for label, tma, stages in SETTINGS:
+
+        def call(tma=tma, stages=stages):
+            pyramid._use_tma = use_tma if tma else (lambda k, v: False)
+            pyramid.STAGES = stages
+            return pyramid.pyramid_attention(q, k, v, levels, scale=scale, check_levels=False)
+
+        calls[label] = call
+    if baseline is not None:
+        calls["baseline"] = lambda: baseline.pyramid_attention(q, k, v, levels, scale=scale, check_levels=False)
+    if mask is not None:
+        calls["block-sparse kernel"] = lambda: block_sparse_attention(q, k, v, mask, scale=scale)
+    with torch.no_grad():
+        first, errors = None, {}
+        for label, call in calls.items():
+            out = call()
+            first = out if first is None else first
+            errors[label] = err_ratio(out, first)
+        del out, first
+        times = {label: [] for label in calls}
+        for _ in range(rounds):
+            for label, call in calls.items():
+                times[label].append(bench(call))
+    pyramid._use_tma, pyramid.STAGES = use_tma, stages_before
+    return times, errors
+
+
 def run(shapes: list[str], rounds: int, baseline) -> list[dict]:
     device = torch.device("cuda")
     budget = PSAConfig().budget
     rows = []
-    use_tma = pyramid._use_tma
     for name in shapes:
         heads, head_dim, layout = shape_of(name)
         seq = layout.num_video_tokens
@@ -58,34 +88,8 @@ def run(shapes: list[str], rounds: int, baseline) -> list[dict]:
             pq, pk, pv = (permute_tokens(x, perm) for x in (q, k, v))
             with torch.no_grad():
                 levels = method._levels(pq, pk, layout, scale)
-            calls = {}
-            for label, tma, stages in SETTINGS:
-
-                def call(tma=tma, stages=stages, levels=levels):
-                    pyramid._use_tma = (lambda k, v: use_tma(k, v)) if tma else (lambda k, v: False)
-                    pyramid.STAGES = stages
-                    return pyramid.pyramid_attention(pq, pk, pv, levels, scale=scale, check_levels=False)
-
-                calls[label] = call
-            if baseline is not None:
-                calls["baseline"] = lambda levels=levels: baseline.pyramid_attention(pq, pk, pv, levels, scale=scale,
-                                                                                     check_levels=False)  # fmt: skip
-            if variant == "plain":
-                mask = BlockMask.from_dense(levels > 0, (128, 128), (seq, seq))
-                calls["block-sparse kernel"] = lambda mask=mask: block_sparse_attention(pq, pk, pv, mask, scale=scale)
-            with torch.no_grad():
-                first = None
-                errors = {}
-                for label, call in calls.items():
-                    out = call()
-                    first = out if first is None else first
-                    errors[label] = err_ratio(out, first)
-                del out, first
-                times = {label: [] for label in calls}
-                for _ in range(rounds):
-                    for label, call in calls.items():
-                        times[label].append(bench(call))
-            pyramid._use_tma, pyramid.STAGES = use_tma, SETTINGS[0][2]
+            mask = BlockMask.from_dense(levels > 0, (128, 128), (seq, seq)) if variant == "plain" else None
+            times, errors = time_settings(pq, pk, pv, levels, scale, rounds, baseline, mask)
             row = {"shape": name, "variant": variant, "budget": budget,
                    "density": float(method.last_density), "ms": {lb: statistics.median(t) for lb, t in times.items()},
                    "rounds": times, "err_vs_first": errors}  # fmt: skip
@@ -105,7 +109,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"method at budget {rows[0]['budget']} (plain: its pairs all at full resolution); times in turns, "
              f"{meta['rounds']} rounds, medians in ms; largest relative RMS difference of an output from the first "
              f"setting's: {max(e for r in rows for e in r['err_vs_first'].values()):.1e}.", "",
-             "| shape | variant | density | " + " | ".join(labels) + " |", "|---" * (3 + len(labels)) + "|"]  # fmt: skip
+             "| shape | variant | density | " + " | ".join(labels) + " |",
+             "|---" * (3 + len(labels)) + "|"]  # fmt: skip
     for r in rows:
         cells = [f"{r['ms'][lb]:.3f}" if lb in r["ms"] else "" for lb in labels]
         lines.append(f"| {r['shape']} | {r['variant']} | {r['density']:.3f} | " + " | ".join(cells) + " |")
