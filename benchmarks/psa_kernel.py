@@ -42,11 +42,11 @@ def load_module(path: Path):
     return module
 
 
-def time_settings(q, k, v, levels, scale, rounds, baseline, mask) -> tuple[dict, dict]:
+def time_settings(q, k, v, levels, scale, rounds, baseline, mask, settings) -> tuple[dict, dict]:
     """Each setting's times over ``rounds`` turns and its output's difference from the first setting's."""
     use_tma, stages_before = pyramid._use_tma, pyramid.STAGES
     calls = {}
-    for label, tma, stages in SETTINGS:
+    for label, tma, stages in settings:
 
         def call(tma=tma, stages=stages):
             pyramid._use_tma = use_tma if tma else (lambda k, v: False)
@@ -73,7 +73,7 @@ def time_settings(q, k, v, levels, scale, rounds, baseline, mask) -> tuple[dict,
     return times, errors
 
 
-def run(shapes: list[str], rounds: int, baseline) -> list[dict]:
+def run(shapes: list[str], rounds: int, baseline, settings=SETTINGS) -> list[dict]:
     device = torch.device("cuda")
     budget = PSAConfig().budget
     rows = []
@@ -89,7 +89,7 @@ def run(shapes: list[str], rounds: int, baseline) -> list[dict]:
             with torch.no_grad():
                 levels = method._levels(pq, pk, layout, scale)
             mask = BlockMask.from_dense(levels > 0, (128, 128), (seq, seq)) if variant == "plain" else None
-            times, errors = time_settings(pq, pk, pv, levels, scale, rounds, baseline, mask)
+            times, errors = time_settings(pq, pk, pv, levels, scale, rounds, baseline, mask, settings)
             row = {"shape": name, "variant": variant, "budget": budget,
                    "density": float(method.last_density), "ms": {lb: statistics.median(t) for lb, t in times.items()},
                    "rounds": times, "err_vs_first": errors}  # fmt: skip
@@ -123,13 +123,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shapes", nargs="+", default=["wan1.3b-480p", "wan14b-720p"])
     parser.add_argument("--baseline", type=Path, help="another pyramid.py to time beside (e.g. an older commit's)")
+    parser.add_argument(
+        "--default-only",
+        action="store_true",
+        help="time the library's setting only (TMA, pyramid.STAGES), not the other candidates",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/psa_kernel.py needs a CUDA GPU")
     if args.rounds < 1:
         sys.exit(f"--rounds must be >= 1, got {args.rounds}")
     baseline = load_module(args.baseline) if args.baseline else None
-    rows = run(args.shapes, args.rounds, baseline)
+    default = [(f"default: TMA, stages {pyramid.STAGES}", True, pyramid.STAGES)]
+    settings = default if args.default_only else SETTINGS
+    rows = run(args.shapes, args.rounds, baseline, settings)
     commit = os.environ.get("VGEN_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                                              capture_output=True, text=True).stdout.strip()  # fmt: skip
     meta = {"date": datetime.date.today().isoformat(), "commit": commit or "unknown",

@@ -81,10 +81,12 @@ def _pyramid_level(
             b_s = tl.dot(b_q, tl.trans(b_k))
             if start + BLOCK_N > SK:  # only the ragged last block has keys to mask
                 b_s = tl.where((start + o_r < SK)[None, :], b_s, float("-inf"))
-        else:  # row r of the tile: row r % ROWS of kept block first + r // ROWS
-            slot = first + o_r // ROWS
-            o_n = tl.load(p_idx + slot, mask=slot < n_blocks, other=0) * ROWS + o_r % ROWS
-            m_n = (slot < n_blocks) & (o_n < SK // POOL)
+        else:  # rows p * ROWS .. of the tile: the ROWS pooled rows of kept block first + p
+            o_p = tl.arange(0, POOL)
+            m_p = first + o_p < n_blocks
+            blk = tl.load(p_idx + first + o_p, mask=m_p, other=0)  # POOL block indices, not one per row
+            o_n = tl.reshape(blk[:, None] * ROWS + tl.arange(0, ROWS)[None, :], [BLOCK_N])
+            m_n = tl.reshape(m_p[:, None] & (tl.arange(0, ROWS) < ROWS)[None, :], [BLOCK_N])
             b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
             b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_k))
