@@ -31,8 +31,10 @@ from attention import bench, err_ratio, shape_of  # noqa: E402
 from vgen.attention import BlockMask, PSAConfig, create_method  # noqa: E402
 from vgen.kernels import block_sparse_attention, permute_tokens, pyramid  # noqa: E402
 
-SETTINGS = [("TMA, stages (3, 2)", True, (3, 2)), ("TMA, stages (2, 2)", True, (2, 2)),
-            ("TMA, stages (3, 1)", True, (3, 1)), ("no TMA, stages (3, 2)", False, (3, 2))]  # fmt: skip
+# (3, 3): untimed; at c79076f the pooled loops spilled with 3 stages, since fafbd33 they compile without spills
+SETTINGS = [("TMA, stages (3, 2)", True, (3, 2)), ("TMA, stages (3, 3)", True, (3, 3)),
+            ("TMA, stages (2, 2)", True, (2, 2)), ("TMA, stages (3, 1)", True, (3, 1)),
+            ("no TMA, stages (3, 2)", False, (3, 2))]  # fmt: skip
 
 
 def load_module(path: Path):
