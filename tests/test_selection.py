@@ -173,3 +173,15 @@ def ties(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     weakest = torch.where(keep.flatten(2), flat, torch.inf).amin(-1, keepdim=True)
     return (flat == weakest).view(scores.shape)
 
+
+
+def test_many_program_cut_with_more_chunks_than_one_setup_tile():
+    """A slice split into more chunks than the set-up kernel reads at once (1,050 > 1,024): the peak, the
+    smallest score and the softmax sum are combined over every chunk."""
+    from vgen.kernels.selection import _global_cut_parallel
+
+    torch.manual_seed(11)
+    scores = torch.randn(1, 1, 2100) * 3
+    scores[0, 0, 2099] = 9.0  # the peak in the last chunk
+    got = _global_cut_parallel(scores.reshape(1, -1), 0.7, None, chunk=2).view(scores.shape)
+    assert torch.equal(got, global_cut_reference(scores, threshold=0.7))

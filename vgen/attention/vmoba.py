@@ -176,7 +176,8 @@ class ChunkPlan:
         starts, sizes: int64 ``[C]``, each chunk's first position in the permuted video tokens
             and its token count.
         own: bool ``[Mq, C]``, the chunks that each query block overlaps.
-        overlap: float32 ``[C, Mk]``, 1 where a chunk overlaps a key block.
+        overlap: ``[C, Mk]``, 1 where a chunk overlaps a key block; float16 on CUDA (tensor-core products of
+            0/1 values, exact for the > 0 test), float32 elsewhere.
         text_queries: bool ``[Mq]``, query blocks holding a text token (they keep every key block).
         text_keys: bool ``[Mk]``, key blocks holding a text token (every query block keeps them).
         block_tokens: float32 ``([Mq], [Mk])``, tokens per block, for the density.
@@ -242,7 +243,7 @@ def _plan(layout: VideoLayout, chunk: tuple[int, ...], block_size: tuple[int, in
         starts=starts.to(device),
         sizes=sizes.to(device),
         own=own.to(device),
-        overlap=overlap.to(device),
+        overlap=overlap.to(device, torch.float16 if device.type == "cuda" else torch.float32),
         text_queries=text_queries,
         text_keys=text_keys,
         block_tokens=(tokens[0].to(device), tokens[1].to(device)),
@@ -369,7 +370,8 @@ def select_dense_blocks(
     else:
         keep = global_cut(scores, count=topk * rows)
     keep |= plan.own
-    blocks = (keep.float() @ plan.overlap) > 0  # [B, H, Mq, Mk]
+    # [B, H, Mq, Mk]; sums of 0/1 products are > 0 exactly when one is 1, whatever the rounding of the sum
+    blocks = (keep.to(plan.overlap.dtype) @ plan.overlap) > 0
     blocks |= plan.text_keys
     blocks |= plan.text_queries[:, None]
     return blocks

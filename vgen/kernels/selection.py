@@ -212,7 +212,7 @@ def _cut_partial_kernel(
     i_slice = i_bh // GOALS
     piv, _ = _pivots(LO, HI, i_bh, PIVOTS)
     # Scores are compared as floats with the pivots' values: one instruction, where int64 keys took
-    # several. The same order as the keys', as the scores hold no -0.0 (the caller adds +0.0).
+    # several. The same order as the keys', as the scores hold no -0.0 (each load adds +0.0).
     piv_value = _key_value(piv.to(tl.int32))
     peak = tl.load(PEAK + i_slice)
     base = S + i_slice.to(tl.int64) * N
@@ -222,7 +222,7 @@ def _cut_partial_kernel(
     for start in range(0, CHUNK, SUB):
         o = i_c * CHUNK + start + tl.arange(0, SUB)
         m = (o < N) & (start + tl.arange(0, SUB) < CHUNK)  # (a chunk shorter than SUB ends inside the tile)
-        s = tl.load(base + o, mask=m, other=0.0)
+        s = tl.load(base + o, mask=m, other=0.0) + 0.0  # -0.0 -> +0.0: values then order as keys do
         if BY_MASS:
             w = tl.where(m, tl.exp(s - peak), 0.0)
         else:
@@ -249,27 +249,117 @@ def _cut_narrow_kernel(PART, LO, HI, GOAL, P, PIVOTS: tl.constexpr):
     tl.store(HI + i_bh, new_hi)
 
 
-def _order_key_torch(x: torch.Tensor) -> torch.Tensor:
-    """int64 keys with the order of the fp32 values ``x`` (as ``_order_key``)."""
-    bits = x.contiguous().view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+@triton.jit
+def _cut_stats_kernel(S, PMAX, PMIN, PSUM, N, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BY_MASS: tl.constexpr):
+    """One chunk of one slice: its largest and smallest score and (BY_MASS) its sum of exp(score - largest)."""
+    i_s, i_c = tl.program_id(0), tl.program_id(1)
+    base = S + i_s.to(tl.int64) * N
+    b_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    b_min = tl.full([BLOCK], float("inf"), tl.float32)
+    for start in range(0, CHUNK, BLOCK):
+        o = i_c * CHUNK + start + tl.arange(0, BLOCK)
+        m = (o < N) & (start + tl.arange(0, BLOCK) < CHUNK)
+        s = tl.load(base + o, mask=m, other=float("-inf")) + 0.0
+        b_max = tl.maximum(b_max, s)
+        b_min = tl.minimum(b_min, tl.where(m, s, float("inf")))
+    top = tl.max(b_max, 0)
+    total = 0.0
+    if BY_MASS:
+        b_sum = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, CHUNK, BLOCK):
+            o = i_c * CHUNK + start + tl.arange(0, BLOCK)
+            m = (o < N) & (start + tl.arange(0, BLOCK) < CHUNK)
+            s = tl.load(base + o, mask=m, other=float("-inf"))
+            b_sum += tl.where(m, tl.exp(s - top), 0.0)
+        total = tl.sum(b_sum, 0)
+    at = i_s * tl.num_programs(1) + i_c
+    tl.store(PMAX + at, top)
+    tl.store(PMIN + at, tl.min(b_min, 0))
+    tl.store(PSUM + at, total)
 
 
-def _cut_keys(
-    flat: torch.Tensor, goals: torch.Tensor, by_mass: bool, chunk: int = _CHUNK, peak: torch.Tensor | None = None
+@triton.jit
+def _cut_setup_kernel(
+    PMAX, PMIN, PSUM, PEAK, LO, HI, GOAL, COUNTS, P, G, threshold,
+    BLOCK_P: tl.constexpr, BY_MASS: tl.constexpr,
+):  # fmt: skip
+    """Per slice, from its chunks' statistics: the peak, and for each of its G searches the first bracket
+    [key of the smallest score, key of the peak + 1) and the goal (the softmax numerator x threshold, or a count)."""
+    i_s = tl.program_id(0)
+    b_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    b_min = tl.full([BLOCK_P], float("inf"), tl.float32)
+    for start in range(0, P, BLOCK_P):
+        o = start + tl.arange(0, BLOCK_P)
+        b_max = tl.maximum(b_max, tl.load(PMAX + i_s * P + o, mask=o < P, other=float("-inf")))
+        b_min = tl.minimum(b_min, tl.load(PMIN + i_s * P + o, mask=o < P, other=float("inf")))
+    peak = tl.max(b_max, 0)
+    total = 0.0
+    if BY_MASS:  # each chunk's sum, moved from its own largest score to the slice's peak
+        b_sum = tl.zeros([BLOCK_P], tl.float32)
+        for start in range(0, P, BLOCK_P):
+            o = start + tl.arange(0, BLOCK_P)
+            top = tl.load(PMAX + i_s * P + o, mask=o < P, other=0.0)
+            b_sum += tl.where(o < P, tl.load(PSUM + i_s * P + o, mask=o < P, other=0.0) * tl.exp(top - peak), 0.0)
+        total = tl.sum(b_sum, 0)
+    tl.store(PEAK + i_s, peak)
+    lo = _order_key(tl.min(b_min, 0)).to(tl.int64)  # its at-least set is everything
+    hi = _order_key(peak).to(tl.int64) + 1  # nothing is at least this
+    for g in range(0, G):
+        tl.store(LO + i_s * G + g, lo)
+        tl.store(HI + i_s * G + g, hi)
+        if BY_MASS:
+            tl.store(GOAL + i_s * G + g, total * threshold)
+        else:
+            tl.store(GOAL + i_s * G + g, tl.load(COUNTS + g))
+
+
+@triton.jit
+def _cut_apply_kernel(
+    S, CUT, OUT, N, G, offset,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, LEVELS: tl.constexpr,
+):  # fmt: skip
+    """Each score against its slice's G cut keys: LEVELS, ``offset`` + the number of cuts that leave it out
+    (int64); else whether the one cut keeps it (int8)."""
+    i_s, i_c = tl.program_id(0), tl.program_id(1)
+    base = i_s.to(tl.int64) * N
+    for start in range(0, CHUNK, BLOCK):
+        o = i_c * CHUNK + start + tl.arange(0, BLOCK)
+        m = (o < N) & (start + tl.arange(0, BLOCK) < CHUNK)
+        key = _order_key(tl.load(S + base + o, mask=m, other=0.0) + 0.0).to(tl.int64)
+        below = tl.zeros([BLOCK], tl.int64)
+        for g in range(0, G):
+            below += (key < tl.load(CUT + i_s * G + g)).to(tl.int64)
+        if LEVELS:
+            tl.store(OUT + base + o, below + offset, mask=m)
+        else:
+            tl.store(OUT + base + o, (below == 0).to(tl.int8), mask=m)
+
+
+def _cut_search(
+    flat: torch.Tensor, chunk: int, *, threshold: float | None = None, counts: Sequence[int] = ()
 ) -> torch.Tensor:
-    """int64 ``[BH, G]``: per slice of fp32 ``flat`` ``[BH, N]`` (no -0.0) and goal ``goals[:, g]`` (the
-    slice's softmax numerator at its peak, or a count), the largest key whose at-least set reaches the
-    goal, by the many-program pivot search; the G cuts of a slice are searched at once. ``peak``: the
-    slices' maxima, when the caller has them."""
+    """int64 ``[BH, G]``: per slice of fp32 ``flat`` ``[BH, N]`` the largest key whose at-least set reaches each
+    goal: the softmax mass ``threshold`` (G = 1), or each of ``counts``; all G cuts of a slice are searched at
+    once, by the many-program pivot search. No host synchronisation; -0.0 counts as +0.0 throughout."""
     slices, n = flat.shape
-    cuts = goals.shape[1]
-    peak = flat.amax(-1) if peak is None else peak
-    lo = _order_key_torch(flat.amin(-1)).repeat_interleave(cuts)  # its at-least set is everything
-    hi = (_order_key_torch(peak) + 1).repeat_interleave(cuts)  # nothing is at least this
-    goal = goals.reshape(-1).float().contiguous()
+    by_mass = threshold is not None
+    cuts = 1 if by_mass else len(counts)
     programs = triton.cdiv(n, chunk)
-    part = torch.empty(slices * cuts, programs, _PIVOTS, dtype=torch.float32, device=flat.device)
+    device = flat.device
+    stats = torch.empty(3, slices, programs, dtype=torch.float32, device=device)
+    _cut_stats_kernel[(slices, programs)](flat, stats[0], stats[1], stats[2], n, CHUNK=chunk,
+                                          BLOCK=min(1024, triton.next_power_of_2(chunk)), BY_MASS=by_mass,
+                                          num_warps=4)  # fmt: skip
+    peak = torch.empty(slices, dtype=torch.float32, device=device)
+    lo, hi = (torch.empty(slices * cuts, dtype=torch.int64, device=device) for _ in range(2))
+    goal = torch.empty(slices * cuts, dtype=torch.float32, device=device)
+    goals = torch.empty(max(1, len(counts)), dtype=torch.float32, device=device)
+    for i, c in enumerate(counts):  # fills on the device: a tensor from a list would be a synchronising copy
+        goals[i] = float(c)
+    _cut_setup_kernel[(slices,)](stats[0], stats[1], stats[2], peak, lo, hi, goal, goals, programs, cuts,
+                                 float(threshold or 0.0), BLOCK_P=min(1024, triton.next_power_of_2(programs)),
+                                 BY_MASS=by_mass, num_warps=4)  # fmt: skip
+    part = torch.empty(slices * cuts, programs, _PIVOTS, dtype=torch.float32, device=device)
     for _ in range(_PASSES):
         _cut_partial_kernel[(slices * cuts, programs)](
             flat, peak, lo, hi, part, n, cuts, CHUNK=chunk, SUB=64, PIVOTS=_PIVOTS, BY_MASS=by_mass, num_warps=4,
@@ -278,15 +368,21 @@ def _cut_keys(
     return lo.view(slices, cuts)
 
 
+def _apply_cuts(flat: torch.Tensor, cuts: torch.Tensor, chunk: int, levels: bool, offset: int = 0) -> torch.Tensor:
+    """:func:`_cut_apply_kernel` over ``flat`` ``[BH, N]``: int64 levels, or the bool kept entries of one cut."""
+    slices, n = flat.shape
+    out = torch.empty(flat.shape, dtype=torch.int64 if levels else torch.int8, device=flat.device)
+    _cut_apply_kernel[(slices, triton.cdiv(n, chunk))](flat, cuts, out, n, cuts.shape[1], offset, CHUNK=chunk,
+                                                       BLOCK=min(1024, triton.next_power_of_2(chunk)), LEVELS=levels,
+                                                       num_warps=4)  # fmt: skip
+    return out if levels else out.view(torch.bool)
+
+
 def _global_cut_parallel(flat: torch.Tensor, threshold: float | None, count: int | None, chunk: int = _CHUNK):
-    """bool ``[BH, N]``: :func:`global_cut` of fp32 ``flat`` by the many-program pivot search."""
-    flat = flat + 0.0  # -0.0 becomes +0.0, so that comparing values orders as comparing keys
-    peak = flat.amax(-1)
-    if threshold is not None:
-        goal = (flat - peak[:, None]).exp().sum(-1, keepdim=True) * threshold
-    else:
-        goal = torch.full((flat.shape[0], 1), float(count), device=flat.device)
-    return _order_key_torch(flat) >= _cut_keys(flat, goal, threshold is not None, chunk, peak)
+    """bool ``[BH, N]``: :func:`global_cut` of fp32 ``flat`` by the many-program pivot search (about 15 launches:
+    chunk statistics, the searches' set-up, the passes, the keep test)."""
+    cuts = _cut_search(flat, chunk, threshold=threshold, counts=() if count is None else (count,))
+    return _apply_cuts(flat, cuts, chunk, levels=False)
 
 
 def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: int | None = None) -> torch.Tensor:
@@ -337,14 +433,13 @@ def count_levels(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     if not use_triton(scores) or not counts or not n:
         return sum((~global_cut(scores, count=c)).long() for c in counts) + torch.zeros(
             scores.shape, dtype=torch.long, device=scores.device)  # fmt: skip
-    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).float() + 0.0
+    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).float()
     searched = [c for c in counts if 0 < c < n]  # the others keep everything or nothing
-    index = torch.full(flat.shape, sum(c <= 0 for c in counts), dtype=torch.long, device=scores.device)
-    if searched:
-        goals = torch.tensor(searched, dtype=torch.float32, device=scores.device).expand(flat.shape[0], -1)
-        cuts = _cut_keys(flat, goals, by_mass=False)  # [BH, G]
-        index += (_order_key_torch(flat)[:, :, None] < cuts[:, None, :]).sum(-1)
-    return index.view(scores.shape)
+    offset = sum(c <= 0 for c in counts)
+    if not searched:
+        return torch.full(scores.shape, offset, dtype=torch.long, device=scores.device)
+    cuts = _cut_search(flat, _CHUNK, counts=searched)  # [BH, G]
+    return _apply_cuts(flat, cuts, _CHUNK, levels=True, offset=offset).view(scores.shape)
 
 
 def global_cut_reference(
