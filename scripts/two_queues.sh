@@ -12,10 +12,16 @@ POLL_UNTIL=${POLL_UNTIL:-540}
 OUT=${OUT:-/tmp/out}
 began=$(date +%s)
 export QOUT=$RUN/out SHIP=$RUN/ship
+# SM clock, power and throttle reasons of every GPU, appended to $QOUT/gpu-clocks.txt: a GPU that runs slow
+# (one ran dense attention 1.6x slower than usual beside a busy neighbour) shows here
+clocks() {
+    { echo "== $1 $(date -u +%H:%M:%S)"; nvidia-smi --query-gpu=index,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active --format=csv; } >>"$QOUT/gpu-clocks.txt" 2>&1 || true
+}
 case "${1:-}" in
 start)
     mkdir -p "$QOUT" "$SHIP"
     nvidia-smi -L
+    clocks start
     for gpu in 0 1; do
         var=Q$gpu
         [[ -n "${!var:-}" ]] || continue
@@ -33,6 +39,7 @@ esac
 running() { for gpu in 0 1; do grep -q "^queue $gpu" "$RUN/queues.txt" && [[ ! -f "$RUN/q$gpu.done" ]] && return 0; done; return 1; }
 while (($(date +%s) - began < POLL_UNTIL)) && running; do
     sleep 15
+    (( ($(date +%s) - began) % 120 < 15 )) && clocks poll
 done
 for gpu in 0 1; do
     [[ -f "$RUN/q$gpu.log" ]] && echo "== queue $gpu $(cat "$RUN/q$gpu.done" 2>/dev/null || echo running):" &&
