@@ -8,7 +8,8 @@ level map is timed with every setting of `pyramid.STAGES` and TMA on/off below, 
 kernel on the plain variant's pairs (the same work as the plain levels: how far the pyramid kernel's full level
 is from the block-sparse forward), and with ``--baseline``: another copy of `vgen/kernels/pyramid.py` (say the
 file at an older commit), loaded as a module. Settings are timed in turns, ``--rounds`` times; medians. Outputs
-of every setting are checked against the first.
+of every setting are checked against the first. "TMA" rows take the TMA path where the library's `_use_tma`
+allows it (Hopper or newer, 16-byte aligned strides), as the library does; elsewhere they run without.
 """
 
 from __future__ import annotations
@@ -60,18 +61,20 @@ def time_settings(q, k, v, levels, scale, rounds, baseline, mask, settings) -> t
         calls["baseline"] = lambda: baseline.pyramid_attention(q, k, v, levels, scale=scale, check_levels=False)
     if mask is not None:
         calls["block-sparse kernel"] = lambda: block_sparse_attention(q, k, v, mask, scale=scale)
-    with torch.no_grad():
-        first, errors = None, {}
-        for label, call in calls.items():
-            out = call()
-            first = out if first is None else first
-            errors[label] = err_ratio(out, first)
-        del out, first
-        times = {label: [] for label in calls}
-        for _ in range(rounds):
+    try:
+        with torch.no_grad():
+            first, errors = None, {}
             for label, call in calls.items():
-                times[label].append(bench(call))
-    pyramid._use_tma, pyramid.STAGES = use_tma, stages_before
+                out = call()
+                first = out if first is None else first
+                errors[label] = err_ratio(out, first)
+            del out, first
+            times = {label: [] for label in calls}
+            for _ in range(rounds):
+                for label, call in calls.items():
+                    times[label].append(bench(call))
+    finally:
+        pyramid._use_tma, pyramid.STAGES = use_tma, stages_before
     return times, errors
 
 

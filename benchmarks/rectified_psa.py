@@ -170,9 +170,9 @@ def smoke_sizes() -> Sizes:
     return Sizes(
         device=torch.device("cpu"), dtype=torch.float32, clip=(9, 128, 128), real_layers=1, real_heads=2,
         rectified={},
-        psa={}, masses=(0.5, 0.7, 0.9), budgets=(0.1, 0.2, 0.3),
-        shapes=(("tiny", 2, 32, VideoLayout(3, 16, 16)),), shape_mass=DEFAULT_MASS, shape_budget=DEFAULT_BUDGET,
-        quality_prompts=1,
+        psa={}, masses=with_default((0.5, 0.7, 0.9), DEFAULT_MASS),
+        budgets=with_default((0.1, 0.2, 0.3), DEFAULT_BUDGET), shapes=(("tiny", 2, 32, VideoLayout(3, 16, 16)),),
+        shape_mass=DEFAULT_MASS, shape_budget=DEFAULT_BUDGET, quality_prompts=1,
         quality=(QualityRun("psa", {"budget": DEFAULT_BUDGET}, {"budget": DEFAULT_BUDGET, "proportions": PLAIN_PSA},
                             psa_grid),),
     )  # fmt: skip

@@ -174,7 +174,6 @@ def ties(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (flat == weakest).view(scores.shape)
 
 
-
 def test_many_program_cut_with_more_chunks_than_one_setup_tile():
     """A slice split into more chunks than the set-up kernel reads at once (1,050 > 1,024): the peak, the
     smallest score and the softmax sum are combined over every chunk."""
@@ -185,3 +184,18 @@ def test_many_program_cut_with_more_chunks_than_one_setup_tile():
     scores[0, 0, 2099] = 9.0  # the peak in the last chunk
     got = _global_cut_parallel(scores.reshape(1, -1), 0.7, None, chunk=2).view(scores.shape)
     assert torch.equal(got, global_cut_reference(scores, threshold=0.7))
+
+
+def test_cuts_of_a_strided_view(monkeypatch):
+    """Scores that are a view with a row stride other than N (the first Q' query blocks of a [B, H, Q, C]
+    tensor): both the many-program cut and count_levels read the view's own entries."""
+    import vgen.kernels.selection as selection
+
+    torch.manual_seed(13)
+    scores = torch.randn(2, 2, 40, 30)[:, :, :30]  # row stride 1200, 900 entries per slice
+    assert not scores.is_contiguous()
+    levels = selection.count_levels(scores, [10, 300])
+    assert torch.equal(levels, (~global_cut_reference(scores, count=10)).long()
+                       + (~global_cut_reference(scores, count=300)).long())  # fmt: skip
+    monkeypatch.setattr(selection, "PARALLEL_CUT_ENTRIES", 512)  # the many-program path at this size
+    assert torch.equal(global_cut(scores, threshold=0.5), global_cut_reference(scores, threshold=0.5))

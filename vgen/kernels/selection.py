@@ -354,8 +354,8 @@ def _cut_search(
     lo, hi = (torch.empty(slices * cuts, dtype=torch.int64, device=device) for _ in range(2))
     goal = torch.empty(slices * cuts, dtype=torch.float32, device=device)
     goals = torch.empty(max(1, len(counts)), dtype=torch.float32, device=device)
-    for i, c in enumerate(counts):  # fills on the device: a tensor from a list would be a synchronising copy
-        goals[i] = float(c)
+    for i, c in enumerate(counts):  # fill_ stays on the device; `goals[i] = c` and a tensor from a list copy and sync
+        goals[i : i + 1].fill_(float(c))
     _cut_setup_kernel[(slices,)](stats[0], stats[1], stats[2], peak, lo, hi, goal, goals, programs, cuts,
                                  float(threshold or 0.0), BLOCK_P=min(1024, triton.next_power_of_2(programs)),
                                  BY_MASS=by_mass, num_warps=4)  # fmt: skip
@@ -381,6 +381,7 @@ def _apply_cuts(flat: torch.Tensor, cuts: torch.Tensor, chunk: int, levels: bool
 def _global_cut_parallel(flat: torch.Tensor, threshold: float | None, count: int | None, chunk: int = _CHUNK):
     """bool ``[BH, N]``: :func:`global_cut` of fp32 ``flat`` by the many-program pivot search (about 15 launches:
     chunk statistics, the searches' set-up, the passes, the keep test)."""
+    flat = flat.contiguous()  # the kernels address slice i at i * N
     cuts = _cut_search(flat, chunk, threshold=threshold, counts=() if count is None else (count,))
     return _apply_cuts(flat, cuts, chunk, levels=False)
 
@@ -407,7 +408,8 @@ def global_cut(scores: torch.Tensor, *, threshold: float | None = None, count: i
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if not use_triton(scores):
         return global_cut_reference(scores, threshold=threshold, count=count)
-    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).float()
+    # the kernels address slice i at i * N: a strided view (scores[..., :q]) must become contiguous first
+    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).float().contiguous()
     if n >= PARALLEL_CUT_ENTRIES:
         return _global_cut_parallel(flat, threshold, None if count is None else min(count, n)).view(scores.shape)
     # + 0.0 turns -0.0 into +0.0, as the parallel path does: both see one zero (the keys order -0.0 below +0.0)
@@ -433,7 +435,7 @@ def count_levels(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     if not use_triton(scores) or not counts or not n:
         return sum((~global_cut(scores, count=c)).long() for c in counts) + torch.zeros(
             scores.shape, dtype=torch.long, device=scores.device)  # fmt: skip
-    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).float()
+    flat = scores.reshape(scores.shape[0] * scores.shape[1], -1).float().contiguous()  # (slice i at i * N)
     searched = [c for c in counts if 0 < c < n]  # the others keep everything or nothing
     offset = sum(c <= 0 for c in counts)
     if not searched:
