@@ -32,10 +32,11 @@ from attention import bench, err_ratio, shape_of  # noqa: E402
 from vgen.attention import BlockMask, PSAConfig, create_method  # noqa: E402
 from vgen.kernels import block_sparse_attention, permute_tokens, pyramid  # noqa: E402
 
-# (3, 3): untimed; at c79076f the pooled loops spilled with 3 stages, since fafbd33 they compile without spills
-SETTINGS = [("TMA, stages (3, 2)", True, (3, 2)), ("TMA, stages (3, 3)", True, (3, 3)),
-            ("TMA, stages (2, 2)", True, (2, 2)), ("TMA, stages (3, 1)", True, (3, 1)),
-            ("no TMA, stages (3, 2)", False, (3, 2))]  # fmt: skip
+# (label, TMA, pyramid.STAGES, pyramid.POOLED_TMA). Untimed so far: (3, 3) (at c79076f the pooled loops spilled
+# with 3 stages; since fafbd33 they compile without spills) and POOLED_TMA (pooled tiles stacked from TMA boxes).
+SETTINGS = [("TMA, stages (3, 2)", True, (3, 2), False), ("TMA, stages (3, 3)", True, (3, 3), False),
+            ("TMA + pooled TMA, stages (3, 2)", True, (3, 2), True), ("TMA, stages (2, 2)", True, (2, 2), False),
+            ("TMA, stages (3, 1)", True, (3, 1), False), ("no TMA, stages (3, 2)", False, (3, 2), False)]  # fmt: skip
 
 
 def load_module(path: Path):
@@ -47,13 +48,13 @@ def load_module(path: Path):
 
 def time_settings(q, k, v, levels, scale, rounds, baseline, mask, settings) -> tuple[dict, dict]:
     """Each setting's times over ``rounds`` turns and its output's difference from the first setting's."""
-    use_tma, stages_before = pyramid._use_tma, pyramid.STAGES
+    use_tma, stages_before, pooled_before = pyramid._use_tma, pyramid.STAGES, pyramid.POOLED_TMA
     calls = {}
-    for label, tma, stages in settings:
+    for label, tma, stages, pooled_tma in settings:
 
-        def call(tma=tma, stages=stages):
+        def call(tma=tma, stages=stages, pooled_tma=pooled_tma):
             pyramid._use_tma = use_tma if tma else (lambda k, v: False)
-            pyramid.STAGES = stages
+            pyramid.STAGES, pyramid.POOLED_TMA = stages, pooled_tma
             return pyramid.pyramid_attention(q, k, v, levels, scale=scale, check_levels=False)
 
         calls[label] = call
@@ -74,7 +75,7 @@ def time_settings(q, k, v, levels, scale, rounds, baseline, mask, settings) -> t
                 for label, call in calls.items():
                     times[label].append(bench(call))
     finally:
-        pyramid._use_tma, pyramid.STAGES = use_tma, stages_before
+        pyramid._use_tma, pyramid.STAGES, pyramid.POOLED_TMA = use_tma, stages_before, pooled_before
     return times, errors
 
 
@@ -139,7 +140,14 @@ def main() -> None:
     if args.rounds < 1:
         sys.exit(f"--rounds must be >= 1, got {args.rounds}")
     baseline = load_module(args.baseline) if args.baseline else None
-    default = [(f"default: TMA, stages {pyramid.STAGES}", True, pyramid.STAGES)]
+    default = [
+        (
+            f"default: TMA, stages {pyramid.STAGES}, pooled TMA {pyramid.POOLED_TMA}",
+            True,
+            pyramid.STAGES,
+            pyramid.POOLED_TMA,
+        )
+    ]
     settings = default if args.default_only else SETTINGS
     rows = run(args.shapes, args.rounds, baseline, settings)
     commit = os.environ.get("VGEN_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],

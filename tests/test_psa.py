@@ -43,13 +43,15 @@ def test_kernel_gathers_several_pooled_blocks_per_tile():
     torch.testing.assert_close(out, pyramid_attention_reference(q, k, v, levels, block=128), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("seq_k", [1300, 1280])
-def test_kernel_full_level_by_tma(monkeypatch, seq_k):
+@pytest.mark.parametrize("seq_k, pooled_tma", [(1300, False), (1280, False), (1300, True)])
+def test_kernel_full_level_by_tma(monkeypatch, seq_k, pooled_tma):
     """The full level's TMA loads (the default on a Hopper GPU), forced in the interpreter: a ragged last key
-    block read in full or not, pooled levels beside it, keys of another length than the queries."""
+    block read in full or not, pooled levels beside it, keys of another length than the queries; with
+    POOLED_TMA, the pooled tiles stacked from TMA boxes too (partly filled tiles included)."""
     import vgen.kernels.pyramid as pyramid
 
     monkeypatch.setattr(pyramid, "_use_tma", lambda k, v: True)
+    monkeypatch.setattr(pyramid, "POOLED_TMA", pooled_tma)
     torch.manual_seed(seq_k)
     q, (k, v) = torch.randn(1, 1000, 2, 32), (torch.randn(1, seq_k, 2, 32) for _ in range(2))
     g = torch.Generator().manual_seed(2)

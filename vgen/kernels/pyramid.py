@@ -32,6 +32,9 @@ _LOG2E = 1.4426950408889634
 # (2, 2) 5.80 / 84.9, (3, 1) 5.61 / 86.5, no TMA (3, 2) 5.39 / 83.6; the kernel before (one loop form for every
 # level, 2 stages, no TMA, the accumulator rescaled outside the MMA) 6.17 / 95.5.
 STAGES: tuple[int, int] = (3, 2)
+# Pooled tiles by TMA too: POOL box loads of block / POOL rows each, stacked into one tile (join, permute, reshape),
+# instead of pointer loads of the gathered rows. A `benchmarks/psa_kernel.py` candidate, untimed; off by default.
+POOLED_TMA = False
 
 
 def build_pyramid(x: torch.Tensor, block: int) -> list[torch.Tensor]:
@@ -58,6 +61,41 @@ def _check_levels(levels: torch.Tensor, seq_k: int, block: int) -> None:
         raise ValueError(f"levels must hold 0 (skip) or a pool factor in {LEVELS}")
     if seq_k % block and bool((levels[..., -1] > 1).any()):
         raise ValueError("the ragged last key block can only be read at full resolution (1) or skipped (0)")
+
+
+@triton.jit
+def _level_desc(X, rows, stride, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """TMA descriptor of one pooled level ``[rows, D]``, boxes of ROWS rows."""
+    return tl.make_tensor_descriptor(X, shape=[rows, D], strides=[stride, 1], block_shape=[ROWS, BLOCK_D])
+
+
+@triton.jit
+def _stack2(a, b):
+    """Rows of ``a`` then rows of ``b`` (both ``[R, D]``): ``[2R, D]``."""
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), [2 * a.shape[0], a.shape[1]])
+
+
+@triton.jit
+def _block_rows(desc, p_idx, slot, n_blocks, ROWS: tl.constexpr):
+    """The ROWS pooled rows of the row's ``slot``-th kept block by TMA (block 0 past the row's blocks)."""
+    blk = tl.load(p_idx + slot, mask=slot < n_blocks, other=0)
+    return desc.load([blk * ROWS, 0])
+
+
+@triton.jit
+def _pooled_tile(desc, p_idx, first, n_blocks, ROWS: tl.constexpr, POOL: tl.constexpr):
+    """``[POOL * ROWS, D]``: kept blocks first .. first + POOL - 1, ROWS rows each, in slot order, by TMA."""
+    tile = _stack2(_block_rows(desc, p_idx, first, n_blocks, ROWS),
+                   _block_rows(desc, p_idx, first + 1, n_blocks, ROWS))  # fmt: skip
+    if POOL >= 4:
+        tile = _stack2(tile, _stack2(_block_rows(desc, p_idx, first + 2, n_blocks, ROWS),
+                                     _block_rows(desc, p_idx, first + 3, n_blocks, ROWS)))  # fmt: skip
+    if POOL == 8:
+        tile = _stack2(tile, _stack2(_stack2(_block_rows(desc, p_idx, first + 4, n_blocks, ROWS),
+                                             _block_rows(desc, p_idx, first + 5, n_blocks, ROWS)),
+                                     _stack2(_block_rows(desc, p_idx, first + 6, n_blocks, ROWS),
+                                             _block_rows(desc, p_idx, first + 7, n_blocks, ROWS))))  # fmt: skip
+    return tile
 
 
 @triton.jit
@@ -89,8 +127,12 @@ def _pyramid_level(
             blk = tl.load(p_idx + first + o_p, mask=m_p, other=0)  # POOL block indices, not one per row
             o_n = tl.reshape(blk[:, None] * ROWS + tl.arange(0, ROWS)[None, :], [BLOCK_N])
             m_n = tl.reshape(m_p[:, None] & (tl.arange(0, ROWS) < ROWS)[None, :], [BLOCK_N])
-            b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-            b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+            if USE_TMA:  # POOL box loads of ROWS rows, stacked (a candidate: POOLED_TMA)
+                b_k = _pooled_tile(desc_k, p_idx, first, n_blocks, ROWS, POOL)
+                b_v = _pooled_tile(desc_v, p_idx, first, n_blocks, ROWS, POOL)
+            else:
+                b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+                b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_k))
             if first + POOL > n_blocks:  # only the last, partly filled tile has rows to mask
                 b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -116,7 +158,7 @@ def _pyramid_fwd_kernel(
     s_il, s_ib, s_ih, s_im,
     H, SQ, SK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr, FULL_STAGES: tl.constexpr, POOLED_STAGES: tl.constexpr,
+    USE_TMA: tl.constexpr, POOLED_TMA: tl.constexpr, FULL_STAGES: tl.constexpr, POOLED_STAGES: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -140,18 +182,30 @@ def _pyramid_fwd_kernel(
         desc_v = tl.make_tensor_descriptor(V1, shape=[SK, D], strides=[s_k1s, 1], block_shape=[BLOCK_N, BLOCK_D])
     b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K1, V1, desc_k, desc_v, row_num, row_idx, s_k1s, s_k1s, SK,
                                      o_d, m_d, qk_scale, 1, 0.0, BLOCK_N, USE_TMA, FULL_STAGES)  # fmt: skip
-    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K2 + i_b * s_k2b + i_h * s_k2h,
-                                     V2 + i_b * s_k2b + i_h * s_k2h, None, None, row_num + s_nl, row_idx + s_il,
-                                     s_k2s, s_k2s, SK, o_d, m_d, qk_scale, 2, 1.0, BLOCK_N, False,
-                                     POOLED_STAGES)  # fmt: skip
-    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K4 + i_b * s_k4b + i_h * s_k4h,
-                                     V4 + i_b * s_k4b + i_h * s_k4h, None, None, row_num + 2 * s_nl,
-                                     row_idx + 2 * s_il, s_k4s, s_k4s, SK, o_d, m_d, qk_scale, 4, 2.0, BLOCK_N, False,
-                                     POOLED_STAGES)  # fmt: skip
-    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K8 + i_b * s_k8b + i_h * s_k8h,
-                                     V8 + i_b * s_k8b + i_h * s_k8h, None, None, row_num + 3 * s_nl,
-                                     row_idx + 3 * s_il, s_k8s, s_k8s, SK, o_d, m_d, qk_scale, 8, 3.0, BLOCK_N, False,
-                                     POOLED_STAGES)  # fmt: skip
+    K2 += i_b * s_k2b + i_h * s_k2h
+    V2 += i_b * s_k2b + i_h * s_k2h
+    K4 += i_b * s_k4b + i_h * s_k4h
+    V4 += i_b * s_k4b + i_h * s_k4h
+    K8 += i_b * s_k8b + i_h * s_k8h
+    V8 += i_b * s_k8b + i_h * s_k8h
+    d_k2, d_v2, d_k4, d_v4, d_k8, d_v8 = None, None, None, None, None, None
+    if POOLED_TMA:  # pooled levels hold whole key blocks only: (SK // BLOCK_N) * BLOCK_N / p rows
+        WHOLE = SK // BLOCK_N * BLOCK_N
+        d_k2 = _level_desc(K2, WHOLE // 2, s_k2s, D, BLOCK_N // 2, BLOCK_D)
+        d_v2 = _level_desc(V2, WHOLE // 2, s_k2s, D, BLOCK_N // 2, BLOCK_D)
+        d_k4 = _level_desc(K4, WHOLE // 4, s_k4s, D, BLOCK_N // 4, BLOCK_D)
+        d_v4 = _level_desc(V4, WHOLE // 4, s_k4s, D, BLOCK_N // 4, BLOCK_D)
+        d_k8 = _level_desc(K8, WHOLE // 8, s_k8s, D, BLOCK_N // 8, BLOCK_D)
+        d_v8 = _level_desc(V8, WHOLE // 8, s_k8s, D, BLOCK_N // 8, BLOCK_D)
+    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K2, V2, d_k2, d_v2, row_num + s_nl,
+                                     row_idx + s_il, s_k2s, s_k2s, SK, o_d, m_d, qk_scale, 2, 1.0, BLOCK_N,
+                                     POOLED_TMA, POOLED_STAGES)  # fmt: skip
+    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K4, V4, d_k4, d_v4, row_num + 2 * s_nl,
+                                     row_idx + 2 * s_il, s_k4s, s_k4s, SK, o_d, m_d, qk_scale, 4, 2.0, BLOCK_N,
+                                     POOLED_TMA, POOLED_STAGES)  # fmt: skip
+    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K8, V8, d_k8, d_v8, row_num + 3 * s_nl,
+                                     row_idx + 3 * s_il, s_k8s, s_k8s, SK, o_d, m_d, qk_scale, 8, 3.0, BLOCK_N,
+                                     POOLED_TMA, POOLED_STAGES)  # fmt: skip
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
     tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
@@ -229,7 +283,8 @@ def pyramid_attention(
         num.stride(0), *_mask_strides(num[0]), idx.stride(0), *_mask_strides(idx[0]),
         heads, seq, seq_k, scale * _LOG2E,
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block, BLOCK_N=block, RETURN_LSE=return_lse,
-        USE_TMA=use_tma, FULL_STAGES=stages[0], POOLED_STAGES=stages[1], num_warps=8 if q.is_cuda else 4,
+        USE_TMA=use_tma, POOLED_TMA=use_tma and POOLED_TMA and seq_k >= block, FULL_STAGES=stages[0],
+        POOLED_STAGES=stages[1], num_warps=8 if q.is_cuda else 4,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
