@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import triton
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import DENSITIES, bench, err_ratio, flex_mask, random_mask, shape_of  # noqa: E402
+from attention import DENSITIES, bench, commit_id, err_ratio, flex_mask, random_mask, shape_of  # noqa: E402
 
 from vgen.kernels import block_sparse  # noqa: E402
 from vgen.kernels.block_sparse import block_sparse_attention  # noqa: E402
@@ -104,9 +102,7 @@ def main() -> None:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not torch.cuda.is_available():
         sys.exit("ab_forward.py times the kernels on a GPU; none is available")
-    commit = os.environ.get("VGEN_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"date": datetime.date.today().isoformat(), "commit": commit or "unknown",
+    meta = {"date": datetime.date.today().isoformat(), "commit": commit_id(),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "command": "python " + " ".join(sys.argv), "rounds": args.rounds, "flag": args.flag}
     rows = run(args.flag, args.shapes, args.rounds)

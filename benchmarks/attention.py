@@ -38,6 +38,14 @@ DENSITIES = (1.0, 0.5, 0.25, 0.1)
 BLOCK = 128
 
 
+def commit_id() -> str:
+    """The commit a benchmark records: ``VGEN_COMMIT`` (a device copy has no git), else git's short hash, else
+    "unknown"."""
+    return os.environ.get("VGEN_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip() or "unknown"
+
+
 def bench(fn, calls: int = 8) -> float:
     """Median ms over at least 100 ms and at least ``calls`` calls (do_bench alone gives a 14B-sized call one
     sample)."""
@@ -406,9 +414,7 @@ def main() -> None:
     except ImportError:
         xformers = None
         print("xformers not installed: its row is left out", flush=True)
-    commit = os.environ.get("VGEN_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"date": datetime.date.today().isoformat(), "commit": commit or "unknown",
+    meta = {"date": datetime.date.today().isoformat(), "commit": commit_id(),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "command": "python " + " ".join(sys.argv)}
     sweep_rows = []

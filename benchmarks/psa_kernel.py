@@ -18,16 +18,14 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import bench, err_ratio, shape_of  # noqa: E402
+from attention import bench, commit_id, err_ratio, shape_of  # noqa: E402
 
 from vgen.attention import BlockMask, PSAConfig, create_method  # noqa: E402
 from vgen.kernels import block_sparse_attention, permute_tokens, pyramid  # noqa: E402
@@ -150,9 +148,7 @@ def main() -> None:
     ]
     settings = default if args.default_only else SETTINGS
     rows = run(args.shapes, args.rounds, baseline, settings)
-    commit = os.environ.get("VGEN_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                             capture_output=True, text=True).stdout.strip()  # fmt: skip
-    meta = {"date": datetime.date.today().isoformat(), "commit": commit or "unknown",
+    meta = {"date": datetime.date.today().isoformat(), "commit": commit_id(),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rounds": args.rounds,
             "command": "python " + " ".join(sys.argv)}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,6 @@ import datetime
 import gc
 import json
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -67,7 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
-from attention import bench, build_times, flex_mask  # benchmarks/attention.py, beside this script
+from attention import bench, build_times, commit_id, flex_mask  # benchmarks/attention.py, beside this script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -186,11 +185,8 @@ _CPU_TIMING = "times are single perf_counter calls; cuDNN and Flex are not timed
 def run_meta(device: torch.device, dtype: torch.dtype, smoke: bool, parts: set[int], gpu_timing: str) -> dict[str, Any]:
     """What a benchmark's header records: date, commit (``VGEN_COMMIT`` or git), device, versions, command."""
     cuda = device.type == "cuda"
-    commit = os.environ.get("VGEN_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    ).stdout.strip()
     return {
-        "date": datetime.date.today().isoformat(), "commit": commit or "unknown",
+        "date": datetime.date.today().isoformat(), "commit": commit_id(),
         "gpu": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)",
         "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
         "dtype": str(dtype).removeprefix("torch."), "smoke": smoke, "parts": sorted(parts),

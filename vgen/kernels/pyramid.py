@@ -65,7 +65,7 @@ def _check_levels(levels: torch.Tensor, seq_k: int, block: int) -> None:
 
 @triton.jit
 def _level_desc(X, rows, stride, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """TMA descriptor of one pooled level ``[rows, D]``, boxes of ROWS rows."""
+    """TMA descriptor of one pyramid level ``[rows, D]``, boxes of ROWS rows."""
     return tl.make_tensor_descriptor(X, shape=[rows, D], strides=[stride, 1], block_shape=[ROWS, BLOCK_D])
 
 
@@ -124,13 +124,13 @@ def _pyramid_level(
         else:  # rows p * ROWS .. of the tile: the ROWS pooled rows of kept block first + p
             o_p = tl.arange(0, POOL)
             m_p = first + o_p < n_blocks
-            blk = tl.load(p_idx + first + o_p, mask=m_p, other=0)  # POOL block indices, not one per row
-            o_n = tl.reshape(blk[:, None] * ROWS + tl.arange(0, ROWS)[None, :], [BLOCK_N])
-            m_n = tl.reshape(m_p[:, None] & (tl.arange(0, ROWS) < ROWS)[None, :], [BLOCK_N])
+            m_n = tl.reshape(tl.broadcast_to(m_p[:, None], [POOL, ROWS]), [BLOCK_N])
             if USE_TMA:  # POOL box loads of ROWS rows, stacked (a candidate: POOLED_TMA)
                 b_k = _pooled_tile(desc_k, p_idx, first, n_blocks, ROWS, POOL)
                 b_v = _pooled_tile(desc_v, p_idx, first, n_blocks, ROWS, POOL)
             else:
+                blk = tl.load(p_idx + first + o_p, mask=m_p, other=0)  # POOL block indices, not one per row
+                o_n = tl.reshape(blk[:, None] * ROWS + tl.arange(0, ROWS)[None, :], [BLOCK_N])
                 b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
                 b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_k))
@@ -178,8 +178,8 @@ def _pyramid_fwd_kernel(
     desc_k = None
     desc_v = None
     if USE_TMA:  # the full level's whole key blocks by TMA
-        desc_k = tl.make_tensor_descriptor(K1, shape=[SK, D], strides=[s_k1s, 1], block_shape=[BLOCK_N, BLOCK_D])
-        desc_v = tl.make_tensor_descriptor(V1, shape=[SK, D], strides=[s_k1s, 1], block_shape=[BLOCK_N, BLOCK_D])
+        desc_k = _level_desc(K1, SK, s_k1s, D, BLOCK_N, BLOCK_D)
+        desc_v = _level_desc(V1, SK, s_k1s, D, BLOCK_N, BLOCK_D)
     b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K1, V1, desc_k, desc_v, row_num, row_idx, s_k1s, s_k1s, SK,
                                      o_d, m_d, qk_scale, 1, 0.0, BLOCK_N, USE_TMA, FULL_STAGES)  # fmt: skip
     K2 += i_b * s_k2b + i_h * s_k2h
