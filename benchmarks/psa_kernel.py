@@ -8,8 +8,10 @@ level map is timed with every setting of `pyramid.STAGES` and TMA on/off below, 
 kernel on the plain variant's pairs (the same work as the plain levels: how far the pyramid kernel's full level
 is from the block-sparse forward), and with ``--baseline``: another copy of `vgen/kernels/pyramid.py` (say the
 file at an older commit), loaded as a module. Settings are timed in turns, ``--rounds`` times; medians. Outputs
-of every setting are checked against the first. "TMA" rows take the TMA path where the library's `_use_tma`
-allows it (Hopper or newer, 16-byte aligned strides), as the library does; elsewhere they run without.
+of every setting are checked against the first. The psa rows also time the call's parts: the K and V pyramids
+(the Triton launch and PyTorch's level-by-level build) and the per-level block lists. "TMA" rows take the TMA
+path where the library's `_use_tma` allows it (Hopper or newer, 16-byte aligned strides), as the library
+does; elsewhere they run without.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from attention import bench, commit_id, err_ratio, shape_of  # noqa: E402
 from vgen.attention import BlockMask, PSAConfig, create_method  # noqa: E402
 from vgen.kernels import block_sparse_attention, permute_tokens, pyramid  # noqa: E402
 
-# (label, TMA, pyramid.STAGES, pyramid.POOLED_TMA). Untimed so far: (3, 3) (at c79076f the pooled loops spilled
-# with 3 stages; since fafbd33 they compile without spills) and POOLED_TMA (pooled tiles stacked from TMA boxes).
-SETTINGS = [("TMA, stages (3, 2)", True, (3, 2), False), ("TMA, stages (3, 3)", True, (3, 3), False),
-            ("TMA + pooled TMA, stages (3, 2)", True, (3, 2), True), ("TMA, stages (2, 2)", True, (2, 2), False),
-            ("TMA, stages (3, 1)", True, (3, 1), False), ("no TMA, stages (3, 2)", False, (3, 2), False)]  # fmt: skip
+# (label, TMA, pyramid.STAGES). Dropped at cb7e6f7: pooled tiles stacked from TMA boxes (3.3x slower).
+SETTINGS = [("TMA, stages (3, 3)", True, (3, 3)), ("TMA, stages (3, 2)", True, (3, 2)),
+            ("no TMA, stages (3, 3)", False, (3, 3))]  # fmt: skip
+
+
+BUILD_DIFF = "pyramid build, Triton vs PyTorch, max abs diff"
 
 
 def load_module(path: Path):
@@ -44,16 +47,20 @@ def load_module(path: Path):
     return module
 
 
-def time_settings(q, k, v, levels, scale, rounds, baseline, mask, settings) -> tuple[dict, dict]:
-    """Each setting's times over ``rounds`` turns and its output's difference from the first setting's."""
-    use_tma, stages_before, pooled_before = pyramid._use_tma, pyramid.STAGES, pyramid.POOLED_TMA
-    calls = {}
-    for label, tma, stages, pooled_tma in settings:
+def time_settings(q, k, v, levels, scale, rounds, baseline, mask, settings, pooled) -> tuple[dict, dict]:
+    """Each setting's times over ``rounds`` turns and its output's difference from the first setting's.
 
-        def call(tma=tma, stages=stages, pooled_tma=pooled_tma):
+    ``pooled``: the levels hold pooled pairs (psa) or not (its plain variant: no pyramid built, as the method
+    calls it). With pooled levels, the call's parts are timed too: the pyramids (one Triton launch each, and
+    PyTorch's level-by-level build for comparison) and the per-level block lists."""
+    use_tma, stages_before = pyramid._use_tma, pyramid.STAGES
+    calls = {}
+    for label, tma, stages in settings:
+
+        def call(tma=tma, stages=stages):
             pyramid._use_tma = use_tma if tma else (lambda k, v: False)
-            pyramid.STAGES, pyramid.POOLED_TMA = stages, pooled_tma
-            return pyramid.pyramid_attention(q, k, v, levels, scale=scale, check_levels=False)
+            pyramid.STAGES = stages
+            return pyramid.pyramid_attention(q, k, v, levels, scale=scale, check_levels=False, pooled=pooled)
 
         calls[label] = call
     if baseline is not None:
@@ -72,8 +79,22 @@ def time_settings(q, k, v, levels, scale, rounds, baseline, mask, settings) -> t
             for _ in range(rounds):
                 for label, call in calls.items():
                     times[label].append(bench(call))
+            if pooled:  # parts of the call; the Triton pyramids must equal PyTorch's (the same fp32 sums)
+                for x in (k, v):
+                    for a, b in zip(pyramid.build_pyramid(x, 128), pyramid.build_pyramid_reference(x, 128),
+                                    strict=True):  # fmt: skip
+                        errors[BUILD_DIFF] = max(
+                            errors.get(BUILD_DIFF, 0.0),
+                            (a.float() - b.float()).abs().max().item())  # fmt: skip
+                parts = {"part: pyramids K+V (Triton)": lambda: (pyramid.build_pyramid(k, 128),
+                                                                 pyramid.build_pyramid(v, 128)),
+                         "part: pyramids K+V (PyTorch)": lambda: (pyramid.build_pyramid_reference(k, 128),
+                                                                  pyramid.build_pyramid_reference(v, 128)),
+                         "part: level lists": lambda: pyramid._level_lists(levels)}  # fmt: skip
+                for label, part in parts.items():
+                    times[label] = [bench(part) for _ in range(rounds)]
     finally:
-        pyramid._use_tma, pyramid.STAGES, pyramid.POOLED_TMA = use_tma, stages_before, pooled_before
+        pyramid._use_tma, pyramid.STAGES = use_tma, stages_before
     return times, errors
 
 
@@ -93,7 +114,8 @@ def run(shapes: list[str], rounds: int, baseline, settings=SETTINGS) -> list[dic
             with torch.no_grad():
                 levels = method._levels(pq, pk, layout, scale)
             mask = BlockMask.from_dense(levels > 0, (128, 128), (seq, seq)) if variant == "plain" else None
-            times, errors = time_settings(pq, pk, pv, levels, scale, rounds, baseline, mask, settings)
+            times, errors = time_settings(pq, pk, pv, levels, scale, rounds, baseline, mask, settings,
+                                          pooled=variant == "psa")  # fmt: skip
             row = {"shape": name, "variant": variant, "budget": budget,
                    "density": float(method.last_density), "ms": {lb: statistics.median(t) for lb, t in times.items()},
                    "rounds": times, "err_vs_first": errors}  # fmt: skip
@@ -112,7 +134,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"Command: `{meta['command']}`; torch {meta['torch']}; bf16, B=1, random q/k/v, levels from the psa "
              f"method at budget {rows[0]['budget']} (plain: its pairs all at full resolution); times in turns, "
              f"{meta['rounds']} rounds, medians in ms; largest relative RMS difference of an output from the first "
-             f"setting's: {max(e for r in rows for e in r['err_vs_first'].values()):.1e}.", "",
+             f"setting's: {max(e for r in rows for lb, e in r['err_vs_first'].items() if lb != BUILD_DIFF):.1e}; "
+             f"largest difference of the Triton pyramids from PyTorch's: "
+             f"{max(r['err_vs_first'].get(BUILD_DIFF, 0.0) for r in rows):.1e}.", "",
              "| shape | variant | density | " + " | ".join(labels) + " |",
              "|---" * (3 + len(labels)) + "|"]  # fmt: skip
     for r in rows:
@@ -138,14 +162,7 @@ def main() -> None:
     if args.rounds < 1:
         sys.exit(f"--rounds must be >= 1, got {args.rounds}")
     baseline = load_module(args.baseline) if args.baseline else None
-    default = [
-        (
-            f"default: TMA, stages {pyramid.STAGES}, pooled TMA {pyramid.POOLED_TMA}",
-            True,
-            pyramid.STAGES,
-            pyramid.POOLED_TMA,
-        )
-    ]
+    default = [(f"default: TMA, stages {pyramid.STAGES}", True, pyramid.STAGES)]
     settings = default if args.default_only else SETTINGS
     rows = run(args.shapes, args.rounds, baseline, settings)
     meta = {"date": datetime.date.today().isoformat(), "commit": commit_id(),

@@ -33,6 +33,7 @@ QUANT_FWD = {"Q": "*i8", "K": "*i8", "VT": "*i8", "QS": "*fp32", "KS": "*fp32", 
              "LSE": "*fp32", "KV_NUM": "*i32", "KV_IDX": "*i32", "qk_scale": "fp32", "p_levels": "fp32"}  # fmt: skip
 PYRAMID = {**{f"{x}{p}": "*bf16" for x in "KV" for p in (1, 2, 4, 8)}, "Q": "*bf16", "OUT": "*bf16", "LSE": "*fp32",
            "NUM": "*i32", "IDX": "*i32", "qk_scale": "fp32"}  # fmt: skip
+PYRAMID_BUILD = {"X": "*bf16", "X2": "*bf16", "X4": "*bf16", "X8": "*bf16"}
 PYRAMID_STAGES = {"FULL_STAGES": pyramid.STAGES[0], "POOLED_STAGES": pyramid.STAGES[1]}
 BLOCK_SPARSE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "LSE": "*fp32", "KV_NUM": "*i32",
                 "KV_IDX": "*i32", "qk_scale": "fp32"}
@@ -107,15 +108,16 @@ KERNELS = [
                                               "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True}, 4, 3),
     # the library default (pyramid.STAGES), and without TMA (K/V of unaligned strides)
     (pyramid._pyramid_fwd_kernel, PYRAMID, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
-                                            "RETURN_LSE": True, "USE_TMA": True, "POOLED_TMA": pyramid.POOLED_TMA,
+                                            "RETURN_LSE": True, "USE_TMA": True, "POOLED": True,
                                             **PYRAMID_STAGES}, 8, 2),
     (pyramid._pyramid_fwd_kernel, PYRAMID, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
-                                            "RETURN_LSE": False, "USE_TMA": False, "POOLED_TMA": False,
+                                            "RETURN_LSE": False, "USE_TMA": False, "POOLED": True,
                                             **PYRAMID_STAGES}, 8, 2),
-    # the POOLED_TMA candidate (pooled tiles stacked from TMA boxes)
+    # a plain selection (no pyramid: the full level only)
     (pyramid._pyramid_fwd_kernel, PYRAMID, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
-                                            "RETURN_LSE": True, "USE_TMA": True, "POOLED_TMA": True,
+                                            "RETURN_LSE": False, "USE_TMA": True, "POOLED": False,
                                             **PYRAMID_STAGES}, 8, 2),
+    (pyramid._pyramid_build_kernel, PYRAMID_BUILD, {"D": 128, "BLOCK_D": 128, "BLOCK": 128}, 4, 1),
     (fps._fps_kernel, {"P": "*fp32", "OUT": "*i64"}, {"BLOCK_N": 2048}, 4, 1),
     (winding._winding_kernel, {"P": "*fp32", "TRI": "*fp32", "OUT": "*fp32"}, {"BLOCK_Q": 64, "BLOCK_F": 32}, 8, 1),
 ]  # fmt: skip

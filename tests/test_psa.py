@@ -6,7 +6,13 @@ import torch
 
 from vgen.attention import VideoLayout, create_method
 from vgen.attention.psa import _shares, assign_levels
-from vgen.kernels.pyramid import LEVELS, build_pyramid, pyramid_attention, pyramid_attention_reference
+from vgen.kernels.pyramid import (
+    LEVELS,
+    build_pyramid,
+    build_pyramid_reference,
+    pyramid_attention,
+    pyramid_attention_reference,
+)
 from vgen.kernels.reference import attention_reference
 
 
@@ -43,15 +49,13 @@ def test_kernel_gathers_several_pooled_blocks_per_tile():
     torch.testing.assert_close(out, pyramid_attention_reference(q, k, v, levels, block=128), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("seq_k, pooled_tma", [(1300, False), (1280, False), (1300, True)])
-def test_kernel_full_level_by_tma(monkeypatch, seq_k, pooled_tma):
+@pytest.mark.parametrize("seq_k", [1300, 1280])
+def test_kernel_full_level_by_tma(monkeypatch, seq_k):
     """The full level's TMA loads (the default on a Hopper GPU), forced in the interpreter: a ragged last key
-    block read in full or not, pooled levels beside it, keys of another length than the queries; with
-    POOLED_TMA, the pooled tiles stacked from TMA boxes too (partly filled tiles included)."""
+    block read in full or not, pooled levels beside it, keys of another length than the queries."""
     import vgen.kernels.pyramid as pyramid
 
     monkeypatch.setattr(pyramid, "_use_tma", lambda k, v: True)
-    monkeypatch.setattr(pyramid, "POOLED_TMA", pooled_tma)
     torch.manual_seed(seq_k)
     q, (k, v) = torch.randn(1, 1000, 2, 32), (torch.randn(1, seq_k, 2, 32) for _ in range(2))
     g = torch.Generator().manual_seed(2)
@@ -61,6 +65,46 @@ def test_kernel_full_level_by_tma(monkeypatch, seq_k, pooled_tma):
         levels[..., -1] = 1  # the ragged block, read in full
     out = pyramid_attention(q, k, v, levels, block=128)
     torch.testing.assert_close(out, pyramid_attention_reference(q, k, v, levels, block=128), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pyramid_build_kernel_matches_reference(dtype):
+    """The one-launch pyramid (Triton) against PyTorch's level-by-level halving: the same fp32 sums, so equal
+    bit for bit in fp32; strided input (a head slice), a ragged tail left out, a head dim short of its power
+    of two. In bf16 within one unit in the last place: Triton's interpreter casts fp32 to bf16 by truncation
+    (a GPU rounds to nearest even, as PyTorch)."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 300, 3, 24, dtype=dtype)[:, :, 1:]  # strided: [2, 300, 2, 24] of a 3-head tensor
+    got, want = build_pyramid(x, 128), build_pyramid_reference(x, 128)
+    assert [t.shape[1] for t in got] == [300, 128, 64, 32]
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == dtype and a.is_contiguous()
+        torch.testing.assert_close(a, b, atol=0, rtol=0 if dtype == torch.float32 else 2**-7)
+    assert [t.shape[1] for t in build_pyramid(x[:, :100], 128)] == [100, 0, 0, 0]  # no whole block: empty levels
+
+
+def test_kernel_with_a_head_dim_short_of_its_tile():
+    """Head dim 24 in 32-wide tiles: the pooled gathers' column mask."""
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(1, 640, 2, 24) for _ in range(3))
+    g = torch.Generator().manual_seed(3)
+    levels = torch.tensor((0, *LEVELS))[torch.randint(0, 5, (1, 2, 5, 5), generator=g)]
+    out = pyramid_attention(q, k, v, levels, block=128)
+    torch.testing.assert_close(out, pyramid_attention_reference(q, k, v, levels, block=128), atol=2e-5, rtol=2e-5)
+
+
+def test_plain_levels_without_a_pyramid():
+    """pooled=False (a plain selection): no pyramid, the same output as with one; pooled pairs are refused."""
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(1, 400, 2, 32) for _ in range(3))
+    g = torch.Generator().manual_seed(4)
+    levels = torch.randint(0, 2, (1, 2, 4, 4), generator=g)
+    out = pyramid_attention(q, k, v, levels, block=128, pooled=False)
+    torch.testing.assert_close(out, pyramid_attention(q, k, v, levels, block=128), atol=0, rtol=0)
+    torch.testing.assert_close(out, pyramid_attention_reference(q, k, v, levels, block=128), atol=2e-5, rtol=2e-5)
+    levels[0, 0, 0, 0] = 2
+    with pytest.raises(ValueError, match="pooled=False"):
+        pyramid_attention(q, k, v, levels, block=128, pooled=False)
 
 
 def test_kernel_with_other_keys_and_lse():

@@ -124,6 +124,12 @@ class PyramidSparseAttention(AttentionMethod):
         self.last_levels: torch.Tensor | None = None
         self._orders: dict[tuple[VideoLayout, torch.device], torch.Tensor] = {}
 
+    @property
+    def _pooled(self) -> bool:
+        """Whether any pair can get a pooled level (the plain variant, proportions 1 : 0 : 0 : 0, or budget 1:
+        none, and no pyramid is built)."""
+        return any(share > 0 for share in _shares(self.config.budget, self.config.proportions)[1:])
+
     def _order(self, layout: VideoLayout, device: torch.device) -> torch.Tensor | None:
         if self.config.order == "raster":
             return None
@@ -154,8 +160,8 @@ class PyramidSparseAttention(AttentionMethod):
         if perm is not None:
             q, k, v = (permute_tokens(x, perm) for x in (q, k, v))
         levels = self._levels(q, k, layout, scale)
-        out = pyramid_attention(q, k, v, levels, block=self.config.block_size, scale=scale,
-                                check_levels=False)  # fmt: skip (valid by construction)
+        out = pyramid_attention(q, k, v, levels, block=self.config.block_size, scale=scale, check_levels=False,
+                                pooled=self._pooled)  # fmt: skip (valid by construction)
         return out if perm is None else unpermute_tokens(out, perm)
 
     def _levels(self, q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, scale: float) -> torch.Tensor:
@@ -196,4 +202,4 @@ class PyramidSparseAttention(AttentionMethod):
         """One ring step: this rank's query blocks ``rows`` against the key blocks ``cols``, at their levels."""
         levels = plan.extra["levels"][..., rows, cols]
         return pyramid_attention(q, k, v, levels, block=self.config.block_size, scale=plan.extra["scale"],
-                                 check_levels=False, return_lse=True)  # fmt: skip
+                                 check_levels=False, return_lse=True, pooled=self._pooled)  # fmt: skip

@@ -22,35 +22,76 @@ import triton.language as tl
 from vgen.kernels.block_sparse import _descriptor_scratch, _load_tile, _mask_strides, _strides3, _use_tma
 from vgen.kernels.runtime import use_triton
 
-__all__ = ["LEVELS", "build_pyramid", "pyramid_attention", "pyramid_attention_reference"]
+__all__ = ["LEVELS", "build_pyramid", "build_pyramid_reference", "pyramid_attention", "pyramid_attention_reference"]
 
 LEVELS: tuple[int, ...] = (1, 2, 4, 8)
 """Pool factors of the pyramid levels; a level map holds these values, or 0 for a skipped pair."""
 _LOG2E = 1.4426950408889634
 # K/V pipeline stages of the full level's loop (TMA tiles) and of the pooled levels' loops (gathered rows) on CUDA.
-# `benchmarks/psa_kernel.py` on an H200 at c79076f, psa levels at budget 0.25, ms at 1.3B / 14B: (3, 2) 5.01 / 80.9,
-# (2, 2) 5.80 / 84.9, (3, 1) 5.61 / 86.5, no TMA (3, 2) 5.39 / 83.6; the kernel before (one loop form for every
-# level, 2 stages, no TMA, the accumulator rescaled outside the MMA) 6.17 / 95.5.
-STAGES: tuple[int, int] = (3, 2)
-# Pooled tiles by TMA too: POOL box loads of block / POOL rows each, stacked into one tile (join, permute, reshape),
-# instead of pointer loads of the gathered rows. A `benchmarks/psa_kernel.py` candidate, untimed; off by default.
-POOLED_TMA = False
+# `benchmarks/psa_kernel.py` on an H200, psa levels at budget 0.25, whole call ms at 1.3B / 14B: at cb7e6f7 (3, 3)
+# 4.69 / 75.6 against (3, 2) 4.89 / 76.7, (2, 2) 5.09 / 80.6, (3, 1) 5.35 / 84.6, no TMA (3, 2) 4.99 / 77.8; at
+# c79076f the kernel before (one loop form for every level, 2 stages, no TMA) 6.17 / 95.5. Tried and dropped
+# (cb7e6f7): pooled tiles stacked from POOL TMA boxes of block / POOL rows (join, permute, reshape) instead of
+# gathered pointer loads, 15.7 / 251 ms: the stacking goes through registers.
+STAGES: tuple[int, int] = (3, 3)
 
 
 def build_pyramid(x: torch.Tensor, block: int) -> list[torch.Tensor]:
     """``x`` ``[B, S, H, D]`` mean-pooled over 1, 2, 4, 8 consecutive tokens of its whole key blocks.
 
     Returns one contiguous ``[B, (S // block) * block / p, H, D]`` tensor per level; level 1 is
-    ``x`` itself (all S tokens).
+    ``x`` itself (all S tokens). Each level is the mean of pairs of the level before, in fp32, cast
+    to ``x``'s dtype. On CUDA (and under the interpreter) one Triton launch reads ``x`` once and writes
+    the three pooled levels; elsewhere :func:`build_pyramid_reference`.
     """
     batch, seq, heads, dim = x.shape
     whole = seq // block * block
+    if not use_triton(x) or whole == 0:
+        return build_pyramid_reference(x, block)
+    pooled = [torch.empty(batch, whole // p, heads, dim, device=x.device, dtype=x.dtype) for p in LEVELS[1:]]
+    _pyramid_build_kernel[(whole // block, batch * heads)](
+        x, *pooled, *_strides3(x), *(s for t in pooled for s in _strides3(t)), heads,
+        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    return [x.contiguous(), *pooled]
+
+
+def build_pyramid_reference(x: torch.Tensor, block: int) -> list[torch.Tensor]:
+    """:func:`build_pyramid` in PyTorch: each level halves the one before, in fp32."""
+    seq = x.shape[1]
+    whole = seq // block * block
     levels = [x.contiguous()]
     pooled = x[:, :whole]
-    for p, previous in zip(LEVELS[1:], LEVELS, strict=False):  # each level halves the one before, in fp32
+    for p, previous in zip(LEVELS[1:], LEVELS, strict=False):
         pooled = pooled.unflatten(1, (-1, p // previous)).sum(2, dtype=torch.float32) * (previous / p)
         levels.append(pooled.to(x.dtype).contiguous())
     return levels
+
+
+@triton.jit
+def _halve(x, out, i_blk, s_os, o_d, m_d, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mean of row pairs of fp32 ``x`` ``[2 * ROWS, BLOCK_D]``, stored as block ``i_blk``'s ROWS rows of ``out``."""
+    y = tl.sum(tl.reshape(x, [ROWS, 2, BLOCK_D]), 1) * 0.5
+    o_r = i_blk * ROWS + tl.arange(0, ROWS)
+    tl.store(out + o_r[:, None] * s_os + o_d[None, :], y.to(out.dtype.element_ty), mask=m_d[None, :])
+    return y
+
+
+@triton.jit
+def _pyramid_build_kernel(
+    X, X2, X4, X8, s_xb, s_xs, s_xh, s_2b, s_2s, s_2h, s_4b, s_4s, s_4h, s_8b, s_8s, s_8h, H,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One whole key block of one (batch, head): read once, written pooled 2x, 4x and 8x."""
+    i_blk, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_n = i_blk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + i_b * s_xb + i_h * s_xh + o_n[:, None] * s_xs + o_d[None, :], mask=m_d[None, :], other=0.0)
+    x = _halve(x.to(tl.float32), X2 + i_b * s_2b + i_h * s_2h, i_blk, s_2s, o_d, m_d, BLOCK // 2, BLOCK_D)
+    x = _halve(x, X4 + i_b * s_4b + i_h * s_4h, i_blk, s_4s, o_d, m_d, BLOCK // 4, BLOCK_D)
+    _halve(x, X8 + i_b * s_8b + i_h * s_8h, i_blk, s_8s, o_d, m_d, BLOCK // 8, BLOCK_D)
 
 
 def _check_levels(levels: torch.Tensor, seq_k: int, block: int) -> None:
@@ -70,39 +111,10 @@ def _level_desc(X, rows, stride, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
-def _stack2(a, b):
-    """Rows of ``a`` then rows of ``b`` (both ``[R, D]``): ``[2R, D]``."""
-    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), [2 * a.shape[0], a.shape[1]])
-
-
-@triton.jit
-def _block_rows(desc, p_idx, slot, n_blocks, ROWS: tl.constexpr):
-    """The ROWS pooled rows of the row's ``slot``-th kept block by TMA (block 0 past the row's blocks)."""
-    blk = tl.load(p_idx + slot, mask=slot < n_blocks, other=0)
-    return desc.load([blk * ROWS, 0])
-
-
-@triton.jit
-def _pooled_tile(desc, p_idx, first, n_blocks, ROWS: tl.constexpr, POOL: tl.constexpr):
-    """``[POOL * ROWS, D]``: kept blocks first .. first + POOL - 1, ROWS rows each, in slot order, by TMA."""
-    tile = _stack2(_block_rows(desc, p_idx, first, n_blocks, ROWS),
-                   _block_rows(desc, p_idx, first + 1, n_blocks, ROWS))  # fmt: skip
-    if POOL >= 4:
-        tile = _stack2(tile, _stack2(_block_rows(desc, p_idx, first + 2, n_blocks, ROWS),
-                                     _block_rows(desc, p_idx, first + 3, n_blocks, ROWS)))  # fmt: skip
-    if POOL == 8:
-        tile = _stack2(tile, _stack2(_stack2(_block_rows(desc, p_idx, first + 4, n_blocks, ROWS),
-                                             _block_rows(desc, p_idx, first + 5, n_blocks, ROWS)),
-                                     _stack2(_block_rows(desc, p_idx, first + 6, n_blocks, ROWS),
-                                             _block_rows(desc, p_idx, first + 7, n_blocks, ROWS))))  # fmt: skip
-    return tile
-
-
-@triton.jit
 def _pyramid_level(
     b_q, b_m, b_l, b_acc, K, V, desc_k, desc_v, p_num, p_idx, s_ks, s_vs, SK, o_d, m_d, qk_scale,
     POOL: tl.constexpr, LOG2_POOL: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Walk one level's kept key blocks, updating the running max (in scaled base-2 units), sum and accumulator.
 
@@ -125,14 +137,17 @@ def _pyramid_level(
             o_p = tl.arange(0, POOL)
             m_p = first + o_p < n_blocks
             m_n = tl.reshape(tl.broadcast_to(m_p[:, None], [POOL, ROWS]), [BLOCK_N])
-            if USE_TMA:  # POOL box loads of ROWS rows, stacked (a candidate: POOLED_TMA)
-                b_k = _pooled_tile(desc_k, p_idx, first, n_blocks, ROWS, POOL)
-                b_v = _pooled_tile(desc_v, p_idx, first, n_blocks, ROWS, POOL)
+            # POOL block indices, not one per row; a slot past the row's blocks reads block 0's rows (they
+            # exist: a pooled pair implies a whole key block) and its scores are masked below, so the loads
+            # need a mask only for head dims short of BLOCK_D
+            blk = tl.load(p_idx + first + o_p, mask=m_p, other=0)
+            o_n = tl.reshape(blk[:, None] * ROWS + tl.arange(0, ROWS)[None, :], [BLOCK_N])
+            if BLOCK_D == D:
+                b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :])
+                b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :])
             else:
-                blk = tl.load(p_idx + first + o_p, mask=m_p, other=0)  # POOL block indices, not one per row
-                o_n = tl.reshape(blk[:, None] * ROWS + tl.arange(0, ROWS)[None, :], [BLOCK_N])
-                b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-                b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+                b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_d[None, :], other=0.0)
+                b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_d[None, :], other=0.0)
             b_s = tl.dot(b_q, tl.trans(b_k))
             if first + POOL > n_blocks:  # only the last, partly filled tile has rows to mask
                 b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -158,7 +173,7 @@ def _pyramid_fwd_kernel(
     s_il, s_ib, s_ih, s_im,
     H, SQ, SK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr, POOLED_TMA: tl.constexpr, FULL_STAGES: tl.constexpr, POOLED_STAGES: tl.constexpr,
+    USE_TMA: tl.constexpr, POOLED: tl.constexpr, FULL_STAGES: tl.constexpr, POOLED_STAGES: tl.constexpr,
 ):  # fmt: skip
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -181,31 +196,23 @@ def _pyramid_fwd_kernel(
         desc_k = _level_desc(K1, SK, s_k1s, D, BLOCK_N, BLOCK_D)
         desc_v = _level_desc(V1, SK, s_k1s, D, BLOCK_N, BLOCK_D)
     b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K1, V1, desc_k, desc_v, row_num, row_idx, s_k1s, s_k1s, SK,
-                                     o_d, m_d, qk_scale, 1, 0.0, BLOCK_N, USE_TMA, FULL_STAGES)  # fmt: skip
-    K2 += i_b * s_k2b + i_h * s_k2h
-    V2 += i_b * s_k2b + i_h * s_k2h
-    K4 += i_b * s_k4b + i_h * s_k4h
-    V4 += i_b * s_k4b + i_h * s_k4h
-    K8 += i_b * s_k8b + i_h * s_k8h
-    V8 += i_b * s_k8b + i_h * s_k8h
-    d_k2, d_v2, d_k4, d_v4, d_k8, d_v8 = None, None, None, None, None, None
-    if POOLED_TMA:  # pooled levels hold whole key blocks only: (SK // BLOCK_N) * BLOCK_N / p rows
-        WHOLE = SK // BLOCK_N * BLOCK_N
-        d_k2 = _level_desc(K2, WHOLE // 2, s_k2s, D, BLOCK_N // 2, BLOCK_D)
-        d_v2 = _level_desc(V2, WHOLE // 2, s_k2s, D, BLOCK_N // 2, BLOCK_D)
-        d_k4 = _level_desc(K4, WHOLE // 4, s_k4s, D, BLOCK_N // 4, BLOCK_D)
-        d_v4 = _level_desc(V4, WHOLE // 4, s_k4s, D, BLOCK_N // 4, BLOCK_D)
-        d_k8 = _level_desc(K8, WHOLE // 8, s_k8s, D, BLOCK_N // 8, BLOCK_D)
-        d_v8 = _level_desc(V8, WHOLE // 8, s_k8s, D, BLOCK_N // 8, BLOCK_D)
-    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K2, V2, d_k2, d_v2, row_num + s_nl,
-                                     row_idx + s_il, s_k2s, s_k2s, SK, o_d, m_d, qk_scale, 2, 1.0, BLOCK_N,
-                                     POOLED_TMA, POOLED_STAGES)  # fmt: skip
-    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K4, V4, d_k4, d_v4, row_num + 2 * s_nl,
-                                     row_idx + 2 * s_il, s_k4s, s_k4s, SK, o_d, m_d, qk_scale, 4, 2.0, BLOCK_N,
-                                     POOLED_TMA, POOLED_STAGES)  # fmt: skip
-    b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K8, V8, d_k8, d_v8, row_num + 3 * s_nl,
-                                     row_idx + 3 * s_il, s_k8s, s_k8s, SK, o_d, m_d, qk_scale, 8, 3.0, BLOCK_N,
-                                     POOLED_TMA, POOLED_STAGES)  # fmt: skip
+                                     o_d, m_d, qk_scale, 1, 0.0, BLOCK_N, USE_TMA, FULL_STAGES, D, BLOCK_D)  # fmt: skip
+    if POOLED:  # False: a plain selection, no pyramid built
+        K2 += i_b * s_k2b + i_h * s_k2h
+        V2 += i_b * s_k2b + i_h * s_k2h
+        K4 += i_b * s_k4b + i_h * s_k4h
+        V4 += i_b * s_k4b + i_h * s_k4h
+        K8 += i_b * s_k8b + i_h * s_k8h
+        V8 += i_b * s_k8b + i_h * s_k8h
+        b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K2, V2, None, None, row_num + s_nl,
+                                         row_idx + s_il, s_k2s, s_k2s, SK, o_d, m_d, qk_scale, 2, 1.0, BLOCK_N,
+                                         False, POOLED_STAGES, D, BLOCK_D)  # fmt: skip
+        b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K4, V4, None, None, row_num + 2 * s_nl,
+                                         row_idx + 2 * s_il, s_k4s, s_k4s, SK, o_d, m_d, qk_scale, 4, 2.0, BLOCK_N,
+                                         False, POOLED_STAGES, D, BLOCK_D)  # fmt: skip
+        b_m, b_l, b_acc = _pyramid_level(b_q, b_m, b_l, b_acc, K8, V8, None, None, row_num + 3 * s_nl,
+                                         row_idx + 3 * s_il, s_k8s, s_k8s, SK, o_d, m_d, qk_scale, 8, 3.0, BLOCK_N,
+                                         False, POOLED_STAGES, D, BLOCK_D)  # fmt: skip
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
     tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
@@ -215,11 +222,11 @@ def _pyramid_fwd_kernel(
         tl.store(LSE + i_bh * SQ + o_m, b_lse, mask=m_m)
 
 
-def _level_lists(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pool factor, the kept key blocks of each row: counts ``[4, B, H, Mq]``, indices ``[4, B, H, Mq, Mk]``."""
+def _level_lists(levels: torch.Tensor, factors=LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pool factor, the kept key blocks of each row: counts ``[F, B, H, Mq]``, indices ``[F, B, H, Mq, Mk]``."""
     from vgen.attention.block_mask import _compact
 
-    factors = torch.tensor(LEVELS, device=levels.device, dtype=levels.dtype).view(-1, 1, 1, 1, 1)
+    factors = torch.tensor(factors, device=levels.device, dtype=levels.dtype).view(-1, 1, 1, 1, 1)
     counts, indices = _compact(levels[None] == factors)  # one compaction for the four levels
     return counts.contiguous(), indices.contiguous()
 
@@ -234,6 +241,7 @@ def pyramid_attention(
     scale: float | None = None,
     check_levels: bool = True,
     return_lse: bool = False,
+    pooled: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention where pair (query block i, key block j) reads keys pooled by ``levels[b, h, i, j]``.
 
@@ -247,6 +255,9 @@ def pyramid_attention(
             valid levels themselves skip it.
         return_lse: also return the natural-log log-sum-exp ``[B, H, Sq]`` (fp32; ``-inf`` for a row
             with no kept pair), pooled keys counted with their ``+ ln p``.
+        pooled: False promises that ``levels`` holds only 0 and 1 (a plain block-sparse selection): no
+            pyramid is built and only full-resolution pairs are read (pooled ones would be skipped;
+            ``check_levels`` rejects them).
 
     Returns:
         ``[B, Sq, H, D]`` in q's dtype (and the log-sum-exp); a row with no kept pair is 0. Forward only.
@@ -264,11 +275,16 @@ def pyramid_attention(
         raise ValueError(f"levels must be [B or 1, H or 1, {blocks}, {blocks_k}], got {list(levels.shape)}")
     if check_levels:
         _check_levels(levels, seq_k, block)
+        if not pooled and bool((levels > 1).any()):
+            raise ValueError("pooled=False, but levels hold pooled pairs (factors above 1)")
     scale = dim**-0.5 if scale is None else scale
     if not use_triton(q):
         return pyramid_attention_reference(q, k, v, levels, block=block, scale=scale, return_lse=return_lse)
-    pk, pv = build_pyramid(k, block), build_pyramid(v, block)
-    num, idx = _level_lists(levels)
+    if pooled:
+        pk, pv = build_pyramid(k, block), build_pyramid(v, block)
+    else:  # the kernel reads the full level only
+        pk, pv = [k.contiguous()] * len(LEVELS), [v.contiguous()] * len(LEVELS)
+    num, idx = _level_lists(levels, LEVELS if pooled else LEVELS[:1])
     use_tma = _use_tma(pk[0], pv[0])
     if use_tma:
         _descriptor_scratch(q.device)
@@ -283,8 +299,7 @@ def pyramid_attention(
         num.stride(0), *_mask_strides(num[0]), idx.stride(0), *_mask_strides(idx[0]),
         heads, seq, seq_k, scale * _LOG2E,
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block, BLOCK_N=block, RETURN_LSE=return_lse,
-        USE_TMA=use_tma, POOLED_TMA=use_tma and POOLED_TMA and seq_k >= block, FULL_STAGES=stages[0],
-        POOLED_STAGES=stages[1], num_warps=8 if q.is_cuda else 4,
+        USE_TMA=use_tma, POOLED=pooled, FULL_STAGES=stages[0], POOLED_STAGES=stages[1], num_warps=8 if q.is_cuda else 4,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -297,7 +312,7 @@ def pyramid_attention_reference(
     level map selects, logits of a ``p``-pooled key ``+ ln p``."""
     batch, seq, heads, dim = q.shape
     scale = dim**-0.5 if scale is None else scale
-    pk, pv = build_pyramid(k.float(), block), build_pyramid(v.float(), block)
+    pk, pv = build_pyramid_reference(k.float(), block), build_pyramid_reference(v.float(), block)
     keys, values, biases, allowed = [], [], [], []
     rows = torch.arange(seq, device=q.device) // block
     full_levels = levels.expand(batch, heads, -1, -1)
