@@ -8,8 +8,8 @@ the difference is made of. Random q/k/v (bf16 on the GPU), B = 1. Cases:
 
 - VMoBA's selection alone (chunk scores, head-global cut, chunk-to-block overlap, mask compaction) at
   the 14B shape for the 2D and 3D partitions: 7-9 ms at 4a6defb, where the scores take 0.8 ms;
-- the whole VMoBA, PSA (budget 0.2) and rectified (mass 0.7) calls at the 1.3B shape, and the
-  block-sparse kernel on VMoBA's mask for comparison;
+- the whole VMoBA and rectified (mass 0.7) calls at the 1.3B shape, and the block-sparse kernel on
+  VMoBA's mask for comparison; the whole PSA call (default budget) and its plain variant at both shapes;
 - dense INT8 quantised attention and the bf16 block-sparse kernel at density 1 at the 1.3B shape.
 
 For each case: milliseconds per call (do_bench median on the GPU, one call on the CPU), kernel
@@ -131,7 +131,10 @@ def cases(shapes: dict[str, tuple[int, int, VideoLayout]], device, dtype) -> lis
     out.append((f"vmoba selection, {small}, 2D (layer 1)", lambda: vmoba_selection(small, 1)))
     out.append((f"vmoba whole call, {small}, 2D (layer 1)", lambda: whole(small, "vmoba", 1, threshold=0.25)))
     out.append((f"block-sparse kernel on that mask, {small}", lambda: kernel_on_vmoba_mask(small, 1)))
-    out.append((f"psa whole call, budget 0.2, {small}", lambda: whole(small, "psa", budget=0.2)))
+    for shape in (small, big):  # psa at its default budget, and its plain variant (the same pairs at full resolution)
+        out.append((f"psa whole call, default budget, {shape}", lambda shape=shape: whole(shape, "psa")))
+        out.append((f"psa plain variant whole call, {shape}",
+                    lambda shape=shape: whole(shape, "psa", proportions=(1.0, 0.0, 0.0, 0.0))))  # fmt: skip
     out.append((f"rectified whole call, mass 0.7, {small}", lambda: whole(small, "rectified", mass=0.7)))
     out.append((f"int8 quantised attention, density 1, {small}", lambda: dense_pair(small, True)))
     out.append((f"bf16 block-sparse kernel, density 1, {small}", lambda: dense_pair(small, False)))

@@ -69,12 +69,17 @@ def build_pyramid_reference(x: torch.Tensor, block: int) -> list[torch.Tensor]:
 
 
 @triton.jit
-def _halve(x, out, i_blk, s_os, o_d, m_d, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Mean of row pairs of fp32 ``x`` ``[2 * ROWS, BLOCK_D]``, stored as block ``i_blk``'s ROWS rows of ``out``."""
-    y = tl.sum(tl.reshape(x, [ROWS, 2, BLOCK_D]), 1) * 0.5
-    o_r = i_blk * ROWS + tl.arange(0, ROWS)
-    tl.store(out + o_r[:, None] * s_os + o_d[None, :], y.to(out.dtype.element_ty), mask=m_d[None, :])
-    return y
+def _rows(X, first, step, s_xs, o_d, m_d, ROWS: tl.constexpr):
+    """fp32 rows ``first, first + step, ..`` (ROWS of them) of X."""
+    o_r = first + step * tl.arange(0, ROWS)
+    return tl.load(X + o_r[:, None] * s_xs + o_d[None, :], mask=m_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _put(X, x, first, step, s_xs, o_d, m_d, ROWS: tl.constexpr):
+    """Store ``x`` ``[ROWS, BLOCK_D]`` as rows ``first, first + step, ..`` of X."""
+    o_r = first + step * tl.arange(0, ROWS)
+    tl.store(X + o_r[:, None] * s_xs + o_d[None, :], x.to(X.dtype.element_ty), mask=m_d[None, :])
 
 
 @triton.jit
@@ -82,16 +87,34 @@ def _pyramid_build_kernel(
     X, X2, X4, X8, s_xb, s_xs, s_xh, s_2b, s_2s, s_2h, s_4b, s_4s, s_4h, s_8b, s_8s, s_8h, H,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One whole key block of one (batch, head): read once, written pooled 2x, 4x and 8x."""
+    """One whole key block of one (batch, head), read once and written pooled 2x, 4x and 8x.
+
+    The block is read as 8 interleaved row sets ``x_j`` (rows ``8 i + j``), so that every level is an
+    elementwise mean of two register tiles, with no reshape: level-2 row ``4 i + j`` is the mean of
+    ``x_2j`` and ``x_2j+1`` at ``i``, level-4 row ``2 i + j`` that of level-2 sets ``2 j``, ``2 j + 1``,
+    level-8 row ``i`` that of the two level-4 sets."""
+    R: tl.constexpr = BLOCK // 8
     i_blk, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    o_n = i_blk * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(X + i_b * s_xb + i_h * s_xh + o_n[:, None] * s_xs + o_d[None, :], mask=m_d[None, :], other=0.0)
-    x = _halve(x.to(tl.float32), X2 + i_b * s_2b + i_h * s_2h, i_blk, s_2s, o_d, m_d, BLOCK // 2, BLOCK_D)
-    x = _halve(x, X4 + i_b * s_4b + i_h * s_4h, i_blk, s_4s, o_d, m_d, BLOCK // 4, BLOCK_D)
-    _halve(x, X8 + i_b * s_8b + i_h * s_8h, i_blk, s_8s, o_d, m_d, BLOCK // 8, BLOCK_D)
+    X += i_b * s_xb + i_h * s_xh + i_blk * BLOCK * s_xs
+    X2 += i_b * s_2b + i_h * s_2h + i_blk * (BLOCK // 2) * s_2s
+    X4 += i_b * s_4b + i_h * s_4h + i_blk * (BLOCK // 4) * s_4s
+    X8 += i_b * s_8b + i_h * s_8h + i_blk * R * s_8s
+    a0 = (_rows(X, 0, 8, s_xs, o_d, m_d, R) + _rows(X, 1, 8, s_xs, o_d, m_d, R)) * 0.5
+    a1 = (_rows(X, 2, 8, s_xs, o_d, m_d, R) + _rows(X, 3, 8, s_xs, o_d, m_d, R)) * 0.5
+    a2 = (_rows(X, 4, 8, s_xs, o_d, m_d, R) + _rows(X, 5, 8, s_xs, o_d, m_d, R)) * 0.5
+    a3 = (_rows(X, 6, 8, s_xs, o_d, m_d, R) + _rows(X, 7, 8, s_xs, o_d, m_d, R)) * 0.5
+    _put(X2, a0, 0, 4, s_2s, o_d, m_d, R)
+    _put(X2, a1, 1, 4, s_2s, o_d, m_d, R)
+    _put(X2, a2, 2, 4, s_2s, o_d, m_d, R)
+    _put(X2, a3, 3, 4, s_2s, o_d, m_d, R)
+    b0 = (a0 + a1) * 0.5
+    b1 = (a2 + a3) * 0.5
+    _put(X4, b0, 0, 2, s_4s, o_d, m_d, R)
+    _put(X4, b1, 1, 2, s_4s, o_d, m_d, R)
+    _put(X8, (b0 + b1) * 0.5, 0, 1, s_8s, o_d, m_d, R)
 
 
 def _check_levels(levels: torch.Tensor, seq_k: int, block: int) -> None:
