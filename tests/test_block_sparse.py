@@ -203,10 +203,13 @@ def test_merge_rejects_mismatched_shapes():
 
 @pytest.mark.parametrize("d", [64, 96])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-def test_tma_forward_path(monkeypatch, d, layout):
+@pytest.mark.parametrize("carry", [False, True])
+def test_tma_forward_path(monkeypatch, d, layout, carry):
     """The forward's TMA path (the default on the GPU) runs in the interpreter too when forced: ragged lengths,
-    a batch of two, heads side by side and as planes, a row that keeps no key block, head_dim 96."""
+    a batch of two, heads side by side and as planes, a row that keeps no key block, head_dim 96; with the
+    CARRY_INDEX candidate (the next tile's index loaded a step ahead) too."""
     monkeypatch.setattr(block_sparse, "_use_tma", lambda k, v: True)
+    monkeypatch.setattr(block_sparse, "CARRY_INDEX", carry)
     b, sq, sk, h, block = 2, 200, 150, 2, (64, 64)
     q, k, v = (x.detach() for x in qkv(b, sq, sk, h, d, torch.float16, seed=d, layout=layout))
     dense = random_mask(b, h, (sq, sk), block, density=0.5, seed=3)

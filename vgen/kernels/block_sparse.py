@@ -54,7 +54,7 @@ def _fwd_kernel(
     H, SQ, SK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, CARRY_INDEX: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -80,8 +80,14 @@ def _fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CARRY_INDEX:  # the first tile's start; each step loads the next one's (p_idx[0] exists in every row)
+        start_next = _kv_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
     for it in tl.range(0, n_it, warp_specialize=WARP_SPECIALIZE):
-        start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
+        if CARRY_INDEX:
+            start = start_next
+            start_next = _kv_start(p_idx, tl.minimum(it + 1, n_it - 1), SUB, MASK_N, BLOCK_N)
+        else:
+            start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
         b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
@@ -293,6 +299,12 @@ FUSED_DQ_BYTES = 24 * 2**20
 USE_TMA = True
 # Triton's warp-specialised (producer/consumer) lowering of the forward's key loop; a --sweep candidate.
 WARP_SPECIALIZE = False
+# The forward's key loop loads the next tile's block index one step ahead, carried in the loop, instead of in the
+# step that issues the tile's copies (where the issuing thread waits for it). In the PSA kernel's gathered levels
+# this turned an indirect load, which Triton 3.6 pipelined one step ahead only, into a direct one (3 buffers);
+# here (TMA) the copies are pipelined either way, and what it can save is the index load's wait. A candidate
+# for `benchmarks/ab_forward.py CARRY_INDEX`; untimed.
+CARRY_INDEX = False
 # Tried for the forward and dropped (`benchmarks/attention.py --sweep`, `benchmarks/ab_forward.py`, H200):
 # - K/V TMA descriptors built once on the host instead of by every program: as [B, S, H, D] with [1, N, 1, D]
 #   blocks, 12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 (1.3B dense, 1.3B at 0.25, 14B at 0.5;
@@ -387,7 +399,7 @@ def _launch_forward(q, k, v, block_mask, scale):
         h, sq, sk, scale * _LOG2E,
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m,
         MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
-        WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, num_warps=warps, num_stages=stages,
+        WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX, num_warps=warps, num_stages=stages,
     )
     return out, lse
 

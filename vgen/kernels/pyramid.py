@@ -148,6 +148,9 @@ def _pyramid_level(
     ROWS: tl.constexpr = BLOCK_N // POOL
     n_blocks = tl.load(p_num)
     o_r = tl.arange(0, BLOCK_N)
+    o_p = tl.arange(0, POOL)
+    if POOL > 1:  # the first tile's block indices; each step loads the next tile's (see below)
+        blk = tl.load(p_idx + o_p, mask=o_p < n_blocks, other=0)
     for first in tl.range(0, n_blocks, POOL, num_stages=STAGES):
         if POOL == 1:
             start = tl.load(p_idx + first) * BLOCK_N
@@ -157,14 +160,17 @@ def _pyramid_level(
             if start + BLOCK_N > SK:  # only the ragged last block has keys to mask
                 b_s = tl.where((start + o_r < SK)[None, :], b_s, float("-inf"))
         else:  # rows p * ROWS .. of the tile: the ROWS pooled rows of kept block first + p
-            o_p = tl.arange(0, POOL)
             m_p = first + o_p < n_blocks
             m_n = tl.reshape(tl.broadcast_to(m_p[:, None], [POOL, ROWS]), [BLOCK_N])
             # POOL block indices, not one per row; a slot past the row's blocks reads block 0's rows (they
             # exist: a pooled pair implies a whole key block) and its scores are masked below, so the loads
             # need a mask only for head dims short of BLOCK_D
-            blk = tl.load(p_idx + first + o_p, mask=m_p, other=0)
             o_n = tl.reshape(blk[:, None] * ROWS + tl.arange(0, ROWS)[None, :], [BLOCK_N])
+            # The next tile's indices, carried into the next step. Loaded in the step that uses them, they
+            # made the gathers an indirect load: Triton 3.6's pipeliner then spent a stage on the indices and
+            # issued each step's K/V copies only one step ahead (2 buffers, the copy waited on at once at the
+            # next step's top); carried, the gathers are direct loads, issued two steps ahead (3 buffers).
+            blk = tl.load(p_idx + first + POOL + o_p, mask=first + POOL + o_p < n_blocks, other=0)
             if BLOCK_D == D:
                 b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :])
                 b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :])
