@@ -302,9 +302,10 @@ WARP_SPECIALIZE = False
 # The forward's key loop loads the next tile's block index one step ahead, carried in the loop, instead of in the
 # step that issues the tile's copies (where the issuing thread waits for it). In the PSA kernel's gathered levels
 # this turned an indirect load, which Triton 3.6 pipelined one step ahead only, into a direct one (3 buffers);
-# here (TMA) the copies are pipelined either way, and what it can save is the index load's wait. A candidate
-# for `benchmarks/ab_forward.py CARRY_INDEX`; untimed.
-CARRY_INDEX = False
+# here (TMA) the copies are pipelined either way, and what it saves is the index load's wait. H200, bb402ee,
+# `benchmarks/ab_forward.py CARRY_INDEX --rounds 5`, on / off: 0.981-1.001 at 1.3B, 0.989-0.994 at 14B (every
+# density), outputs equal; Flex / vgen at 14B density 0.1: 1.220x on, 1.207x off.
+CARRY_INDEX = True
 # Tried for the forward and dropped (`benchmarks/attention.py --sweep`, `benchmarks/ab_forward.py`, H200):
 # - K/V TMA descriptors built once on the host instead of by every program: as [B, S, H, D] with [1, N, 1, D]
 #   blocks, 12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 (1.3B dense, 1.3B at 0.25, 14B at 0.5;
