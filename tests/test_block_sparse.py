@@ -63,9 +63,12 @@ CASES = [
 
 @pytest.mark.parametrize("b, sq, sk, h, d, block_size, dtype, layout", CASES)
 @pytest.mark.parametrize("fused", [False, True], ids=["two-kernel-bwd", "fused-dq-bwd"])
-def test_matches_fp32_reference(b, sq, sk, h, d, block_size, dtype, layout, fused, monkeypatch):
-    # fused: dQ accumulated by the dK/dV kernel (block_sparse.FUSED_DQ; element atomics in the interpreter)
+@pytest.mark.parametrize("carry", [False, True], ids=["bwd-index-in-step", "bwd-carry-index"])
+def test_matches_fp32_reference(b, sq, sk, h, d, block_size, dtype, layout, fused, carry, monkeypatch):
+    # fused: dQ accumulated by the dK/dV kernel (block_sparse.FUSED_DQ; element atomics in the interpreter);
+    # carry: the backward loops load the next tile's index a step ahead (block_sparse.BWD_CARRY_INDEX)
     monkeypatch.setattr(block_sparse, "FUSED_DQ", fused)
+    monkeypatch.setattr(block_sparse, "BWD_CARRY_INDEX", carry)
     q, k, v = qkv(b, sq, sk, h, d, dtype, seed=sq + sk, layout=layout)
     dense = random_mask(b, h, (sq, sk), block_size, seed=d)
     dense[0, 0, 0] = False  # a query block that attends nothing

@@ -149,7 +149,7 @@ def _bwd_dkdv_kernel(
     H, SQ, SK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FUSED_DQ: tl.constexpr = False, REDUCE_TMA: tl.constexpr = False,
+    FUSED_DQ: tl.constexpr = False, REDUCE_TMA: tl.constexpr = False, CARRY_INDEX: tl.constexpr = False,
 ):
     # FUSED_DQ: also add each tile's dS K into the fp32 dQ accumulator DQ_ACC ([B, S, H, D], unscaled), by a
     # TMA reduce (REDUCE_TMA) or element atomics, so that no second kernel recomputes P for dQ
@@ -181,8 +181,15 @@ def _bwd_dkdv_kernel(
     SUB: tl.constexpr = MASK_M // BLOCK_M
     # one flat loop over query tiles (SUB per kept mask block), as in the forward: the pipeliner prefetches
     # the next tile's q and dO while this one computes, which a nested loop over sub-tiles prevented
+    if CARRY_INDEX:  # the first tile's start; each step loads the next one's (see the forward's CARRY_INDEX)
+        start_next = tl.load(p_idx) * MASK_M
     for it in range(n_q * SUB):
-        start = tl.load(p_idx + it // SUB) * MASK_M + (it % SUB) * BLOCK_M
+        if CARRY_INDEX:
+            start = start_next
+            ahead = tl.minimum(it + 1, n_q * SUB - 1)
+            start_next = tl.load(p_idx + ahead // SUB) * MASK_M + (ahead % SUB) * BLOCK_M
+        else:
+            start = tl.load(p_idx + it // SUB) * MASK_M + (it % SUB) * BLOCK_M
         o_m = start + tl.arange(0, BLOCK_M)
         m_m = o_m < SQ
         m_md = m_m[:, None] & (o_d < D)[None, :]
@@ -223,7 +230,7 @@ def _bwd_dq_kernel(
     s_ib, s_ih, s_im,
     H, SQ, SK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CARRY_INDEX: tl.constexpr = False,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -245,8 +252,14 @@ def _bwd_dq_kernel(
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     SUB: tl.constexpr = MASK_N // BLOCK_N
+    if CARRY_INDEX:
+        start_next = _kv_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
     for it in range(n_kv * SUB):  # one flat loop over key tiles, as in the dK/dV kernel
-        start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
+        if CARRY_INDEX:
+            start = start_next
+            start_next = _kv_start(p_idx, tl.minimum(it + 1, n_kv * SUB - 1), SUB, MASK_N, BLOCK_N)
+        else:
+            start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
         o_n = start + tl.arange(0, BLOCK_N)
         m_n = o_n < SK
         m_nd = m_n[:, None] & m_d[None, :]
@@ -306,6 +319,11 @@ WARP_SPECIALIZE = False
 # `benchmarks/ab_forward.py CARRY_INDEX --rounds 5`, on / off: 0.981-1.001 at 1.3B, 0.989-0.994 at 14B (every
 # density), outputs equal; Flex / vgen at 14B density 0.1: 1.220x on, 1.207x off.
 CARRY_INDEX = True
+# The same for the backward's loops (dK/dV over query tiles, dQ over key tiles), and one more pipeline stage for
+# the dK/dV kernel (3: 214 KB of shared memory fused, 132 KB not). Their gathers are pointer loads after an index
+# loaded in the step; at 2 stages the sm_90 code issues each step's copies after its products and waits for them
+# at the top of the next. A candidate for `benchmarks/ab_backward.py BWD_CARRY_INDEX`; untimed, off.
+BWD_CARRY_INDEX = False
 # Tried for the forward and dropped (`benchmarks/attention.py --sweep`, `benchmarks/ab_forward.py`, H200):
 # - K/V TMA descriptors built once on the host instead of by every program: as [B, S, H, D] with [1, N, 1, D]
 #   blocks, 12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 (1.3B dense, 1.3B at 0.25, 14B at 0.5;
@@ -425,6 +443,8 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
     if reduce_tma:
         _descriptor_scratch(q.device)
     block_m, block_n, warps, stages = _tiles("fused" if fused else "dkdv", mask_m, mask_n, q.is_cuda)
+    if BWD_CARRY_INDEX and q.is_cuda:  # with direct gathers a third stage prefetches two steps ahead (sm_90: fits)
+        stages += 1
     _bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * h)](
         q, k, v, dout, lse, delta, dk, dv, block_mask.q_num_blocks, block_mask.q_indices, dq_acc,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk),
@@ -432,7 +452,8 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
         *(_strides3(dq_acc) if fused else (0, 0, 0)),
         h, sq, sk, scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        DOT_PRECISION=_dot_precision(q), FUSED_DQ=fused, REDUCE_TMA=reduce_tma, num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q), FUSED_DQ=fused, REDUCE_TMA=reduce_tma, CARRY_INDEX=BWD_CARRY_INDEX,
+        num_warps=warps, num_stages=stages,
     )
     if fused:
         return (dq_acc * scale).to(q.dtype), dk, dv
@@ -444,7 +465,7 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
         h, sq, sk, scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        DOT_PRECISION=_dot_precision(q), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q), CARRY_INDEX=BWD_CARRY_INDEX, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 
