@@ -322,8 +322,11 @@ CARRY_INDEX = True
 # The same for the backward's loops (dK/dV over query tiles, dQ over key tiles), and one more pipeline stage for
 # the dK/dV kernel (3: 214 KB of shared memory fused, 132 KB not). Their gathers are pointer loads after an index
 # loaded in the step; at 2 stages the sm_90 code issues each step's copies after its products and waits for them
-# at the top of the next. A candidate for `benchmarks/ab_backward.py BWD_CARRY_INDEX`; untimed, off.
-BWD_CARRY_INDEX = False
+# at the top of the next. H200, ff251cb, `benchmarks/ab_backward.py BWD_CARRY_INDEX --densities 1.0 0.1`, 1.3B
+# (the fused backward), backward ms off / on: 45.49 / 43.89 dense, 4.94 / 4.84 random 0.1, 5.10 / 5.00 local-3D
+# 0.1 (Flex 5.01). True / False force it; None (auto) uses it with the fused backward, the one timed; the
+# two-kernel backward (14B) is untimed with it.
+BWD_CARRY_INDEX: bool | None = None
 # Tried for the forward and dropped (`benchmarks/attention.py --sweep`, `benchmarks/ab_forward.py`, H200):
 # - K/V TMA descriptors built once on the host instead of by every program: as [B, S, H, D] with [1, N, 1, D]
 #   blocks, 12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 (1.3B dense, 1.3B at 0.25, 14B at 0.5;
@@ -443,7 +446,8 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
     if reduce_tma:
         _descriptor_scratch(q.device)
     block_m, block_n, warps, stages = _tiles("fused" if fused else "dkdv", mask_m, mask_n, q.is_cuda)
-    if BWD_CARRY_INDEX and q.is_cuda:  # with direct gathers a third stage prefetches two steps ahead (sm_90: fits)
+    carry = fused if BWD_CARRY_INDEX is None else BWD_CARRY_INDEX
+    if carry and q.is_cuda:  # with direct gathers a third stage prefetches two steps ahead (sm_90: fits)
         stages += 1
     _bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * h)](
         q, k, v, dout, lse, delta, dk, dv, block_mask.q_num_blocks, block_mask.q_indices, dq_acc,
@@ -452,7 +456,7 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
         *(_strides3(dq_acc) if fused else (0, 0, 0)),
         h, sq, sk, scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        DOT_PRECISION=_dot_precision(q), FUSED_DQ=fused, REDUCE_TMA=reduce_tma, CARRY_INDEX=BWD_CARRY_INDEX,
+        DOT_PRECISION=_dot_precision(q), FUSED_DQ=fused, REDUCE_TMA=reduce_tma, CARRY_INDEX=carry,
         num_warps=warps, num_stages=stages,
     )
     if fused:
@@ -465,7 +469,7 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
         h, sq, sk, scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        DOT_PRECISION=_dot_precision(q), CARRY_INDEX=BWD_CARRY_INDEX, num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q), CARRY_INDEX=carry, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 
