@@ -42,19 +42,26 @@ BACKWARD = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp
             "DQ_ACC": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
 BACKWARD_CONSTS = {"D": 128, "BLOCK_D": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32"}
 KERNELS = [
-    # the forward at block_sparse.CUDA_TILES
+    # the forward at block_sparse.CUDA_TILES (CARRY_INDEX: the default), and the Q_TMA candidate
     (block_sparse._fwd_kernel, BLOCK_SPARSE,
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
-      "USE_TMA": True, "WARP_SPECIALIZE": False}, 8, 3),
-    # the backward at block_sparse.CUDA_TILES (Triton 3.6: dK/dV spilled 744 B before its loop was flattened, dQ 128 B)
+      "USE_TMA": True, "WARP_SPECIALIZE": False, "CARRY_INDEX": True, "Q_TMA": False}, 8, 3),
+    (block_sparse._fwd_kernel, BLOCK_SPARSE,
+     {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
+      "USE_TMA": True, "WARP_SPECIALIZE": False, "CARRY_INDEX": True, "Q_TMA": True}, 8, 3),
+    # the two-kernel backward at block_sparse.CUDA_TILES (BWD_CARRY_INDEX auto: off here), and with it on (3 stages)
     (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": False,
-                                               "REDUCE_TMA": False}, 4, 2),
-    (block_sparse._bwd_dq_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 128, "BLOCK_N": 128}, 8, 2),
-    # the backward in one kernel (block_sparse.FUSED_DQ): dQ by TMA reduce-add, at CUDA_TILES["fused"] and smaller
+                                               "REDUCE_TMA": False, "CARRY_INDEX": False}, 4, 2),
+    (block_sparse._bwd_dq_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 128, "BLOCK_N": 128,
+                                             "CARRY_INDEX": False}, 8, 2),
+    (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": False,
+                                               "REDUCE_TMA": False, "CARRY_INDEX": True}, 4, 3),
+    # the backward in one kernel (block_sparse.FUSED_DQ): dQ by TMA reduce-add, at CUDA_TILES["fused"] with the
+    # next tile's index carried and a third stage (BWD_CARRY_INDEX auto: on), and smaller tiles
     (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 128, "FUSED_DQ": True,
-                                               "REDUCE_TMA": True}, 8, 2),
+                                               "REDUCE_TMA": True, "CARRY_INDEX": True}, 8, 3),
     (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": True,
-                                               "REDUCE_TMA": True}, 4, 2),
+                                               "REDUCE_TMA": True, "CARRY_INDEX": True}, 4, 3),
     (selection._segment_means_kernel, {"X": "*bf16", "STARTS": "*i64", "SIZES": "*i64", "OUT": "*fp32",
                                        "SPREAD": "*fp32"}, {"D": 128, "BLOCK_D": 128, "BLOCK_T": 32,
                                                             "WITH_SPREAD": True}, 4, 1),
