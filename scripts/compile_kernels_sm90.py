@@ -151,12 +151,14 @@ def registers_and_spills(ptx: str) -> str:
 
 
 def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int):
-    """Compiled for sm_90 as a launch would specialise it: pointers and strides (``s_*``) divisible by 16.
-    Without that, the compiler cannot prove 16-byte alignment and pointer loads stay synchronous (not
-    pipelined), so registers, spills and schedules would not be those of the GPU."""
+    """Compiled for sm_90 as a launch at the Wan shapes specialises it: pointers and the tensors' strides
+    (``s_*``) divisible by 16, not the block masks' and index lists' strides (``s_n*``, ``s_i*``: multiples of
+    the block count, 591 at 14B). Without that, the compiler cannot prove 16-byte alignment and pointer loads
+    stay synchronous (not pipelined), so registers, spills and schedules would not be those of the GPU."""
     signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if name not in consts and (signature[name].startswith("*") or name.startswith("s_"))}  # fmt: skip
+               if name not in consts and (signature[name].startswith("*") or (
+                   name.startswith("s_") and not name.startswith(("s_n", "s_i"))))}  # fmt: skip
     return triton.compile(ASTSource(fn, signature, consts, attrs=aligned), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps, "num_stages": stages})  # fmt: skip
 

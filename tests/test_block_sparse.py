@@ -94,6 +94,31 @@ def test_matches_fp32_reference(b, sq, sk, h, d, block_size, dtype, layout, fuse
     assert (grads[0][0, :rows, 0] == 0).all()
 
 
+@pytest.mark.parametrize("carry", [False, True], ids=["index-in-step", "carry-index"])
+@pytest.mark.parametrize("fused", [False, True], ids=["two-kernel-bwd", "fused-dq-bwd"])
+def test_tiles_smaller_than_mask_blocks(monkeypatch, carry, fused):
+    """Kernel tiles a quarter of the mask blocks, so each kept mask block is walked as SUB = 4 tiles (on the GPU
+    the fused backward's 64-row tiles meet 128-row masks): the tile start inside a mask block, with the next
+    tile's index loaded a step ahead (CARRY_INDEX, BWD_CARRY_INDEX) or in the step."""
+    monkeypatch.setattr(block_sparse, "_tiles", lambda kind, mask_m, mask_n, is_cuda: (mask_m // 4, mask_n // 4, 4, 1))
+    monkeypatch.setattr(block_sparse, "CARRY_INDEX", carry)
+    monkeypatch.setattr(block_sparse, "BWD_CARRY_INDEX", carry)
+    monkeypatch.setattr(block_sparse, "FUSED_DQ", fused)
+    b, sq, sk, h, d, block = 1, 200, 180, 2, 32, (64, 64)
+    q, k, v = qkv(b, sq, sk, h, d, torch.float32, seed=11)
+    dense = random_mask(b, h, (sq, sk), block, density=0.6, seed=12)
+    dense[..., -1] = True  # the ragged last key block
+    mask = BlockMask.from_dense(dense.to(DEVICE), block, (sq, sk))
+    dout = torch.randn(b, sq, h, d, device=DEVICE)
+    dlse = torch.randn(b, h, sq, device=DEVICE)
+    out, lse, grads = run(lambda *x: block_sparse_attention(*x, mask, return_lse=True), q, k, v, dout, dlse)
+    ref = lambda *x: attention_reference(*(t.float() for t in x), mask=mask.expand_tokens(), return_lse=True)  # noqa: E731
+    ref_out, ref_lse, ref_grads = run(ref, q, k, v, dout, dlse)
+    assert err_ratio(out, ref_out) < 1e-5 and err_ratio(lse, ref_lse) < 1e-5
+    for name, g, r in zip("qkv", grads, ref_grads, strict=True):
+        assert err_ratio(g, r) < 1e-5, f"d{name}"
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_matches_flex_attention_with_identical_mask():
     b, s, h, d, block = 1, 160, 2, 64, (32, 32)

@@ -93,6 +93,21 @@ def test_kernel_with_a_head_dim_short_of_its_tile():
     torch.testing.assert_close(out, pyramid_attention_reference(q, k, v, levels, block=128), atol=2e-5, rtol=2e-5)
 
 
+def test_inputs_whose_head_dims_are_strided():
+    """q, k, v with a head-dim stride other than 1 (views of [B, D, S, H] storage): the kernels read a row's head
+    dims at unit stride, so such inputs are made so first (both the pyramid build and the attention)."""
+    torch.manual_seed(10)
+    q, k, v = (torch.randn(1, 32, 300, 2).permute(0, 2, 3, 1) for _ in range(3))  # [1, 300, 2, 32], stride(-1) 600
+    assert k.stride(-1) != 1
+    for a, b in zip(build_pyramid(k, 128), build_pyramid_reference(k, 128), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    g = torch.Generator().manual_seed(5)
+    levels = torch.tensor((0, *LEVELS))[torch.randint(0, 5, (1, 2, 3, 3), generator=g)]
+    levels[..., -1] = levels[..., -1].clamp(max=1)
+    out = pyramid_attention(q, k, v, levels, block=128)
+    torch.testing.assert_close(out, pyramid_attention_reference(q, k, v, levels, block=128), atol=2e-5, rtol=2e-5)
+
+
 def test_plain_levels_without_a_pyramid():
     """pooled=False (a plain selection): no pyramid, the same output as with one; pooled pairs are refused."""
     torch.manual_seed(9)

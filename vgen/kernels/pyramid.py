@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vgen.kernels.block_sparse import _descriptor_scratch, _load_tile, _mask_strides, _strides3, _use_tma
+from vgen.kernels.block_sparse import _descriptor_scratch, _load_tile, _mask_strides, _strides3, _unit_last, _use_tma
 from vgen.kernels.runtime import use_triton
 
 __all__ = ["LEVELS", "build_pyramid", "build_pyramid_reference", "pyramid_attention", "pyramid_attention_reference"]
@@ -48,6 +48,7 @@ def build_pyramid(x: torch.Tensor, block: int) -> list[torch.Tensor]:
     whole = seq // block * block
     if not use_triton(x) or whole == 0:
         return build_pyramid_reference(x, block)
+    x = _unit_last(x)  # the kernel reads a row's head dims at unit stride
     pooled = [torch.empty(batch, whole // p, heads, dim, device=x.device, dtype=x.dtype) for p in LEVELS[1:]]
     _pyramid_build_kernel[(whole // block, batch * heads)](
         x, *pooled, *_strides3(x), *(s for t in pooled for s in _strides3(t)), heads,
@@ -164,7 +165,8 @@ def _pyramid_level(
             m_n = tl.reshape(tl.broadcast_to(m_p[:, None], [POOL, ROWS]), [BLOCK_N])
             # POOL block indices, not one per row; a slot past the row's blocks reads block 0's rows (they
             # exist: a pooled pair implies a whole key block) and its scores are masked below, so the loads
-            # need a mask only for head dims short of BLOCK_D
+            # need a mask only for head dims short of BLOCK_D. (Its values get weight 0: a non-finite value
+            # there, an fp16 overflow in block 0's pooled V, would turn the row's output into NaN.)
             o_n = tl.reshape(blk[:, None] * ROWS + tl.arange(0, ROWS)[None, :], [BLOCK_N])
             # The next tile's indices, carried into the next step. Loaded in the step that uses them, they
             # made the gathers an indirect load: Triton 3.6's pipeliner then spent a stage on the indices and
@@ -318,7 +320,8 @@ def pyramid_attention(
     if use_tma:
         _descriptor_scratch(q.device)
     stages = STAGES if q.is_cuda else (1, 1)
-    out = torch.empty_like(q)
+    q = _unit_last(q)  # the kernel reads and writes a row's head dims at unit stride
+    out = torch.empty(batch, seq, heads, dim, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if return_lse else out
     key_strides = [s for x in pk for s in _strides3(x)]
     grid = (blocks, batch * heads)
