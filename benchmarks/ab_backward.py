@@ -12,18 +12,26 @@ gradients of the two settings are checked against each other first. The setting 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import bench, commit_id, err_ratio, flex_mask, fwd_bwd, local_mask, random_mask, shape_of  # noqa: E402
+from attention import (  # noqa: E402
+    ab_meta,
+    bench,
+    err_ratio,
+    flex_mask,
+    fwd_bwd,
+    local_mask,
+    random_mask,
+    shape_of,
+    write_report,
+)
 
 from vgen.kernels import block_sparse  # noqa: E402
 from vgen.kernels.block_sparse import block_sparse_attention  # noqa: E402
@@ -126,16 +134,9 @@ def main() -> None:
         parser.error(f"--densities must lie in (0, 1], got {args.densities}")
     if not torch.cuda.is_available():
         sys.exit("ab_backward.py times the kernels on a GPU; none is available")
-    meta = {"date": datetime.date.today().isoformat(), "commit": commit_id(),
-            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "command": "python " + " ".join(sys.argv), "rounds": args.rounds, "flag": args.flag}  # fmt: skip
+    meta = ab_meta(args.flag, args.rounds)
     rows = run(args.flag, args.shapes, args.rounds, args.densities)
-    text = markdown(args.flag, meta, rows)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_report(args.out, markdown(args.flag, meta, rows), meta, rows)
 
 
 if __name__ == "__main__":

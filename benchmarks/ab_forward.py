@@ -13,18 +13,25 @@ put back as it was at the end. (At cdb5451 it timed HOST_DESC, descriptors built
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import DENSITIES, bench, commit_id, err_ratio, flex_mask, random_mask, shape_of  # noqa: E402
+from attention import (  # noqa: E402
+    DENSITIES,
+    ab_meta,
+    bench,
+    err_ratio,
+    flex_mask,
+    random_mask,
+    shape_of,
+    write_report,
+)
 
 from vgen.kernels import block_sparse  # noqa: E402
 from vgen.kernels.block_sparse import block_sparse_attention  # noqa: E402
@@ -102,16 +109,9 @@ def main() -> None:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not torch.cuda.is_available():
         sys.exit("ab_forward.py times the kernels on a GPU; none is available")
-    meta = {"date": datetime.date.today().isoformat(), "commit": commit_id(),
-            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "command": "python " + " ".join(sys.argv), "rounds": args.rounds, "flag": args.flag}
+    meta = ab_meta(args.flag, args.rounds)
     rows = run(args.flag, args.shapes, args.rounds)
-    text = markdown(args.flag, meta, rows)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_report(args.out, markdown(args.flag, meta, rows), meta, rows)
 
 
 if __name__ == "__main__":

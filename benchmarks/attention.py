@@ -46,6 +46,24 @@ def commit_id() -> str:
     ).stdout.strip() or "unknown"
 
 
+def ab_meta(flag: str, rounds: int) -> dict:
+    """The header facts of an A/B report (`ab_forward.py`, `ab_backward.py`): date, commit, GPU, versions, command."""
+    import triton
+
+    return {"date": datetime.date.today().isoformat(), "commit": commit_id(), "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
+            "rounds": rounds, "flag": flag}  # fmt: skip
+
+
+def write_report(out: Path | None, text: str, meta: dict, rows: list[dict]) -> None:
+    """Print the Markdown; with ``out``, write it there and the raw rows beside it as .json."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
 def bench(fn, calls: int = 8) -> float:
     """Median ms over at least 100 ms and at least ``calls`` calls (do_bench alone gives a 14B-sized call one
     sample)."""
