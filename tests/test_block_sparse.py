@@ -49,6 +49,17 @@ def run(fn, q, k, v, dout, dlse):
     return out, lse, grads
 
 
+def run_against_reference(q, k, v, mask):
+    """Outputs, LSE and gradients of vgen's kernel and of the fp32 dense reference with the expanded mask, for
+    one random output gradient and LSE gradient (in that order from the global generator)."""
+    (b, sq, h, d) = q.shape
+    dout = torch.randn(b, sq, h, d, device=DEVICE)
+    dlse = torch.randn(b, h, sq, device=DEVICE)
+    ours = run(lambda *x: block_sparse_attention(*x, mask, return_lse=True), q, k, v, dout, dlse)
+    ref = lambda *x: attention_reference(*(t.float() for t in x), mask=mask.expand_tokens(), return_lse=True)  # noqa: E731
+    return ours, run(ref, q, k, v, dout, dlse)
+
+
 CASES = [
     # (B, Sq, Sk, H, D, block_size, dtype, layout)
     pytest.param(2, 200, 200, 2, 64, (128, 128), torch.float16, "bshd", id="blocks128-ragged-d64"),
@@ -75,12 +86,7 @@ def test_matches_fp32_reference(b, sq, sk, h, d, block_size, dtype, layout, fuse
     dense[-1, -1, -1] = False
     dense[-1, -1, -1, -1] = True  # the ragged corner, alone
     mask = BlockMask.from_dense(dense.to(DEVICE), block_size, (sq, sk))
-    dout = torch.randn(b, sq, h, d, device=DEVICE)
-    dlse = torch.randn(b, h, sq, device=DEVICE)
-
-    out, lse, grads = run(lambda *x: block_sparse_attention(*x, mask, return_lse=True), q, k, v, dout, dlse)
-    ref = lambda *x: attention_reference(*(t.float() for t in x), mask=mask.expand_tokens(), return_lse=True)  # noqa: E731
-    ref_out, ref_lse, ref_grads = run(ref, q, k, v, dout, dlse)
+    (out, lse, grads), (ref_out, ref_lse, ref_grads) = run_against_reference(q, k, v, mask)
 
     tol = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}[dtype]
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -109,11 +115,7 @@ def test_tiles_smaller_than_mask_blocks(monkeypatch, carry, fused):
     dense = random_mask(b, h, (sq, sk), block, density=0.6, seed=12)
     dense[..., -1] = True  # the ragged last key block
     mask = BlockMask.from_dense(dense.to(DEVICE), block, (sq, sk))
-    dout = torch.randn(b, sq, h, d, device=DEVICE)
-    dlse = torch.randn(b, h, sq, device=DEVICE)
-    out, lse, grads = run(lambda *x: block_sparse_attention(*x, mask, return_lse=True), q, k, v, dout, dlse)
-    ref = lambda *x: attention_reference(*(t.float() for t in x), mask=mask.expand_tokens(), return_lse=True)  # noqa: E731
-    ref_out, ref_lse, ref_grads = run(ref, q, k, v, dout, dlse)
+    (out, lse, grads), (ref_out, ref_lse, ref_grads) = run_against_reference(q, k, v, mask)
     assert err_ratio(out, ref_out) < 1e-5 and err_ratio(lse, ref_lse) < 1e-5
     for name, g, r in zip("qkv", grads, ref_grads, strict=True):
         assert err_ratio(g, r) < 1e-5, f"d{name}"

@@ -28,9 +28,10 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _kv_start(p_idx, it, SUB: tl.constexpr, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """First key of the ``it``-th key tile of a mask row (each kept mask block holds SUB tiles)."""
-    return tl.load(p_idx + it // SUB) * MASK_N + (it % SUB) * BLOCK_N
+def _tile_start(p_idx, it, SUB: tl.constexpr, MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """First token of the ``it``-th tile of a mask row's kept blocks (each kept mask block holds SUB tiles): key
+    tiles in the forward and dQ loops, query tiles in the dK/dV loop."""
+    return tl.load(p_idx + it // SUB) * MASK + (it % SUB) * BLOCK
 
 
 @triton.jit
@@ -86,13 +87,13 @@ def _fwd_kernel(
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CARRY_INDEX:  # the first tile's start; each step loads the next one's (p_idx[0] exists in every row)
-        start_next = _kv_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
+        start_next = _tile_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
     for it in tl.range(0, n_it, warp_specialize=WARP_SPECIALIZE):
         if CARRY_INDEX:
             start = start_next
-            start_next = _kv_start(p_idx, tl.minimum(it + 1, n_it - 1), SUB, MASK_N, BLOCK_N)
+            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_it - 1), SUB, MASK_N, BLOCK_N)
         else:
-            start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
+            start = _tile_start(p_idx, it, SUB, MASK_N, BLOCK_N)
         b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
@@ -187,14 +188,13 @@ def _bwd_dkdv_kernel(
     # one flat loop over query tiles (SUB per kept mask block), as in the forward: the pipeliner prefetches
     # the next tile's q and dO while this one computes, which a nested loop over sub-tiles prevented
     if CARRY_INDEX:  # the first tile's start; each step loads the next one's (see the forward's CARRY_INDEX)
-        start_next = tl.load(p_idx) * MASK_M
+        start_next = _tile_start(p_idx, 0, SUB, MASK_M, BLOCK_M)
     for it in range(n_q * SUB):
         if CARRY_INDEX:
             start = start_next
-            ahead = tl.minimum(it + 1, n_q * SUB - 1)
-            start_next = tl.load(p_idx + ahead // SUB) * MASK_M + (ahead % SUB) * BLOCK_M
+            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_q * SUB - 1), SUB, MASK_M, BLOCK_M)
         else:
-            start = tl.load(p_idx + it // SUB) * MASK_M + (it % SUB) * BLOCK_M
+            start = _tile_start(p_idx, it, SUB, MASK_M, BLOCK_M)
         o_m = start + tl.arange(0, BLOCK_M)
         m_m = o_m < SQ
         m_md = m_m[:, None] & (o_d < D)[None, :]
@@ -258,13 +258,13 @@ def _bwd_dq_kernel(
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     SUB: tl.constexpr = MASK_N // BLOCK_N
     if CARRY_INDEX:
-        start_next = _kv_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
+        start_next = _tile_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
     for it in range(n_kv * SUB):  # one flat loop over key tiles, as in the dK/dV kernel
         if CARRY_INDEX:
             start = start_next
-            start_next = _kv_start(p_idx, tl.minimum(it + 1, n_kv * SUB - 1), SUB, MASK_N, BLOCK_N)
+            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_kv * SUB - 1), SUB, MASK_N, BLOCK_N)
         else:
-            start = _kv_start(p_idx, it, SUB, MASK_N, BLOCK_N)
+            start = _tile_start(p_idx, it, SUB, MASK_N, BLOCK_N)
         o_n = start + tl.arange(0, BLOCK_N)
         m_n = o_n < SK
         m_nd = m_n[:, None] & m_d[None, :]

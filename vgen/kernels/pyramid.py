@@ -258,7 +258,7 @@ def _level_lists(levels: torch.Tensor, factors=LEVELS) -> tuple[torch.Tensor, to
     from vgen.attention.block_mask import _compact
 
     factors = torch.tensor(factors, device=levels.device, dtype=levels.dtype).view(-1, 1, 1, 1, 1)
-    counts, indices = _compact(levels[None] == factors)  # one compaction for the four levels
+    counts, indices = _compact(levels[None] == factors)  # one compaction for all the factors
     return counts.contiguous(), indices.contiguous()
 
 
