@@ -1,13 +1,17 @@
-"""Quick check of the quantised kernel on one GPU: INT8 call, its quantisation, vgen's bf16 kernel, cuDNN.
+"""Quick check of the quantised kernel on one GPU: the INT8 and FP8-PV calls, the quantisation, vgen's bf16
+kernel, cuDNN.
 
     python benchmarks/quantized_quick.py [--sweep]
 
-Random bf16 q/k/v at the Wan2.1-1.3B 480p (12 x 128, 32,760 tokens) and 14B 720p (40 x 128, 75,600)
-shapes; random block masks (128-token blocks, the same count kept per row) at densities 1.0 and 0.25;
-do_bench medians in ms; err_vs_bf16 = ||int8 - bf16 kernel|| / ||bf16 kernel||. The full study is
-``benchmarks/paro.py``; this is the 1-minute version for kernel work. ``--sweep`` also times the INT8
-call under each launch in ``LAUNCHES`` (rows per program, warps, stages: ``QUANT_LAUNCH``; K and V^T tiles
-by TMA: ``QUANT_TMA``).
+First, at a small shape, the GPU kernel against its PyTorch reference and exact attention for each PV
+format (the tests run the kernel in the interpreter only). Then random bf16 q/k/v at the Wan2.1-1.3B 480p
+(12 x 128, 32,760 tokens) and 14B 720p (40 x 128, 75,600) shapes; random block masks (128-token blocks,
+the same count kept per row) at densities 1.0 and 0.25; do_bench medians in ms; err_vs_bf16 =
+||quantised - bf16 kernel|| / ||bf16 kernel||. ``pv="fp8"`` is timed with its tile products added in fp32
+(the default) and accumulated in the MMA (``quantized.FP8_ACC_IN_DOT``). The full study is
+``benchmarks/paro.py``; this is the few-minute version for kernel work. ``--sweep`` also times the INT8
+and FP8 calls under each launch in ``LAUNCHES`` (rows per program, warps, stages: ``QUANT_LAUNCH``; K and
+V^T tiles by TMA: ``QUANT_TMA``).
 """
 
 import argparse
@@ -18,7 +22,8 @@ import triton
 
 from vgen.attention import BlockMask
 from vgen.kernels import block_sparse_attention, quantized
-from vgen.kernels.quantized import _quantize_for_kernel, quantized_attention
+from vgen.kernels.quantized import _quantize_for_kernel, quantized_attention, quantized_attention_reference
+from vgen.kernels.reference import attention_reference
 
 
 def ms(fn) -> float:
@@ -30,8 +35,32 @@ def ms(fn) -> float:
 
 
 # (rows, warps, stages, TMA). ptxas for sm_90a (Triton 3.6): the register loads spill 456-864 B; by TMA 0-40 B.
-LAUNCHES = [(128, 8, 3, False), (64, 4, 2, False), (128, 8, 3, True), (128, 8, 2, True), (64, 4, 2, True),
-            (64, 4, 3, True)]
+LAUNCHES = [(128, 8, 3, True), (128, 8, 2, True), (64, 4, 2, True), (64, 4, 3, True), (64, 4, 4, True)]
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check_small() -> None:
+    """The compiled kernel against its reference (same arithmetic) and exact attention, ragged sizes."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 1000, 3, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 1100, 3, 128, device="cuda", dtype=torch.bfloat16) + 1.0
+    v = torch.randn(2, 1100, 3, 128, device="cuda", dtype=torch.bfloat16)
+    dense = torch.rand(2, 3, 8, 9, device="cuda") < 0.6
+    dense[..., 0] = True
+    mask = BlockMask.from_dense(dense, (128, 128), (1000, 1100))
+    exact = attention_reference(q.float(), k.float(), v.float(), mask=mask.expand_tokens())
+    for pv in ("int8", "int4", "fp8"):
+        for acc_in_dot in (False, True) if pv == "fp8" else (False,):
+            quantized.FP8_ACC_IN_DOT = acc_in_dot
+            out = quantized_attention(q, k, v, mask, pv=pv)
+            ref = quantized_attention_reference(q.float(), k.float(), v.float(), mask, pv=pv)
+            print(f"check {pv}{' acc_in_dot' if acc_in_dot else ''}: vs reference max abs "
+                  f"{(out.float() - ref).abs().max().item():.2e} rel {rel(out, ref):.2e}; vs exact rel "
+                  f"{rel(out, exact):.3e} (reference vs exact {rel(ref, exact):.3e})", flush=True)
+    quantized.FP8_ACC_IN_DOT = False
 
 
 def main() -> None:
@@ -40,6 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     default, default_tma = dict(quantized.QUANT_LAUNCH), quantized.QUANT_TMA
     print(f"QUANT_LAUNCH {default} QUANT_TMA {default_tma}", flush=True)
+    check_small()
     for heads, seq in ((12, 32760), (40, 75600)):
         q, k, v = (torch.randn(1, seq, heads, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -48,26 +78,31 @@ def main() -> None:
             blocks = -(-seq // 128)
             ranks = torch.rand(1, heads, blocks, blocks, device="cuda").argsort(-1)
             mask = BlockMask.from_dense(ranks < max(1, round(density * blocks)), (128, 128), (seq, seq))
-            int8, bf16 = quantized_attention(q, k, v, mask), block_sparse_attention(q, k, v, mask)
-            err = ((int8.float() - bf16.float()).norm() / bf16.float().norm()).item()
-            t_int8 = ms(lambda m=mask, q=q, k=k, v=v: quantized_attention(q, k, v, m))
-            t_quant = ms(lambda m=mask, q=q, k=k, v=v: _quantize_for_kernel(q, k, v, m, 8))
+            bf16 = block_sparse_attention(q, k, v, mask)
             t_bf16 = ms(lambda m=mask, q=q, k=k, v=v: block_sparse_attention(q, k, v, m))
-            print(f"h{heads} s{seq} d{density}: int8 {t_int8:.2f} ms (quantise {t_quant:.2f}) bf16 {t_bf16:.2f} "
-                  f"cudnn {cudnn:.2f} err_vs_bf16 {err:.2e}", flush=True)
-            for rows, warps, stages, tma in LAUNCHES if args.sweep else ():
-                quantized.QUANT_LAUNCH.update(rows=rows, warps=warps, stages=stages)
-                quantized.QUANT_TMA = tma
-                launch = f"rows {rows} warps {warps} stages {stages} tma {tma}"
-                try:
-                    same = torch.equal(quantized_attention(q, k, v, mask), int8)
-                    took = ms(lambda m=mask, q=q, k=k, v=v: quantized_attention(q, k, v, m))
-                    print(f"    {launch}: {took:.2f} ms, same output {same}", flush=True)
-                except Exception as err:  # e.g. out of shared memory: report and go on
-                    print(f"    {launch}: failed, {str(err)[:120]}", flush=True)
-                finally:
-                    quantized.QUANT_LAUNCH.update(default)
-                    quantized.QUANT_TMA = default_tma
+            print(f"h{heads} s{seq} d{density}: bf16 {t_bf16:.2f} ms, cudnn dense {cudnn:.2f} ms", flush=True)
+            for pv, acc_in_dot in (("int8", False), ("fp8", False), ("fp8", True)):
+                quantized.FP8_ACC_IN_DOT = acc_in_dot
+                out = quantized_attention(q, k, v, mask, pv=pv)
+                took = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: quantized_attention(q, k, v, m, pv=pv))
+                t_quant = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: _quantize_for_kernel(q, k, v, m, pv))
+                name = pv + (" acc_in_dot" if acc_in_dot else "")
+                print(f"    {name}: {took:.2f} ms (quantise {t_quant:.2f}), vs bf16 kernel {t_bf16 / took:.3f}x, "
+                      f"vs cudnn dense {cudnn / took:.3f}x, err_vs_bf16 {rel(out, bf16):.2e}", flush=True)
+                for rows, warps, stages, tma in LAUNCHES if args.sweep and not acc_in_dot else ():
+                    quantized.QUANT_LAUNCH.update(rows=rows, warps=warps, stages=stages)
+                    quantized.QUANT_TMA = tma
+                    launch = f"rows {rows} warps {warps} stages {stages} tma {tma}"
+                    try:
+                        same = torch.equal(quantized_attention(q, k, v, mask, pv=pv), out)
+                        took = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: quantized_attention(q, k, v, m, pv=pv))
+                        print(f"        {launch}: {took:.2f} ms, same output {same}", flush=True)
+                    except Exception as err:  # e.g. out of shared memory: report and go on
+                        print(f"        {launch}: failed, {str(err)[:120]}", flush=True)
+                    finally:
+                        quantized.QUANT_LAUNCH.update(default)
+                        quantized.QUANT_TMA = default_tma
+            quantized.FP8_ACC_IN_DOT = False
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def test_paro_in_the_pipeline_and_mismatches(tiny_model, calibration):
     with pytest.raises(ValueError, match="calibration must be the path"):
         create_method("paro")
     with pytest.raises(ValueError, match="quant must be one of"):
-        create_method("paro", calibration=str(calibration), quant="fp8")
+        create_method("paro", calibration=str(calibration), quant="int2")
+    assert create_method("paro", calibration=str(calibration), quant="fp8").config.quant == "fp8"  # FP8 PV
 
 
 def test_calibrate_cli(tiny_model, tmp_path, capsys):

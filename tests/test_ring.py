@@ -103,7 +103,7 @@ METHOD_CASES = [("vmoba", VMOBA, 0, 0), ("vmoba", VMOBA, 1, 0), ("vmoba", VMOBA,
                 ("rectified", {"block_size": 16, "mass": 0.5, "rectify_kept": True}, 0, 0),
                 ("psa", {"budget": 0.5}, 0, 0), ("psa", {"budget": 0.5, "dense_steps": 1}, 0, 0),
                 ("rectified", {"block_size": 16, "mass": 0.5, "dense_steps": 1}, 0, 0),
-                ("quant", {"block_size": (32, 32)}, 0, 0), ("quant", {"block_size": (32, 64), "pv_bits": 4}, 0, 0),
+                ("quant", {"block_size": (32, 32)}, 0, 0), ("quant", {"block_size": (32, 64), "pv": "int4"}, 0, 0),
                 ("quant", {"block_size": (32, 32), "dense_steps": 1}, 0, 0)]  # fmt: skip
 LAYOUT = VideoLayout(4, 12, 10)  # 480 tokens: a ragged 128-token block
 

@@ -85,17 +85,17 @@ def run_block_sparse(
     block_size: tuple[int, int],
     scale: float | None,
     lengths: list[int] | None,
-    pv_bits: int | None = None,
+    pv: str | None = None,
 ) -> torch.Tensor:
     """:func:`vgen.kernels.block_sparse_attention` over the kept block pairs ``blocks`` (bool
     ``[B or 1, H or 1, Mq, Mk]``), per batch element over its first ``lengths[b]`` keys when given;
-    with ``pv_bits`` (8 or 4) the quantised kernel :func:`vgen.kernels.quantized.quantized_attention`."""
+    with ``pv`` (``"int8"``, ``"int4"`` or ``"fp8"``) the quantised kernel :func:`vgen.kernels.quantized.quantized_attention`."""
     seq = q.shape[1]
 
     def attend(q, k, v, mask):
-        if pv_bits is None:
+        if pv is None:
             return block_sparse_attention(q, k, v, mask, scale=scale)
-        return quantized_attention(q, k, v, mask, scale=scale, pv_bits=pv_bits)
+        return quantized_attention(q, k, v, mask, scale=scale, pv=pv)
 
     if lengths is None:
         return attend(q, k, v, BlockMask.from_dense(blocks, block_size, (seq, seq)))

@@ -47,7 +47,7 @@ __all__ = ["AXIS_ORDERS", "ParoCalibration", "PAROAttention", "PAROConfig", "blo
 
 AXIS_ORDERS: tuple[str, ...] = ("thw", "twh", "htw", "hwt", "wth", "wht")
 _FORMAT = "vgen-paro-calibration/1"
-_QUANT_BITS = {"int8": 8, "int4": 4, "none": None}
+_QUANT_PV = {"int8": "int8", "int4": "int4", "fp8": "fp8", "none": None}
 
 
 def _block_of(perm: torch.Tensor, block: int) -> torch.Tensor:
@@ -200,7 +200,8 @@ class PAROConfig(MethodConfig):
 
     Args:
         calibration: path of a calibration file (``vgen calibrate paro``).
-        quant: ``"int8"`` (INT8 QK^T and PV), ``"int4"`` (INT8 QK^T, INT4 PV) or ``"none"``
+        quant: ``"int8"`` (INT8 QK^T and PV), ``"int4"`` (INT8 QK^T, INT4 PV), ``"fp8"`` (INT8 QK^T,
+            float8 e4m3 PV) or ``"none"``
             (the bf16/fp16 kernel); see :func:`vgen.kernels.quantized.quantized_attention`.
     """
 
@@ -209,8 +210,8 @@ class PAROConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.quant not in _QUANT_BITS:
-            raise ValueError(f"quant must be one of {', '.join(_QUANT_BITS)}, got {self.quant!r}")
+        if self.quant not in _QUANT_PV:
+            raise ValueError(f"quant must be one of {', '.join(_QUANT_PV)}, got {self.quant!r}")
         if not isinstance(self.calibration, str | Path) or not str(self.calibration):
             raise ValueError("calibration must be the path of a file made by `vgen calibrate paro`")
         object.__setattr__(self, "calibration", str(self.calibration))
@@ -265,7 +266,7 @@ class PAROAttention(AttentionMethod):
         self.last_density = density
         block = self.calibration.meta["block_size"]
         q, k, v = (permute_tokens(x, perm) for x in (q, k, v))
-        out = run_block_sparse(q, k, v, dense, (block, block), scale, lengths, pv_bits=_QUANT_BITS[self.config.quant])
+        out = run_block_sparse(q, k, v, dense, (block, block), scale, lengths, pv=_QUANT_PV[self.config.quant])
         return unpermute_tokens(out, perm)
 
     def sparse_plan(
@@ -286,12 +287,12 @@ class PAROAttention(AttentionMethod):
         return SparsePlan(mask, self._perm(layout, layer, q.device), extra)
 
     def ring_step(self, plan: SparsePlan, q, k, v, *, rows: slice, cols: slice):
-        """Quantised: one ring step through the INT8/INT4 kernel, keys smoothed by the whole sequence's mean."""
+        """Quantised: one ring step through the quantised kernel, keys smoothed by the whole sequence's mean."""
         if self.config.quant == "none":
             return None
         block = plan.mask.block_size
         part = BlockMask.from_dense(plan.extra["dense"][..., rows, cols].contiguous(), block, (q.shape[1], k.shape[1]))
-        return quantized_attention(q, k, v, part, scale=plan.extra["scale"], pv_bits=_QUANT_BITS[self.config.quant],
+        return quantized_attention(q, k, v, part, scale=plan.extra["scale"], pv=_QUANT_PV[self.config.quant],
                                    k_mean=plan.extra["k_mean"], return_lse=True)  # fmt: skip
 
 

@@ -26,6 +26,8 @@ shows the accuracy of 4-bit PV, not compute.
 
 from __future__ import annotations
 
+import math
+
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,10 +40,11 @@ from vgen.kernels.runtime import use_triton
 if TYPE_CHECKING:
     from vgen.attention.block_mask import BlockMask
 
-__all__ = ["quantize_blocks", "quantized_attention", "quantized_attention_reference"]
+__all__ = ["quantize_blocks", "quantize_fp8_channels", "quantized_attention", "quantized_attention_reference"]
 
 _LOG2E = 1.4426950408889634
 _LEVELS = {8: 127, 4: 7}
+_PV_BITS = {"int8": 8, "int4": 4, "fp8": None}
 
 
 def quantize_blocks(
@@ -79,6 +82,19 @@ def quantize_blocks(
     return values[:, :seq].contiguous(), (scales if per_channel else scales[..., 0]).contiguous()
 
 
+def fp8_channel_scales(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[B, H, D]``: each channel's absolute maximum over the tokens of ``x`` ``[B, S, H, D]``, over 448
+    (float8 e4m3's largest value)."""
+    return (x.abs().amax(1).float() / 448.0).clamp_min(1e-12).contiguous()
+
+
+def quantize_fp8_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[B, S, H, D]`` as float8 e4m3 values (rounded to nearest, ties to even) against one scale per
+    (batch, head, channel) over all tokens (:func:`fp8_channel_scales`). Returns the values and the scales."""
+    scales = fp8_channel_scales(x)
+    return (x.float() / scales[:, None]).to(torch.float8_e4m3fn), scales
+
+
 # 1.5 * 2^23: adding it to a float in (-2^22, 2^22) leaves the integer nearest to it (ties to even) in
 # the low mantissa bits, so int <-> float conversions become one add and one integer add. The
 # conversion instructions run at a fraction of the FMA rate and would otherwise outweigh the 8-bit
@@ -93,6 +109,21 @@ def _i32_to_f32(x):
     return (x + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F
 
 
+_LOG2_448 = tl.constexpr(8.807354922057604)
+
+
+@triton.jit
+def _round_e4m3(x):
+    """fp32 ``|x| <= 448`` rounded to the nearest float8 e4m3 value (ties to even), as the GPU's ``cvt.rn``
+    and PyTorch's cast do: 3 mantissa bits for normals (>= 2^-6), multiples of 2^-9 below."""
+    b_a = tl.abs(x)
+    b_bits = b_a.to(tl.int32, bitcast=True)
+    b_normal = ((b_bits + 0x7FFFF + ((b_bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    b_sub = ((b_a * 512.0 + _MAGIC_F) - _MAGIC_F) * 0.001953125
+    b_y = tl.where(b_a >= 0.015625, b_normal, b_sub)
+    return tl.where(x < 0, -b_y, b_y)
+
+
 @triton.jit
 def _quantize_kernel(
     X, MEAN, OUT, SCALE,
@@ -100,9 +131,11 @@ def _quantize_kernel(
     s_ob, s_os, s_oh, s_od,
     H, S, M, levels,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr, SMOOTH: tl.constexpr,
+    FP8: tl.constexpr = False, ROUND_FP8: tl.constexpr = False,
 ):
-    """One (block of tokens, batch x head): what :func:`quantize_blocks` computes, in one pass; the
-    output strides may transpose (V is written ``[B, H, D, S]`` for the PV product)."""
+    """One (block of tokens, batch x head): what :func:`quantize_blocks` (or, with ``FP8``,
+    :func:`quantize_fp8_channels` against its scales) computes, in one pass; the output strides may
+    transpose (V is written ``[B, H, D, S]`` for the PV product)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_s = i_m * BLOCK + tl.arange(0, BLOCK)
@@ -113,56 +146,67 @@ def _quantize_kernel(
     b_x = b_x.to(tl.float32)
     if SMOOTH:
         b_x = tl.where(tile, b_x - tl.load(MEAN + i_bh * D + o_d, mask=m_d, other=0.0)[None, :], 0.0)
-    b_a = tl.abs(b_x)
+    p_o = OUT + i_b.to(tl.int64) * s_ob + i_h * s_oh + o_s[:, None] * s_os + o_d[None, :] * s_od
     # divisions rounded exactly (div_rn), as PyTorch's: compiled '/' is approximate on NVIDIA GPUs, and a
     # code at a .5 boundary would then differ by one from quantize_blocks
-    if PER_CHANNEL:
-        b_scale = tl.maximum(tl.math.div_rn(tl.max(b_a, 0), levels), 1e-12)
-        tl.store(SCALE + (i_bh * M + i_m) * D + o_d, b_scale, mask=m_d)
-        b_y = tl.math.div_rn(b_x, b_scale[None, :])
+    if FP8:  # e4m3 values against the given scale per (batch, head, channel)
+        b_y = tl.math.div_rn(b_x, tl.load(SCALE + i_bh * D + o_d, mask=m_d, other=1.0)[None, :])
+        if ROUND_FP8:  # the interpreter's cast truncates
+            b_y = _round_e4m3(b_y)
+        tl.store(p_o, b_y.to(tl.float8e4nv), mask=tile)
     else:
-        b_scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(b_a, 1), 0), levels), 1e-12)
-        tl.store(SCALE + i_bh * M + i_m, b_scale)
-        b_y = tl.math.div_rn(b_x, b_scale + tl.zeros_like(b_x))
-    b_r = tl.where(b_y >= 0, tl.floor(b_y + 0.5), -tl.floor(0.5 - b_y))
-    b_r = tl.minimum(tl.maximum(b_r, -levels), levels)
-    p_o = OUT + i_b.to(tl.int64) * s_ob + i_h * s_oh + o_s[:, None] * s_os + o_d[None, :] * s_od
-    tl.store(p_o, b_r.to(tl.int8), mask=tile)
+        b_a = tl.abs(b_x)
+        if PER_CHANNEL:
+            b_scale = tl.maximum(tl.math.div_rn(tl.max(b_a, 0), levels), 1e-12)
+            tl.store(SCALE + (i_bh * M + i_m) * D + o_d, b_scale, mask=m_d)
+            b_y = tl.math.div_rn(b_x, b_scale[None, :])
+        else:
+            b_scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(b_a, 1), 0), levels), 1e-12)
+            tl.store(SCALE + i_bh * M + i_m, b_scale)
+            b_y = tl.math.div_rn(b_x, b_scale + tl.zeros_like(b_x))
+        b_r = tl.where(b_y >= 0, tl.floor(b_y + 0.5), -tl.floor(0.5 - b_y))
+        b_r = tl.minimum(tl.maximum(b_r, -levels), levels)
+        tl.store(p_o, b_r.to(tl.int8), mask=tile)
 
 
-# Warps of the quantiser launch. Compiled for sm_90 (Triton 3.6, pointers and strides specialised as on a launch)
-# a [128, 128] block at 4 warps spilled 1,084-1,612 B per thread; 8 warps: no spills at 246-252 registers; 16: no
-# spills at 119-124. Untimed (the quantiser is the INT8 call's prologue).
-QUANTIZE_WARPS = 16
+# Warps of the quantiser launch. Compiled for sm_90 (pointers and strides specialised as on a launch) a [128, 128]
+# block at 4 warps spilled 1,084-1,612 B per thread (Triton 3.6); at 8 warps none (240-252 registers, one program
+# per SM, as at 16 warps with 119-128 registers, where the FP8 pass spilled 8 B under Triton 3.9). Untimed.
+QUANTIZE_WARPS = 8
 
 
 def _quantize_triton(
     x: torch.Tensor, block: int, bits: int, *, per_channel: bool = False, smooth: bool = False,
-    transpose: bool = False, mean: torch.Tensor | None = None,
+    transpose: bool = False, mean: torch.Tensor | None = None, fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_blocks` in one Triton pass; ``transpose`` writes the values ``[B, H, D, S]`` (a view
-    of rows padded to whole blocks)."""
+    of rows padded to whole blocks). ``fp8``: :func:`quantize_fp8_channels` instead (``bits`` unused), its
+    scales from one PyTorch reduction."""
     batch, seq, heads, dim = x.shape
     blocks = -(-seq // block)
+    dtype = torch.float8_e4m3fn if fp8 else torch.int8
     if transpose:
         # rows padded to whole blocks: Triton loads V^T tiles in wide vectors only when the row stride is a
         # multiple of 16 bytes. S = 32,760 (the 1.3B shape) is not, and there the kernel took 2.2x the time
         # per key tile that it takes at S = 75,600 (profile at 7f5eeaf)
-        values = torch.empty(batch, heads, dim, blocks * block, dtype=torch.int8, device=x.device)[..., :seq]
+        values = torch.empty(batch, heads, dim, blocks * block, dtype=dtype, device=x.device)[..., :seq]
         strides = (values.stride(0), values.stride(3), values.stride(1), values.stride(2))
     else:
-        values = torch.empty(batch, seq, heads, dim, dtype=torch.int8, device=x.device)
+        values = torch.empty(batch, seq, heads, dim, dtype=dtype, device=x.device)
         strides = (values.stride(0), values.stride(1), values.stride(2), values.stride(3))
-    scales = torch.empty((batch, heads, blocks, dim) if per_channel else (batch, heads, blocks), device=x.device)
+    if fp8:
+        scales = fp8_channel_scales(x)
+    else:
+        scales = torch.empty((batch, heads, blocks, dim) if per_channel else (batch, heads, blocks), device=x.device)
     if smooth:  # [B, H, D]: the tokens' own mean, or the one given (a ring step smooths by the whole sequence's)
         mean = (x.mean(1, dtype=torch.float32) if mean is None else mean.float()).contiguous()
     else:
         mean = scales  # unused
     x = x if x.stride(-1) == 1 else x.contiguous()
     _quantize_kernel[(blocks, batch * heads)](
-        x, mean, values, scales, *_strides3(x), *strides, heads, seq, blocks, float(_LEVELS[bits]),
+        x, mean, values, scales, *_strides3(x), *strides, heads, seq, blocks, float(_LEVELS.get(bits, 0)),
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK=block, PER_CHANNEL=per_channel, SMOOTH=smooth,
-        num_warps=QUANTIZE_WARPS if x.is_cuda else 4,
+        FP8=fp8, ROUND_FP8=fp8 and not x.is_cuda, num_warps=QUANTIZE_WARPS if x.is_cuda else 4,
     )  # fmt: skip
     return values, scales
 
@@ -177,6 +221,9 @@ def _quantize_triton(
 # (ptxas for sm_90a, scripts/compile_kernels_sm90.py: with TMA, 40 B of spills at 128/8/3.)
 QUANT_LAUNCH = {"rows": 64, "warps": 4, "stages": 3}
 QUANT_TMA = True
+# pv="fp8": accumulate in the MMA (one instruction less per output, but Hopper's FP8 MMAs sum in reduced precision)
+# or add each key tile's product in fp32 (as SageAttention2 does). Untimed.
+FP8_ACC_IN_DOT = False
 
 
 @triton.jit
@@ -190,7 +237,8 @@ def _quant_fwd_kernel(
     s_ib, s_ih, s_im,
     H, SQ, SK, MQ, MK, qk_scale, p_levels,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr = False,
+    RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr = False, PV_FP8: tl.constexpr = False,
+    ROUND_FP8: tl.constexpr = False, FP8_ACC_IN_DOT: tl.constexpr = False,
 ):
     # one program: ROWS query tokens of a mask block of BLOCK_M (a divisor: half a 128-row block keeps the
     # int32 score tile, P and the fp32 accumulator in registers)
@@ -227,33 +275,51 @@ def _quant_fwd_kernel(
             b_vt = desc_vt.load([0, j * BLOCK_N])
         else:
             b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0)
-            b_vt = tl.load(VT + o_d[:, None] * s_vd + o_n[None, :], mask=m_d[:, None] & m_n[None, :], other=0)
-        v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
+            b_vt = tl.load(VT + o_d[:, None] * s_vd + o_n[None, :], mask=m_d[:, None] & m_n[None, :], other=0.0)
         # |q8 . k8| <= 127^2 * 256 < 2^22: the exact magic-number conversion applies
         b_s = _i32_to_f32(tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32)) * (q_scale * tl.load(KS + i_bh * MK + j))
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
-        # P is quantised per (row, key tile) against the tile row's maximum: p / max does not depend on
-        # the running maximum, and tiles far below the row's maximum keep their resolution
-        b_pmax = tl.maximum(tl.max(b_p, 1), 1e-30)
-        b_ratio = tl.math.div_rn(p_levels + tl.zeros_like(b_pmax), b_pmax)  # exact, as the reference's
-        b_shifted = b_p * b_ratio[:, None] + _MAGIC_F  # rounds p / max * P to an integer in [0, P]
-        b_pt = b_shifted - _MAGIC_F  # that integer as fp32, for the row sums
-        b_pq = (b_shifted.to(tl.int32, bitcast=True) - _MAGIC_I).to(tl.int8)  # and as int8, for the MMA
-        b_pscale = b_pmax / p_levels
         b_alpha = tl.exp2(b_m - b_m_safe)
-        b_l = b_l * b_alpha + tl.sum(b_pt, 1) * b_pscale
-        # |p8 . v8| <= 127^2 * BLOCK_N < 2^22 for key tiles up to 256
-        b_pv = _i32_to_f32(tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32)) * (b_pscale[:, None] * v_scale[None, :])
-        b_acc = b_acc * b_alpha[:, None] + b_pv
+        if PV_FP8:
+            # p * 448 (e4m3's largest value; the factor is folded into the exponent and cancels in the final
+            # division) straight to e4m3: no per-tile scale, no integer conversion; the row sums use p
+            # unrounded, V's per-channel scale is applied once at the end
+            b_p = tl.exp2(b_s - (b_m_safe - _LOG2_448)[:, None])
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            if ROUND_FP8:  # the interpreter's float -> e4m3 cast truncates; round as the GPU's cvt.rn does
+                b_p = _round_e4m3(b_p)
+            if FP8_ACC_IN_DOT:  # accumulated by the MMA itself (Hopper's FP8 MMAs add in reduced precision)
+                b_acc = tl.dot(b_p.to(tl.float8e4nv), tl.trans(b_vt), b_acc * b_alpha[:, None])
+            else:  # each tile's product on its own, added in fp32
+                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(tl.float8e4nv), tl.trans(b_vt))
+        else:
+            b_p = tl.exp2(b_s - b_m_safe[:, None])
+            # P is quantised per (row, key tile) against the tile row's maximum: p / max does not depend on
+            # the running maximum, and tiles far below the row's maximum keep their resolution
+            b_pmax = tl.maximum(tl.max(b_p, 1), 1e-30)
+            b_ratio = tl.math.div_rn(p_levels + tl.zeros_like(b_pmax), b_pmax)  # exact, as the reference's
+            b_shifted = b_p * b_ratio[:, None] + _MAGIC_F  # rounds p / max * P to an integer in [0, P]
+            b_pt = b_shifted - _MAGIC_F  # that integer as fp32, for the row sums
+            b_pq = (b_shifted.to(tl.int32, bitcast=True) - _MAGIC_I).to(tl.int8)  # and as int8, for the MMA
+            b_pscale = b_pmax / p_levels
+            b_l = b_l * b_alpha + tl.sum(b_pt, 1) * b_pscale
+            v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
+            # |p8 . v8| <= 127^2 * BLOCK_N < 2^22 for key tiles up to 256
+            b_pv = _i32_to_f32(tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32))
+            b_acc = b_acc * b_alpha[:, None] + b_pv * (b_pscale[:, None] * v_scale[None, :])
         b_m = b_m_new
+    if PV_FP8:
+        b_acc *= tl.load(VS + i_bh * D + o_d, mask=m_d, other=0.0)[None, :]
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
     p_o = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_os + o_d[None, :]
     tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     if RETURN_LSE:  # natural log of the (quantised) softmax mass, logits of the smoothed keys; -inf: nothing kept
-        b_log = (b_m + tl.log2(tl.where(b_l == 0.0, 1.0, b_l))) * 0.6931471805599453
+        b_log = b_m + tl.log2(tl.where(b_l == 0.0, 1.0, b_l))
+        if PV_FP8:  # the sums carry the factor 448
+            b_log -= _LOG2_448
+        b_log *= 0.6931471805599453
         tl.store(LSE + i_bh * SQ + o_m, tl.where(b_l == 0.0, float("-inf"), b_log), mask=m_m)
 
 
@@ -263,21 +329,33 @@ def _use_quant_tma(k8: torch.Tensor, vt: torch.Tensor) -> bool:
     return k8.is_cuda and QUANT_TMA and all(_tma_ok(x) for x in (k8, vt))
 
 
-def _quantize_all(q, k, v, block_mask, pv_bits, k_mean=None):
-    """The reference's quantisation (PyTorch): Q, smoothed K, per-channel V, all ``[B, S, H, D]``."""
+_PV_FORMATS = ("int8", "int4", "fp8")
+
+
+def _check_pv(pv: str) -> None:
+    if pv not in _PV_FORMATS:
+        raise ValueError(f"pv must be one of {', '.join(map(repr, _PV_FORMATS))}, got {pv!r}")
+
+
+def _quantize_all(q, k, v, block_mask, pv, k_mean=None):
+    """The reference's quantisation (PyTorch): Q, smoothed K, V per channel (per key block for INT8/INT4,
+    over all tokens for FP8), all ``[B, S, H, D]``."""
     block_m, block_n = block_mask.block_size
     q8, q_scale = quantize_blocks(q, block_m, 8)
     k8, k_scale = quantize_blocks(k, block_n, 8, smooth=True, mean=k_mean)
-    vq, v_scale = quantize_blocks(v, block_n, pv_bits, per_channel=True)
+    if pv == "fp8":
+        vq, v_scale = quantize_fp8_channels(v)
+    else:
+        vq, v_scale = quantize_blocks(v, block_n, _PV_BITS[pv], per_channel=True)
     return q8, q_scale, k8, k_scale, vq, v_scale
 
 
-def _quantize_for_kernel(q, k, v, block_mask, pv_bits, k_mean=None):
+def _quantize_for_kernel(q, k, v, block_mask, pv, k_mean=None):
     """The same values in three Triton passes, V written transposed ``[B, H, D, S]``."""
     block_m, block_n = block_mask.block_size
     q8, q_scale = _quantize_triton(q, block_m, 8)
     k8, k_scale = _quantize_triton(k, block_n, 8, smooth=True, mean=k_mean)
-    vt, v_scale = _quantize_triton(v, block_n, pv_bits, per_channel=True, transpose=True)
+    vt, v_scale = _quantize_triton(v, block_n, _PV_BITS[pv], per_channel=True, transpose=True, fp8=pv == "fp8")
     return q8, q_scale, k8, k_scale, vt, v_scale
 
 
@@ -288,17 +366,18 @@ def quantized_attention(
     block_mask: BlockMask,
     *,
     scale: float | None = None,
-    pv_bits: int = 8,
+    pv: str = "int8",
     k_mean: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention with INT8 QK^T and INT8 or INT4 PV; forward only (no autograd).
+    """Block-sparse attention with INT8 QK^T and an INT8, INT4 or FP8 PV product; forward only (no autograd).
 
     Args:
         q, k, v: ``[B, S, H, D]`` in bf16, fp16 or fp32; ``D`` at most 256.
         block_mask: the kept blocks; its block sizes are also the quantisation blocks (>= 32 each).
         scale: softmax scale (default ``D ** -0.5``).
-        pv_bits: 8 or 4.
+        pv: ``"int8"`` or ``"int4"`` (P quantised per row and key tile, V per channel and key block), or
+            ``"fp8"`` (P and V in float8 e4m3, V scaled per channel over all tokens).
         k_mean: fp32 ``[B, H, D]`` the keys are smoothed by (default: their own mean). Calls over parts
             of one key sequence (ring steps) pass the whole sequence's, so that their logits share one
             shift and their log-sum-exps merge.
@@ -310,8 +389,7 @@ def quantized_attention(
         ``TRITON_INTERPRET=1``, else :func:`quantized_attention_reference`.
     """
     _check_inputs(q, k, v, block_mask)
-    if pv_bits not in _LEVELS:
-        raise ValueError(f"pv_bits must be 8 or 4, got {pv_bits!r}")
+    _check_pv(pv)
     if min(block_mask.block_size) < 32 or block_mask.block_size[1] > 256:
         raise ValueError(
             f"quantized attention needs mask blocks of at least 32 tokens and key blocks of at most 256 "
@@ -321,9 +399,9 @@ def quantized_attention(
     if k_mean is not None and tuple(k_mean.shape) != (q.shape[0], q.shape[2], q.shape[3]):
         raise ValueError(f"k_mean must be [B, H, D] = {[q.shape[0], q.shape[2], q.shape[3]]}, got {list(k_mean.shape)}")
     if not use_triton(q):
-        return quantized_attention_reference(q, k, v, block_mask, scale=scale, pv_bits=pv_bits, k_mean=k_mean,
+        return quantized_attention_reference(q, k, v, block_mask, scale=scale, pv=pv, k_mean=k_mean,
                                              return_lse=return_lse)  # fmt: skip
-    q8, q_scale, k8, k_scale, vt, v_scale = _quantize_for_kernel(q, k, v, block_mask, pv_bits, k_mean)
+    q8, q_scale, k8, k_scale, vt, v_scale = _quantize_for_kernel(q, k, v, block_mask, pv, k_mean)
     batch, sq, heads, dim = q.shape
     sk = k.shape[1]
     block_m, block_n = block_mask.block_size
@@ -343,12 +421,28 @@ def quantized_attention(
         q8, k8, vt, q_scale, k_scale, v_scale, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q8), *_strides3(k8), *_strides3(vt), *_strides3(out),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
-        heads, sq, sk, q_scale.shape[-1], k_scale.shape[-1], scale * _LOG2E, float(_LEVELS[pv_bits]),
+        heads, sq, sk, q_scale.shape[-1], k_scale.shape[-1], scale * _LOG2E, float(_LEVELS.get(_PV_BITS[pv], 0)),
         D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows,
-        RETURN_LSE=return_lse, USE_TMA=use_tma, num_warps=QUANT_LAUNCH["warps"] if q.is_cuda else 4,
-        num_stages=QUANT_LAUNCH["stages"] if q.is_cuda else 1,
+        RETURN_LSE=return_lse, USE_TMA=use_tma, PV_FP8=pv == "fp8", ROUND_FP8=pv == "fp8" and not q.is_cuda,
+        FP8_ACC_IN_DOT=FP8_ACC_IN_DOT,
+        num_warps=QUANT_LAUNCH["warps"] if q.is_cuda else 4, num_stages=QUANT_LAUNCH["stages"] if q.is_cuda else 1,
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def _running_max(tile_max: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """Per (row, key tile) maxima ``[B, H, Sq, Mk]`` -> the running maximum the kernel holds once it has
+    walked that tile: the maximum over the row's kept tiles up to it, in the order of the mask's index lists."""
+    batch, heads, sq, blocks = tile_max.shape
+    rows = torch.arange(sq, device=tile_max.device) // block_mask.block_size[0]
+    index = block_mask.kv_indices[:, :, rows].long().expand(batch, heads, -1, -1)
+    count = block_mask.kv_num_blocks[:, :, rows].expand(batch, heads, -1)
+    walked = torch.arange(index.shape[-1], device=tile_max.device) < count[..., None]
+    index = torch.where(walked, index, 0)
+    running = tile_max.gather(-1, index).masked_fill(~walked, float("-inf")).cummax(-1).values
+    running = running.masked_fill(~walked, float("-inf"))  # the unwalked entries all point at block 0
+    out = torch.full_like(tile_max, float("-inf"))
+    return out.scatter_reduce_(-1, index, running, reduce="amax")
 
 
 def quantized_attention_reference(
@@ -358,17 +452,25 @@ def quantized_attention_reference(
     block_mask: BlockMask,
     *,
     scale: float | None = None,
-    pv_bits: int = 8,
+    pv: str = "int8",
     k_mean: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The same quantisation in PyTorch with an exact softmax. P is quantised per (row, key block)
-    against its maximum there, as the kernel does, so the two differ only by float rounding."""
+    """The same quantisation in PyTorch with an exact softmax, so that the kernel and this differ only by
+    float rounding. INT8/INT4: P is quantised per (row, key block) against its maximum there, as the kernel
+    does. FP8: P is rounded as ``448 * exp2(s - m)`` with ``m`` the kernel's running maximum at that tile
+    (:func:`_running_max`), in base-2 logits from the integer products, as the kernel computes them."""
+    _check_pv(pv)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q8, q_scale, k8, k_scale, vq, v_scale = _quantize_all(q, k, v, block_mask, pv_bits, k_mean)
+    q8, q_scale, k8, k_scale, vq, v_scale = _quantize_all(q, k, v, block_mask, pv, k_mean)
     block_m, block_n = block_mask.block_size
     sq, sk = q.shape[1], k.shape[1]
     rows, cols = torch.arange(sq, device=q.device) // block_m, torch.arange(sk, device=q.device) // block_n
+    batch, heads = q.shape[0], q.shape[2]
+    blocks = -(-sk // block_n)
+    if pv == "fp8":
+        return _fp8_reference(q8, q_scale[:, :, rows], k8, k_scale[:, :, cols], vq, v_scale, block_mask,
+                              scale * _LOG2E, return_lse, q.dtype)  # fmt: skip
     qd = q8.float() * q_scale[:, :, rows].transpose(1, 2)[..., None]  # [B, S, H, 1] scales
     kd = k8.float() * k_scale[:, :, cols].transpose(1, 2)[..., None]
     vd = vq.float() * v_scale[:, :, cols].transpose(1, 2)  # per channel
@@ -377,9 +479,7 @@ def quantized_attention_reference(
     m = s.amax(-1, keepdim=True)
     peak = torch.where(m == float("-inf"), 0.0, m)
     p = torch.exp(s - peak)
-    levels = _LEVELS[pv_bits]
-    batch, heads = p.shape[:2]
-    blocks = -(-sk // block_n)
+    levels = _LEVELS[_PV_BITS[pv]]
     tiles = torch.nn.functional.pad(p, (0, blocks * block_n - sk)).view(batch, heads, sq, blocks, block_n)
     tile_max = tiles.amax(-1, keepdim=True).clamp_min(1e-30)
     # rounded to the nearest level, ties to even, as the kernel's magic-number add does
@@ -390,3 +490,29 @@ def quantized_attention_reference(
         return out
     lse = torch.where(denom == 0, float("-inf"), peak + torch.log(torch.where(denom == 0, 1.0, denom)))
     return out, lse[..., 0]
+
+
+def _fp8_reference(q8, q_scale, k8, k_scale, vq, v_scale, block_mask, qk_scale, return_lse, dtype):
+    """:func:`quantized_attention_reference` for ``pv="fp8"``; scales already per token ``[B, H, S]``."""
+    sq, sk = q8.shape[1], k8.shape[1]
+    block_n = block_mask.block_size[1]
+    blocks = -(-sk // block_n)
+    # the integer products are exact in fp32 (|q8 . k8| < 2^24), scaled as the kernel scales them
+    s = torch.einsum("bqhd,bkhd->bhqk", q8.float(), k8.float())
+    s = s * ((q_scale * torch.tensor(qk_scale, dtype=torch.float32))[..., None] * k_scale[:, :, None, :])
+    s = s.masked_fill(~block_mask.expand_tokens(), float("-inf"))
+    batch, heads = s.shape[:2]
+    tiles = torch.nn.functional.pad(s, (0, blocks * block_n - sk), value=float("-inf"))
+    tiles = tiles.view(batch, heads, sq, blocks, block_n)
+    running = _running_max(tiles.amax(-1), block_mask)[..., None]  # [B, H, Sq, Mk, 1]
+    peak = running.amax(-2, keepdim=True)  # the row's maximum: the running maximum after the last tile
+    running, peak = (torch.where(x == float("-inf"), 0.0, x) for x in (running, peak))
+    p8 = torch.exp2(tiles - (running - _LOG2_448.value)).to(torch.float8_e4m3fn).float()
+    weights = (p8 * torch.exp2(running - peak)).flatten(-2)[..., :sk]  # in units of 448 * exp2(s - peak)
+    denom = (torch.exp2(tiles - peak) * 448.0).flatten(-2)[..., :sk].sum(-1, keepdim=True)
+    vd = vq.float() * v_scale[:, None]  # [B, Sk, H, D]
+    out = torch.einsum("bhqk,bkhd->bqhd", weights / torch.where(denom == 0, 1.0, denom), vd).to(dtype)
+    if not return_lse:
+        return out
+    log2_mass = peak[..., 0, 0] + torch.log2(torch.where(denom == 0, 448.0, denom)[..., 0] / 448.0)
+    return out, torch.where(denom[..., 0] == 0, float("-inf"), log2_mass * math.log(2.0))
