@@ -9,7 +9,7 @@ Everything runs in one process; the tables go to ``--out`` (Markdown) and a ``.j
    0.2, a random block mask (128 x 128 blocks, drawn per head, the same number of key blocks kept
    in every query block row; density 1.0 is ``BlockMask.full``). With each mask:
    - vgen's quantised kernel, :func:`vgen.kernels.quantized.quantized_attention`, with INT8
-     (``pv_bits=8``) and INT4 (``pv_bits=4``) PV: the whole call, which quantises q/k/v first, and
+     (``pv="int8"``), INT4 (``pv="int4"``) and FP8 e4m3 (``pv="fp8"``) PV: the whole call, which quantises q/k/v first, and
      the quantisation alone (``vgen.kernels.quantized._quantize_for_kernel``);
    - vgen's bf16 block-sparse kernel (:func:`vgen.kernels.block_sparse_attention`), same mask;
    - dense cuDNN SDPA (``[B, H, S, D]`` inputs), the same for every density;
@@ -79,7 +79,7 @@ from vgen.pipelines.quality import quality_report
 
 REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference" / "model"
 FLEX_TOLERANCE = 2e-2  # relative error between Flex and vgen's bf16 kernel above which a row is a MISMATCH
-PV_BITS = (8, 4)
+PV_FORMATS = ("int8", "int4", "fp8")
 QUANTS = ("int8", "int4", "none")
 SHARES = ("head", "model")  # calibrate_paro's share: the paper's per-head budget, and all heads sharing it
 TARGET_DENSE_INT8 = 1.3  # dense INT8 vs dense cuDNN bf16
@@ -224,15 +224,15 @@ def measure_shape(sizes: Sizes, name: str, heads: int, head_dim: int, seq: int, 
                 flex_error = rel_error(flex(qt, kt, vt, block_mask=fmask, scale=scale).transpose(1, 2), ours)
                 flex_ms = clock(lambda m=fmask: flex(qt, kt, vt, block_mask=m, scale=scale))
             del ours
-            for bits in PV_BITS:
-                out = quantized_attention(q, k, v, mask, scale=scale, pv_bits=bits)
+            for pv in PV_FORMATS:
+                out = quantized_attention(q, k, v, mask, scale=scale, pv=pv)
                 error = rel_error(out[:, :, :exact_heads], exact)
                 del out
-                quant_ms = clock(lambda m=mask, b=bits: quantized_attention(q, k, v, m, scale=scale, pv_bits=b))
-                quantize_ms = clock(lambda m=mask, b=bits: _quantize_for_kernel(q, k, v, m, b))
+                quant_ms = clock(lambda m=mask, pv=pv: quantized_attention(q, k, v, m, scale=scale, pv=pv))
+                quantize_ms = clock(lambda m=mask, pv=pv: _quantize_for_kernel(q, k, v, m, pv))
                 row = {
                     "shape": name, "heads": heads, "head_dim": head_dim, "tokens": seq,
-                    "target_density": density, "density": mask.density(), "pv_bits": bits,
+                    "target_density": density, "density": mask.density(), "pv": pv,
                     "exact_heads": exact_heads, "rel_error": error, "kernel_rel_error": kernel_error,
                     "quantize_ms": quantize_ms, "quantized_ms": quant_ms, "kernel_ms": kernel_ms,
                     "cudnn_ms": cudnn_ms, "flex_ms": flex_ms, "flex_rel_error": flex_error,
@@ -251,7 +251,7 @@ def kernel_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per shape: dense INT8 vs cuDNN, and INT8 at density 0.25 vs cuDNN, against the issue's targets."""
     targets = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        int8 = {r["target_density"]: r for r in rows if r["shape"] == shape and r["pv_bits"] == 8}
+        int8 = {r["target_density"]: r for r in rows if r["shape"] == shape and r["pv"] == "int8"}
         for density, target in ((1.0, TARGET_DENSE_INT8), (TARGET_SPARSE_DENSITY, TARGET_SPARSE_INT8)):
             if density in int8:
                 value = int8[density]["speedup_vs_cudnn"]
@@ -365,7 +365,7 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
                 flex_speed = "MISMATCH"
             lines.append(
                 f"| {r['shape']} ({r['heads']} x {r['head_dim']}, {r['tokens']:,}) | {r['target_density']} | "
-                f"{r['density']:.3f} | INT{r['pv_bits']} | {r['rel_error']:.2e} | {fmt(r['quantize_ms'])} | "
+                f"{r['density']:.3f} | {r['pv'].upper()} | {r['rel_error']:.2e} | {fmt(r['quantize_ms'])} | "
                 f"{fmt(r['quantized_ms'])} | {fmt(r['kernel_ms'])} | {fmt(r['cudnn_ms'])} | {fmt(r['flex_ms'])} | "
                 f"{fmt(r['speedup_vs_cudnn'], '.2f', 'x')} | {flex_speed} | "
                 f"{fmt(r['speedup_vs_kernel'], '.2f', 'x')} | {100 * r['quantize_share']:.0f}% | "
