@@ -10,7 +10,7 @@ the same count kept per row) at densities 1.0 and 0.25; do_bench medians in ms; 
 ||quantised - bf16 kernel|| / ||bf16 kernel||. ``pv="fp8"`` is timed with its tile products added in fp32
 (the default) and accumulated in the MMA (``quantized.FP8_ACC_IN_DOT``). The full study is
 ``benchmarks/paro.py``; this is the few-minute version for kernel work. ``--sweep`` also times the INT8
-and FP8 calls under each launch in ``LAUNCHES`` (rows per program, warps, stages: ``QUANT_LAUNCH``; K and
+and FP8 calls under each launch in ``LAUNCHES`` (rows per program, warps, stages: ``QUANT_LAUNCH``, per format; K and
 V^T tiles by TMA: ``QUANT_TMA``).
 """
 
@@ -67,7 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
-    default, default_tma = dict(quantized.QUANT_LAUNCH), quantized.QUANT_TMA
+    default = {key: dict(launch) for key, launch in quantized.QUANT_LAUNCH.items()}
+    default_tma = quantized.QUANT_TMA
     print(f"QUANT_LAUNCH {default} QUANT_TMA {default_tma}", flush=True)
     check_small()
     for heads, seq in ((12, 32760), (40, 75600)):
@@ -90,7 +91,8 @@ def main() -> None:
                 print(f"    {name}: {took:.2f} ms (quantise {t_quant:.2f}), vs bf16 kernel {t_bf16 / took:.3f}x, "
                       f"vs cudnn dense {cudnn / took:.3f}x, err_vs_bf16 {rel(out, bf16):.2e}", flush=True)
                 for rows, warps, stages, tma in LAUNCHES if args.sweep and not acc_in_dot else ():
-                    quantized.QUANT_LAUNCH.update(rows=rows, warps=warps, stages=stages)
+                    key = "fp8" if pv == "fp8" else "int"
+                    quantized.QUANT_LAUNCH[key].update(rows=rows, warps=warps, stages=stages)
                     quantized.QUANT_TMA = tma
                     launch = f"rows {rows} warps {warps} stages {stages} tma {tma}"
                     try:
@@ -100,7 +102,7 @@ def main() -> None:
                     except Exception as err:  # e.g. out of shared memory: report and go on
                         print(f"        {launch}: failed, {str(err)[:120]}", flush=True)
                     finally:
-                        quantized.QUANT_LAUNCH.update(default)
+                        quantized.QUANT_LAUNCH.update({key: dict(launch) for key, launch in default.items()})
                         quantized.QUANT_TMA = default_tma
             quantized.FP8_ACC_IN_DOT = False
 

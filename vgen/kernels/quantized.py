@@ -27,7 +27,6 @@ shows the accuracy of 4-bit PV, not compute.
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -219,10 +218,15 @@ def _quantize_triton(
 #   14B dense:   64/4/3 TMA 249.0, 64/4/2 259.0, 64/4/2 TMA 259.6, 128/8/3 270.2, 128/8/3 TMA 286.4
 #   14B 0.25:    64/4/3 TMA 64.6,  64/4/2 67.3,  64/4/2 TMA 67.3,  128/8/3 69.8
 # (ptxas for sm_90a, scripts/compile_kernels_sm90.py: with TMA, 40 B of spills at 128/8/3.)
-QUANT_LAUNCH = {"rows": 64, "warps": 4, "stages": 3}
+# pv="fp8" at 16ecb6a (`quantized_quick.py --sweep`, ms; 64 rows and 4 warps, TMA): 2 stages 10.36 / 3.01 / 173.3 /
+# 47.2 at 1.3B dense / 1.3B 0.25 / 14B dense / 14B 0.25; 3 stages 11.97 / 3.38 / 182.2 / 47.9; 4 stages and 128 rows
+# at 8 warps slower everywhere. INT8 kept its launch (3 stages 15.66 / 4.33 / 254.2 / 65.8; 2 stages 15.78 / 4.32 /
+# 266.2 / 67.7).
+QUANT_LAUNCH = {"int": {"rows": 64, "warps": 4, "stages": 3}, "fp8": {"rows": 64, "warps": 4, "stages": 2}}
 QUANT_TMA = True
 # pv="fp8": accumulate in the MMA (one instruction less per output, but Hopper's FP8 MMAs sum in reduced precision)
-# or add each key tile's product in fp32 (as SageAttention2 does). Untimed.
+# or add each key tile's product in fp32 (as SageAttention2 does). At 16ecb6a (3 stages) within 3% either way, the
+# same error against bf16: the fp32 sum stays.
 FP8_ACC_IN_DOT = False
 
 
@@ -409,8 +413,9 @@ def quantized_attention(
     lse = torch.empty((batch, heads, sq), dtype=torch.float32, device=q.device) if return_lse else out
     # On the GPU, QUANT_LAUNCH's rows per program (a divisor of the mask block) and warps; half blocks under
     # the interpreter, so that the tests cover the sub-tiling.
+    launch = QUANT_LAUNCH["fp8" if pv == "fp8" else "int"]
     if q.is_cuda:
-        rows = QUANT_LAUNCH["rows"] if block_m % QUANT_LAUNCH["rows"] == 0 else block_m
+        rows = launch["rows"] if block_m % launch["rows"] == 0 else block_m
     else:
         rows = block_m // 2
     grid = (triton.cdiv(sq, rows), batch * heads)
@@ -425,7 +430,7 @@ def quantized_attention(
         D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows,
         RETURN_LSE=return_lse, USE_TMA=use_tma, PV_FP8=pv == "fp8", ROUND_FP8=pv == "fp8" and not q.is_cuda,
         FP8_ACC_IN_DOT=FP8_ACC_IN_DOT,
-        num_warps=QUANT_LAUNCH["warps"] if q.is_cuda else 4, num_stages=QUANT_LAUNCH["stages"] if q.is_cuda else 1,
+        num_warps=launch["warps"] if q.is_cuda else 4, num_stages=launch["stages"] if q.is_cuda else 1,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
