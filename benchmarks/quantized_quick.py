@@ -38,6 +38,15 @@ def ms(fn) -> float:
 LAUNCHES = [(128, 8, 3, True), (128, 8, 2, True), (64, 4, 2, True), (64, 4, 3, True), (64, 4, 4, True)]
 
 
+# the quantiser's (warps, tokens held at once); 128 tokens at 8 warps is the launch before 99705e6's successor
+QUANTISER_LAUNCHES = [(4, 32), (8, 32), (4, 64), (8, 64), (8, 128)]
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """8-bit values (int8 or float8) as int8, to compare exactly; other tensors as they are."""
+    return x.view(torch.int8) if x.element_size() == 1 else x
+
+
 def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -66,6 +75,7 @@ def check_small() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--quantiser", action="store_true", help="also time the quantisation at QUANTISER_LAUNCHES")
     args = parser.parse_args()
     default = {key: dict(launch) for key, launch in quantized.QUANT_LAUNCH.items()}
     default_tma = quantized.QUANT_TMA
@@ -88,6 +98,19 @@ def main() -> None:
                 took = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: quantized_attention(q, k, v, m, pv=pv))
                 t_quant = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: _quantize_for_kernel(q, k, v, m, pv))
                 name = pv + (" acc_in_dot" if acc_in_dot else "")
+                usual = _quantize_for_kernel(q, k, v, mask, pv)
+                for warps, sub in QUANTISER_LAUNCHES if args.quantiser and not acc_in_dot else ():
+                    before = quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB
+                    quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB = warps, sub
+                    try:
+                        again = _quantize_for_kernel(q, k, v, mask, pv)
+                        same = all(torch.equal(bits(a), bits(b)) for a, b in zip(again, usual, strict=True))
+                        spent = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: _quantize_for_kernel(q, k, v, m, pv))
+                        print(f"        quantise {pv}, {warps} warps, {sub} tokens at once: {spent:.3f} ms, "
+                              f"same values {same}", flush=True)
+                    finally:
+                        quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB = before
+                del usual
                 print(f"    {name}: {took:.2f} ms (quantise {t_quant:.2f}), vs bf16 kernel {t_bf16 / took:.3f}x, "
                       f"vs cudnn dense {cudnn / took:.3f}x, err_vs_bf16 {rel(out, bf16):.2e}", flush=True)
                 for rows, warps, stages, tma in LAUNCHES if args.sweep and not acc_in_dot else ():

@@ -27,7 +27,7 @@ from vgen.kernels import block_sparse, fps, pooled, pyramid, quantized, selectio
 POOLED = {"Q": "*bf16", "SPARSE": "*bf16", "LSE": "*fp32", "KM": "*fp32", "VM": "*fp32", "LOGN": "*fp32",
           "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32",
           "shift": "fp32"}  # fmt: skip
-QUANTIZE_INT = {"FP8": False, "ROUND_FP8": False}
+QUANTIZE_INT = {"FP8": False, "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB}
 QUANT_INT = {"PV_FP8": False, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False}
 QUANTIZE = {"X": "*bf16", "MEAN": "*fp32", "OUT": "*i8", "SCALE": "*fp32", "levels": "fp32"}
 POOLED_FP32 = {**POOLED, "Q": "*fp32", "SPARSE": "*fp32", "OUT": "*fp32"}
@@ -104,14 +104,15 @@ KERNELS = [
     (pooled._pooled_kernel, POOLED_FP32, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 16, "ROW_BLOCK": 128,
                                           "POOLED_KEPT": False, "COMPENSATE": True, "HALF": False,
                                           "SPREAD_SHIFT": False}, 8, 1),
-    # the quantiser at quantized.QUANTIZE_WARPS (4 warps spilled 1,084-1,612 B); V to float8 e4m3 (pv="fp8")
+    # the quantiser at quantized.QUANTIZE_WARPS and QUANTIZE_SUB (whole blocks at 4 warps spilled 1,084-1,612 B);
+    # V to float8 e4m3 (pv="fp8")
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": False,
                                             "SMOOTH": True, **QUANTIZE_INT}, quantized.QUANTIZE_WARPS, 1),
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True,
                                             "SMOOTH": False, **QUANTIZE_INT}, quantized.QUANTIZE_WARPS, 1),
     (quantized._quantize_kernel, {**QUANTIZE, "OUT": "*fp8e4nv"},
      {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True, "SMOOTH": False, "FP8": True,
-      "ROUND_FP8": False}, quantized.QUANTIZE_WARPS, 1),
+      "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB}, quantized.QUANTIZE_WARPS, 1),
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
                                               "ROWS": 128, "RETURN_LSE": False, "USE_TMA": False, **QUANT_INT}, 8, 3),
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,

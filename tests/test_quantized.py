@@ -124,20 +124,21 @@ def test_quant_method_and_errors():
         create_method("quant", block_size=(16, 16))
 
 
+@pytest.mark.parametrize("block", [32, 128])  # 128: the kernel walks a block in tiles of 32 tokens
 @pytest.mark.parametrize("per_channel,smooth,transpose,bits", [
     (False, False, False, 8), (False, True, False, 8), (True, False, True, 8), (True, False, True, 4)])
-def test_triton_quantiser_matches_quantize_blocks(per_channel, smooth, transpose, bits):
+def test_triton_quantiser_matches_quantize_blocks(per_channel, smooth, transpose, bits, block):
     from vgen.kernels.quantized import _quantize_triton
 
     torch.manual_seed(bits + 2 * smooth)
-    x = torch.randn(2, 77, 3, 40) * 3 + 1  # ragged last block, head_dim below its power of two
+    x = torch.randn(2, 77 + block, 3, 40) * 3 + 1  # ragged last block, head_dim below its power of two
     x = x.cuda() if torch.cuda.is_available() else x  # the kernel itself: compiled on a GPU, interpreted here
-    expected, expected_scales = quantize_blocks(x, 32, bits, per_channel=per_channel, smooth=smooth)
-    values, scales = _quantize_triton(x, 32, bits, per_channel=per_channel, smooth=smooth, transpose=transpose)
+    expected, expected_scales = quantize_blocks(x, block, bits, per_channel=per_channel, smooth=smooth)
+    values, scales = _quantize_triton(x, block, bits, per_channel=per_channel, smooth=smooth, transpose=transpose)
     torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
     assert torch.equal(values.permute(0, 3, 1, 2) if transpose else values, expected)
     if transpose:  # rows padded to whole blocks, for aligned loads
-        assert values.shape == (2, 3, 40, 77) and values.stride(2) == 96
+        assert values.shape == (2, 3, 40, 77 + block) and values.stride(2) == -(-(77 + block) // block) * block
 
 
 def test_triton_fp8_quantiser_matches_pytorch():
@@ -153,7 +154,7 @@ def test_triton_fp8_quantiser_matches_pytorch():
     assert expected.float().abs().amax(1).sub(448).abs().max() == 0  # every channel's maximum at e4m3's largest
     restored = expected.float() * expected_scales[:, None]
     assert ((restored - x).abs() <= x.abs() / 16 + expected_scales[:, None] * 2**-9).all()
-    values, scales = _quantize_triton(x, 32, 8, transpose=True, fp8=True)
+    values, scales = _quantize_triton(x, 128, 8, transpose=True, fp8=True)  # in tiles of 32 tokens
     torch.testing.assert_close(scales, expected_scales, rtol=0, atol=0)
     assert values.shape == (2, 3, 40, 77) and values.dtype == torch.float8_e4m3fn
     assert torch.equal(values.permute(0, 3, 1, 2).float(), expected.float())

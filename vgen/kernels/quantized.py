@@ -84,7 +84,8 @@ def quantize_blocks(
 def fp8_channel_scales(x: torch.Tensor) -> torch.Tensor:
     """fp32 ``[B, H, D]``: each channel's absolute maximum over the tokens of ``x`` ``[B, S, H, D]``, over 448
     (float8 e4m3's largest value)."""
-    return (x.abs().amax(1).float() / 448.0).clamp_min(1e-12).contiguous()
+    low, high = torch.aminmax(x, dim=1)  # one pass, no |x| written out
+    return (torch.maximum(high.float(), -low.float()) / 448.0).clamp_min(1e-12).contiguous()
 
 
 def quantize_fp8_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,54 +125,73 @@ def _round_e4m3(x):
 
 
 @triton.jit
+def _quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH: tl.constexpr):
+    """Rows ``o_s`` of one (batch, head) of X as fp32, smoothed by MEAN; zeros outside."""
+    tile = (o_s < S)[:, None] & m_d[None, :]
+    b_x = tl.load(X + o_s[:, None] * s_xs + o_d[None, :], mask=tile, other=0).to(tl.float32)
+    if SMOOTH:
+        b_x = tl.where(tile, b_x - tl.load(MEAN + o_d, mask=m_d, other=0.0)[None, :], 0.0)
+    return b_x
+
+
+@triton.jit
 def _quantize_kernel(
     X, MEAN, OUT, SCALE,
     s_xb, s_xs, s_xh,
     s_ob, s_os, s_oh, s_od,
     H, S, M, levels,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr, SMOOTH: tl.constexpr,
-    FP8: tl.constexpr = False, ROUND_FP8: tl.constexpr = False,
+    FP8: tl.constexpr = False, ROUND_FP8: tl.constexpr = False, SUB: tl.constexpr = 32,
 ):
     """One (block of tokens, batch x head): what :func:`quantize_blocks` (or, with ``FP8``,
-    :func:`quantize_fp8_channels` against its scales) computes, in one pass; the output strides may
-    transpose (V is written ``[B, H, D, S]`` for the PV product)."""
+    :func:`quantize_fp8_channels` against its scales) computes; the output strides may transpose (V is
+    written ``[B, H, D, S]`` for the PV product). The block is walked in tiles of SUB tokens, twice for INT8/INT4
+    (its maximum, then the values: the second reads hit L2), so that a program holds little and many run per SM."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    o_s = i_m * BLOCK + tl.arange(0, BLOCK)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    tile = (o_s < S)[:, None] & m_d[None, :]
-    b_x = tl.load(X + i_b.to(tl.int64) * s_xb + i_h * s_xh + o_s[:, None] * s_xs + o_d[None, :], mask=tile, other=0)
-    b_x = b_x.to(tl.float32)
-    if SMOOTH:
-        b_x = tl.where(tile, b_x - tl.load(MEAN + i_bh * D + o_d, mask=m_d, other=0.0)[None, :], 0.0)
-    p_o = OUT + i_b.to(tl.int64) * s_ob + i_h * s_oh + o_s[:, None] * s_os + o_d[None, :] * s_od
+    X += i_b.to(tl.int64) * s_xb + i_h * s_xh
+    OUT += i_b.to(tl.int64) * s_ob + i_h * s_oh
+    MEAN += i_bh * D
     # divisions rounded exactly (div_rn), as PyTorch's: compiled '/' is approximate on NVIDIA GPUs, and a
     # code at a .5 boundary would then differ by one from quantize_blocks
     if FP8:  # e4m3 values against the given scale per (batch, head, channel)
-        b_y = tl.math.div_rn(b_x, tl.load(SCALE + i_bh * D + o_d, mask=m_d, other=1.0)[None, :])
-        if ROUND_FP8:  # the interpreter's cast truncates
-            b_y = _round_e4m3(b_y)
-        tl.store(p_o, b_y.to(tl.float8e4nv), mask=tile)
+        b_scale = tl.load(SCALE + i_bh * D + o_d, mask=m_d, other=1.0)
+        for i_t in range(BLOCK // SUB):
+            o_s = i_m * BLOCK + i_t * SUB + tl.arange(0, SUB)
+            b_y = tl.math.div_rn(_quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH), b_scale[None, :])
+            if ROUND_FP8:  # the interpreter's cast truncates
+                b_y = _round_e4m3(b_y)
+            p_o = OUT + o_s[:, None] * s_os + o_d[None, :] * s_od
+            tl.store(p_o, b_y.to(tl.float8e4nv), mask=(o_s < S)[:, None] & m_d[None, :])
     else:
-        b_a = tl.abs(b_x)
+        b_amax = tl.zeros([BLOCK_D], tl.float32)
+        for i_t in range(BLOCK // SUB):
+            o_s = i_m * BLOCK + i_t * SUB + tl.arange(0, SUB)
+            b_amax = tl.maximum(b_amax, tl.max(tl.abs(_quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH)), 0))
         if PER_CHANNEL:
-            b_scale = tl.maximum(tl.math.div_rn(tl.max(b_a, 0), levels), 1e-12)
+            b_scale = tl.maximum(tl.math.div_rn(b_amax, levels), 1e-12)
             tl.store(SCALE + (i_bh * M + i_m) * D + o_d, b_scale, mask=m_d)
-            b_y = tl.math.div_rn(b_x, b_scale[None, :])
         else:
-            b_scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(b_a, 1), 0), levels), 1e-12)
-            tl.store(SCALE + i_bh * M + i_m, b_scale)
-            b_y = tl.math.div_rn(b_x, b_scale + tl.zeros_like(b_x))
-        b_r = tl.where(b_y >= 0, tl.floor(b_y + 0.5), -tl.floor(0.5 - b_y))
-        b_r = tl.minimum(tl.maximum(b_r, -levels), levels)
-        tl.store(p_o, b_r.to(tl.int8), mask=tile)
+            b_scale = tl.maximum(tl.math.div_rn(tl.max(b_amax, 0), levels), 1e-12) + tl.zeros_like(b_amax)
+            tl.store(SCALE + i_bh * M + i_m, tl.max(b_scale, 0))
+        for i_t in range(BLOCK // SUB):
+            o_s = i_m * BLOCK + i_t * SUB + tl.arange(0, SUB)
+            b_y = tl.math.div_rn(_quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH), b_scale[None, :])
+            b_r = tl.where(b_y >= 0, tl.floor(b_y + 0.5), -tl.floor(0.5 - b_y))
+            b_r = tl.minimum(tl.maximum(b_r, -levels), levels)
+            p_o = OUT + o_s[:, None] * s_os + o_d[None, :] * s_od
+            tl.store(p_o, b_r.to(tl.int8), mask=(o_s < S)[:, None] & m_d[None, :])
 
 
-# Warps of the quantiser launch. Compiled for sm_90 (pointers and strides specialised as on a launch) a [128, 128]
-# block at 4 warps spilled 1,084-1,612 B per thread (Triton 3.6); at 8 warps none (240-252 registers, one program
-# per SM, as at 16 warps with 119-128 registers, where the FP8 pass spilled 8 B under Triton 3.9). Untimed.
-QUANTIZE_WARPS = 8
+# The quantiser's launch: warps, and the tokens of a block it holds at once (QUANTIZE_SUB, a divisor of the block;
+# INT8/INT4 walk the block twice). Up to 99705e6 it held a whole [128, 128] block: 1,084-1,612 B of spills per
+# thread at 4 warps (sm_90, Triton 3.6), none at 8 warps but 240-255 registers, one program per SM; the INT8 call's
+# quantisation took 0.47 ms at the 1.3B shape (16ecb6a), 4x the time its bytes need. Now, 32 tokens at 4 warps: 128
+# registers, no spills. `quantized_quick.py --quantiser` times the choices.
+QUANTIZE_WARPS = 4
+QUANTIZE_SUB = 32
 
 
 def _quantize_triton(
@@ -205,7 +225,8 @@ def _quantize_triton(
     _quantize_kernel[(blocks, batch * heads)](
         x, mean, values, scales, *_strides3(x), *strides, heads, seq, blocks, float(_LEVELS.get(bits, 0)),
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK=block, PER_CHANNEL=per_channel, SMOOTH=smooth,
-        FP8=fp8, ROUND_FP8=fp8 and not x.is_cuda, num_warps=QUANTIZE_WARPS if x.is_cuda else 4,
+        FP8=fp8, ROUND_FP8=fp8 and not x.is_cuda, SUB=min(QUANTIZE_SUB, block) if x.is_cuda else min(32, block),
+        num_warps=QUANTIZE_WARPS if x.is_cuda else 4,
     )  # fmt: skip
     return values, scales
 
