@@ -186,12 +186,16 @@ def _quantize_kernel(
 
 
 # The quantiser's launch: warps, and the tokens of a block it holds at once (QUANTIZE_SUB, a divisor of the block;
-# INT8/INT4 walk the block twice). Up to 99705e6 it held a whole [128, 128] block: 1,084-1,612 B of spills per
-# thread at 4 warps (sm_90, Triton 3.6), none at 8 warps but 240-255 registers, one program per SM; the INT8 call's
-# quantisation took 0.47 ms at the 1.3B shape (16ecb6a), 4x the time its bytes need. Now, 32 tokens at 4 warps: 128
-# registers, no spills. `quantized_quick.py --quantiser` times the choices.
+# INT8/INT4 walk the block twice). Up to 99705e6 it held a whole [128, 128] block at 8 warps (240-255 registers, one
+# program per SM; at 4 warps it spilled 1,084-1,612 B). `quantized_quick.py --quantiser` at a89e975, the whole
+# quantisation of q/k/v in ms, INT8 / FP8 PV (the FP8 V scales by one aminmax pass since a89e975):
+#   (warps, tokens)  1.3B: (4, 32) 0.66 / 0.72-0.76, (8, 32) 0.80 / 0.85, (4, 64) 0.51 / 0.61-0.66,
+#                    (8, 64) 0.57 / 0.64, (8, 128) 0.49-0.50 / 0.59;
+#                    14B: (4, 32) 2.35 / 2.19, (8, 32) 3.71 / 3.29, (4, 64) 2.23 / 2.08, (8, 64) 2.72 / 2.38,
+#                    (8, 128) 2.52 / 2.38.
+# (4, 64): the fastest at 14B (12% under the old launch), within 0.02-0.07 ms of it at 1.3B; 159-168 registers.
 QUANTIZE_WARPS = 4
-QUANTIZE_SUB = 32
+QUANTIZE_SUB = 64
 
 
 def _quantize_triton(
