@@ -44,13 +44,10 @@ BACKWARD = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp
             "DQ_ACC": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
 BACKWARD_CONSTS = {"D": 128, "BLOCK_D": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32"}
 KERNELS = [
-    # the forward at block_sparse.CUDA_TILES (CARRY_INDEX: the default), and the Q_TMA candidate
+    # the forward at block_sparse.CUDA_TILES (CARRY_INDEX: the default)
     (block_sparse._fwd_kernel, BLOCK_SPARSE,
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
-      "USE_TMA": True, "WARP_SPECIALIZE": False, "CARRY_INDEX": True, "Q_TMA": False}, 8, 3),
-    (block_sparse._fwd_kernel, BLOCK_SPARSE,
-     {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
-      "USE_TMA": True, "WARP_SPECIALIZE": False, "CARRY_INDEX": True, "Q_TMA": True}, 8, 3),
+      "USE_TMA": True, "WARP_SPECIALIZE": False, "CARRY_INDEX": True}, 8, 3),
     # the two-kernel backward at block_sparse.CUDA_TILES (BWD_CARRY_INDEX auto: off here), and with it on (3 stages)
     (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": False,
                                                "REDUCE_TMA": False, "CARRY_INDEX": False}, 4, 2),

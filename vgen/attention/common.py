@@ -89,7 +89,8 @@ def run_block_sparse(
 ) -> torch.Tensor:
     """:func:`vgen.kernels.block_sparse_attention` over the kept block pairs ``blocks`` (bool
     ``[B or 1, H or 1, Mq, Mk]``), per batch element over its first ``lengths[b]`` keys when given;
-    with ``pv`` (``"int8"``, ``"int4"`` or ``"fp8"``) the quantised kernel :func:`vgen.kernels.quantized.quantized_attention`."""
+    with ``pv`` (``"int8"``, ``"int4"`` or ``"fp8"``) the quantised kernel
+    :func:`vgen.kernels.quantized.quantized_attention`."""
     seq = q.shape[1]
 
     def attend(q, k, v, mask):

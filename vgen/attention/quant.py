@@ -1,4 +1,4 @@
-"""The `quant` method: dense attention through the quantised kernel (INT8 QK^T, INT8 or INT4 PV).
+"""The `quant` method: dense attention through the quantised kernel (INT8 QK^T; INT8, INT4 or FP8 PV).
 
 PAROAttention's arithmetic without its sparsity: every block pair is kept. It shows what the
 quantisation alone costs in quality and gains in speed (:mod:`vgen.kernels.quantized`).

@@ -55,7 +55,7 @@ def _fwd_kernel(
     H, SQ, SK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, CARRY_INDEX: tl.constexpr, Q_TMA: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr, CARRY_INDEX: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -65,13 +65,8 @@ def _fwd_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < SQ, o_d < D
-    if Q_TMA:  # straight into shared memory; rows past SQ and columns past D read as 0
-        desc_q = tl.make_tensor_descriptor(Q + i_b * s_qb + i_h * s_qh, shape=[SQ, D], strides=[s_qs, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
-        b_q = desc_q.load([i_m * BLOCK_M, 0])
-    else:
-        p_q = Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :]
-        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    p_q = Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
     n_it = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm) * SUB
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_row * s_im
@@ -324,18 +319,16 @@ WARP_SPECIALIZE = False
 # `benchmarks/ab_forward.py CARRY_INDEX --rounds 5`, on / off: 0.981-1.001 at 1.3B, 0.989-0.994 at 14B (every
 # density), outputs equal; Flex / vgen at 14B density 0.1: 1.220x on, 1.207x off.
 CARRY_INDEX = True
-# The query tile by TMA, straight into shared memory, instead of a pointer load into registers and a copy to
-# shared memory (sm_90: 217 registers against 225). The tile is still waited for before the K/V pipeline's
-# first copies are issued, so what it can save is the copy and some of the per-program fixed time that keeps
-# 1.3B at density 0.1 at 1.11x density x dense. A candidate for `benchmarks/ab_forward.py Q_TMA`; untimed, off.
-Q_TMA = False
+# (Loading the query tile by TMA instead, Q_TMA, lost its A/B at a89e975, `ab_forward.py Q_TMA --rounds 3`: on / off
+# 1.008-1.033 at 1.3B, 0.995-1.003 at 14B; removed.)
 # The same for the backward's loops (dK/dV over query tiles, dQ over key tiles), and one more pipeline stage for
 # the dK/dV kernel (3: 214 KB of shared memory fused, 132 KB not). Their gathers are pointer loads after an index
 # loaded in the step; at 2 stages the sm_90 code issues each step's copies after its products and waits for them
 # at the top of the next. H200, ff251cb, `benchmarks/ab_backward.py BWD_CARRY_INDEX --densities 1.0 0.1`, 1.3B
 # (the fused backward), backward ms off / on: 45.49 / 43.89 dense, 4.94 / 4.84 random 0.1, 5.10 / 5.00 local-3D
-# 0.1 (Flex 5.01). True / False force it; None (auto) uses it with the fused backward, the one timed; the
-# two-kernel backward (14B) is untimed with it.
+# 0.1 (Flex 5.01). True / False force it; None (auto) uses it with the fused backward only: with the two-kernel
+# backward (14B) it is slower, backward ms off / on 774.8 / 926.0 dense (16ecb6a), 78.5 / 93.6 random 0.1 and
+# 79.7 / 96.3 local-3D 0.1 (ca38e08; Flex 836.1, 85.9, 88.5).
 BWD_CARRY_INDEX: bool | None = None
 # Tried for the forward and dropped (`benchmarks/attention.py --sweep`, `benchmarks/ab_forward.py`, H200):
 # - K/V TMA descriptors built once on the host instead of by every program: as [B, S, H, D] with [1, N, 1, D]
@@ -431,8 +424,7 @@ def _launch_forward(q, k, v, block_mask, scale):
         h, sq, sk, scale * _LOG2E,
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m,
         MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
-        WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX,
-        Q_TMA=Q_TMA and use_tma and (not q.is_cuda or _tma_ok(q)), num_warps=warps, num_stages=stages,
+        WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
