@@ -10,7 +10,8 @@ the difference is made of. Random q/k/v (bf16 on the GPU), B = 1. Cases:
   the 14B shape for the 2D and 3D partitions: 7-9 ms at 4a6defb, where the scores take 0.8 ms;
 - the whole VMoBA and rectified (mass 0.7) calls at the 1.3B shape, and the block-sparse kernel on
   VMoBA's mask for comparison; the whole PSA call (default budget) and its plain variant at both shapes;
-- dense INT8 quantised attention and the bf16 block-sparse kernel at density 1 at the 1.3B shape.
+- dense INT8 quantised attention and the bf16 block-sparse kernel at density 1 at the 1.3B shape, and the
+  quantisation of q/k/v alone (INT8 and FP8 PV) there.
 
 For each case: milliseconds per call (do_bench median on the GPU, one call on the CPU), kernel
 launches per call, and the kernels (CPU: operators) that take the most time, with their share.
@@ -33,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from vgen.attention import BlockMask, VideoLayout, create_method
 from vgen.attention.vmoba import _chunk_scores, chunk_plan, select_dense_blocks
 from vgen.kernels import block_sparse_attention, permute_tokens
-from vgen.kernels.quantized import quantized_attention
+from vgen.kernels.quantized import _quantize_for_kernel, quantized_attention
 
 TOP = 12
 
@@ -125,6 +126,13 @@ def cases(shapes: dict[str, tuple[int, int, VideoLayout]], device, dtype) -> lis
         kernel = quantized_attention if quantised else block_sparse_attention
         return lambda: kernel(q, k, v, mask)
 
+    def quantisation(shape: str, pv: str) -> Callable[[], Any]:
+        heads, dim, layout = shapes[shape]
+        q, k, v = random_qkv(heads, dim, layout, device, dtype)
+        n = layout.seq_len
+        mask = BlockMask.full(1, heads, (n, n), (128, 128), device=q.device)
+        return lambda: _quantize_for_kernel(q, k, v, mask, pv)
+
     big, small = list(shapes)[-1], list(shapes)[0]
     out.append((f"vmoba selection, {big}, 2D (layer 1)", lambda: vmoba_selection(big, 1)))
     out.append((f"vmoba selection, {big}, 3D (layer 2)", lambda: vmoba_selection(big, 2)))
@@ -137,6 +145,8 @@ def cases(shapes: dict[str, tuple[int, int, VideoLayout]], device, dtype) -> lis
                     lambda shape=shape: whole(shape, "psa", proportions=(1.0, 0.0, 0.0, 0.0))))  # fmt: skip
     out.append((f"rectified whole call, mass 0.7, {small}", lambda: whole(small, "rectified", mass=0.7)))
     out.append((f"int8 quantised attention, density 1, {small}", lambda: dense_pair(small, True)))
+    for pv in ("int8", "fp8"):  # the quantisation of q/k/v alone: 20% of the FP8 call at density 0.25 (ca38e08)
+        out.append((f"{pv} quantisation of q/k/v alone, {small}", lambda pv=pv: quantisation(small, pv)))
     out.append((f"bf16 block-sparse kernel, density 1, {small}", lambda: dense_pair(small, False)))
     return out
 
