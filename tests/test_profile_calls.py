@@ -15,10 +15,10 @@ def test_smoke_report_lists_every_case_with_its_top_operators(tmp_path):
     profile_calls.main(["--smoke", "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
     labels = [r["case"] for r in report]
-    assert len(labels) == 12 and any(label.startswith("vmoba selection") for label in labels)
+    assert len(labels) == 14 and any(label.startswith("vmoba selection") for label in labels)
     for r in report:
         assert r["ms"] > 0 and r["top"], r["case"]
         shares = [t["share"] for t in r["top"]]
         assert all(0 <= s <= 1 for s in shares) and shares == sorted(shares, reverse=True)
     text = out.read_text()
-    assert text.count("#### ") == 12 and "| kernel | calls | ms | share |" in text
+    assert text.count("#### ") == 14 and "| kernel | calls | ms | share |" in text
