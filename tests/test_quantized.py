@@ -28,7 +28,9 @@ def random_mask(heads, sq, sk, block, density, seed):
 @pytest.mark.parametrize("sq,sk,dim,block", [(100, 100, 48, (32, 32)), (70, 130, 64, (32, 64))])
 def test_kernel_matches_its_reference(monkeypatch, tma, pv, sq, sk, dim, block):
     # tma: K and V^T tiles by tensor descriptors (quantized.QUANT_TMA on the GPU), forced in the interpreter;
-    # head_dim 48 reads past D and the 130 keys past SK, which must read as zeros
+    # head_dim 48 reads past D (those columns must read as zeros: they enter QK^T) and the 130 keys have a ragged
+    # last tile (masked by the scores; the interpreter reads e4m3 0x7F as 480, not NaN, so what V^T's padding
+    # holds cannot be seen here)
     monkeypatch.setattr(quantized, "_use_quant_tma", lambda k8, vt: tma)
     torch.manual_seed(sq + {"int8": 8, "int4": 4, "fp8": 3}[pv])  # int8/int4: the seeds before fp8 came
     q, k, v = torch.randn(2, sq, 2, dim), torch.randn(2, sk, 2, dim) + 2.0, torch.randn(2, sk, 2, dim)
@@ -158,3 +160,23 @@ def test_triton_fp8_quantiser_matches_pytorch():
     torch.testing.assert_close(scales, expected_scales, rtol=0, atol=0)
     assert values.shape == (2, 3, 40, 77) and values.dtype == torch.float8_e4m3fn
     assert torch.equal(values.permute(0, 3, 1, 2).float(), expected.float())
+
+
+def test_fp8_reference_follows_the_kernels_visiting_order():
+    """FP8 PV rounds P against the running maximum, which depends on the order the key blocks are walked in
+    (the mask's index lists): with each row's list reversed the kernel still matches its reference, and the
+    result differs from the ascending walk's by more than float rounding."""
+    import dataclasses
+
+    torch.manual_seed(9)
+    q, k, v = torch.randn(1, 128, 2, 32), torch.randn(1, 192, 2, 32) * 2, torch.randn(1, 192, 2, 32)
+    mask = random_mask(2, 128, 192, (32, 32), 0.8, seed=5)
+    indices, counts = mask.kv_indices.clone(), mask.kv_num_blocks
+    for row in counts.flatten().nonzero()[:, 0].tolist():
+        h, m = divmod(row, counts.shape[-1])
+        indices[0, h, m, : counts[0, h, m]] = indices[0, h, m, : counts[0, h, m]].flip(0)
+    walked_back = dataclasses.replace(mask, kv_indices=indices)
+    out = quantized_attention(q, k, v, walked_back, pv="fp8")
+    torch.testing.assert_close(out, quantized_attention_reference(q, k, v, walked_back, pv="fp8"), atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+    assert (out - quantized_attention(q, k, v, mask, pv="fp8")).abs().max() > 1e-4

@@ -95,7 +95,8 @@ VMOBA = {"block_size": (16, 16), "temporal_chunk": 1, "spatial_chunk": (4, 4), "
 # (method, config, layer, step): vmoba's three partitions (1D is in order; 2D and 3D permute the tokens),
 # a dense warm-up step of vmoba, a static window, dense, rectified (the ring, then its pooled correction
 # with every rank's pooled values; both ways of weighing the kept part), psa, dense warm-up steps of both,
-# and the quantised dense method (every step smooths its keys by the whole sequence's mean)
+# and the quantised dense method (every step smooths its keys by the whole sequence's mean; with FP8 PV close to
+# one process, not equal)
 WINDOW = {"window": (1, 3, 3), "block_size": (16, 16)}
 METHOD_CASES = [("vmoba", VMOBA, 0, 0), ("vmoba", VMOBA, 1, 0), ("vmoba", VMOBA, 2, 0),
                 ("vmoba", {**VMOBA, "dense_steps": 1}, 1, 0), ("window", WINDOW, 0, 0),
@@ -104,7 +105,8 @@ METHOD_CASES = [("vmoba", VMOBA, 0, 0), ("vmoba", VMOBA, 1, 0), ("vmoba", VMOBA,
                 ("psa", {"budget": 0.5}, 0, 0), ("psa", {"budget": 0.5, "dense_steps": 1}, 0, 0),
                 ("rectified", {"block_size": 16, "mass": 0.5, "dense_steps": 1}, 0, 0),
                 ("quant", {"block_size": (32, 32)}, 0, 0), ("quant", {"block_size": (32, 64), "pv": "int4"}, 0, 0),
-                ("quant", {"block_size": (32, 32), "dense_steps": 1}, 0, 0)]  # fmt: skip
+                ("quant", {"block_size": (32, 32), "dense_steps": 1}, 0, 0),
+                ("quant", {"block_size": (32, 32), "pv": "fp8"}, 0, 0)]  # fmt: skip
 LAYOUT = VideoLayout(4, 12, 10)  # 480 tokens: a ragged 128-token block
 
 
@@ -151,6 +153,9 @@ def test_methods_over_two_ranks_match_one_process(tmp_path):
         # q and k are gathered only for a selection that reads them: not for dense, window or warm-up steps
         reads = name not in ("dense", "window") and step >= config.get("dense_steps", 0)
         assert (gathered[0][1][i] > 0) == reads, (name, config, gathered[0][1][i])
+        if config.get("pv") == "fp8":  # each ring step scales its own V and rounds P against its own running maximum
+            assert ((got - want).norm() / want.norm()).item() < 0.05, config  # FP8 PV alone is ~4% from exact (test_quantized)
+            continue
         torch.testing.assert_close(
             got, want, atol=2e-5, rtol=2e-5, msg=lambda m, n=name, c=config, i=layer: f"{n} {c} layer {i}: {m}"
         )

@@ -327,8 +327,8 @@ CARRY_INDEX = True
 # at the top of the next. H200, ff251cb, `benchmarks/ab_backward.py BWD_CARRY_INDEX --densities 1.0 0.1`, 1.3B
 # (the fused backward), backward ms off / on: 45.49 / 43.89 dense, 4.94 / 4.84 random 0.1, 5.10 / 5.00 local-3D
 # 0.1 (Flex 5.01). True / False force it; None (auto) uses it with the fused backward only: with the two-kernel
-# backward (14B) it is slower, backward ms off / on 774.8 / 926.0 dense (16ecb6a), 78.5 / 93.6 random 0.1 and
-# 79.7 / 96.3 local-3D 0.1 (ca38e08; Flex 836.1, 85.9, 88.5).
+# backward (14B) it is slower, backward ms off / on 774.8 / 926.0 dense (16ecb6a; Flex 836.1), 78.5 / 93.6 random
+# 0.1 and 79.7 / 96.3 local-3D 0.1 (ca38e08; Flex 85.9, 88.5).
 BWD_CARRY_INDEX: bool | None = None
 # Tried for the forward and dropped (`benchmarks/attention.py --sweep`, `benchmarks/ab_forward.py`, H200):
 # - K/V TMA descriptors built once on the host instead of by every program: as [B, S, H, D] with [1, N, 1, D]

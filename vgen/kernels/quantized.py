@@ -1,4 +1,4 @@
-"""Quantised block-sparse attention (forward only): INT8 QK^T, and PV with INT8 or INT4 values.
+"""Quantised block-sparse attention (forward only): INT8 QK^T, and PV with INT8, INT4 or FP8 (e4m3) values.
 
 This is how PAROAttention computes attention, also usable dense with a full mask. It has three
 steps:
@@ -7,17 +7,21 @@ steps:
    head, mask block) from the block's absolute maximum. K is first smoothed: its mean over the
    tokens is subtracted per (batch, head). That shifts every logit of a query row by the same
    amount, so the softmax is unchanged, and it takes out the shared offset that would otherwise
-   use up INT8's range. V gets one scale per (batch, head, key block, channel), with values in
-   [-127, 127] for INT8 or [-7, 7] for INT4.
+   use up INT8's range. For INT8/INT4 PV, V gets one scale per (batch, head, key block, channel),
+   with values in [-127, 127] or [-7, 7]; for FP8 PV, one scale per (batch, head, channel) over
+   all tokens (:func:`quantize_fp8_channels`), with float8 e4m3 values.
 2. Walk the kept key blocks with an online softmax, as in
    :func:`vgen.kernels.block_sparse_attention`:
    - The scores are ``dot(q_i8, k_i8) -> int32``, times the two scales.
-   - The probabilities are ``p = exp2(s - m)`` in [0, 1]. Each row of each key tile is quantised
-     against that row's maximum in the tile, to ``round(p / max * P)`` with P = 127 (INT8) or
-     7 (INT4). The ratio does not depend on the running maximum, and a tile far below the row's
-     peak keeps its resolution.
-   - ``dot(p_q, v_q) -> int32`` is dequantised per channel and accumulated in fp32. The row
-     sums use the same quantised p, so the normalisation matches the weights that were applied.
+   - INT8/INT4: the probabilities ``p = exp2(s - m)`` in [0, 1] are quantised per row of each key
+     tile against that row's maximum in the tile, to ``round(p / max * P)`` with P = 127 (INT8)
+     or 7 (INT4). The ratio does not depend on the running maximum, and a tile far below the
+     row's peak keeps its resolution. ``dot(p_q, v_q) -> int32`` is dequantised per channel and
+     accumulated in fp32. The row sums use the same quantised p, so the normalisation matches
+     the weights that were applied.
+   - FP8: ``448 * exp2(s - m)`` (448 is e4m3's largest value; the factor sits in the exponent)
+     is cast straight to e4m3 and ``dot(p8, v8)`` accumulates in fp32, one key tile at a time; the
+     row sums use the unrounded p, and V's scales are applied once at the end.
 3. Divide by the row sums, and store in q's dtype.
 
 INT4 values run on the INT8 tensor cores: Hopper has no INT4 MMA, so INT4 saves storage and
@@ -193,7 +197,8 @@ def _quantize_kernel(
 #                    (8, 64) 0.57 / 0.64, (8, 128) 0.49-0.50 / 0.59;
 #                    14B: (4, 32) 2.35 / 2.19, (8, 32) 3.71 / 3.29, (4, 64) 2.23 / 2.08, (8, 64) 2.72 / 2.38,
 #                    (8, 128) 2.52 / 2.38.
-# (4, 64): the fastest at 14B (12% under the old launch), within 0.02-0.07 ms of it at 1.3B; 159-168 registers.
+# (4, 64): the fastest at 14B (12% under (8, 128); the one-pass kernel before took 2.27 / 2.62 ms at 16ecb6a), and
+# within 0.02-0.07 ms of (8, 128) at 1.3B (the one-pass kernel: 0.47 / 0.61 ms); 159-168 registers.
 QUANTIZE_WARPS = 4
 QUANTIZE_SUB = 64
 
@@ -229,7 +234,7 @@ def _quantize_triton(
     _quantize_kernel[(blocks, batch * heads)](
         x, mean, values, scales, *_strides3(x), *strides, heads, seq, blocks, float(_LEVELS.get(bits, 0)),
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK=block, PER_CHANNEL=per_channel, SMOOTH=smooth,
-        FP8=fp8, ROUND_FP8=fp8 and not x.is_cuda, SUB=min(QUANTIZE_SUB, block) if x.is_cuda else min(32, block),
+        FP8=fp8, ROUND_FP8=fp8 and not x.is_cuda, SUB=math.gcd(QUANTIZE_SUB if x.is_cuda else 32, block),
         num_warps=QUANTIZE_WARPS if x.is_cuda else 4,
     )  # fmt: skip
     return values, scales
@@ -250,7 +255,7 @@ def _quantize_triton(
 QUANT_LAUNCH = {"int": {"rows": 64, "warps": 4, "stages": 3}, "fp8": {"rows": 64, "warps": 4, "stages": 2}}
 QUANT_TMA = True
 # pv="fp8": accumulate in the MMA (one instruction less per output, but Hopper's FP8 MMAs sum in reduced precision)
-# or add each key tile's product in fp32 (as SageAttention2 does). At 16ecb6a (3 stages) within 3% either way; at the
+# or add each key tile's product in fp32 (as SageAttention2 does). At 16ecb6a (3 stages) within 4% either way; at the
 # 2-stage default (a89e975) 5-18% slower in the MMA; the same error against bf16. The fp32 sum stays.
 FP8_ACC_IN_DOT = False
 
