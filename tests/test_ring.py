@@ -153,8 +153,10 @@ def test_methods_over_two_ranks_match_one_process(tmp_path):
         # q and k are gathered only for a selection that reads them: not for dense, window or warm-up steps
         reads = name not in ("dense", "window") and step >= config.get("dense_steps", 0)
         assert (gathered[0][1][i] > 0) == reads, (name, config, gathered[0][1][i])
-        if config.get("pv") == "fp8":  # each ring step scales its own V and rounds P against its own running maximum
-            assert ((got - want).norm() / want.norm()).item() < 0.05, config  # FP8 PV alone is ~4% from exact (test_quantized)
+        # FP8 PV: each ring step scales its own V and rounds P against its own running maximum (and FP8 PV alone
+        # is about 4% from exact attention on random inputs, test_quantized)
+        if config.get("pv") == "fp8":
+            assert ((got - want).norm() / want.norm()).item() < 0.05, config
             continue
         torch.testing.assert_close(
             got, want, atol=2e-5, rtol=2e-5, msg=lambda m, n=name, c=config, i=layer: f"{n} {c} layer {i}: {m}"
