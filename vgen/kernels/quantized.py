@@ -311,16 +311,19 @@ def _quant_fwd_kernel(
             b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0)
             b_vt = tl.load(VT + o_d[:, None] * s_vd + o_n[None, :], mask=m_d[:, None] & m_n[None, :], other=0.0)
         # |q8 . k8| <= 127^2 * 256 < 2^22: the exact magic-number conversion applies
-        b_s = _i32_to_f32(tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32)) * (q_scale * tl.load(KS + i_bh * MK + j))
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        # the integer scores; their scale c > 0 is applied to the row maxima and inside the exponent's multiply-add
+        # (max(x) * c rounds to max(x * c): the same values as scaling every score first, one multiply fewer each)
+        b_x = _i32_to_f32(tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32))
+        c = q_scale * tl.load(KS + i_bh * MK + j)
+        b_x = tl.where(m_n[None, :], b_x, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_x, 1) * c)
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
         b_alpha = tl.exp2(b_m - b_m_safe)
         if PV_FP8:
             # p * 448 (e4m3's largest value; the factor is folded into the exponent and cancels in the final
             # division) straight to e4m3: no per-tile scale, no integer conversion; the row sums use p
             # unrounded, V's per-channel scale is applied once at the end
-            b_p = tl.exp2(b_s - (b_m_safe - _LOG2_448)[:, None])
+            b_p = tl.exp2(b_x * c - (b_m_safe - _LOG2_448)[:, None])
             b_l = b_l * b_alpha + tl.sum(b_p, 1)
             if ROUND_FP8:  # the interpreter's float -> e4m3 cast truncates; round as the GPU's cvt.rn does
                 b_p = _round_e4m3(b_p)
@@ -329,7 +332,7 @@ def _quant_fwd_kernel(
             else:  # each tile's product on its own, added in fp32
                 b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(tl.float8e4nv), tl.trans(b_vt))
         else:
-            b_p = tl.exp2(b_s - b_m_safe[:, None])
+            b_p = tl.exp2(b_x * c - b_m_safe[:, None])
             # P is quantised per (row, key tile) against the tile row's maximum: p / max does not depend on
             # the running maximum, and tiles far below the row's maximum keep their resolution
             b_pmax = tl.maximum(tl.max(b_p, 1), 1e-30)
