@@ -2,6 +2,7 @@
 
     python3 benchmarks/profile_calls.py --out $OUT/profile.md          # the GPU: about a minute
     python3 benchmarks/profile_calls.py --smoke --out build/profile.md  # the CPU, tiny shapes (a test runs it)
+    python3 benchmarks/profile_calls.py --only psa --set selection.RADIX_COUNT=1 --out $OUT/radix.md  # a setting
 
 The benchmarks time whole calls; when a call is slower than its kernel, this says which launches
 the difference is made of. Random q/k/v (bf16 on the GPU), B = 1. Cases:
@@ -151,12 +152,30 @@ def cases(shapes: dict[str, tuple[int, int, VideoLayout]], device, dtype) -> lis
     return out
 
 
+def set_flag(setting: str) -> None:
+    """``MODULE.FLAG=0|1``: set the boolean ``vgen.kernels.MODULE.FLAG``; a clear error for anything else."""
+    import importlib
+
+    name, _, value = setting.partition("=")
+    module, _, flag = name.rpartition(".")
+    if not module or value not in ("0", "1"):
+        raise SystemExit(f"--set takes MODULE.FLAG=0|1 (a vgen.kernels module's boolean), got {setting!r}")
+    target = importlib.import_module(f"vgen.kernels.{module}")
+    if not isinstance(getattr(target, flag, None), bool):
+        raise SystemExit(f"--set: vgen.kernels.{module} has no boolean {flag!r}")
+    setattr(target, flag, value == "1")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the markdown report (a .json beside it)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--only", help="run the cases whose label contains this text")
+    parser.add_argument("--set", action="append", default=[], metavar="MODULE.FLAG=0|1",
+                        help="a boolean setting of vgen.kernels.MODULE for the run, e.g. selection.RADIX_COUNT=1")
     args = parser.parse_args(argv)
+    for setting in args.set:
+        set_flag(setting)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -180,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
     what = "GPU kernels (self device time)" if cuda else "CPU operators (self time)"
     lines = [f"### Kernel profile of slow paths ({'GPU' if cuda else 'CPU smoke'}), {time.strftime('%Y-%m-%d')}", "",
-             f"Command: `python3 benchmarks/profile_calls.py{' --smoke' if args.smoke else ''} --out ...`; "
+             f"Command: `python3 benchmarks/profile_calls.py{' --smoke' if args.smoke else ''}"
+             f"{''.join(f' --set {x}' for x in args.set)}{f' --only {args.only!r}' if args.only else ''} --out ...`; "
              f"torch {torch.__version__}; {dtype} random q/k/v; {time.time() - began:.0f} s in all. "
              f"Per case: ms per call and the {TOP} {what} with the most time per call.", ""]  # fmt: skip
     for r in report:

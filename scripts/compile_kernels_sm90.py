@@ -82,6 +82,10 @@ KERNELS = [
      {"CHUNK": 2048, "BLOCK": 1024, "LEVELS": True}, 4, 1),
     (selection._cut_apply_kernel, {"S": "*fp32", "CUT": "*i64", "OUT": "*i8", "offset": "i32"},
      {"CHUNK": 2048, "BLOCK": 1024, "LEVELS": False}, 4, 1),
+    # the radix select for cuts by count (selection.RADIX_COUNT, a candidate)
+    (selection._radix_hist_kernel, {"S": "*fp32", "PREFIX": "*i64", "HIST": "*i32"},
+     {"SHIFT": 16, "CHUNK": 2048, "SUB": 1024}, 4, 1),
+    (selection._radix_pick_kernel, {"PREFIX": "*i64", "NEED": "*i64", "HIST": "*i32"}, {}, 1, 1),
     (selection._compact_rows_kernel, {"DENSE": "*i8", "COUNT": "*i32", "INDICES": "*i32"}, {"BLOCK": 256}, 4, 1),
     # half inputs: tensor-core tiles (pooled_correction's launch for bf16/fp16)
     (pooled._pooled_kernel, POOLED, {"D": 64, "BLOCK_D": 64, "BLOCK_M": 32, "BLOCK_N": 32, "ROW_BLOCK": 128,

@@ -22,3 +22,16 @@ def test_smoke_report_lists_every_case_with_its_top_operators(tmp_path):
         assert all(0 <= s <= 1 for s in shares) and shares == sorted(shares, reverse=True)
     text = out.read_text()
     assert text.count("#### ") == 14 and "| kernel | calls | ms | share |" in text
+
+
+def test_set_flag_sets_a_kernel_boolean_and_names_bad_input(monkeypatch):
+    import pytest
+
+    import vgen.kernels.selection as selection
+
+    monkeypatch.setattr(selection, "RADIX_COUNT", False)
+    profile_calls.set_flag("selection.RADIX_COUNT=1")
+    assert selection.RADIX_COUNT is True
+    for bad, message in (("selection.RADIX_COUNT=yes", "MODULE.FLAG=0|1"), ("selection.NOPE=1", "no boolean 'NOPE'")):
+        with pytest.raises(SystemExit, match=message):
+            profile_calls.set_flag(bad)

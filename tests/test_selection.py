@@ -138,10 +138,14 @@ def test_many_program_cut_matches_a_sort(threshold, count):
     assert torch.equal(got, global_cut(scores, threshold=threshold, count=count))  # the one-program bisection
 
 
+@pytest.mark.parametrize("radix", [False, True], ids=["pivots", "radix"])
 @pytest.mark.parametrize("count", [3, 6, 9])
-def test_cuts_treat_signed_zeros_as_one_value(count):
-    """-0.0 and +0.0 are one score to both cut paths (the parallel one compares values, the other keys)."""
+def test_cuts_treat_signed_zeros_as_one_value(count, radix, monkeypatch):
+    """-0.0 and +0.0 are one score to every cut path (the parallel one compares values, the others keys)."""
+    import vgen.kernels.selection as selection
     from vgen.kernels.selection import _global_cut_parallel
+
+    monkeypatch.setattr(selection, "RADIX_COUNT", radix)
 
     scores = torch.tensor([1.0, 2.0, -0.0, 0.0, -0.0, 0.0, -1.0, -3.0, 0.5, -0.0]).repeat(2, 1, 1)
     expected = scores >= sorted(scores[0, 0].tolist(), reverse=True)[count - 1]  # ties at the cut all kept
@@ -151,11 +155,15 @@ def test_cuts_treat_signed_zeros_as_one_value(count):
     assert torch.equal(parallel.view(scores.shape), expected)
 
 
+@pytest.mark.parametrize("radix", [False, True], ids=["pivots", "radix"])
 @pytest.mark.parametrize("counts", [(3, 40, 41, 200), (0, 7, 7, 500), (-2, 1, 1000, 2000)])
-def test_count_levels_matches_one_cut_per_count(counts, monkeypatch):
-    """Several cuts in one search: the same levels as one global_cut per count, ties at a cut kept."""
+def test_count_levels_matches_one_cut_per_count(counts, radix, monkeypatch):
+    """Several cuts in one search (the pivot search, or the radix select: RADIX_COUNT): the same levels as one
+    global_cut per count, ties at a cut kept."""
     import vgen.kernels.selection as selection
     from vgen.kernels.selection import count_levels
+
+    monkeypatch.setattr(selection, "RADIX_COUNT", radix)
 
     torch.manual_seed(sum(counts) % 97)
     scores = torch.randn(2, 3, 30, 41)
@@ -199,3 +207,25 @@ def test_cuts_of_a_strided_view(monkeypatch):
                        + (~global_cut_reference(scores, count=300)).long())  # fmt: skip
     monkeypatch.setattr(selection, "PARALLEL_CUT_ENTRIES", 512)  # the many-program path at this size
     assert torch.equal(global_cut(scores, threshold=0.5), global_cut_reference(scores, threshold=0.5))
+
+
+@pytest.mark.parametrize("counts", [(1,), (1, 2, 600, 1999, 2000), (7, 7, 1500)])
+def test_radix_count_search_finds_the_pivot_searchs_cuts(counts):
+    """The radix select (8 bits a pass) and the pivot search give the same key for every count: ties, signed
+    zeros, a constant slice, values of every magnitude and sign."""
+    from vgen.kernels.selection import _cut_search, _radix_count_search
+
+    torch.manual_seed(len(counts))
+    flat = torch.randn(4, 2000) * 4
+    flat[0, :300] = flat[0, 300:600]  # ties
+    flat[1, ::3] = 0.0
+    flat[1, 1::3] = -0.0
+    flat[2] = 1.5  # one value throughout
+    flat[3] = torch.randn(2000) * torch.logspace(-30, 30, 2000)  # tiny to huge, both signs
+    radix = _radix_count_search(flat, 256, counts)
+    assert radix.shape == (4, len(counts)) and torch.equal(radix, _cut_search(flat, 256, counts=counts))
+    # the key is that of the count-th largest score
+    for i, c in enumerate(counts):
+        value = (flat + 0.0).sort(-1, descending=True).values[:, c - 1]
+        keys = value.view(torch.int32).long()
+        assert torch.equal(radix[:, i], torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys))

@@ -368,6 +368,69 @@ def _cut_search(
     return lo.view(slices, cuts)
 
 
+# A cut by count is the key of a slice's c-th largest score: found exactly by a radix select, 8 bits a pass from
+# the top (4 passes against the pivot search's 6), each pass one histogram of 256 bins per (slice, count) over the
+# scores that share the bits chosen so far. Same cuts as the pivot search (tests check that). RADIX_COUNT picks it
+# for counts (psa's levels, top-k cuts); a candidate: the pivot search's cut took 9.7 ms of psa's 80.5 ms call at
+# 14B (results/profile_calls-2c222a3.md). Untimed, off.
+RADIX_COUNT = False
+
+
+@triton.jit
+def _radix_hist_kernel(
+    S, PREFIX, HIST, N, G,
+    SHIFT: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+):  # fmt: skip
+    """Program (slice x count, chunk): adds to HIST[slice x count] the 256-bin histogram of the digit
+    (key >> SHIFT) & 255 of the chunk's scores whose higher bits equal PREFIX[slice x count]. Keys are the
+    scores' order keys as unsigned 32-bit values (in int64)."""
+    i_sg, i_c = tl.program_id(0), tl.program_id(1)
+    base = S + (i_sg // G).to(tl.int64) * N
+    prefix = tl.load(PREFIX + i_sg)
+    hist = tl.zeros([256], tl.int32)
+    for start in range(0, CHUNK, SUB):
+        o = i_c * CHUNK + start + tl.arange(0, SUB)
+        m = (o < N) & (start + tl.arange(0, SUB) < CHUNK)
+        key = _order_key(tl.load(base + o, mask=m, other=0.0) + 0.0).to(tl.int64) + 2147483648
+        match = m & ((key >> (SHIFT + 8)) == prefix)
+        hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=match)
+    tl.atomic_add(HIST + i_sg * 256 + tl.arange(0, 256), hist)
+
+
+@triton.jit
+def _radix_pick_kernel(PREFIX, NEED, HIST):
+    """Per slice x count: the digit whose bin holds the NEED-th largest of the matching scores; the prefix
+    takes it, and NEED drops by the scores in the bins above."""
+    i_sg = tl.program_id(0)
+    hist = tl.load(HIST + i_sg * 256 + tl.arange(0, 256)).to(tl.int64)
+    need = tl.load(NEED + i_sg)
+    at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # scores in this bin or above, falling with the bin
+    digit = tl.sum((at_least >= need).to(tl.int64), 0) - 1
+    above = tl.sum(tl.where(tl.arange(0, 256) > digit, hist, 0), 0)
+    tl.store(PREFIX + i_sg, tl.load(PREFIX + i_sg) * 256 + digit)
+    tl.store(NEED + i_sg, need - above)
+
+
+def _radix_count_search(flat: torch.Tensor, chunk: int, counts: Sequence[int]) -> torch.Tensor:
+    """int64 ``[BH, G]``: per slice of fp32 ``flat`` ``[BH, N]``, the order key of its ``counts[g]``-th largest
+    score (each count in [1, N]), as :func:`_cut_search` finds it, by a radix select: 9 launches, no host
+    synchronisation."""
+    slices, n = flat.shape
+    cuts = len(counts)
+    device = flat.device
+    prefix = torch.zeros(slices * cuts, dtype=torch.int64, device=device)
+    need = torch.empty(cuts, dtype=torch.int64, device=device)
+    for i, c in enumerate(counts):  # fill_ stays on the device (a tensor from a list would copy and sync)
+        need[i : i + 1].fill_(int(c))
+    need = need.repeat(slices)
+    hist = torch.zeros(4, slices * cuts, 256, dtype=torch.int32, device=device)
+    for i, shift in enumerate((24, 16, 8, 0)):
+        _radix_hist_kernel[(slices * cuts, triton.cdiv(n, chunk))](flat, prefix, hist[i], n, cuts, SHIFT=shift,
+                                                                    CHUNK=chunk, SUB=1024, num_warps=4)  # fmt: skip
+        _radix_pick_kernel[(slices * cuts,)](prefix, need, hist[i], num_warps=1)
+    return (prefix - 2147483648).view(slices, cuts)
+
+
 def _apply_cuts(flat: torch.Tensor, cuts: torch.Tensor, chunk: int, levels: bool, offset: int = 0) -> torch.Tensor:
     """:func:`_cut_apply_kernel` over ``flat`` ``[BH, N]``: int64 levels, or the bool kept entries of one cut."""
     slices, n = flat.shape
@@ -382,7 +445,10 @@ def _global_cut_parallel(flat: torch.Tensor, threshold: float | None, count: int
     """bool ``[BH, N]``: :func:`global_cut` of fp32 ``flat`` by the many-program pivot search (about 15 launches:
     chunk statistics, the searches' set-up, the passes, the keep test)."""
     flat = flat.contiguous()  # the kernels address slice i at i * N
-    cuts = _cut_search(flat, chunk, threshold=threshold, counts=() if count is None else (count,))
+    if count is not None and RADIX_COUNT:
+        cuts = _radix_count_search(flat, chunk, (count,))
+    else:
+        cuts = _cut_search(flat, chunk, threshold=threshold, counts=() if count is None else (count,))
     return _apply_cuts(flat, cuts, chunk, levels=False)
 
 
@@ -440,7 +506,10 @@ def count_levels(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     offset = sum(c <= 0 for c in counts)
     if not searched:
         return torch.full(scores.shape, offset, dtype=torch.long, device=scores.device)
-    cuts = _cut_search(flat, _CHUNK, counts=searched)  # [BH, G]
+    if RADIX_COUNT:
+        cuts = _radix_count_search(flat, _CHUNK, searched)  # [BH, G]
+    else:
+        cuts = _cut_search(flat, _CHUNK, counts=searched)
     return _apply_cuts(flat, cuts, _CHUNK, levels=True, offset=offset).view(scores.shape)
 
 
