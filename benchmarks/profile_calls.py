@@ -119,20 +119,19 @@ def cases(shapes: dict[str, tuple[int, int, VideoLayout]], device, dtype) -> lis
         mask = method.last_mask
         return lambda: block_sparse_attention(q, k, v, mask)
 
-    def dense_pair(shape: str, quantised: bool) -> Callable[[], Any]:
+    def on_full_mask(shape: str, call: Callable[..., Any]) -> Callable[[], Any]:
+        """``call(q, k, v, mask)`` on random q/k/v with every block pair kept."""
         heads, dim, layout = shapes[shape]
         q, k, v = random_qkv(heads, dim, layout, device, dtype)
         n = layout.seq_len
         mask = BlockMask.full(1, heads, (n, n), (128, 128), device=q.device)
-        kernel = quantized_attention if quantised else block_sparse_attention
-        return lambda: kernel(q, k, v, mask)
+        return lambda: call(q, k, v, mask)
+
+    def dense_pair(shape: str, quantised: bool) -> Callable[[], Any]:
+        return on_full_mask(shape, quantized_attention if quantised else block_sparse_attention)
 
     def quantisation(shape: str, pv: str) -> Callable[[], Any]:
-        heads, dim, layout = shapes[shape]
-        q, k, v = random_qkv(heads, dim, layout, device, dtype)
-        n = layout.seq_len
-        mask = BlockMask.full(1, heads, (n, n), (128, 128), device=q.device)
-        return lambda: _quantize_for_kernel(q, k, v, mask, pv)
+        return on_full_mask(shape, lambda q, k, v, mask: _quantize_for_kernel(q, k, v, mask, pv))
 
     big, small = list(shapes)[-1], list(shapes)[0]
     out.append((f"vmoba selection, {big}, 2D (layer 1)", lambda: vmoba_selection(big, 1)))

@@ -41,13 +41,13 @@ from vgen.attention.layout import VideoLayout
 from vgen.attention.registry import AttentionMethod, MethodConfig, SparsePlan, register_method
 from vgen.kernels import permute_tokens, unpermute_tokens
 from vgen.kernels.permute import axis_order
-from vgen.kernels.quantized import quantized_attention
+from vgen.kernels.quantized import _PV_FORMATS, quantized_attention
 
 __all__ = ["AXIS_ORDERS", "ParoCalibration", "PAROAttention", "PAROConfig", "block_mass", "calibrate_paro"]
 
 AXIS_ORDERS: tuple[str, ...] = ("thw", "twh", "htw", "hwt", "wth", "wht")
 _FORMAT = "vgen-paro-calibration/1"
-_QUANT_PV = {"int8": "int8", "int4": "int4", "fp8": "fp8", "none": None}
+_QUANTS = (*_PV_FORMATS, "none")  # a PV format of the quantised kernel, or the bf16/fp16 kernel
 
 
 def _block_of(perm: torch.Tensor, block: int) -> torch.Tensor:
@@ -210,8 +210,8 @@ class PAROConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.quant not in _QUANT_PV:
-            raise ValueError(f"quant must be one of {', '.join(_QUANT_PV)}, got {self.quant!r}")
+        if self.quant not in _QUANTS:
+            raise ValueError(f"quant must be one of {', '.join(_QUANTS)}, got {self.quant!r}")
         if not isinstance(self.calibration, str | Path) or not str(self.calibration):
             raise ValueError("calibration must be the path of a file made by `vgen calibrate paro`")
         object.__setattr__(self, "calibration", str(self.calibration))
@@ -228,6 +228,7 @@ class PAROAttention(AttentionMethod):
         super().__init__(config)
         self.calibration = ParoCalibration.load(config.calibration)
         self._device_cache: dict[tuple[Any, ...], Any] = {}
+        self._pv = None if config.quant == "none" else config.quant  # the quantised kernel's PV format
 
     def _perm(self, layout: VideoLayout, layer: int, device: torch.device) -> torch.Tensor:
         key = ("perm", layout, layer, device)
@@ -266,7 +267,7 @@ class PAROAttention(AttentionMethod):
         self.last_density = density
         block = self.calibration.meta["block_size"]
         q, k, v = (permute_tokens(x, perm) for x in (q, k, v))
-        out = run_block_sparse(q, k, v, dense, (block, block), scale, lengths, pv=_QUANT_PV[self.config.quant])
+        out = run_block_sparse(q, k, v, dense, (block, block), scale, lengths, pv=self._pv)
         return unpermute_tokens(out, perm)
 
     def sparse_plan(
@@ -292,7 +293,7 @@ class PAROAttention(AttentionMethod):
             return None
         block = plan.mask.block_size
         part = BlockMask.from_dense(plan.extra["dense"][..., rows, cols].contiguous(), block, (q.shape[1], k.shape[1]))
-        return quantized_attention(q, k, v, part, scale=plan.extra["scale"], pv=_QUANT_PV[self.config.quant],
+        return quantized_attention(q, k, v, part, scale=plan.extra["scale"], pv=self._pv,
                                    k_mean=plan.extra["k_mean"], return_lse=True)  # fmt: skip
 
 

@@ -162,14 +162,7 @@ def _quantize_kernel(
     # code at a .5 boundary would then differ by one from quantize_blocks
     if FP8:  # e4m3 values against the given scale per (batch, head, channel)
         b_scale = tl.load(SCALE + i_bh * D + o_d, mask=m_d, other=1.0)
-        for i_t in range(BLOCK // SUB):
-            o_s = i_m * BLOCK + i_t * SUB + tl.arange(0, SUB)
-            b_y = tl.math.div_rn(_quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH), b_scale[None, :])
-            if ROUND_FP8:  # the interpreter's cast truncates
-                b_y = _round_e4m3(b_y)
-            p_o = OUT + o_s[:, None] * s_os + o_d[None, :] * s_od
-            tl.store(p_o, b_y.to(tl.float8e4nv), mask=(o_s < S)[:, None] & m_d[None, :])
-    else:
+    else:  # the block's maximum first
         b_amax = tl.zeros([BLOCK_D], tl.float32)
         for i_t in range(BLOCK // SUB):
             o_s = i_m * BLOCK + i_t * SUB + tl.arange(0, SUB)
@@ -180,13 +173,18 @@ def _quantize_kernel(
         else:
             b_scale = tl.maximum(tl.math.div_rn(tl.max(b_amax, 0), levels), 1e-12) + tl.zeros_like(b_amax)
             tl.store(SCALE + i_bh * M + i_m, tl.max(b_scale, 0))
-        for i_t in range(BLOCK // SUB):
-            o_s = i_m * BLOCK + i_t * SUB + tl.arange(0, SUB)
-            b_y = tl.math.div_rn(_quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH), b_scale[None, :])
+    for i_t in range(BLOCK // SUB):
+        o_s = i_m * BLOCK + i_t * SUB + tl.arange(0, SUB)
+        b_y = tl.math.div_rn(_quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH), b_scale[None, :])
+        p_o = OUT + o_s[:, None] * s_os + o_d[None, :] * s_od
+        m_o = (o_s < S)[:, None] & m_d[None, :]
+        if FP8:
+            if ROUND_FP8:  # the interpreter's cast truncates
+                b_y = _round_e4m3(b_y)
+            tl.store(p_o, b_y.to(tl.float8e4nv), mask=m_o)
+        else:
             b_r = tl.where(b_y >= 0, tl.floor(b_y + 0.5), -tl.floor(0.5 - b_y))
-            b_r = tl.minimum(tl.maximum(b_r, -levels), levels)
-            p_o = OUT + o_s[:, None] * s_os + o_d[None, :] * s_od
-            tl.store(p_o, b_r.to(tl.int8), mask=(o_s < S)[:, None] & m_d[None, :])
+            tl.store(p_o, tl.minimum(tl.maximum(b_r, -levels), levels).to(tl.int8), mask=m_o)
 
 
 # The quantiser's launch: warps, and the tokens of a block it holds at once (QUANTIZE_SUB, a divisor of the block;
@@ -366,7 +364,7 @@ def _use_quant_tma(k8: torch.Tensor, vt: torch.Tensor) -> bool:
     return k8.is_cuda and QUANT_TMA and all(_tma_ok(x) for x in (k8, vt))
 
 
-_PV_FORMATS = ("int8", "int4", "fp8")
+_PV_FORMATS = tuple(_PV_BITS)
 
 
 def _check_pv(pv: str) -> None:

@@ -340,7 +340,10 @@ def _cut_search(
 ) -> torch.Tensor:
     """int64 ``[BH, G]``: per slice of fp32 ``flat`` ``[BH, N]`` the largest key whose at-least set reaches each
     goal: the softmax mass ``threshold`` (G = 1), or each of ``counts``; all G cuts of a slice are searched at
-    once, by the many-program pivot search. No host synchronisation; -0.0 counts as +0.0 throughout."""
+    once, by the many-program pivot search (counts: by the radix select instead with RADIX_COUNT). No host
+    synchronisation; -0.0 counts as +0.0 throughout."""
+    if threshold is None and RADIX_COUNT:
+        return _radix_count_search(flat, chunk, counts)
     slices, n = flat.shape
     by_mass = threshold is not None
     cuts = 1 if by_mass else len(counts)
@@ -445,10 +448,7 @@ def _global_cut_parallel(flat: torch.Tensor, threshold: float | None, count: int
     """bool ``[BH, N]``: :func:`global_cut` of fp32 ``flat`` by the many-program pivot search (about 15 launches:
     chunk statistics, the searches' set-up, the passes, the keep test)."""
     flat = flat.contiguous()  # the kernels address slice i at i * N
-    if count is not None and RADIX_COUNT:
-        cuts = _radix_count_search(flat, chunk, (count,))
-    else:
-        cuts = _cut_search(flat, chunk, threshold=threshold, counts=() if count is None else (count,))
+    cuts = _cut_search(flat, chunk, threshold=threshold, counts=() if count is None else (count,))
     return _apply_cuts(flat, cuts, chunk, levels=False)
 
 
@@ -506,10 +506,7 @@ def count_levels(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     offset = sum(c <= 0 for c in counts)
     if not searched:
         return torch.full(scores.shape, offset, dtype=torch.long, device=scores.device)
-    if RADIX_COUNT:
-        cuts = _radix_count_search(flat, _CHUNK, searched)  # [BH, G]
-    else:
-        cuts = _cut_search(flat, _CHUNK, counts=searched)
+    cuts = _cut_search(flat, _CHUNK, counts=searched)  # [BH, G]
     return _apply_cuts(flat, cuts, _CHUNK, levels=True, offset=offset).view(scores.shape)
 
 
