@@ -8,8 +8,9 @@ format (the tests run the kernel in the interpreter only). Then random bf16 q/k/
 (12 x 128, 32,760 tokens) and 14B 720p (40 x 128, 75,600) shapes; random block masks (128-token blocks,
 the same count kept per row) at densities 1.0 and 0.25; do_bench medians in ms (the quantisation also in GPU
 and host time, as `attention.py` times the mask build); err_vs_bf16 =
-||quantised - bf16 kernel|| / ||bf16 kernel||. ``pv="fp8"`` is timed with its tile products added in fp32
-(the default) and accumulated in the MMA (``quantized.FP8_ACC_IN_DOT``). The full study is
+||quantised - bf16 kernel|| / ||bf16 kernel||. Each format's kernel is also timed under the settings in
+``VARIANTS`` (the ragged tile peeled or not, the score offset folded or not, the register cap), with its output
+compared to the default's. The small check also runs FP8 accumulated in the MMA (``FP8_ACC_IN_DOT``). The full study is
 ``benchmarks/paro.py``; this is the few-minute version for kernel work. ``--sweep`` also times the INT8
 and FP8 calls under each launch in ``LAUNCHES`` (rows per program, warps, stages: ``QUANT_LAUNCH``, per format; K and
 V^T tiles by TMA: ``QUANT_TMA``).
@@ -50,6 +51,35 @@ LAUNCHES = [(128, 8, 3, True), (128, 8, 2, True), (64, 4, 2, True), (64, 4, 3, T
 
 # the quantiser's (warps, tokens held at once); (8, 128) is closest to the one-pass launch it had up to 99705e6
 QUANTISER_LAUNCHES = [(4, 32), (8, 32), (4, 64), (8, 64), (8, 128)]
+
+
+# Kernel variants timed beside each format's default (module settings of vgen.kernels.quantized; maxnreg is the
+# format's QUANT_LAUNCH register cap). None: the default itself.
+DEFAULTS = {"PEEL_RAGGED": quantized.PEEL_RAGGED, "FOLD_MAGIC": quantized.FOLD_MAGIC,
+            "maxnreg": {key: launch["maxnreg"] for key, launch in quantized.QUANT_LAUNCH.items()}}
+VARIANTS = {
+    ("int8", None): {},
+    ("int8", "unpeeled"): {"PEEL_RAGGED": False},
+    ("int8", "168 registers"): {"maxnreg": {"int": 168, "fp8": 168}},
+    ("fp8", None): {},
+    ("fp8", "before (unpeeled, unfolded, no cap)"): {"PEEL_RAGGED": False, "FOLD_MAGIC": False,
+                                                     "maxnreg": {"int": None, "fp8": None}},
+    ("fp8", "unfolded"): {"FOLD_MAGIC": False},
+    ("fp8", "unpeeled, no cap"): {"PEEL_RAGGED": False, "maxnreg": {"int": None, "fp8": None}},
+    ("fp8", "no cap"): {"maxnreg": {"int": None, "fp8": None}},
+}
+
+
+def apply(settings: dict, pv: str) -> None:
+    quantized.PEEL_RAGGED, quantized.FOLD_MAGIC = settings["PEEL_RAGGED"], settings["FOLD_MAGIC"]
+    for key, cap in settings["maxnreg"].items():
+        quantized.QUANT_LAUNCH[key]["maxnreg"] = cap
+
+
+def settings_text(settings: dict, pv: str) -> str:
+    key = "fp8" if pv == "fp8" else "int"
+    return (f"PEEL_RAGGED {settings['PEEL_RAGGED']}, FOLD_MAGIC {settings['FOLD_MAGIC']}, "
+            f"maxnreg {settings['maxnreg'][key]}")
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -105,19 +135,26 @@ def main() -> None:
             bf16 = block_sparse_attention(q, k, v, mask)
             t_bf16 = ms(lambda m=mask, q=q, k=k, v=v: block_sparse_attention(q, k, v, m))
             print(f"h{heads} s{seq} d{density}: bf16 {t_bf16:.2f} ms, cudnn dense {cudnn:.2f} ms", flush=True)
-            for pv, acc_in_dot in (("int8", False), ("fp8", False), ("fp8", True)):
-                quantized.FP8_ACC_IN_DOT = acc_in_dot
+            for pv, variant in VARIANTS:
+                settings = {**DEFAULTS, **VARIANTS[pv, variant]} if variant else dict(DEFAULTS)
+                apply(settings, pv)
                 out = quantized_attention(q, k, v, mask, pv=pv)
                 took = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: quantized_attention(q, k, v, m, pv=pv))
+                name = f"{pv} {variant or 'default'}"
+                if variant:  # the kernel only: the quantisation is the default's
+                    apply(DEFAULTS, pv)
+                    same = torch.equal(quantized_attention(q, k, v, mask, pv=pv), out)
+                    print(f"    {name} ({settings_text(settings, pv)}): {took:.2f} ms, vs cudnn dense "
+                          f"{cudnn / took:.3f}x, output equal to the default's {same}", flush=True)
+                    continue
                 t_quant = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: _quantize_for_kernel(q, k, v, m, pv))
                 # alone, a call's quantisation may wait on the host's launches; in the whole call the host runs
                 # ahead of the previous call's kernel, so its GPU time is what the call pays
                 gpu_quant, host_quant = build_times(
                     lambda m=mask, q=q, k=k, v=v, pv=pv: _quantize_for_kernel(q, k, v, m, pv), n=40
                 )
-                name = pv + (" acc_in_dot" if acc_in_dot else "")
                 usual = _quantize_for_kernel(q, k, v, mask, pv)
-                for warps, sub in QUANTISER_LAUNCHES if args.quantiser and not acc_in_dot else ():
+                for warps, sub in QUANTISER_LAUNCHES if args.quantiser else ():
                     before = quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB
                     quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB = warps, sub
                     try:
@@ -134,14 +171,14 @@ def main() -> None:
                         quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB = before
                 del usual
                 print(
-                    f"    {name}: {took:.2f} ms (quantise {t_quant:.2f}: GPU {gpu_quant:.3f}, host {host_quant:.3f}), "
-                    f"vs bf16 kernel {t_bf16 / took:.3f}x, "
+                    f"    {name} ({settings_text(settings, pv)}): {took:.2f} ms (quantise {t_quant:.2f}: GPU "
+                    f"{gpu_quant:.3f}, host {host_quant:.3f}), vs bf16 kernel {t_bf16 / took:.3f}x, "
                     f"vs cudnn dense {cudnn / took:.3f}x, err_vs_bf16 {rel(out, bf16):.2e}",
                     flush=True,
                 )
-                for rows, warps, stages, tma in LAUNCHES if args.sweep and not acc_in_dot else ():
+                for rows, warps, stages, tma in LAUNCHES if args.sweep else ():
                     key = "fp8" if pv == "fp8" else "int"
-                    quantized.QUANT_LAUNCH[key].update(rows=rows, warps=warps, stages=stages)
+                    quantized.QUANT_LAUNCH[key].update(rows=rows, warps=warps, stages=stages, maxnreg=None)
                     quantized.QUANT_TMA = tma
                     launch = f"rows {rows} warps {warps} stages {stages} tma {tma}"
                     try:
@@ -153,7 +190,7 @@ def main() -> None:
                     finally:
                         quantized.QUANT_LAUNCH.update({key: dict(launch) for key, launch in default.items()})
                         quantized.QUANT_TMA = default_tma
-            quantized.FP8_ACC_IN_DOT = False
+                apply(DEFAULTS, pv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ POOLED = {"Q": "*bf16", "SPARSE": "*bf16", "LSE": "*fp32", "KM": "*fp32", "VM": 
           "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32",
           "shift": "fp32"}  # fmt: skip
 QUANTIZE_INT = {"FP8": False, "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB}
-QUANT_INT = {"PV_FP8": False, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False}
+QUANT_INT = {"PV_FP8": False, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False, "PEEL": quantized.PEEL_RAGGED,
+             "FOLD": False}
 QUANTIZE = {"X": "*bf16", "MEAN": "*fp32", "OUT": "*i8", "SCALE": "*fp32", "levels": "fp32"}
 POOLED_FP32 = {**POOLED, "Q": "*fp32", "SPARSE": "*fp32", "OUT": "*fp32"}
 QUANT_FWD = {"Q": "*i8", "K": "*i8", "VT": "*i8", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": "*bf16",
@@ -124,10 +125,12 @@ KERNELS = [
                                               "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True, **QUANT_INT}, 4, 3),
     (quantized._quant_fwd_kernel, {**QUANT_FWD, "VT": "*fp8e4nv"},
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True,
-      "PV_FP8": True, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False}, 4, 2),
+      "PV_FP8": True, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False,
+      "PEEL": quantized.PEEL_RAGGED, "FOLD": quantized.FOLD_MAGIC}, 4, 2, quantized.QUANT_LAUNCH["fp8"]["maxnreg"]),
     (quantized._quant_fwd_kernel, {**QUANT_FWD, "VT": "*fp8e4nv"},
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "ROWS": 128, "RETURN_LSE": False, "USE_TMA": True,
-      "PV_FP8": True, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False}, 8, 3),
+      "PV_FP8": True, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False,
+      "PEEL": quantized.PEEL_RAGGED, "FOLD": quantized.FOLD_MAGIC}, 8, 3),
     # the library default (pyramid.STAGES), and without TMA (K/V of unaligned strides)
     (pyramid._pyramid_fwd_kernel, PYRAMID, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
                                             "RETURN_LSE": True, "USE_TMA": True, "POOLED": True,
@@ -164,7 +167,7 @@ def registers_and_spills(ptx: str) -> str:
             f"spills {spills.group(1) if spills else '?'} / {spills.group(2) if spills else '?'} B")  # fmt: skip
 
 
-def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int):
+def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int, maxnreg: int | None = None):
     """Compiled for sm_90 as a launch at the Wan shapes specialises it: pointers and the tensors' strides
     (``s_*``) divisible by 16, not the block masks' and index lists' strides (``s_n*``, ``s_i*``: multiples of
     the block count, 591 at 14B). Without that, the compiler cannot prove 16-byte alignment and pointer loads
@@ -174,14 +177,15 @@ def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int):
                if name not in consts and (signature[name].startswith("*") or (
                    name.startswith("s_") and not name.startswith(("s_n", "s_i"))))}  # fmt: skip
     return triton.compile(ASTSource(fn, signature, consts, attrs=aligned), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+                          options={"num_warps": warps, "num_stages": stages,
+                                   **({"maxnreg": maxnreg} if maxnreg else {})})  # fmt: skip
 
 
 def main() -> int:
     failures = 0
-    for fn, types, consts, warps, stages in KERNELS:
+    for fn, types, consts, warps, stages, *cap in KERNELS:
         try:
-            kernel = compile_sm90(fn, types, consts, warps, stages)
+            kernel = compile_sm90(fn, types, consts, warps, stages, *cap)
             print(f"OK   {fn.__name__} {consts} warps {warps} stages {stages}: shared {kernel.metadata.shared} B, "
                   f"{registers_and_spills(kernel.asm['ptx'])}")  # fmt: skip
         except Exception as err:  # report every kernel, then fail

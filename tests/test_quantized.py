@@ -180,3 +180,42 @@ def test_fp8_reference_follows_the_kernels_visiting_order():
     torch.testing.assert_close(out, quantized_attention_reference(q, k, v, walked_back, pv="fp8"), atol=1e-5,
                                rtol=1e-5)  # fmt: skip
     assert (out - quantized_attention(q, k, v, mask, pv="fp8")).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("pv", ["int8", "fp8"])
+def test_peeled_ragged_tile_and_folded_offset(monkeypatch, pv):
+    """PEEL_RAGGED masks only the ragged last key tile, after the loop: the output is the one of masking every
+    tile, to the bit. FOLD_MAGIC (FP8) moves the integer scores' offset into the exponent's bias: the kernel
+    still matches the reference, which follows whichever arithmetic is set."""
+    torch.manual_seed(21)
+    q, k, v = torch.randn(1, 90, 2, 32), torch.randn(1, 150, 2, 32) + 1.0, torch.randn(1, 150, 2, 32)
+    mask = random_mask(2, 90, 150, (32, 32), 0.7, seed=3)  # 150 keys: the fifth key block holds 22
+    outputs = {}
+    for peel in (False, True):
+        for fold in (False, True) if pv == "fp8" else (False,):
+            monkeypatch.setattr(quantized, "PEEL_RAGGED", peel)
+            monkeypatch.setattr(quantized, "FOLD_MAGIC", fold)
+            outputs[peel, fold] = out = quantized_attention(q, k, v, mask, pv=pv)
+            torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv=pv), atol=1e-5,
+                                       rtol=1e-5)  # fmt: skip
+    for fold in (False, True) if pv == "fp8" else (False,):
+        assert torch.equal(outputs[True, fold], outputs[False, fold])
+    assert (mask.to_dense()[..., -1]).any()  # some rows walk the ragged tile
+
+
+def test_ragged_tile_out_of_order_gives_nan_not_a_wrong_output(monkeypatch):
+    """The peeled kernel relies on BlockMask's ascending index lists (the ragged last key block, when kept, comes
+    last). A row whose list breaks that gets NaN, the others are unaffected."""
+    import dataclasses
+
+    monkeypatch.setattr(quantized, "PEEL_RAGGED", True)
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 64, 1, 32), torch.randn(1, 100, 1, 32), torch.randn(1, 100, 1, 32)
+    dense = torch.ones(1, 1, 2, 4, dtype=torch.bool)  # 100 keys in blocks of 32: the last holds 4
+    mask = BlockMask.from_dense(dense, (32, 32), (64, 100))
+    indices = mask.kv_indices.clone()
+    indices[0, 0, 1] = indices[0, 0, 1].flip(0)  # query block 1 walks the ragged block first
+    good = quantized_attention(q, k, v, mask, pv="fp8")
+    out = quantized_attention(q, k, v, dataclasses.replace(mask, kv_indices=indices), pv="fp8")
+    assert torch.isnan(out[:, 32:]).all()
+    assert torch.equal(out[:, :32], good[:, :32])

@@ -250,12 +250,96 @@ def _quantize_triton(
 # 47.2 at 1.3B dense / 1.3B 0.25 / 14B dense / 14B 0.25; 3 stages 11.97 / 3.38 / 182.2 / 47.9; 4 stages and 128 rows
 # at 8 warps slower everywhere. INT8 kept its launch (3 stages 15.66 / 4.33 / 254.2 / 65.8; 2 stages 15.78 / 4.32 /
 # 266.2 / 67.7).
-QUANT_LAUNCH = {"int": {"rows": 64, "warps": 4, "stages": 3}, "fp8": {"rows": 64, "warps": 4, "stages": 2}}
+# maxnreg: a register cap for ptxas (None: its choice). With PEEL_RAGGED the FP8 kernel's code after the loop led
+# ptxas to 234 registers (165 before): two programs per SM instead of three. Capped at 168 it does not spill and the
+# loop is the same code (scripts/compile_kernels_sm90.py); INT8 at 3 stages is held to two programs per SM by its
+# shared memory either way (240 registers).
+QUANT_LAUNCH = {"int": {"rows": 64, "warps": 4, "stages": 3, "maxnreg": None},
+                "fp8": {"rows": 64, "warps": 4, "stages": 2, "maxnreg": 168}}
 QUANT_TMA = True
 # pv="fp8": accumulate in the MMA (one instruction less per output, but Hopper's FP8 MMAs sum in reduced precision)
 # or add each key tile's product in fp32 (as SageAttention2 does). At 16ecb6a (3 stages) within 4% either way; at the
 # 2-stage default (a89e975) 5-18% slower in the MMA; the same error against bf16. The fp32 sum stays.
 FP8_ACC_IN_DOT = False
+
+
+# The ragged last key tile alone takes the key mask: with PEEL_RAGGED, the loop walks the other tiles unmasked and
+# that tile, the last of an ascending index list (BlockMask's contract), runs once after it. Masking every tile cost
+# a select per score and the column indices per tile (of about 800 instructions per tile and thread at 64 rows).
+PEEL_RAGGED = True
+# pv="fp8": the integer scores stay as the magic-number floats (the add folds into the MMA's accumulator); their
+# offset goes into the exponent's per-row bias, one subtraction per score fewer. The bias is the fp32 sum of a
+# term near 1.5 * 2^23 * c and the row maximum, so the exponent moves by up to ~1 unit of the integer score
+# (hundreds of units below INT8's own rounding of q and k); the reference follows it exactly.
+FOLD_MAGIC = True
+
+
+@triton.jit
+def _quant_tile(
+    b_q, K, VT, desc_k, desc_vt, KS, VS, j, q_scale, b_m, b_l, b_acc, o_d, m_d, s_ks, s_vd, i_bh, SK, MK, p_levels,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, PV_FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
+    FP8_ACC_IN_DOT: tl.constexpr, MASKED: tl.constexpr, FOLD: tl.constexpr,
+):
+    """One key tile ``j`` of the online softmax: the running maxima, row sums and accumulator after it."""
+    o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < SK
+    # V^T tiles [D, N]: the PV product's B operand with its reduction axis contiguous, the only
+    # layout Hopper's 8-bit tensor-core instructions take from shared memory
+    if USE_TMA:
+        b_k = desc_k.load([j * BLOCK_N, 0])
+        b_vt = desc_vt.load([0, j * BLOCK_N])
+    else:
+        b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0)
+        b_vt = tl.load(VT + o_d[:, None] * s_vd + o_n[None, :], mask=m_d[:, None] & m_n[None, :], other=0.0)
+    # |q8 . k8| <= 127^2 * 256 < 2^22: the exact magic-number conversion applies
+    # the integer scores; their scale c > 0 is applied to the row maxima and inside the exponent's multiply-add
+    # (max(x) * c rounds to max(x * c): the same values as scaling every score first, one multiply fewer each)
+    c = q_scale * tl.load(KS + i_bh * MK + j)
+    if FOLD:  # 1.5 * 2^23 + x as floats (exact); the offset is taken out of the row maxima and the bias
+        b_x = (tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32) + _MAGIC_I).to(tl.float32, bitcast=True)
+        if MASKED:
+            b_x = tl.where(m_n[None, :], b_x, float("-inf"))
+        b_m_new = tl.maximum(b_m, (tl.max(b_x, 1) - _MAGIC_F) * c)
+    else:
+        b_x = _i32_to_f32(tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32))
+        if MASKED:
+            b_x = tl.where(m_n[None, :], b_x, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_x, 1) * c)
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    if PV_FP8:
+        # p * 448 (e4m3's largest value; the factor is folded into the exponent and cancels in the final
+        # division) straight to e4m3: no per-tile scale, no integer conversion; the row sums use p
+        # unrounded, V's per-channel scale is applied once at the end
+        if FOLD:  # explicit fused multiply-adds: one rounding each, on the GPU and in the interpreter alike
+            b_bias = tl.fma(tl.full(b_m_safe.shape, _MAGIC_F, tl.float32), tl.broadcast_to(c, b_m_safe.shape),
+                            b_m_safe - _LOG2_448)
+            b_p = tl.exp2(tl.fma(b_x, tl.broadcast_to(c, b_x.shape), tl.broadcast_to(-b_bias[:, None], b_x.shape)))
+        else:
+            b_p = tl.exp2(b_x * c - (b_m_safe - _LOG2_448)[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        if ROUND_FP8:  # the interpreter's float -> e4m3 cast truncates; round as the GPU's cvt.rn does
+            b_p = _round_e4m3(b_p)
+        if FP8_ACC_IN_DOT:  # accumulated by the MMA itself (Hopper's FP8 MMAs add in reduced precision)
+            b_acc = tl.dot(b_p.to(tl.float8e4nv), tl.trans(b_vt), b_acc * b_alpha[:, None])
+        else:  # each tile's product on its own, added in fp32
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(tl.float8e4nv), tl.trans(b_vt))
+    else:
+        b_p = tl.exp2(b_x * c - b_m_safe[:, None])
+        # P is quantised per (row, key tile) against the tile row's maximum: p / max does not depend on
+        # the running maximum, and tiles far below the row's maximum keep their resolution
+        b_pmax = tl.maximum(tl.max(b_p, 1), 1e-30)
+        b_ratio = tl.math.div_rn(p_levels + tl.zeros_like(b_pmax), b_pmax)  # exact, as the reference's
+        b_shifted = b_p * b_ratio[:, None] + _MAGIC_F  # rounds p / max * P to an integer in [0, P]
+        b_pt = b_shifted - _MAGIC_F  # that integer as fp32, for the row sums
+        b_pq = (b_shifted.to(tl.int32, bitcast=True) - _MAGIC_I).to(tl.int8)  # and as int8, for the MMA
+        b_pscale = b_pmax / p_levels
+        b_l = b_l * b_alpha + tl.sum(b_pt, 1) * b_pscale
+        v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
+        # |p8 . v8| <= 127^2 * BLOCK_N < 2^22 for key tiles up to 256
+        b_pv = _i32_to_f32(tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32))
+        b_acc = b_acc * b_alpha[:, None] + b_pv * (b_pscale[:, None] * v_scale[None, :])
+    return b_m_new, b_l, b_acc
 
 
 @triton.jit
@@ -270,7 +354,8 @@ def _quant_fwd_kernel(
     H, SQ, SK, MQ, MK, qk_scale, p_levels,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr = False, PV_FP8: tl.constexpr = False,
-    ROUND_FP8: tl.constexpr = False, FP8_ACC_IN_DOT: tl.constexpr = False,
+    ROUND_FP8: tl.constexpr = False, FP8_ACC_IN_DOT: tl.constexpr = False, PEEL: tl.constexpr = False,
+    FOLD: tl.constexpr = False,
 ):
     # one program: ROWS query tokens of a mask block of BLOCK_M (a divisor: half a 128-row block keeps the
     # int32 score tile, P and the fp32 accumulator in registers)
@@ -296,55 +381,32 @@ def _quant_fwd_kernel(
     b_m = tl.full([ROWS], float("-inf"), tl.float32)
     b_l = tl.zeros([ROWS], tl.float32)
     b_acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    for it in range(n_it):
+    # PEEL: the ragged last key block, when kept, is the list's last entry (ascending lists); it alone is masked,
+    # after the loop. Met anywhere else in the loop (a list out of order), the row's output becomes NaN, not
+    # silently wrong.
+    ragged = tl.where(SK % BLOCK_N != 0, MK - 1, MK)  # MK: no block is ragged
+    n_loop = n_it
+    if PEEL:
+        last = tl.load(p_idx + tl.maximum(n_it - 1, 0))
+        n_loop = n_it - ((n_it > 0) & (last == ragged)).to(tl.int32)
+    misplaced = n_it * 0
+    for it in range(n_loop):
         j = tl.load(p_idx + it)
-        o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_n = o_n < SK
-        # V^T tiles [D, N]: the PV product's B operand with its reduction axis contiguous, the only
-        # layout Hopper's 8-bit tensor-core instructions take from shared memory
-        if USE_TMA:
-            b_k = desc_k.load([j * BLOCK_N, 0])
-            b_vt = desc_vt.load([0, j * BLOCK_N])
-        else:
-            b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0)
-            b_vt = tl.load(VT + o_d[:, None] * s_vd + o_n[None, :], mask=m_d[:, None] & m_n[None, :], other=0.0)
-        # |q8 . k8| <= 127^2 * 256 < 2^22: the exact magic-number conversion applies
-        # the integer scores; their scale c > 0 is applied to the row maxima and inside the exponent's multiply-add
-        # (max(x) * c rounds to max(x * c): the same values as scaling every score first, one multiply fewer each)
-        b_x = _i32_to_f32(tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32))
-        c = q_scale * tl.load(KS + i_bh * MK + j)
-        b_x = tl.where(m_n[None, :], b_x, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_x, 1) * c)
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        if PV_FP8:
-            # p * 448 (e4m3's largest value; the factor is folded into the exponent and cancels in the final
-            # division) straight to e4m3: no per-tile scale, no integer conversion; the row sums use p
-            # unrounded, V's per-channel scale is applied once at the end
-            b_p = tl.exp2(b_x * c - (b_m_safe - _LOG2_448)[:, None])
-            b_l = b_l * b_alpha + tl.sum(b_p, 1)
-            if ROUND_FP8:  # the interpreter's float -> e4m3 cast truncates; round as the GPU's cvt.rn does
-                b_p = _round_e4m3(b_p)
-            if FP8_ACC_IN_DOT:  # accumulated by the MMA itself (Hopper's FP8 MMAs add in reduced precision)
-                b_acc = tl.dot(b_p.to(tl.float8e4nv), tl.trans(b_vt), b_acc * b_alpha[:, None])
-            else:  # each tile's product on its own, added in fp32
-                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(tl.float8e4nv), tl.trans(b_vt))
-        else:
-            b_p = tl.exp2(b_x * c - b_m_safe[:, None])
-            # P is quantised per (row, key tile) against the tile row's maximum: p / max does not depend on
-            # the running maximum, and tiles far below the row's maximum keep their resolution
-            b_pmax = tl.maximum(tl.max(b_p, 1), 1e-30)
-            b_ratio = tl.math.div_rn(p_levels + tl.zeros_like(b_pmax), b_pmax)  # exact, as the reference's
-            b_shifted = b_p * b_ratio[:, None] + _MAGIC_F  # rounds p / max * P to an integer in [0, P]
-            b_pt = b_shifted - _MAGIC_F  # that integer as fp32, for the row sums
-            b_pq = (b_shifted.to(tl.int32, bitcast=True) - _MAGIC_I).to(tl.int8)  # and as int8, for the MMA
-            b_pscale = b_pmax / p_levels
-            b_l = b_l * b_alpha + tl.sum(b_pt, 1) * b_pscale
-            v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
-            # |p8 . v8| <= 127^2 * BLOCK_N < 2^22 for key tiles up to 256
-            b_pv = _i32_to_f32(tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32))
-            b_acc = b_acc * b_alpha[:, None] + b_pv * (b_pscale[:, None] * v_scale[None, :])
-        b_m = b_m_new
+        if PEEL:
+            misplaced += (j == ragged).to(tl.int32)
+        b_m, b_l, b_acc = _quant_tile(
+            b_q, K, VT, desc_k, desc_vt, KS, VS, j, q_scale, b_m, b_l, b_acc, o_d, m_d, s_ks, s_vd, i_bh, SK, MK,
+            p_levels, D=D, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA, PV_FP8=PV_FP8, ROUND_FP8=ROUND_FP8,
+            FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, MASKED=not PEEL, FOLD=FOLD and PV_FP8,
+        )
+    if PEEL:
+        if n_loop < n_it:
+            b_m, b_l, b_acc = _quant_tile(
+                b_q, K, VT, desc_k, desc_vt, KS, VS, ragged, q_scale, b_m, b_l, b_acc, o_d, m_d, s_ks, s_vd, i_bh,
+                SK, MK, p_levels, D=D, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA, PV_FP8=PV_FP8, ROUND_FP8=ROUND_FP8,
+                FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, MASKED=True, FOLD=FOLD and PV_FP8,
+            )
+        b_l = tl.where(misplaced > 0, float("nan"), b_l)
     if PV_FP8:
         b_acc *= tl.load(VS + i_bh * D + o_d, mask=m_d, other=0.0)[None, :]
     b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
@@ -460,8 +522,9 @@ def quantized_attention(
         heads, sq, sk, q_scale.shape[-1], k_scale.shape[-1], scale * _LOG2E, float(_LEVELS.get(_PV_BITS[pv], 0)),
         D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows,
         RETURN_LSE=return_lse, USE_TMA=use_tma, PV_FP8=pv == "fp8", ROUND_FP8=pv == "fp8" and not q.is_cuda,
-        FP8_ACC_IN_DOT=FP8_ACC_IN_DOT,
+        FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, PEEL=PEEL_RAGGED, FOLD=FOLD_MAGIC,
         num_warps=launch["warps"] if q.is_cuda else 4, num_stages=launch["stages"] if q.is_cuda else 1,
+        **({"maxnreg": launch["maxnreg"]} if q.is_cuda and launch.get("maxnreg") else {}),
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -534,18 +597,31 @@ def _fp8_reference(q8, q_scale, k8, k_scale, vq, v_scale, block_mask, qk_scale, 
     block_n = block_mask.block_size[1]
     blocks = -(-sk // block_n)
     # the integer products are exact in fp32 (|q8 . k8| < 2^24), scaled as the kernel scales them
-    s = torch.einsum("bqhd,bkhd->bhqk", q8.float(), k8.float())
-    s = s * ((q_scale * torch.tensor(qk_scale, dtype=torch.float32))[..., None] * k_scale[:, :, None, :])
-    s = s.masked_fill(~block_mask.expand_tokens(), float("-inf"))
+    products = torch.einsum("bqhd,bkhd->bhqk", q8.float(), k8.float())
+    c = (q_scale * torch.tensor(qk_scale, dtype=torch.float32))[..., None] * k_scale[:, :, None, :]
+    kept = block_mask.expand_tokens()
+    s = (products * c).masked_fill(~kept, float("-inf"))
     batch, heads = s.shape[:2]
-    tiles = torch.nn.functional.pad(s, (0, blocks * block_n - sk), value=float("-inf"))
-    tiles = tiles.view(batch, heads, sq, blocks, block_n)
+
+    def tiled(x, fill):
+        padded = torch.nn.functional.pad(x, (0, blocks * block_n - sk), value=fill)
+        return padded.view(batch, heads, sq, blocks, block_n)
+
+    tiles = tiled(s, float("-inf"))
     running = _running_max(tiles.amax(-1), block_mask)[..., None]  # [B, H, Sq, Mk, 1]
     peak = running.amax(-2, keepdim=True)  # the row's maximum: the running maximum after the last tile
     running, peak = (torch.where(x == float("-inf"), 0.0, x) for x in (running, peak))
-    p8 = torch.exp2(tiles - (running - _LOG2_448.value)).to(torch.float8_e4m3fn).float()
-    weights = (p8 * torch.exp2(running - peak)).flatten(-2)[..., :sk]  # in units of 448 * exp2(s - peak)
-    denom = (torch.exp2(tiles - peak) * 448.0).flatten(-2)[..., :sk].sum(-1, keepdim=True)
+    if FOLD_MAGIC:  # the kernel's arithmetic: fp32 fused multiply-adds (exact in fp64, rounded once to fp32)
+        c_tile = tiled(c, 1.0)[..., :1].double()  # one scale per (row, key tile)
+        bias = (_MAGIC_F.value * c_tile + (running - _LOG2_448.value).double()).float()
+        logits = ((tiled(products, 0.0) + _MAGIC_F.value).double() * c_tile - bias.double()).float()
+        logits = logits.masked_fill(tiles == float("-inf"), float("-inf"))
+    else:
+        logits = tiles - (running - _LOG2_448.value)
+    p = torch.exp2(logits)
+    rescale = torch.exp2(running - peak)  # in units of 448 * exp2(s - peak)
+    weights = (p.to(torch.float8_e4m3fn).float() * rescale).flatten(-2)[..., :sk]
+    denom = (p * rescale).flatten(-2)[..., :sk].sum(-1, keepdim=True)  # the sums of p unrounded, as the kernel's
     vd = vq.float() * v_scale[:, None]  # [B, Sk, H, D]
     out = torch.einsum("bhqk,bkhd->bqhd", weights / torch.where(denom == 0, 1.0, denom), vd).to(dtype)
     if not return_lse:
