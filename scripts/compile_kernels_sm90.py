@@ -122,7 +122,8 @@ KERNELS = [
     # the library defaults: K and V^T tiles by TMA (quantized.QUANT_TMA), 64 rows, 4 warps; INT8 PV at 3 stages, FP8
     # PV at 2
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
-                                              "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True, **QUANT_INT}, 4, 3),
+                                              "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True, **QUANT_INT}, 4, 3,
+     quantized.QUANT_LAUNCH["int"]["maxnreg"]),
     (quantized._quant_fwd_kernel, {**QUANT_FWD, "VT": "*fp8e4nv"},
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True,
       "PV_FP8": True, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False,

@@ -250,11 +250,14 @@ def _quantize_triton(
 # 47.2 at 1.3B dense / 1.3B 0.25 / 14B dense / 14B 0.25; 3 stages 11.97 / 3.38 / 182.2 / 47.9; 4 stages and 128 rows
 # at 8 warps slower everywhere. INT8 kept its launch (3 stages 15.66 / 4.33 / 254.2 / 65.8; 2 stages 15.78 / 4.32 /
 # 266.2 / 67.7).
-# maxnreg: a register cap for ptxas (None: its choice). With PEEL_RAGGED the FP8 kernel's code after the loop led
-# ptxas to 234 registers (165 before): two programs per SM instead of three. Capped at 168 it does not spill and the
-# loop is the same code (scripts/compile_kernels_sm90.py); INT8 at 3 stages is held to two programs per SM by its
-# shared memory either way (240 registers).
-QUANT_LAUNCH = {"int": {"rows": 64, "warps": 4, "stages": 3, "maxnreg": None},
+# maxnreg: a register cap for ptxas (None: its choice). Left alone, ptxas gives the INT8 kernel 240 registers and,
+# with PEEL_RAGGED, the FP8 kernel 234 (165 before): two programs of 4 warps per SM. Capped at 168 neither spills
+# (scripts/compile_kernels_sm90.py), the loop keeps its code, and three programs fit (74 KB of shared memory each).
+# H200, ac512c1, `benchmarks/quantized_quick.py` (results/quantized-quick-ac512c1.txt), ms at 1.3B dense / 1.3B 0.25 /
+# 14B dense / 14B 0.25:
+#   FP8, peeled and folded: capped 8.77 / 2.64 / 149.45 / 40.70, uncapped 10.07 / 3.03 / 185.52 / 45.04;
+#   INT8, peeled: capped 13.25 / 3.74 / 224.79 / 58.26, uncapped 14.84 / 4.18 / 256.50 / 65.66.
+QUANT_LAUNCH = {"int": {"rows": 64, "warps": 4, "stages": 3, "maxnreg": 168},
                 "fp8": {"rows": 64, "warps": 4, "stages": 2, "maxnreg": 168}}
 QUANT_TMA = True
 # pv="fp8": accumulate in the MMA (one instruction less per output, but Hopper's FP8 MMAs sum in reduced precision)
@@ -265,12 +268,16 @@ FP8_ACC_IN_DOT = False
 
 # The ragged last key tile alone takes the key mask: with PEEL_RAGGED, the loop walks the other tiles unmasked and
 # that tile, the last of an ascending index list (BlockMask's contract), runs once after it. Masking every tile cost
-# a select per score and the column indices per tile (of about 800 instructions per tile and thread at 64 rows).
+# a select per score and the column indices per tile: the FP8 loop, per tile and thread at 64 rows, is 807 sm_90
+# instructions masked, 678 peeled, 622 peeled and folded (below); INT8's 1417 and 1224.
 PEEL_RAGGED = True
 # pv="fp8": the integer scores stay as the magic-number floats (the add folds into the MMA's accumulator); their
 # offset goes into the exponent's per-row bias, one subtraction per score fewer. The bias is the fp32 sum of a
 # term near 1.5 * 2^23 * c and the row maximum, so the exponent moves by up to ~1 unit of the integer score
 # (hundreds of units below INT8's own rounding of q and k); the reference follows it exactly.
+# H200, ac512c1 (`benchmarks/quantized_quick.py`), FP8 ms at 1.3B dense / 0.25, 14B dense / 0.25, capped at 168
+# registers: peeled and folded 8.77 / 2.64 / 149.45 / 40.70; peeled only 9.09 / 2.71 / 157.26 / 42.20; neither
+# (and uncapped, as before) 10.10 / 2.97 / 165.00 / 45.52.
 FOLD_MAGIC = True
 
 

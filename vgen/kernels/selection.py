@@ -374,9 +374,11 @@ def _cut_search(
 # A cut by count is the key of a slice's c-th largest score: found exactly by a radix select, 8 bits a pass from
 # the top (4 passes against the pivot search's 6), each pass one histogram of 256 bins per (slice, count) over the
 # scores that share the bits chosen so far. Same cuts as the pivot search (tests check that). RADIX_COUNT picks it
-# for counts (psa's levels, top-k cuts); a candidate: the pivot search's cut took 9.7 ms of psa's 80.5 ms call at
-# 14B (results/profile_calls-2c222a3.md). Untimed, off.
-RADIX_COUNT = False
+# for counts (psa's levels, top-k cuts). H200, ac512c1, `benchmarks/profile_calls.py --only psa` without and with
+# `--set selection.RADIX_COUNT=1` (results/profile_calls-psa-{pivot,radix}-ac512c1.md): the cut's kernels 10.81 ->
+# 1.23 ms per 14B call (6 + 6 pivot launches -> 4 histograms), the whole psa call 79.69 -> 68.90 ms at 14B and
+# 4.76 -> 4.29 ms at 1.3B. On by default; False gives the pivot search.
+RADIX_COUNT = True
 
 
 @triton.jit
