@@ -55,31 +55,29 @@ QUANTISER_LAUNCHES = [(4, 32), (8, 32), (4, 64), (8, 64), (8, 128)]
 
 # Kernel variants timed beside each format's default (module settings of vgen.kernels.quantized; maxnreg is the
 # format's QUANT_LAUNCH register cap). None: the default itself.
-DEFAULTS = {"PEEL_RAGGED": quantized.PEEL_RAGGED, "FOLD_MAGIC": quantized.FOLD_MAGIC,
+DEFAULTS = {"PEEL_RAGGED": quantized.PEEL_RAGGED, "FOLD_MAGIC": quantized.FOLD_MAGIC, "INT_FOLD": quantized.INT_FOLD,
             "maxnreg": {key: launch["maxnreg"] for key, launch in quantized.QUANT_LAUNCH.items()}}
+BEFORE = {"PEEL_RAGGED": False, "FOLD_MAGIC": False, "INT_FOLD": False, "maxnreg": {"int": None, "fp8": None}}
 VARIANTS = {
     ("int8", None): {},
-    ("int8", "unpeeled"): {"PEEL_RAGGED": False},
-    ("int8", "168 registers"): {"maxnreg": {"int": 168, "fp8": 168}},
+    ("int8", "before (unpeeled, unfolded, no cap)"): BEFORE,
+    ("int8", "unfolded"): {"INT_FOLD": False},
     ("fp8", None): {},
-    ("fp8", "before (unpeeled, unfolded, no cap)"): {"PEEL_RAGGED": False, "FOLD_MAGIC": False,
-                                                     "maxnreg": {"int": None, "fp8": None}},
-    ("fp8", "unfolded"): {"FOLD_MAGIC": False},
-    ("fp8", "unpeeled, no cap"): {"PEEL_RAGGED": False, "maxnreg": {"int": None, "fp8": None}},
-    ("fp8", "no cap"): {"maxnreg": {"int": None, "fp8": None}},
+    ("fp8", "before (unpeeled, unfolded, no cap)"): BEFORE,
 }
 
 
 def apply(settings: dict, pv: str) -> None:
-    quantized.PEEL_RAGGED, quantized.FOLD_MAGIC = settings["PEEL_RAGGED"], settings["FOLD_MAGIC"]
+    for name in ("PEEL_RAGGED", "FOLD_MAGIC", "INT_FOLD"):
+        setattr(quantized, name, settings[name])
     for key, cap in settings["maxnreg"].items():
         quantized.QUANT_LAUNCH[key]["maxnreg"] = cap
 
 
 def settings_text(settings: dict, pv: str) -> str:
     key = "fp8" if pv == "fp8" else "int"
-    return (f"PEEL_RAGGED {settings['PEEL_RAGGED']}, FOLD_MAGIC {settings['FOLD_MAGIC']}, "
-            f"maxnreg {settings['maxnreg'][key]}")
+    fold = settings["FOLD_MAGIC"] if pv == "fp8" else settings["INT_FOLD"]
+    return f"PEEL_RAGGED {settings['PEEL_RAGGED']}, fold {fold}, maxnreg {settings['maxnreg'][key]}"
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:

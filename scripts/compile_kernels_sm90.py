@@ -27,9 +27,9 @@ from vgen.kernels import block_sparse, fps, pooled, pyramid, quantized, selectio
 POOLED = {"Q": "*bf16", "SPARSE": "*bf16", "LSE": "*fp32", "KM": "*fp32", "VM": "*fp32", "LOGN": "*fp32",
           "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32",
           "shift": "fp32"}  # fmt: skip
-QUANTIZE_INT = {"FP8": False, "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB}
+QUANTIZE_INT = {"FP8": False, "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB, "GIVEN": False}
 QUANT_INT = {"PV_FP8": False, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False, "PEEL": quantized.PEEL_RAGGED,
-             "FOLD": False}
+             "FOLD": quantized.INT_FOLD, "V_BLOCKWISE": not quantized.INT_FOLD}  # INT8 PV
 QUANTIZE = {"X": "*bf16", "MEAN": "*fp32", "OUT": "*i8", "SCALE": "*fp32", "levels": "fp32"}
 POOLED_FP32 = {**POOLED, "Q": "*fp32", "SPARSE": "*fp32", "OUT": "*fp32"}
 QUANT_FWD = {"Q": "*i8", "K": "*i8", "VT": "*i8", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": "*bf16",
@@ -114,7 +114,11 @@ KERNELS = [
                                             "SMOOTH": False, **QUANTIZE_INT}, quantized.QUANTIZE_WARPS, 1),
     (quantized._quantize_kernel, {**QUANTIZE, "OUT": "*fp8e4nv"},
      {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True, "SMOOTH": False, "FP8": True,
-      "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB}, quantized.QUANTIZE_WARPS, 1),
+      "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB, "GIVEN": True}, quantized.QUANTIZE_WARPS, 1),
+    # INT8 V against given scales per channel (pv="int8" with INT_FOLD)
+    (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True,
+                                            "SMOOTH": False, **QUANTIZE_INT, "GIVEN": True},
+     quantized.QUANTIZE_WARPS, 1),
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
                                               "ROWS": 128, "RETURN_LSE": False, "USE_TMA": False, **QUANT_INT}, 8, 3),
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
@@ -124,13 +128,17 @@ KERNELS = [
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
                                               "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True, **QUANT_INT}, 4, 3,
      quantized.QUANT_LAUNCH["int"]["maxnreg"]),
+    # INT4 PV: V scaled per key block and channel
+    (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "ROWS": 64,
+                                              "RETURN_LSE": True, "USE_TMA": True, **QUANT_INT, "V_BLOCKWISE": True},
+     4, 3, quantized.QUANT_LAUNCH["int"]["maxnreg"]),
     (quantized._quant_fwd_kernel, {**QUANT_FWD, "VT": "*fp8e4nv"},
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True,
-      "PV_FP8": True, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False,
+      "PV_FP8": True, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False, "V_BLOCKWISE": False,
       "PEEL": quantized.PEEL_RAGGED, "FOLD": quantized.FOLD_MAGIC}, 4, 2, quantized.QUANT_LAUNCH["fp8"]["maxnreg"]),
     (quantized._quant_fwd_kernel, {**QUANT_FWD, "VT": "*fp8e4nv"},
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "ROWS": 128, "RETURN_LSE": False, "USE_TMA": True,
-      "PV_FP8": True, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False,
+      "PV_FP8": True, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False, "V_BLOCKWISE": False,
       "PEEL": quantized.PEEL_RAGGED, "FOLD": quantized.FOLD_MAGIC}, 8, 3),
     # the library default (pyramid.STAGES), and without TMA (K/V of unaligned strides)
     (pyramid._pyramid_fwd_kernel, PYRAMID, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,

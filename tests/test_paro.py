@@ -200,8 +200,8 @@ def _ring_worker(rank: int, world: int, port: int, calibration: str, out: str, q
 @pytest.mark.parametrize("quant", ["none", "int8", "fp8"])
 def test_paro_as_a_ring_of_two_processes_matches_one(calibration, tmp_path, quant):
     """Per-head token orders go through the ring's re-cut (one all-to-all of (token, head) pairs); quantised,
-    every ring step smooths its keys by the whole sequence's mean and returns a log-sum-exp to merge (equal to
-    one process for INT8; close for FP8 PV, whose V scales and P rounding are per step)."""
+    every ring step smooths its keys by the whole sequence's mean and returns a log-sum-exp to merge (close to one
+    process for INT8 and FP8 PV, whose V scales are per step; equal without quantisation)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -218,7 +218,7 @@ def test_paro_as_a_ring_of_two_processes_matches_one(calibration, tmp_path, quan
     for i, (step, layer) in enumerate(((0, 0), (2, 1))):
         want = method(q, k, v, layout=VideoLayout(3, 8, 8), step=step, layer=layer)
         got = torch.cat([g[i] for g in gathered], 1)
-        if quant == "fp8":  # each ring step scales its own V and rounds P against its own running maximum
-            assert ((got - want).norm() / want.norm()).item() < 0.05
+        if quant != "none":  # each ring step scales its own V (FP8: and rounds P against its own running maximum)
+            assert ((got - want).norm() / want.norm()).item() < {"int8": 0.02, "fp8": 0.05}[quant]
         else:
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

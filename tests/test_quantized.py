@@ -66,7 +66,7 @@ def test_key_parts_with_one_smoothing_mean_merge_into_the_whole(pv):
         torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
         parts.append((out, lse))
     merged, merged_lse = merge_attention(*parts[0], *parts[1])
-    if pv == "fp8":  # each part scales its own V and rounds P against its own running maximum: close, not equal
+    if pv in ("fp8", "int8"):  # each part scales its own V (per channel over its tokens): close, not equal
         torch.testing.assert_close(merged_lse, quantized_attention(q, k, v, mask, pv=pv, return_lse=True)[1],
                                    atol=1e-5, rtol=1e-5)  # fmt: skip
         exact = attention_reference(q, k, v, mask=mask.expand_tokens())
@@ -162,6 +162,23 @@ def test_triton_fp8_quantiser_matches_pytorch():
     assert torch.equal(values.permute(0, 3, 1, 2).float(), expected.float())
 
 
+def test_triton_int8_channel_quantiser_matches_pytorch():
+    """V as INT8 against one scale per (batch, head, channel) over all tokens (pv="int8"), written transposed: the
+    Triton pass against quantize_int8_channels, which rounds to within half a step of the input."""
+    from vgen.kernels.quantized import _quantize_triton, quantize_int8_channels
+
+    torch.manual_seed(6)
+    x = torch.randn(2, 77, 3, 40) * torch.logspace(-3, 1, 40) + 0.5
+    expected, expected_scales = quantize_int8_channels(x)
+    assert expected.dtype == torch.int8 and expected_scales.shape == (2, 3, 40)
+    assert (expected.float().abs().amax(1) == 127).all()  # every channel's maximum at the top level
+    assert ((expected.float() * expected_scales[:, None] - x).abs() <= expected_scales[:, None] * 0.5001).all()
+    values, scales = _quantize_triton(x, 32, 8, transpose=True, channels=True)
+    torch.testing.assert_close(scales, expected_scales, rtol=0, atol=0)
+    assert values.shape == (2, 3, 40, 77) and values.dtype == torch.int8
+    assert torch.equal(values.permute(0, 3, 1, 2), expected)
+
+
 def test_fp8_reference_follows_the_kernels_visiting_order():
     """FP8 PV rounds P against the running maximum, which depends on the order the key blocks are walked in
     (the mask's index lists): with each row's list reversed the kernel still matches its reference, and the
@@ -182,24 +199,28 @@ def test_fp8_reference_follows_the_kernels_visiting_order():
     assert (out - quantized_attention(q, k, v, mask, pv="fp8")).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("pv", ["int8", "fp8"])
+@pytest.mark.parametrize("pv", ["int8", "int4", "fp8"])
 def test_peeled_ragged_tile_and_folded_offset(monkeypatch, pv):
     """PEEL_RAGGED masks only the ragged last key tile, after the loop: the output is the one of masking every
-    tile, to the bit. FOLD_MAGIC (FP8) moves the integer scores' offset into the exponent's bias: the kernel
-    still matches the reference, which follows whichever arithmetic is set."""
+    tile, to the bit. FOLD_MAGIC (FP8) moves the integer scores' offset into the exponent's bias, INT_FOLD
+    (INT8/INT4) also quantises P through it: either way the kernel matches the reference, which follows whichever
+    arithmetic is set; INT8 and INT4 stay within their accuracy of exact attention both ways."""
     torch.manual_seed(21)
     q, k, v = torch.randn(1, 90, 2, 32), torch.randn(1, 150, 2, 32) + 1.0, torch.randn(1, 150, 2, 32)
     mask = random_mask(2, 90, 150, (32, 32), 0.7, seed=3)  # 150 keys: the fifth key block holds 22
     outputs = {}
+    exact = attention_reference(q, k, v, mask=mask.expand_tokens())[:, 32:]  # query block 0 keeps nothing
     for peel in (False, True):
-        for fold in (False, True) if pv == "fp8" else (False,):
+        for fold in (False, True):
             monkeypatch.setattr(quantized, "PEEL_RAGGED", peel)
-            monkeypatch.setattr(quantized, "FOLD_MAGIC", fold)
+            monkeypatch.setattr(quantized, "FOLD_MAGIC" if pv == "fp8" else "INT_FOLD", fold)
             outputs[peel, fold] = out = quantized_attention(q, k, v, mask, pv=pv)
             torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv=pv), atol=1e-5,
                                        rtol=1e-5)  # fmt: skip
-    for fold in (False, True) if pv == "fp8" else (False,):
+            assert rel(out[:, 32:], exact) < {"int8": 0.03, "int4": 0.35, "fp8": 0.05}[pv]
+    for fold in (False, True):
         assert torch.equal(outputs[True, fold], outputs[False, fold])
+        assert not torch.equal(outputs[True, fold], outputs[True, not fold])
     assert (mask.to_dense()[..., -1]).any()  # some rows walk the ragged tile
 
 
