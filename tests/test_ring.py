@@ -95,8 +95,8 @@ VMOBA = {"block_size": (16, 16), "temporal_chunk": 1, "spatial_chunk": (4, 4), "
 # (method, config, layer, step): vmoba's three partitions (1D is in order; 2D and 3D permute the tokens),
 # a dense warm-up step of vmoba, a static window, dense, rectified (the ring, then its pooled correction
 # with every rank's pooled values; both ways of weighing the kept part), psa, dense warm-up steps of both,
-# and the quantised dense method (every step smooths its keys by the whole sequence's mean; with INT8 and FP8 PV
-# close to one process, not equal)
+# and the quantised dense method (every step smooths its keys by the whole sequence's mean; close to one process,
+# not equal)
 WINDOW = {"window": (1, 3, 3), "block_size": (16, 16)}
 METHOD_CASES = [("vmoba", VMOBA, 0, 0), ("vmoba", VMOBA, 1, 0), ("vmoba", VMOBA, 2, 0),
                 ("vmoba", {**VMOBA, "dense_steps": 1}, 1, 0), ("window", WINDOW, 0, 0),
@@ -153,10 +153,12 @@ def test_methods_over_two_ranks_match_one_process(tmp_path):
         # q and k are gathered only for a selection that reads them: not for dense, window or warm-up steps
         reads = name not in ("dense", "window") and step >= config.get("dense_steps", 0)
         assert (gathered[0][1][i] > 0) == reads, (name, config, gathered[0][1][i])
-        # FP8 and INT8 PV: each ring step scales its own V per channel (FP8 also rounds P against its own running
-        # maximum); FP8 PV alone is about 4% from exact attention on random inputs, test_quantized. INT4 (V per key
-        # block) and the dense warm-up step are equal
-        if name == "quant" and config.get("pv", "int8") in ("fp8", "int8") and step >= config.get("dense_steps", 0):
+        # Quantised steps are close to one process, not equal: FP8 and INT8 PV scale V per channel in each step (FP8
+        # also rounds P against the step's running maximum); and the keys' smoothing mean, summed from the gathered
+        # keys in another order, can differ in its last bit, which moves a key's INT8 code at a rounding boundary
+        # and with it a P level (INT4's 7 levels: one such flip is 8e-3 here). FP8 PV alone is about 4% from exact
+        # attention on random inputs (test_quantized). The dense warm-up step is equal
+        if name == "quant" and step >= config.get("dense_steps", 0):
             assert ((got - want).norm() / want.norm()).item() < 0.05, config
             continue
         torch.testing.assert_close(
