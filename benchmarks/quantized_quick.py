@@ -55,20 +55,21 @@ QUANTISER_LAUNCHES = [(4, 32), (8, 32), (4, 64), (8, 64), (8, 128)]
 
 # Kernel variants timed beside each format's default (module settings of vgen.kernels.quantized; maxnreg is the
 # format's QUANT_LAUNCH register cap). None: the default itself.
-DEFAULTS = {"PEEL_RAGGED": quantized.PEEL_RAGGED, "FOLD_MAGIC": quantized.FOLD_MAGIC, "INT_FOLD": quantized.INT_FOLD,
+FLAGS = ("PEEL_RAGGED", "FOLD_MAGIC", "INT_FOLD", "QUANTIZE_RCP")
+DEFAULTS = {**{name: getattr(quantized, name) for name in FLAGS},
             "maxnreg": {key: launch["maxnreg"] for key, launch in quantized.QUANT_LAUNCH.items()}}
 BEFORE = {"PEEL_RAGGED": False, "FOLD_MAGIC": False, "INT_FOLD": False, "maxnreg": {"int": None, "fp8": None}}
 VARIANTS = {
     ("int8", None): {},
     ("int8", "before (unpeeled, unfolded, no cap)"): BEFORE,
-    ("int8", "unfolded"): {"INT_FOLD": False},
+    ("int8", "quantiser by reciprocal"): {"QUANTIZE_RCP": not quantized.QUANTIZE_RCP},
     ("fp8", None): {},
-    ("fp8", "before (unpeeled, unfolded, no cap)"): BEFORE,
+    ("fp8", "quantiser by reciprocal"): {"QUANTIZE_RCP": not quantized.QUANTIZE_RCP},
 }
 
 
 def apply(settings: dict, pv: str) -> None:
-    for name in ("PEEL_RAGGED", "FOLD_MAGIC", "INT_FOLD"):
+    for name in FLAGS:
         setattr(quantized, name, settings[name])
     for key, cap in settings["maxnreg"].items():
         quantized.QUANT_LAUNCH[key]["maxnreg"] = cap
@@ -77,7 +78,8 @@ def apply(settings: dict, pv: str) -> None:
 def settings_text(settings: dict, pv: str) -> str:
     key = "fp8" if pv == "fp8" else "int"
     fold = settings["FOLD_MAGIC"] if pv == "fp8" else settings["INT_FOLD"]
-    return f"PEEL_RAGGED {settings['PEEL_RAGGED']}, fold {fold}, maxnreg {settings['maxnreg'][key]}"
+    return (f"PEEL_RAGGED {settings['PEEL_RAGGED']}, fold {fold}, QUANTIZE_RCP {settings['QUANTIZE_RCP']}, "
+            f"maxnreg {settings['maxnreg'][key]}")
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -139,11 +141,19 @@ def main() -> None:
                 out = quantized_attention(q, k, v, mask, pv=pv)
                 took = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: quantized_attention(q, k, v, m, pv=pv))
                 name = f"{pv} {variant or 'default'}"
-                if variant:  # the kernel only: the quantisation is the default's
+                if variant:  # the whole call under the variant's settings, against the default's output
+                    gpu_quant, _ = build_times(
+                        lambda m=mask, q=q, k=k, v=v, pv=pv: _quantize_for_kernel(q, k, v, m, pv), n=40
+                    )
+                    codes = _quantize_for_kernel(q, k, v, mask, pv)
                     apply(DEFAULTS, pv)
                     same = torch.equal(quantized_attention(q, k, v, mask, pv=pv), out)
-                    print(f"    {name} ({settings_text(settings, pv)}): {took:.2f} ms, vs cudnn dense "
-                          f"{cudnn / took:.3f}x, output equal to the default's {same}", flush=True)
+                    usual = _quantize_for_kernel(q, k, v, mask, pv)
+                    differ = sum(int((bits(a) != bits(b)).sum()) for a, b in zip(codes, usual, strict=True))
+                    print(f"    {name} ({settings_text(settings, pv)}): {took:.2f} ms (quantise GPU {gpu_quant:.3f}), "
+                          f"vs cudnn dense {cudnn / took:.3f}x, output equal to the default's {same}, quantised "
+                          f"values and scales differing {differ}", flush=True)
+                    del codes, usual
                     continue
                 t_quant = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: _quantize_for_kernel(q, k, v, m, pv))
                 # alone, a call's quantisation may wait on the host's launches; in the whole call the host runs
@@ -176,7 +186,9 @@ def main() -> None:
                 )
                 for rows, warps, stages, tma in LAUNCHES if args.sweep else ():
                     key = "fp8" if pv == "fp8" else "int"
-                    quantized.QUANT_LAUNCH[key].update(rows=rows, warps=warps, stages=stages, maxnreg=None)
+                    # 4 warps keep the register cap (three programs per SM); 8 warps get ptxas' choice
+                    quantized.QUANT_LAUNCH[key].update(rows=rows, warps=warps, stages=stages,
+                                                       maxnreg=default[key]["maxnreg"] if warps == 4 else None)
                     quantized.QUANT_TMA = tma
                     launch = f"rows {rows} warps {warps} stages {stages} tma {tma}"
                     try:

@@ -27,7 +27,8 @@ from vgen.kernels import block_sparse, fps, pooled, pyramid, quantized, selectio
 POOLED = {"Q": "*bf16", "SPARSE": "*bf16", "LSE": "*fp32", "KM": "*fp32", "VM": "*fp32", "LOGN": "*fp32",
           "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32",
           "shift": "fp32"}  # fmt: skip
-QUANTIZE_INT = {"FP8": False, "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB, "GIVEN": False}
+QUANTIZE_INT = {"FP8": False, "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB, "GIVEN": False,
+                "RCP": quantized.QUANTIZE_RCP}
 QUANT_INT = {"PV_FP8": False, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False, "PEEL": quantized.PEEL_RAGGED,
              "FOLD": quantized.INT_FOLD, "V_BLOCKWISE": not quantized.INT_FOLD}  # INT8 PV
 QUANTIZE = {"X": "*bf16", "MEAN": "*fp32", "OUT": "*i8", "SCALE": "*fp32", "levels": "fp32"}
@@ -114,7 +115,8 @@ KERNELS = [
                                             "SMOOTH": False, **QUANTIZE_INT}, quantized.QUANTIZE_WARPS, 1),
     (quantized._quantize_kernel, {**QUANTIZE, "OUT": "*fp8e4nv"},
      {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True, "SMOOTH": False, "FP8": True,
-      "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB, "GIVEN": True}, quantized.QUANTIZE_WARPS, 1),
+      "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB, "GIVEN": True, "RCP": quantized.QUANTIZE_RCP},
+     quantized.QUANTIZE_WARPS, 1),
     # INT8 V against given scales per channel (pv="int8" with INT_FOLD)
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True,
                                             "SMOOTH": False, **QUANTIZE_INT, "GIVEN": True},

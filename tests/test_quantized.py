@@ -126,10 +126,12 @@ def test_quant_method_and_errors():
         create_method("quant", block_size=(16, 16))
 
 
+@pytest.mark.parametrize("rcp", [False, True], ids=["div", "rcp"])  # quantized.QUANTIZE_RCP
 @pytest.mark.parametrize("block", [32, 128])  # 128: the kernel walks a block in tiles of 32 tokens
 @pytest.mark.parametrize("per_channel,smooth,transpose,bits", [
     (False, False, False, 8), (False, True, False, 8), (True, False, True, 8), (True, False, True, 4)])
-def test_triton_quantiser_matches_quantize_blocks(per_channel, smooth, transpose, bits, block):
+def test_triton_quantiser_matches_quantize_blocks(monkeypatch, per_channel, smooth, transpose, bits, block, rcp):
+    monkeypatch.setattr(quantized, "QUANTIZE_RCP", rcp)
     from vgen.kernels.quantized import _quantize_triton
 
     torch.manual_seed(bits + 2 * smooth)

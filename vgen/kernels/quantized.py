@@ -52,6 +52,17 @@ _LEVELS = {8: 127, 4: 7}
 _PV_BITS = {"int8": 8, "int4": 4, "fp8": None}
 
 
+# The quantiser divides each value by its scale exactly rounded (div_rn, a dozen instructions a value), or, with
+# QUANTIZE_RCP, multiplies it by the scale's exactly rounded reciprocal (one per channel and program): one multiply
+# a value. The PyTorch quantisers follow the setting, so the two stay equal to the bit either way.
+QUANTIZE_RCP = False
+
+
+def _divide(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` as the Triton quantiser computes it (QUANTIZE_RCP: times ``1 / scale``)."""
+    return x * (1.0 / scale) if QUANTIZE_RCP else x / scale
+
+
 def quantize_blocks(
     x: torch.Tensor, block: int, bits: int = 8, *, per_channel: bool = False, smooth: bool = False,
     mean: torch.Tensor | None = None,
@@ -79,7 +90,7 @@ def quantize_blocks(
     padded = torch.nn.functional.pad(xf, (0, 0, 0, 0, 0, blocks * block - seq)).view(batch, blocks, block, heads, dim)
     amax = padded.abs().amax(dim=(2,) if per_channel else (2, 4), keepdim=True)  # [B, M, 1, H, D or 1]
     scale = (amax / levels).clamp_min(1e-12)
-    scaled = padded / scale
+    scaled = _divide(padded, scale)
     # half away from zero, as the Triton quantiser rounds
     values = (scaled.sign() * (scaled.abs() + 0.5).floor()).clamp_(-levels, levels).to(torch.int8)
     values = values.view(batch, blocks * block, heads, dim)
@@ -98,7 +109,7 @@ def quantize_fp8_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[B, S, H, D]`` as float8 e4m3 values (rounded to nearest, ties to even) against one scale per
     (batch, head, channel) over all tokens (:func:`fp8_channel_scales`). Returns the values and the scales."""
     scales = fp8_channel_scales(x)
-    return (x.float() / scales[:, None]).to(torch.float8_e4m3fn), scales
+    return _divide(x.float(), scales[:, None]).to(torch.float8_e4m3fn), scales
 
 
 def quantize_int8_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +117,7 @@ def quantize_int8_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     :func:`quantize_blocks`) against one scale per (batch, head, channel) over all tokens. Returns the values and
     the fp32 ``[B, H, D]`` scales."""
     scales = fp8_channel_scales(x, 127.0)
-    scaled = x.float() / scales[:, None]
+    scaled = _divide(x.float(), scales[:, None])
     return (scaled.sign() * (scaled.abs() + 0.5).floor()).clamp_(-127, 127).to(torch.int8), scales
 
 
@@ -157,6 +168,7 @@ def _quantize_kernel(
     H, S, M, levels,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr, SMOOTH: tl.constexpr,
     FP8: tl.constexpr = False, ROUND_FP8: tl.constexpr = False, SUB: tl.constexpr = 32, GIVEN: tl.constexpr = False,
+    RCP: tl.constexpr = False,
 ):
     """One (block of tokens, batch x head): what :func:`quantize_blocks` (or, with ``FP8``,
     :func:`quantize_fp8_channels` against its scales) computes; the output strides may transpose (V is
@@ -184,9 +196,15 @@ def _quantize_kernel(
         else:
             b_scale = tl.maximum(tl.math.div_rn(tl.max(b_amax, 0), levels), 1e-12) + tl.zeros_like(b_amax)
             tl.store(SCALE + i_bh * M + i_m, tl.max(b_scale, 0))
+    if RCP:
+        b_rcp = tl.math.div_rn(tl.full([BLOCK_D], 1.0, tl.float32), b_scale)  # exactly rounded, per channel
     for i_t in range(BLOCK // SUB):
         o_s = i_m * BLOCK + i_t * SUB + tl.arange(0, SUB)
-        b_y = tl.math.div_rn(_quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH), b_scale[None, :])
+        b_x = _quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH)
+        if RCP:  # a fused multiply-add with +0: rounded once, never contracted into the rounding's + 0.5 below
+            b_y = tl.fma(b_x, tl.broadcast_to(b_rcp[None, :], [SUB, BLOCK_D]), tl.zeros([SUB, BLOCK_D], tl.float32))
+        else:
+            b_y = tl.math.div_rn(b_x, b_scale[None, :])
         p_o = OUT + o_s[:, None] * s_os + o_d[None, :] * s_od
         m_o = (o_s < S)[:, None] & m_d[None, :]
         if FP8:
@@ -244,7 +262,7 @@ def _quantize_triton(
         x, mean, values, scales, *_strides3(x), *strides, heads, seq, blocks, float(_LEVELS.get(bits, 0)),
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK=block, PER_CHANNEL=per_channel, SMOOTH=smooth,
         FP8=fp8, ROUND_FP8=fp8 and not x.is_cuda, SUB=math.gcd(QUANTIZE_SUB if x.is_cuda else 32, block),
-        GIVEN=fp8 or channels,
+        GIVEN=fp8 or channels, RCP=QUANTIZE_RCP,
         num_warps=QUANTIZE_WARPS if x.is_cuda else 4,
     )  # fmt: skip
     return values, scales
