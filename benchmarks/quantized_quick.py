@@ -149,7 +149,9 @@ def main() -> None:
                     apply(DEFAULTS, pv)
                     same = torch.equal(quantized_attention(q, k, v, mask, pv=pv), out)
                     usual = _quantize_for_kernel(q, k, v, mask, pv)
-                    differ = sum(int((bits(a) != bits(b)).sum()) for a, b in zip(codes, usual, strict=True))
+                    # (None: another quantisation layout, e.g. V per key block instead of per channel)
+                    differ = None if any(a.shape != b.shape for a, b in zip(codes, usual, strict=True)) else sum(
+                        int((bits(a) != bits(b)).sum()) for a, b in zip(codes, usual, strict=True))
                     print(f"    {name} ({settings_text(settings, pv)}): {took:.2f} ms (quantise GPU {gpu_quant:.3f}), "
                           f"vs cudnn dense {cudnn / took:.3f}x, output equal to the default's {same}, quantised "
                           f"values and scales differing {differ}", flush=True)
