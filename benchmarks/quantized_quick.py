@@ -62,9 +62,9 @@ BEFORE = {"PEEL_RAGGED": False, "FOLD_MAGIC": False, "INT_FOLD": False, "maxnreg
 VARIANTS = {
     ("int8", None): {},
     ("int8", "before (unpeeled, unfolded, no cap)"): BEFORE,
-    ("int8", "quantiser by reciprocal"): {"QUANTIZE_RCP": not quantized.QUANTIZE_RCP},
+    ("int8", "quantiser flipped (QUANTIZE_RCP)"): {"QUANTIZE_RCP": not quantized.QUANTIZE_RCP},
     ("fp8", None): {},
-    ("fp8", "quantiser by reciprocal"): {"QUANTIZE_RCP": not quantized.QUANTIZE_RCP},
+    ("fp8", "quantiser flipped (QUANTIZE_RCP)"): {"QUANTIZE_RCP": not quantized.QUANTIZE_RCP},
 }
 
 
