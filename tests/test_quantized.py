@@ -226,19 +226,48 @@ def test_peeled_ragged_tile_and_folded_offset(monkeypatch, pv):
     assert (mask.to_dense()[..., -1]).any()  # some rows walk the ragged tile
 
 
-def test_ragged_tile_out_of_order_gives_nan_not_a_wrong_output(monkeypatch):
+@pytest.mark.parametrize("pv", ["int8", "fp8"])
+def test_ragged_tile_out_of_order_gives_nan_not_a_wrong_output(monkeypatch, pv):
     """The peeled kernel relies on BlockMask's ascending index lists (the ragged last key block, when kept, comes
-    last). A row whose list breaks that gets NaN, the others are unaffected."""
+    last). A row whose list has it elsewhere gets NaN (output and log-sum-exp); a list out of order with the ragged
+    block still last is fine (it matches the reference, which walks the same order); the other rows are unaffected."""
     import dataclasses
 
     monkeypatch.setattr(quantized, "PEEL_RAGGED", True)
     torch.manual_seed(4)
-    q, k, v = torch.randn(1, 64, 1, 32), torch.randn(1, 100, 1, 32), torch.randn(1, 100, 1, 32)
-    dense = torch.ones(1, 1, 2, 4, dtype=torch.bool)  # 100 keys in blocks of 32: the last holds 4
-    mask = BlockMask.from_dense(dense, (32, 32), (64, 100))
+    q, k, v = torch.randn(1, 96, 1, 32), torch.randn(1, 100, 1, 32), torch.randn(1, 100, 1, 32)
+    dense = torch.ones(1, 1, 3, 4, dtype=torch.bool)  # 100 keys in blocks of 32: the last holds 4
+    mask = BlockMask.from_dense(dense, (32, 32), (96, 100))
     indices = mask.kv_indices.clone()
     indices[0, 0, 1] = indices[0, 0, 1].flip(0)  # query block 1 walks the ragged block first
-    good = quantized_attention(q, k, v, mask, pv="fp8")
-    out = quantized_attention(q, k, v, dataclasses.replace(mask, kv_indices=indices), pv="fp8")
-    assert torch.isnan(out[:, 32:]).all()
-    assert torch.equal(out[:, :32], good[:, :32])
+    indices[0, 0, 2, :3] = indices[0, 0, 2, :3].flip(0)  # query block 2: out of order, the ragged block still last
+    shuffled = dataclasses.replace(mask, kv_indices=indices)
+    good = quantized_attention(q, k, v, mask, pv=pv)
+    out, lse = quantized_attention(q, k, v, shuffled, pv=pv, return_lse=True)
+    assert torch.isnan(out[:, 32:64]).all() and torch.isnan(lse[..., 32:64]).all()
+    assert torch.equal(out[:, :32], good[:, :32]) and not torch.isnan(lse[..., :32]).any()
+    torch.testing.assert_close(out[:, 64:], quantized_attention_reference(q, k, v, shuffled, pv=pv)[:, 64:],
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("pv", ["int8", "int4", "fp8"])
+def test_outlier_channels_keep_p_at_its_top_level(pv):
+    """Large Q/K scales (an outlier channel) make the folded bias about 1.5 * 2^23 * c with c above 0.01, where its
+    fp32 rounding alone would lift a tile's largest p past the top level (INT8: 128, which wraps to -128 in int8;
+    FP8: past 448). The kernel matches its reference and stays within the quantisation's error of exact
+    attention, as the unfolded kernel does."""
+    from vgen.kernels.quantized import _LOG2E
+
+    torch.manual_seed(0)
+    for amp in (1, 8):
+        q, k, v = torch.randn(1, 64, 1, 64), torch.randn(1, 64, 1, 64), torch.randn(1, 64, 1, 64)
+        q[..., 0] *= amp * 10
+        k[..., 0] *= amp * 10
+        q, k = q / amp**0.5, k / amp**0.5
+        c = (quantize_blocks(q, 32)[1].max() * quantize_blocks(k, 32, smooth=True)[1].max() * 64**-0.5 * _LOG2E)
+        assert c > 0.01  # the regime where the rounding of the bias matters
+        mask = BlockMask.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool), (32, 32), (64, 64))
+        exact = attention_reference(q, k, v)
+        out = quantized_attention(q, k, v, mask, pv=pv)
+        torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv=pv), atol=1e-5, rtol=1e-5)
+        assert rel(out, exact) < {"int8": 0.1, "int4": 0.5, "fp8": 0.1}[pv], (amp, rel(out, exact))

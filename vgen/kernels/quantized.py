@@ -101,17 +101,17 @@ def quantize_blocks(
     return values[:, :seq].contiguous(), (scales if per_channel else scales[..., 0]).contiguous()
 
 
-def fp8_channel_scales(x: torch.Tensor, top: float = 448.0) -> torch.Tensor:
+def channel_scales(x: torch.Tensor, top: float) -> torch.Tensor:
     """fp32 ``[B, H, D]``: each channel's absolute maximum over the tokens of ``x`` ``[B, S, H, D]``, over ``top``
-    (448: float8 e4m3's largest value; 127 for INT8)."""
+    (the largest code: 448 for float8 e4m3, 127 for INT8)."""
     low, high = torch.aminmax(x, dim=1)  # one pass, no |x| written out
     return (torch.maximum(high.float(), -low.float()) / top).clamp_min(1e-12).contiguous()
 
 
 def quantize_fp8_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[B, S, H, D]`` as float8 e4m3 values (rounded to nearest, ties to even) against one scale per
-    (batch, head, channel) over all tokens (:func:`fp8_channel_scales`). Returns the values and the scales."""
-    scales = fp8_channel_scales(x)
+    (batch, head, channel) over all tokens (:func:`channel_scales`). Returns the values and the scales."""
+    scales = channel_scales(x, 448.0)
     return _divide(x.float(), scales[:, None]).to(torch.float8_e4m3fn), scales
 
 
@@ -119,7 +119,7 @@ def quantize_int8_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """``x`` ``[B, S, H, D]`` as INT8 values in [-127, 127] (rounded half away from zero, as
     :func:`quantize_blocks`) against one scale per (batch, head, channel) over all tokens. Returns the values and
     the fp32 ``[B, H, D]`` scales."""
-    scales = fp8_channel_scales(x, 127.0)
+    scales = channel_scales(x, 127.0)
     scaled = _divide(x.float(), scales[:, None])
     return (scaled.sign() * (scaled.abs() + 0.5).floor()).clamp_(-127, 127).to(torch.int8), scales
 
@@ -173,10 +173,11 @@ def _quantize_kernel(
     FP8: tl.constexpr = False, ROUND_FP8: tl.constexpr = False, SUB: tl.constexpr = 32, GIVEN: tl.constexpr = False,
     RCP: tl.constexpr = False,
 ):
-    """One (block of tokens, batch x head): what :func:`quantize_blocks` (or, with ``FP8``,
-    :func:`quantize_fp8_channels` against its scales) computes; the output strides may transpose (V is
-    written ``[B, H, D, S]`` for the PV product). The block is walked in tiles of SUB tokens, twice for INT8/INT4
-    (its maximum, then the values: the second reads hit L2), so that a program holds little and many run per SM."""
+    """One (block of tokens, batch x head): what :func:`quantize_blocks` computes, or, with ``GIVEN`` scales per
+    (batch, head, channel), :func:`quantize_int8_channels` (or with ``FP8`` :func:`quantize_fp8_channels`); the
+    output strides may transpose (V is written ``[B, H, D, S]`` for the PV product). The block is walked in tiles
+    of SUB tokens: twice for scales per block (its maximum, then the values: the second reads hit L2), once with
+    GIVEN scales, so that a program holds little and many run per SM."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_d = tl.arange(0, BLOCK_D)
@@ -184,8 +185,8 @@ def _quantize_kernel(
     X += i_b.to(tl.int64) * s_xb + i_h * s_xh
     OUT += i_b.to(tl.int64) * s_ob + i_h * s_oh
     MEAN += i_bh * D
-    # divisions rounded exactly (div_rn), as PyTorch's: compiled '/' is approximate on NVIDIA GPUs, and a
-    # code at a .5 boundary would then differ by one from quantize_blocks
+    # every division rounded exactly (div_rn; the values' too without RCP), as PyTorch's: compiled '/' is
+    # approximate on NVIDIA GPUs, and a code at a .5 boundary would then differ by one from quantize_blocks
     if GIVEN:  # values against the given scale per (batch, head, channel): e4m3 (FP8) or INT8
         b_scale = tl.load(SCALE + i_bh * D + o_d, mask=m_d, other=1.0)
     else:  # the block's maximum first
@@ -252,8 +253,10 @@ def _quantize_triton(
     else:
         values = torch.empty(batch, seq, heads, dim, dtype=dtype, device=x.device)
         strides = (values.stride(0), values.stride(1), values.stride(2), values.stride(3))
+    if channels and (fp8 or bits != 8):
+        raise ValueError(f"channels=True quantises to INT8 (bits=8, fp8=False), got bits={bits}, fp8={fp8}")
     if fp8 or channels:
-        scales = fp8_channel_scales(x, 448.0 if fp8 else 127.0)
+        scales = channel_scales(x, 448.0 if fp8 else 127.0)
     else:
         scales = torch.empty((batch, heads, blocks, dim) if per_channel else (batch, heads, blocks), device=x.device)
     if smooth:  # [B, H, D]: the tokens' own mean, or the one given (a ring step smooths by the whole sequence's)
@@ -307,7 +310,9 @@ PEEL_RAGGED = True
 # pv="fp8": the integer scores stay as the magic-number floats (the add folds into the MMA's accumulator); their
 # offset goes into the exponent's per-row bias, one subtraction per score fewer. The bias is the fp32 sum of a
 # term near 1.5 * 2^23 * c and the row maximum, so the exponent moves by up to ~1 unit of the integer score
-# (hundreds of units below INT8's own rounding of q and k); the reference follows it exactly.
+# (hundreds of units below INT8's own rounding of q and k); the reference follows it exactly. At large scales
+# (c above about 0.01, outlier channels) that rounding alone could lift the largest p past 448 (INT8's past 127,
+# which wraps in int8): _safe_bias raises the bias past every rounding, so it cannot.
 # H200, ac512c1 (`benchmarks/quantized_quick.py`), FP8 ms at 1.3B dense / 0.25, 14B dense / 0.25, capped at 168
 # registers: peeled and folded 8.77 / 2.64 / 149.45 / 40.70; peeled only 9.09 / 2.71 / 157.26 / 42.20; neither
 # (and uncapped, as before) 10.10 / 2.97 / 165.00 / 45.52.
@@ -321,6 +326,16 @@ FOLD_MAGIC = True
 # instructions per tile and thread (FP8: 622). False: P against the tile maximum of p taken from p itself, rounded
 # row sums, V per key block (as before).
 INT_FOLD = True
+
+
+@triton.jit
+def _safe_bias(b_bias, b_peak, top_log2):
+    """The folded exponent's bias, raised past its rounding: the fp32 bias (about 1.5 * 2^23 * c), the peak's and
+    the final exponent's roundings and exp2's error could otherwise lift the row's largest p above the top level
+    (p = P * 2^0.006 rounds INT8's 127 to 128, which wraps to -128; FP8's 448 to 480). Raised by at least 8
+    times those roundings, the largest p stays at most P (or 448), and 127 (448) still comes out for c up to about
+    0.01; the same factor scales a tile's weights and its row sums. :func:`_folded_reference` repeats it."""
+    return b_bias + ((tl.abs(b_bias) + tl.abs(b_peak) + top_log2) * 4.76837158203125e-07 + 9.5367431640625e-07)
 
 
 @triton.jit
@@ -365,7 +380,8 @@ def _quant_tile(
         # division) straight to e4m3: no per-tile scale, no integer conversion; the row sums use p
         # unrounded, V's per-channel scale is applied once at the end
         if FOLD:  # explicit fused multiply-adds: one rounding each, on the GPU and in the interpreter alike
-            b_bias = tl.fma(b_magic, tl.broadcast_to(c, [BLOCK_M_ROWS]), b_m_safe - _LOG2_448)
+            b_bias = _safe_bias(tl.fma(b_magic, tl.broadcast_to(c, [BLOCK_M_ROWS]), b_m_safe - _LOG2_448), b_m_safe,
+                                _LOG2_448)
             b_p = tl.exp2(tl.fma(b_x, b_c, tl.broadcast_to(-b_bias[:, None], [BLOCK_M_ROWS, BLOCK_N])))
         else:
             b_p = tl.exp2(b_x * c - (b_m_safe - _LOG2_448)[:, None])
@@ -380,7 +396,8 @@ def _quant_tile(
         # p / (the row's maximum in the tile) x P, in [0, P], straight from the exponent: the bias holds the tile's
         # maximum logit instead of the running one, so no maximum of p is taken and no ratio applied; the weight of
         # the tile, exp2(tile max - running max) / P, goes onto the row sums and the product
-        b_bias = tl.fma(b_magic, tl.broadcast_to(c, [BLOCK_M_ROWS]), b_tmax - log2_levels)
+        b_bias = _safe_bias(tl.fma(b_magic, tl.broadcast_to(c, [BLOCK_M_ROWS]), b_tmax - log2_levels), b_tmax,
+                            log2_levels)
         b_p = tl.exp2(tl.fma(b_x, b_c, tl.broadcast_to(-b_bias[:, None], [BLOCK_M_ROWS, BLOCK_N])))
         # rounded to an integer by the magic add; its low byte is that integer (the magic's low 22 bits are zero)
         b_shifted = b_p + _MAGIC_F
@@ -565,8 +582,9 @@ def quantized_attention(
         q, k, v: ``[B, S, H, D]`` in bf16, fp16 or fp32; ``D`` at most 256.
         block_mask: the kept blocks; its block sizes are also the quantisation blocks (>= 32 each).
         scale: softmax scale (default ``D ** -0.5``).
-        pv: ``"int8"`` or ``"int4"`` (P quantised per row and key tile, V per channel and key block), or
-            ``"fp8"`` (P and V in float8 e4m3, V scaled per channel over all tokens).
+        pv: ``"int8"`` (P quantised per row and key tile, V per channel over all tokens), ``"int4"`` (the same
+            with V per channel and key block), or ``"fp8"`` (P and V in float8 e4m3, V scaled per channel over
+            all tokens).
         k_mean: fp32 ``[B, H, D]`` the keys are smoothed by (default: their own mean). Calls over parts
             of one key sequence (ring steps) pass the whole sequence's, so that their logits share one
             shift and their log-sum-exps merge.
@@ -576,6 +594,10 @@ def quantized_attention(
     Returns:
         ``[B, Sq, H, D]`` in q's dtype (and the log-sum-exp). Triton on CUDA or under
         ``TRITON_INTERPRET=1``, else :func:`quantized_attention_reference`.
+
+    The kernel relies on BlockMask's ascending index lists (with PEEL_RAGGED): a row whose list holds the ragged last
+    key block anywhere but last gets NaN (output and log-sum-exp), not a silently wrong result. The reference walks
+    any order and never gives NaN.
     """
     _check_inputs(q, k, v, block_mask)
     _check_pv(pv)
@@ -718,6 +740,9 @@ def _folded_reference(q8, q_scale, k8, k_scale, vq, v_scale, block_mask, qk_scal
     if FOLD_MAGIC if fp8 else INT_FOLD:  # fp32 fused multiply-adds (exact in fp64, rounded once to fp32)
         c_tile = tiled(c, 1.0)[..., :1].double()  # one scale per (row, key tile)
         bias = (_MAGIC_F.value * c_tile + offset.double()).float()
+        peak_term = running if fp8 else torch.where(tile_max == float("-inf"), 0.0, tile_max)
+        top = _LOG2_448.value if fp8 else _f32(math.log2(levels))
+        bias = bias + ((bias.abs() + peak_term.abs() + top) * 2.0**-21 + 2.0**-20)  # _safe_bias
         logits = ((tiled(products, 0.0) + _MAGIC_F.value).double() * c_tile - bias.double()).float()
         logits = logits.masked_fill(tiles == float("-inf"), float("-inf"))
     else:
