@@ -332,10 +332,13 @@ INT_FOLD = True
 def _safe_bias(b_bias, b_peak, top_log2):
     """The folded exponent's bias, raised past its rounding: the fp32 bias (about 1.5 * 2^23 * c), the peak's and
     the final exponent's roundings and exp2's error could otherwise lift the row's largest p above the top level
-    (p = P * 2^0.006 rounds INT8's 127 to 128, which wraps to -128; FP8's 448 to 480). Raised by at least 8
-    times those roundings, the largest p stays at most P (or 448), and 127 (448) still comes out for c up to about
-    0.01; the same factor scales a tile's weights and its row sums. :func:`_folded_reference` repeats it."""
-    return b_bias + ((tl.abs(b_bias) + tl.abs(b_peak) + top_log2) * 4.76837158203125e-07 + 9.5367431640625e-07)
+    (p = P * 2^0.006 rounds INT8's 127 to 128, which wraps to -128; FP8's 448 to 480). Those roundings add up to
+    at most (|bias| + |peak| + log2 P) * 2^-23 + 2^-21.5; the bias is raised by twice that, so the largest p
+    stays at most P (or 448). The price: it comes out a little under P, so INT8's top code is 127 for c up to
+    about 0.0015 (the reference model's c is at most 0.001), 126 at 0.002 and 124 at 0.01; FP8's stays 448 up to
+    c of about 0.017. The same factor scales a tile's weights and its row sums. :func:`_folded_reference` repeats
+    it."""
+    return b_bias + ((tl.abs(b_bias) + tl.abs(b_peak) + top_log2) * 2.384185791015625e-07 + 9.5367431640625e-07)
 
 
 @triton.jit
@@ -742,7 +745,7 @@ def _folded_reference(q8, q_scale, k8, k_scale, vq, v_scale, block_mask, qk_scal
         bias = (_MAGIC_F.value * c_tile + offset.double()).float()
         peak_term = running if fp8 else torch.where(tile_max == float("-inf"), 0.0, tile_max)
         top = _LOG2_448.value if fp8 else _f32(math.log2(levels))
-        bias = bias + ((bias.abs() + peak_term.abs() + top) * 2.0**-21 + 2.0**-20)  # _safe_bias
+        bias = bias + ((bias.abs() + peak_term.abs() + top) * 2.0**-22 + 2.0**-20)  # _safe_bias
         logits = ((tiled(products, 0.0) + _MAGIC_F.value).double() * c_tile - bias.double()).float()
         logits = logits.masked_fill(tiles == float("-inf"), float("-inf"))
     else:
