@@ -158,7 +158,8 @@ class TrainSettings:
             (:func:`flow_matching_loss`); the held-out loss stays unweighted.
         position_prior: added, when stage 3 starts afresh (not from its checkpoint), to the text encoder's
             relative-position bias (:func:`add_position_prior`), which weight decay then leaves alone; 0: off.
-            Without it the encoder trained blind to word order (``scripts/text_encoder_order.py``).
+            Without it the encoder trained blind to word order (``scripts/text_encoder_order.py``). It adds to
+            the weights it finds: a continuation of a model trained with it should not set it again.
         ema_decay: EMA decay of the stage-3 weights (0: no EMA).
         size_cycle: stage-3 steps at the training size, then at the demo size, per cycle (``(1, 1)``
             alternates; ``(1, 3)`` spends most steps on the cheap demo size; ``(1, 0)``: no demo size).
