@@ -6,8 +6,8 @@ A two-object caption and the same caption with the two colours swapped ("a red s
 "a blue square ... a red circle") hold the same words. If the encoder's output for a shared word ("square",
 "moves", "circle") is the same in both, the transformer is given the same multiset of embeddings for the two
 captions and cannot tell which object has which colour. Prints that difference (||e_a - e_b|| / ||e_a|| at the
-shared words), the mean-pooled cosine, and, with --prior P, the same after adding P to the relative-position bias
-of head 0 at distance -1 and head 1 at +1 in every layer (how strong a position prior must be to matter).
+shared words), the mean-pooled cosine, and, with --prior P, the same after `add_position_prior` (P on the
+relative-position bias of head 0 at distance -1 and head 1 at +1 in every layer; how strong it must be to matter).
 """
 
 import argparse
@@ -16,6 +16,7 @@ import torch
 from diffusers import WanPipeline
 
 from vgen.models.reference import encode_prompts
+from vgen.models.train import add_position_prior
 
 PAIRS = [
     ("a red square moves left while a blue circle grows", "a blue square moves left while a red circle grows"),
@@ -35,10 +36,9 @@ def main() -> None:
     for prior in args.prior:
         with torch.no_grad():
             for name, p in encoder.named_parameters():
-                if name in biases:  # T5 buckets: relative position -1 is bucket 1, +1 is bucket num_buckets // 2 + 1
+                if name in biases:
                     p.copy_(biases[name])
-                    p[1, 0] += prior
-                    p[encoder.config.relative_attention_num_buckets // 2 + 1, 1] += prior
+            add_position_prior(encoder, prior)
             for a, b in PAIRS:
                 e = encode_prompts(tokenizer, encoder, [a, b], 64)  # 64 tokens: more than any caption
                 words = tokenizer.convert_ids_to_tokens(tokenizer(a)["input_ids"])

@@ -312,7 +312,7 @@ PEEL_RAGGED = True
 # term near 1.5 * 2^23 * c and the row maximum, so the exponent moves by up to ~1 unit of the integer score
 # (hundreds of units below INT8's own rounding of q and k); the reference follows it exactly. At large scales
 # (c above about 0.01, outlier channels) that rounding alone could lift the largest p past 448 (INT8's past 127,
-# which wraps in int8): _safe_bias raises the bias past every rounding, so it cannot.
+# which wraps in int8): _folded_exp2 raises the bias past every rounding, so it cannot.
 # H200, ac512c1 (`benchmarks/quantized_quick.py`), FP8 ms at 1.3B dense / 0.25, 14B dense / 0.25, capped at 168
 # registers: peeled and folded 8.77 / 2.64 / 149.45 / 40.70; peeled only 9.09 / 2.71 / 157.26 / 42.20; neither
 # (and uncapped, as before) 10.10 / 2.97 / 165.00 / 45.52.
@@ -329,16 +329,20 @@ INT_FOLD = True
 
 
 @triton.jit
-def _safe_bias(b_bias, b_peak, top_log2):
-    """The folded exponent's bias, raised past its rounding: the fp32 bias (about 1.5 * 2^23 * c), the peak's and
-    the final exponent's roundings and exp2's error could otherwise lift the row's largest p above the top level
+def _folded_exp2(b_x, c, b_peak, top_log2):
+    """``exp2(x * c - peak + top)`` from the magic-number scores ``b_x`` (1.5 * 2^23 + x, exact): the offset goes
+    into a per-row bias, and both fused multiply-adds are explicit (one rounding each, on the GPU and in the
+    interpreter alike). The bias is then raised past its rounding: the fp32 bias (about 1.5 * 2^23 * c), the peak's
+    and the final exponent's roundings and exp2's error could otherwise lift the row's largest p above the top level
     (p = P * 2^0.006 rounds INT8's 127 to 128, which wraps to -128; FP8's 448 to 480). Those roundings add up to
     at most (|bias| + |peak| + log2 P) * 2^-23 + 2^-21.5; the bias is raised by twice that, so the largest p
     stays at most P (or 448). The price: it comes out a little under P, so INT8's top code is 127 for c up to
     about 0.0015 (the reference model's c is at most 0.001), 126 at 0.002 and 124 at 0.01; FP8's stays 448 up to
     c of about 0.017. The same factor scales a tile's weights and its row sums. :func:`_folded_reference` repeats
     it."""
-    return b_bias + ((tl.abs(b_bias) + tl.abs(b_peak) + top_log2) * 2.384185791015625e-07 + 9.5367431640625e-07)
+    b_bias = tl.fma(tl.full(b_peak.shape, _MAGIC_F, tl.float32), tl.broadcast_to(c, b_peak.shape), b_peak - top_log2)
+    b_bias += (tl.abs(b_bias) + tl.abs(b_peak) + top_log2) * 2.384185791015625e-07 + 9.5367431640625e-07
+    return tl.exp2(tl.fma(b_x, tl.broadcast_to(c, b_x.shape), tl.broadcast_to(-b_bias[:, None], b_x.shape)))
 
 
 @triton.jit
@@ -363,8 +367,6 @@ def _quant_tile(
     # the integer scores; their scale c > 0 is applied to the row maxima and inside the exponent's multiply-add
     # (max(x) * c rounds to max(x * c): the same values as scaling every score first, one multiply fewer each)
     c = q_scale * tl.load(KS + i_bh * MK + j)
-    b_c = tl.broadcast_to(c, [BLOCK_M_ROWS, BLOCK_N])
-    b_magic = tl.full([BLOCK_M_ROWS], _MAGIC_F, tl.float32)
     if FOLD:  # 1.5 * 2^23 + x as floats (exact); the offset is taken out of the row maxima and the bias
         b_x = (tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32) + _MAGIC_I).to(tl.float32, bitcast=True)
         if MASKED:
@@ -382,10 +384,8 @@ def _quant_tile(
         # p * 448 (e4m3's largest value; the factor is folded into the exponent and cancels in the final
         # division) straight to e4m3: no per-tile scale, no integer conversion; the row sums use p
         # unrounded, V's per-channel scale is applied once at the end
-        if FOLD:  # explicit fused multiply-adds: one rounding each, on the GPU and in the interpreter alike
-            b_bias = _safe_bias(tl.fma(b_magic, tl.broadcast_to(c, [BLOCK_M_ROWS]), b_m_safe - _LOG2_448), b_m_safe,
-                                _LOG2_448)
-            b_p = tl.exp2(tl.fma(b_x, b_c, tl.broadcast_to(-b_bias[:, None], [BLOCK_M_ROWS, BLOCK_N])))
+        if FOLD:
+            b_p = _folded_exp2(b_x, c, b_m_safe, _LOG2_448)
         else:
             b_p = tl.exp2(b_x * c - (b_m_safe - _LOG2_448)[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
@@ -399,9 +399,7 @@ def _quant_tile(
         # p / (the row's maximum in the tile) x P, in [0, P], straight from the exponent: the bias holds the tile's
         # maximum logit instead of the running one, so no maximum of p is taken and no ratio applied; the weight of
         # the tile, exp2(tile max - running max) / P, goes onto the row sums and the product
-        b_bias = _safe_bias(tl.fma(b_magic, tl.broadcast_to(c, [BLOCK_M_ROWS]), b_tmax - log2_levels), b_tmax,
-                            log2_levels)
-        b_p = tl.exp2(tl.fma(b_x, b_c, tl.broadcast_to(-b_bias[:, None], [BLOCK_M_ROWS, BLOCK_N])))
+        b_p = _folded_exp2(b_x, c, b_tmax, log2_levels)
         # rounded to an integer by the magic add; its low byte is that integer (the magic's low 22 bits are zero)
         b_shifted = b_p + _MAGIC_F
         b_pq = b_shifted.to(tl.int32, bitcast=True).to(tl.int8)
@@ -420,7 +418,7 @@ def _quant_tile(
         else:  # per channel over all tokens, applied at the end: two fused multiply-adds per output
             b_acc = tl.fma(b_acc, tl.broadcast_to(b_alpha[:, None], [BLOCK_M_ROWS, BLOCK_D]),
                            tl.fma(b_pv, tl.broadcast_to(b_pscale[:, None], [BLOCK_M_ROWS, BLOCK_D]),
-                                  tl.broadcast_to(-(b_magic * b_pscale)[:, None], [BLOCK_M_ROWS, BLOCK_D])))
+                                  tl.broadcast_to(-(b_pscale * _MAGIC_F)[:, None], [BLOCK_M_ROWS, BLOCK_D])))
     else:
         b_p = tl.exp2(b_x * c - b_m_safe[:, None])
         # P is quantised per (row, key tile) against the tile row's maximum: p / max does not depend on
@@ -564,7 +562,7 @@ def _quantize_for_kernel(q, k, v, block_mask, pv, k_mean=None):
     q8, q_scale = _quantize_triton(q, block_m, 8)
     k8, k_scale = _quantize_triton(k, block_n, 8, smooth=True, mean=k_mean)
     vt, v_scale = _quantize_triton(v, block_n, _PV_BITS[pv], per_channel=True, transpose=True, fp8=pv == "fp8",
-                                   channels=pv == "int8" and INT_FOLD)  # fmt: skip
+                                   channels=_v_channels(pv) and pv != "fp8")  # fmt: skip
     return q8, q_scale, k8, k_scale, vt, v_scale
 
 
@@ -736,16 +734,16 @@ def _folded_reference(q8, q_scale, k8, k_scale, vq, v_scale, block_mask, qk_scal
     running, peak = (torch.where(x == float("-inf"), 0.0, x) for x in (running, peak))
     fp8 = pv == "fp8"
     if fp8:  # 448 * exp2(s - running maximum), rounded to e4m3
-        offset, levels = running - _LOG2_448.value, 448.0
+        peak_term, top, levels = running, _LOG2_448.value, 448.0
+        offset = peak_term - top
     else:  # levels * exp2(s - the tile's maximum), rounded to an integer
         levels = float(_LEVELS[_PV_BITS[pv]])
-        offset = torch.where(tile_max == float("-inf"), 0.0, tile_max) - _f32(math.log2(levels))
+        peak_term, top = torch.where(tile_max == float("-inf"), 0.0, tile_max), _f32(math.log2(levels))
+        offset = peak_term - top
     if FOLD_MAGIC if fp8 else INT_FOLD:  # fp32 fused multiply-adds (exact in fp64, rounded once to fp32)
         c_tile = tiled(c, 1.0)[..., :1].double()  # one scale per (row, key tile)
         bias = (_MAGIC_F.value * c_tile + offset.double()).float()
-        peak_term = running if fp8 else torch.where(tile_max == float("-inf"), 0.0, tile_max)
-        top = _LOG2_448.value if fp8 else _f32(math.log2(levels))
-        bias = bias + ((bias.abs() + peak_term.abs() + top) * 2.0**-22 + 2.0**-20)  # _safe_bias
+        bias = bias + ((bias.abs() + peak_term.abs() + top) * 2.0**-22 + 2.0**-20)  # as _folded_exp2
         logits = ((tiled(products, 0.0) + _MAGIC_F.value).double() * c_tile - bias.double()).float()
         logits = logits.masked_fill(tiles == float("-inf"), float("-inf"))
     else:
