@@ -55,7 +55,7 @@ QUANTISER_LAUNCHES = [(4, 32), (8, 32), (4, 64), (8, 64), (8, 128)]
 
 # Kernel variants timed beside each format's default (module settings of vgen.kernels.quantized; maxnreg is the
 # format's QUANT_LAUNCH register cap). None: the default itself.
-FLAGS = ("PEEL_RAGGED", "FOLD_MAGIC", "INT_FOLD", "QUANTIZE_RCP")
+FLAGS = ("PEEL_RAGGED", "FOLD_MAGIC", "INT_FOLD", "QUANTIZE_RCP", "QUANTIZE_PADDED")
 DEFAULTS = {**{name: getattr(quantized, name) for name in FLAGS},
             "maxnreg": {key: launch["maxnreg"] for key, launch in quantized.QUANT_LAUNCH.items()}}
 BEFORE = {"PEEL_RAGGED": False, "FOLD_MAGIC": False, "INT_FOLD": False, "maxnreg": {"int": None, "fp8": None}}
@@ -63,8 +63,10 @@ VARIANTS = {
     ("int8", None): {},
     ("int8", "before (unpeeled, unfolded, no cap)"): BEFORE,
     ("int8", "quantiser flipped (QUANTIZE_RCP)"): {"QUANTIZE_RCP": not quantized.QUANTIZE_RCP},
+    ("int8", "V's token mask (QUANTIZE_PADDED flipped)"): {"QUANTIZE_PADDED": not quantized.QUANTIZE_PADDED},
     ("fp8", None): {},
     ("fp8", "quantiser flipped (QUANTIZE_RCP)"): {"QUANTIZE_RCP": not quantized.QUANTIZE_RCP},
+    ("fp8", "V's token mask (QUANTIZE_PADDED flipped)"): {"QUANTIZE_PADDED": not quantized.QUANTIZE_PADDED},
 }
 
 
@@ -79,7 +81,25 @@ def settings_text(settings: dict, pv: str) -> str:
     key = "fp8" if pv == "fp8" else "int"
     fold = settings["FOLD_MAGIC"] if pv == "fp8" else settings["INT_FOLD"]
     return (f"PEEL_RAGGED {settings['PEEL_RAGGED']}, fold {fold}, QUANTIZE_RCP {settings['QUANTIZE_RCP']}, "
-            f"maxnreg {settings['maxnreg'][key]}")
+            f"QUANTIZE_PADDED {settings['QUANTIZE_PADDED']}, maxnreg {settings['maxnreg'][key]}")
+
+
+def quantiser_pieces(q, k, v, pv: str) -> str:
+    """GPU ms of each step of the quantisation (_quantize_for_kernel's launches, one at a time)."""
+    v_channels = quantized._v_channels(pv) and pv != "fp8"
+    steps = {
+        "Q": lambda: quantized._quantize_triton(q, 128, 8),
+        "K mean": lambda: k.mean(1, dtype=torch.float32),
+        "K": lambda: quantized._quantize_triton(k, 128, 8, smooth=True, mean=k.mean(1, dtype=torch.float32)),
+        "V scales": lambda: quantized.channel_scales(v, 448.0 if pv == "fp8" else 127.0),
+        "V": lambda: quantized._quantize_triton(v, 128, quantized._PV_BITS[pv], per_channel=True, transpose=True,
+                                                fp8=pv == "fp8", channels=v_channels),
+    }
+    times = {name: build_times(fn, n=40)[0] for name, fn in steps.items()}
+    times["K"] -= times["K mean"]  # (the K step recomputes its mean)
+    if pv == "fp8" or v_channels:
+        times["V"] -= times["V scales"]
+    return ", ".join(f"{name} {t:.3f}" for name, t in times.items())
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +184,8 @@ def main() -> None:
                     lambda m=mask, q=q, k=k, v=v, pv=pv: _quantize_for_kernel(q, k, v, m, pv), n=40
                 )
                 usual = _quantize_for_kernel(q, k, v, mask, pv)
+                if density == 1.0:
+                    print(f"    quantise {pv} by step, GPU ms: {quantiser_pieces(q, k, v, pv)}", flush=True)
                 for warps, sub in QUANTISER_LAUNCHES if args.quantiser else ():
                     before = quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB
                     quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB = warps, sub

@@ -28,7 +28,8 @@ POOLED = {"Q": "*bf16", "SPARSE": "*bf16", "LSE": "*fp32", "KM": "*fp32", "VM": 
           "SPREAD": "*fp32", "KEEP": "*i8", "OUT": "*bf16", "scale": "fp32", "bound": "fp32",
           "shift": "fp32"}  # fmt: skip
 QUANTIZE_INT = {"FP8": False, "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB, "GIVEN": False,
-                "RCP": quantized.QUANTIZE_RCP}
+                "RCP": quantized.QUANTIZE_RCP, "PADDED": False}
+V_T = {"PADDED": quantized.QUANTIZE_PADDED, "s_os": 1}  # V written transposed: tokens at unit stride
 QUANT_INT = {"PV_FP8": False, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False, "PEEL": quantized.PEEL_RAGGED,
              "FOLD": quantized.INT_FOLD, "V_BLOCKWISE": not quantized.INT_FOLD}  # INT8 PV
 QUANTIZE = {"X": "*bf16", "MEAN": "*fp32", "OUT": "*i8", "SCALE": "*fp32", "levels": "fp32"}
@@ -107,19 +108,20 @@ KERNELS = [
     (pooled._pooled_kernel, POOLED_FP32, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 16, "ROW_BLOCK": 128,
                                           "POOLED_KEPT": False, "COMPENSATE": True, "HALF": False,
                                           "SPREAD_SHIFT": False}, 8, 1),
-    # the quantiser at quantized.QUANTIZE_WARPS and QUANTIZE_SUB (whole blocks at 4 warps spilled 1,084-1,612 B);
-    # V to float8 e4m3 (pv="fp8")
+    # the quantiser at quantized.QUANTIZE_WARPS and QUANTIZE_SUB (whole blocks at 4 warps spilled 1,084-1,612 B), with
+    # the unit stride a launch passes as a constant (Triton specialises an integer argument equal to 1): the
+    # channels' for K (s_od), the tokens' for V^T (s_os; PADDED as the library launches it); V to float8 e4m3
+    # (pv="fp8")
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": False,
-                                            "SMOOTH": True, **QUANTIZE_INT}, quantized.QUANTIZE_WARPS, 1),
+                                            "SMOOTH": True, **QUANTIZE_INT, "s_od": 1}, quantized.QUANTIZE_WARPS, 1),
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True,
-                                            "SMOOTH": False, **QUANTIZE_INT}, quantized.QUANTIZE_WARPS, 1),
+                                            "SMOOTH": False, **QUANTIZE_INT, **V_T}, quantized.QUANTIZE_WARPS, 1),
     (quantized._quantize_kernel, {**QUANTIZE, "OUT": "*fp8e4nv"},
-     {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True, "SMOOTH": False, "FP8": True,
-      "ROUND_FP8": False, "SUB": quantized.QUANTIZE_SUB, "GIVEN": True, "RCP": quantized.QUANTIZE_RCP},
-     quantized.QUANTIZE_WARPS, 1),
+     {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True, "SMOOTH": False, **QUANTIZE_INT, "FP8": True,
+      "GIVEN": True, **V_T}, quantized.QUANTIZE_WARPS, 1),
     # INT8 V against given scales per channel (pv="int8" with INT_FOLD)
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True,
-                                            "SMOOTH": False, **QUANTIZE_INT, "GIVEN": True},
+                                            "SMOOTH": False, **QUANTIZE_INT, "GIVEN": True, **V_T},
      quantized.QUANTIZE_WARPS, 1),
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
                                               "ROWS": 128, "RETURN_LSE": False, "USE_TMA": False, **QUANT_INT}, 8, 3),

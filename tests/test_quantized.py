@@ -142,7 +142,10 @@ def test_triton_quantiser_matches_quantize_blocks(monkeypatch, per_channel, smoo
     torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
     assert torch.equal(values.permute(0, 3, 1, 2) if transpose else values, expected)
     if transpose:  # rows padded to whole blocks, for aligned loads
-        assert values.shape == (2, 3, 40, 77 + block) and values.stride(2) == -(-(77 + block) // block) * block
+        padded = -(-(77 + block) // block) * block
+        assert values.shape == (2, 3, 40, 77 + block) and values.stride(2) == padded
+        # QUANTIZE_PADDED: the padding is written too (unmasked wide stores), with the codes of zeros
+        assert (values.as_strided((2, 3, 40, padded), values.stride())[..., 77 + block:] == 0).all()
 
 
 def test_triton_fp8_quantiser_matches_pytorch():

@@ -171,13 +171,14 @@ def _quantize_kernel(
     H, S, M, levels,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PER_CHANNEL: tl.constexpr, SMOOTH: tl.constexpr,
     FP8: tl.constexpr = False, ROUND_FP8: tl.constexpr = False, SUB: tl.constexpr = 32, GIVEN: tl.constexpr = False,
-    RCP: tl.constexpr = False,
+    RCP: tl.constexpr = False, PADDED: tl.constexpr = False,
 ):
     """One (block of tokens, batch x head): what :func:`quantize_blocks` computes, or, with ``GIVEN`` scales per
     (batch, head, channel), :func:`quantize_int8_channels` (or with ``FP8`` :func:`quantize_fp8_channels`); the
     output strides may transpose (V is written ``[B, H, D, S]`` for the PV product). The block is walked in tiles
     of SUB tokens: twice for scales per block (its maximum, then the values: the second reads hit L2), once with
-    GIVEN scales, so that a program holds little and many run per SM."""
+    GIVEN scales, so that a program holds little and many run per SM. ``PADDED``: OUT has rows up to M x BLOCK
+    (whole blocks), and the rows past S take the codes of zeros."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_d = tl.arange(0, BLOCK_D)
@@ -210,7 +211,10 @@ def _quantize_kernel(
         else:
             b_y = tl.math.div_rn(b_x, b_scale[None, :])
         p_o = OUT + o_s[:, None] * s_os + o_d[None, :] * s_od
-        m_o = (o_s < S)[:, None] & m_d[None, :]
+        if PADDED:  # rows past S lie in the output's padding (zeros in, codes 0 out): no token mask, wide stores
+            m_o = (o_s < M * BLOCK)[:, None] & m_d[None, :]
+        else:
+            m_o = (o_s < S)[:, None] & m_d[None, :]
         if FP8:
             if ROUND_FP8:  # the interpreter's cast truncates
                 b_y = _round_e4m3(b_y)
@@ -232,6 +236,11 @@ def _quantize_kernel(
 # within 0.02-0.07 ms of (8, 128) at 1.3B (the one-pass kernel: 0.47 / 0.61 ms); 159-168 registers.
 QUANTIZE_WARPS = 4
 QUANTIZE_SUB = 64
+# V^T's rows (tokens) are padded to whole blocks (see _quantize_triton): stored without a token mask (PADDED), the
+# codes of a thread's consecutive tokens go out in wide stores. With the mask `token < S` (S = 32,760 is not a
+# multiple of 16, so Triton cannot prove the mask constant over a vector), ptxas for sm_90a emitted one byte store
+# per code (64 STG.U8 per tile and thread).
+QUANTIZE_PADDED = True
 
 
 def _quantize_triton(
@@ -268,7 +277,7 @@ def _quantize_triton(
         x, mean, values, scales, *_strides3(x), *strides, heads, seq, blocks, float(_LEVELS.get(bits, 0)),
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK=block, PER_CHANNEL=per_channel, SMOOTH=smooth,
         FP8=fp8, ROUND_FP8=fp8 and not x.is_cuda, SUB=math.gcd(QUANTIZE_SUB if x.is_cuda else 32, block),
-        GIVEN=fp8 or channels, RCP=QUANTIZE_RCP,
+        GIVEN=fp8 or channels, RCP=QUANTIZE_RCP, PADDED=transpose and QUANTIZE_PADDED,
         num_warps=QUANTIZE_WARPS if x.is_cuda else 4,
     )  # fmt: skip
     return values, scales
