@@ -78,7 +78,13 @@ elif [[ $FIRST == ref && -f "$RUN/ref/train.log" ]]; then
     tr '\r' '\n' <"$RUN/ref/train.log" | grep -v '^\s*$' | tail -n 200 >"$OUT/train-tail.log"
 fi
 if [[ -f "$RUN/bench.log" ]]; then
-    tar -C "$RUN" -cf "$OUT/bench.tar" bench bench.log
+    tar -C "$RUN" -cf "$RUN/bench.tar" bench bench.log
+    # a call brings back 64 MiB at most: with the model's pieces in this call, the benchmarks may have to wait
+    if (($(du -sb "$OUT" | cut -f1) + $(stat -c %s "$RUN/bench.tar") < 60 * 2 ** 20)); then
+        mv "$RUN/bench.tar" "$OUT/bench.tar"
+    else
+        echo "== bench.tar ($(du -h "$RUN/bench.tar" | cut -f1)) left for the next call: $OUT is full"
+    fi
 fi
 [[ -f "$RUN/chain.done" ]] && echo "== the chain is done" || echo "== still running; call '$0 poll' again"
 ls -la "$OUT"
