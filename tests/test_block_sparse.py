@@ -262,3 +262,54 @@ def test_fused_backward_is_chosen_by_accumulator_size(monkeypatch):
     assert block_sparse._use_fused_dq(wan_14b)
     monkeypatch.setattr(block_sparse, "FUSED_DQ", False)
     assert not block_sparse._use_fused_dq(wan_13b)
+
+
+@pytest.mark.parametrize("sub", [1, 2], ids=["tile=block", "two-tiles-per-block"])
+@pytest.mark.parametrize("sk", [100, 128, 112])  # ragged within a tile, whole blocks, ragged at a tile edge
+def test_forward_peeled_ragged_block_matches_the_masked_walk(monkeypatch, sub, sk):
+    """PEEL_RAGGED walks the unmasked tiles in the loop and the ragged last key block after it (with two tiles per
+    mask block the second may lie wholly past the keys). Against the walk that tests every tile, and the fp32
+    reference: output and LSE, rows that keep the ragged block and rows that do not, a row with only that block."""
+    from vgen.kernels.block_sparse import _tiles
+
+    if sub == 2:  # a key tile of half the mask block, as on the GPU when CUDA_TILES' tiles are smaller
+        monkeypatch.setattr(block_sparse, "_tiles", lambda kind, m, n, cuda: (*_tiles(kind, m, n, cuda)[:1], n // 2,
+                                                                              *_tiles(kind, m, n, cuda)[2:]))
+    torch.manual_seed(sk + sub)
+    q, k, v = (torch.randn(1, s, 2, 32, device=DEVICE) for s in (96, sk, sk))
+    dense = torch.rand(1, 2, 3, -(-sk // 32)) < 0.6
+    dense[0, 0, 0] = False
+    dense[0, 0, 0, -1] = True  # a row with only the last (perhaps ragged) block
+    dense[0, 1, :, -1] = True
+    mask = BlockMask.from_dense(dense.to(DEVICE), (32, 32), (96, sk))
+    outs = {}
+    for peel in (False, True):
+        monkeypatch.setattr(block_sparse, "PEEL_RAGGED", peel)
+        outs[peel] = block_sparse_attention(q, k, v, mask, return_lse=True)
+    ref_out, ref_lse = attention_reference(q, k, v, mask=mask.expand_tokens(), return_lse=True)
+    for out, lse in outs.values():
+        assert err_ratio(out, ref_out) < 1e-5 and err_ratio(lse, ref_lse) < 1e-5
+    torch.testing.assert_close(outs[True][0], outs[False][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outs[True][1], outs[False][1], atol=1e-6, rtol=1e-6)
+
+
+def test_forward_ragged_block_out_of_order_gives_nan_not_a_wrong_output(monkeypatch):
+    """The peeled forward relies on BlockMask's ascending index lists (the ragged last key block, when kept, comes
+    last). A row whose list has it elsewhere gets NaN (output and LSE); a list out of order with the ragged block
+    still last matches the reference; the other rows are unaffected."""
+    import dataclasses
+
+    monkeypatch.setattr(block_sparse, "PEEL_RAGGED", True)
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, s, 1, 32, device=DEVICE) for s in (96, 100, 100))
+    mask = BlockMask.from_dense(torch.ones(1, 1, 3, 4, dtype=torch.bool, device=DEVICE), (32, 32), (96, 100))
+    indices = mask.kv_indices.clone()
+    indices[0, 0, 1] = indices[0, 0, 1].flip(0)  # query block 1 walks the ragged block (4 keys) first
+    indices[0, 0, 2, :3] = indices[0, 0, 2, :3].flip(0)  # query block 2: out of order, the ragged block still last
+    shuffled = dataclasses.replace(mask, kv_indices=indices)
+    good = block_sparse_attention(q, k, v, mask)
+    out, lse = block_sparse_attention(q, k, v, shuffled, return_lse=True)
+    assert torch.isnan(out[:, 32:64]).all() and torch.isnan(lse[..., 32:64]).all()
+    assert torch.equal(out[:, :32], good[:, :32]) and not torch.isnan(lse[..., :32]).any()
+    ref = attention_reference(q, k, v, mask=mask.expand_tokens())
+    assert err_ratio(out[:, 64:], ref[:, 64:]) < 1e-5

@@ -44,6 +44,32 @@ def _load_tile(ptr, desc, start, stride, SK, o_d, m_d, BLOCK_N: tl.constexpr, US
 
 
 @triton.jit
+def _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the online softmax: the running maxima, row sums and accumulator after it. MASKED: 0, every
+    key counts; 1, keys past SK take no weight, and a row may still have none (-inf maxima); 2, as 1 when the tile
+    reaches past SK (a run-time branch per tile)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+    if MASKED == 1:
+        b_s = tl.where((start + tl.arange(0, BLOCK_N) < SK)[None, :], b_s, float("-inf"))
+    elif MASKED == 2:
+        if start + BLOCK_N > SK:  # only the ragged last tile has keys to mask
+            b_s = tl.where((start + tl.arange(0, BLOCK_N) < SK)[None, :], b_s, float("-inf"))
+    # maxima in scaled units, so the scale folds into one multiply-add per score
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
+    if MASKED:  # a tile whose keys are all past SK leaves -inf maxima: keep exp2 finite
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    else:
+        b_m_safe = b_m_new
+    b_p = tl.exp2(b_s * qk_scale - b_m_safe[:, None])
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    # the rescaled accumulator goes into the MMA as its addend: no separate add pass
+    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=DOT_PRECISION)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, KV_NUM, KV_IDX,
     s_qb, s_qs, s_qh,
@@ -52,10 +78,10 @@ def _fwd_kernel(
     s_ob, s_os, s_oh,
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
-    H, SQ, SK, qk_scale,
+    H, SQ, SK, MK, qk_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, CARRY_INDEX: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, CARRY_INDEX: tl.constexpr, PEEL: tl.constexpr = False,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -68,7 +94,8 @@ def _fwd_kernel(
     p_q = Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
-    n_it = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm) * SUB
+    n_blocks = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm)
+    n_it = n_blocks * SUB
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_row * s_im
     K += i_b * s_kb + i_h * s_kh
     V += i_b * s_vb + i_h * s_vh
@@ -81,29 +108,41 @@ def _fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # PEEL: the ragged last mask block (keys past SK), when kept, is the list's last entry (ascending lists); its
+    # tiles alone are masked, after the loop. Met anywhere else in the loop (a list out of order), the row's output
+    # becomes NaN, not silently wrong. Without PEEL every tile checks whether it reaches past SK.
+    ragged = tl.where(SK % MASK_N != 0, MK - 1, MK)  # MK: no block is ragged
+    n_loop = n_it
+    if PEEL:
+        last = tl.load(p_idx + tl.maximum(n_blocks - 1, 0))
+        n_loop = n_it - ((n_blocks > 0) & (last == ragged)).to(tl.int32) * SUB
+    misplaced = n_it * 0
     if CARRY_INDEX:  # the first tile's start; each step loads the next one's (p_idx[0] exists in every row)
         start_next = _tile_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
-    for it in tl.range(0, n_it, warp_specialize=WARP_SPECIALIZE):
+    for it in tl.range(0, n_loop, warp_specialize=WARP_SPECIALIZE):
         if CARRY_INDEX:
             start = start_next
-            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_it - 1), SUB, MASK_N, BLOCK_N)
+            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_loop - 1), SUB, MASK_N, BLOCK_N)
         else:
             start = _tile_start(p_idx, it, SUB, MASK_N, BLOCK_N)
         b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
-        if start + BLOCK_N > SK:  # only the ragged last tile has keys to mask
-            b_s = tl.where((start + tl.arange(0, BLOCK_N) < SK)[None, :], b_s, float("-inf"))
-        # maxima in scaled units, so the scale folds into one multiply-add per score
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
-        # a tile whose keys are all past SK leaves -inf maxima: keep exp2 finite
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s * qk_scale - b_m_safe[:, None])
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        # the rescaled accumulator goes into the MMA as its addend: no separate add pass
-        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=DOT_PRECISION)
-        b_m = b_m_new
+        if PEEL:
+            misplaced += (start // MASK_N == ragged).to(tl.int32)
+            b_m, b_l, b_acc = _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N, DOT_PRECISION,
+                                        MASKED=0)  # fmt: skip
+        else:
+            b_m, b_l, b_acc = _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N, DOT_PRECISION,
+                                        MASKED=2)  # fmt: skip
+    if PEEL:
+        if n_loop < n_it:  # the ragged block's tiles (past SK: no weight)
+            for t in tl.static_range(SUB):
+                start = ragged * MASK_N + t * BLOCK_N
+                b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
+                b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
+                b_m, b_l, b_acc = _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N,
+                                            DOT_PRECISION, MASKED=1)  # fmt: skip
+        b_l = tl.where(misplaced > 0, float("nan"), b_l)
 
     b_empty = b_l == 0.0
     b_o = b_acc / tl.where(b_empty, 1.0, b_l)[:, None]
@@ -319,6 +358,12 @@ WARP_SPECIALIZE = False
 # `benchmarks/ab_forward.py CARRY_INDEX --rounds 5`, on / off: 0.981-1.001 at 1.3B, 0.989-0.994 at 14B (every
 # density), outputs equal; Flex / vgen at 14B density 0.1: 1.220x on, 1.207x off.
 CARRY_INDEX = True
+# The forward's key loop walks its tiles unmasked; the ragged last mask block (keys past the sequence), which an
+# ascending index list (BlockMask's contract) keeps last, is walked after it with the key mask. Before, every tile
+# took a run-time test of whether it reached past the keys, and ptxas for sm_90a if-converted the mask into the
+# loop: 64 FSEL, 33 ISETP and 27 VIADD per tile and thread of ~620 (scripts/compile_kernels_sm90.py). A row whose
+# list holds the ragged block anywhere but last gets NaN (output and LSE), never a silently wrong result.
+PEEL_RAGGED = True
 # (Loading the query tile by TMA instead, Q_TMA, lost its A/B at a89e975, `ab_forward.py Q_TMA --rounds 3`: on / off
 # 1.008-1.033 at 1.3B, 0.995-1.003 at 14B; removed.)
 # The same for the backward's loops (dK/dV over query tiles, dQ over key tiles), and one more pipeline stage for
@@ -421,10 +466,11 @@ def _launch_forward(q, k, v, block_mask, scale):
         q, k, v, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
-        h, sq, sk, scale * _LOG2E,
+        h, sq, sk, triton.cdiv(sk, mask_n), scale * _LOG2E,
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m,
         MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
-        WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX, num_warps=warps, num_stages=stages,
+        WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX, PEEL=PEEL_RAGGED,
+        num_warps=warps, num_stages=stages,
     )
     return out, lse
 
