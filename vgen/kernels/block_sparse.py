@@ -2,7 +2,8 @@
 
 q, k, v are ``[B, S, H, D]`` (any strides with a unit last stride). Each program owns one
 query tile and walks the key blocks its mask row keeps (the backward's dK/dV programs walk
-the transposed mask). Ragged last blocks are masked in the kernel. The softmax runs in
+the transposed mask). Ragged last blocks are masked in the kernel (the forward masks only the
+ragged last key block, walked after its loop). The softmax runs in
 base 2 with the scale folded into one multiply; the log-sum-exp is returned in natural log.
 
 File order: forward kernel, backward kernels, host launchers, autograd.Function, public function.
@@ -570,6 +571,10 @@ def block_sparse_attention(
 
     Runs the Triton kernels on CUDA (and under ``TRITON_INTERPRET=1``); elsewhere the
     PyTorch reference, which expands the mask to tokens (small sizes only).
+
+    The forward relies on BlockMask's ascending index lists (with ``PEEL_RAGGED``): a row whose
+    list holds the ragged last key block anywhere but last gets NaN (output and LSE), not a
+    silently wrong result. Every mask vgen builds keeps its lists ascending.
     """
     _check_inputs(q, k, v, block_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
