@@ -42,8 +42,9 @@ start)
             RUN=$chain/$FIRST OUT=$chain/first-out POLL_UNTIL=1000000 bash "scripts/$script" start >"$chain/first.log" 2>&1
             echo "$FIRST exit $?" >"$chain/first.done"
         }
-        # after the reference training, the model-scoring benchmarks (adherence, encoder_order) score the new model
-        model=$([[ $FIRST == ref ]] && echo "$chain/ref/model" || echo assets/reference/model)
+        # the model-scoring benchmarks (adherence, encoder_order) score $MODEL if given, else the model the
+        # reference training has just made (when they run after it), else the shipped one
+        model=${MODEL:-$([[ $FIRST == ref && -z "${BENCH_FIRST:-}" ]] && echo "$chain/ref/model" || echo assets/reference/model)}
         benches() { MODEL=$model SIDE_OUT=$chain/bench bash scripts/bench_queue.sh >"$chain/bench.log" 2>&1; }
         if [[ -n "${BENCH_FIRST:-}" ]]; then benches; train; else train; benches; fi
         echo done >"$chain/chain.done"

@@ -264,9 +264,10 @@ def test_fused_backward_is_chosen_by_accumulator_size(monkeypatch):
     assert not block_sparse._use_fused_dq(wan_13b)
 
 
+@pytest.mark.parametrize("carry", [True, False], ids=["carry-index", "no-carry"])  # block_sparse.CARRY_INDEX
 @pytest.mark.parametrize("sub", [1, 2], ids=["tile=block", "two-tiles-per-block"])
 @pytest.mark.parametrize("sk", [100, 128, 112])  # ragged within a tile, whole blocks, ragged at a tile edge
-def test_forward_peeled_ragged_block_matches_the_masked_walk(monkeypatch, sub, sk):
+def test_forward_peeled_ragged_block_matches_the_masked_walk(monkeypatch, sub, sk, carry):
     """PEEL_RAGGED walks the unmasked tiles in the loop and the ragged last key block after it (with two tiles per
     mask block the second may lie wholly past the keys). Against the walk that tests every tile, and the fp32
     reference: output and LSE, rows that keep the ragged block and rows that do not, a row with only that block."""
@@ -275,6 +276,7 @@ def test_forward_peeled_ragged_block_matches_the_masked_walk(monkeypatch, sub, s
     if sub == 2:  # a key tile of half the mask block, as on the GPU when CUDA_TILES' tiles are smaller
         monkeypatch.setattr(block_sparse, "_tiles", lambda kind, m, n, cuda: (*_tiles(kind, m, n, cuda)[:1], n // 2,
                                                                               *_tiles(kind, m, n, cuda)[2:]))
+    monkeypatch.setattr(block_sparse, "CARRY_INDEX", carry)
     torch.manual_seed(sk + sub)
     q, k, v = (torch.randn(1, s, 2, 32, device=DEVICE) for s in (96, sk, sk))
     dense = torch.rand(1, 2, 3, -(-sk // 32)) < 0.6
@@ -313,3 +315,23 @@ def test_forward_ragged_block_out_of_order_gives_nan_not_a_wrong_output(monkeypa
     assert torch.equal(out[:, :32], good[:, :32]) and not torch.isnan(lse[..., :32]).any()
     ref = attention_reference(q, k, v, mask=mask.expand_tokens())
     assert err_ratio(out[:, 64:], ref[:, 64:]) < 1e-5
+
+
+@pytest.mark.parametrize("sk", [100, 128])  # with a ragged last block, and without
+def test_forward_index_out_of_range_gives_nan_not_a_wrong_output(monkeypatch, sk):
+    """An index outside [0, Mk) in a row's list (against BlockMask's contract, which only its shapes check) is met in
+    the peeled forward's unmasked loop: that row gets NaN, the others are unaffected."""
+    import dataclasses
+
+    monkeypatch.setattr(block_sparse, "PEEL_RAGGED", True)
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, s, 1, 32, device=DEVICE) for s in (96, sk, sk))
+    dense = torch.zeros(1, 1, 3, 4, dtype=torch.bool, device=DEVICE)
+    dense[..., :2] = True
+    mask = BlockMask.from_dense(dense, (32, 32), (96, sk))
+    indices = mask.kv_indices.clone()
+    indices[0, 0, 1, :2] = torch.tensor([4, 0])  # query block 1: a block past the keys, then block 0
+    out, lse = block_sparse_attention(q, k, v, dataclasses.replace(mask, kv_indices=indices), return_lse=True)
+    assert torch.isnan(out[:, 32:64]).all() and torch.isnan(lse[..., 32:64]).all()
+    ref = attention_reference(q, k, v, mask=mask.expand_tokens())
+    assert err_ratio(out[:, :32], ref[:, :32]) < 1e-5 and err_ratio(out[:, 64:], ref[:, 64:]) < 1e-5

@@ -274,3 +274,22 @@ def test_outlier_channels_keep_p_at_its_top_level(pv):
         out = quantized_attention(q, k, v, mask, pv=pv)
         torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv=pv), atol=1e-5, rtol=1e-5)
         assert rel(out, exact) < {"int8": 0.1, "int4": 0.5, "fp8": 0.1}[pv], (amp, rel(out, exact))
+
+
+def test_index_out_of_range_gives_nan_not_a_wrong_output(monkeypatch):
+    """An index outside [0, Mk) met in the peeled kernel's unmasked loop: that row gets NaN, the others are
+    unaffected (as the bf16 forward)."""
+    import dataclasses
+
+    monkeypatch.setattr(quantized, "PEEL_RAGGED", True)
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 96, 1, 32), torch.randn(1, 100, 1, 32), torch.randn(1, 100, 1, 32)
+    dense = torch.zeros(1, 1, 3, 4, dtype=torch.bool)
+    dense[..., :2] = True
+    mask = BlockMask.from_dense(dense, (32, 32), (96, 100))
+    indices = mask.kv_indices.clone()
+    indices[0, 0, 1, :2] = torch.tensor([4, 0])  # query block 1: a block past the keys, then block 0
+    out = quantized_attention(q, k, v, dataclasses.replace(mask, kv_indices=indices), pv="int8")
+    assert torch.isnan(out[:, 32:64]).all()
+    good = quantized_attention(q, k, v, mask, pv="int8")
+    assert torch.equal(out[:, :32], good[:, :32]) and torch.equal(out[:, 64:], good[:, 64:])

@@ -2,8 +2,8 @@
 
 q, k, v are ``[B, S, H, D]`` (any strides with a unit last stride). Each program owns one
 query tile and walks the key blocks its mask row keeps (the backward's dK/dV programs walk
-the transposed mask). Ragged last blocks are masked in the kernel (the forward masks only the
-ragged last key block, walked after its loop). The softmax runs in
+the transposed mask). Ragged last blocks are masked in the kernel (with PEEL_RAGGED the forward
+masks only the ragged last key block, walked after its loop). The softmax runs in
 base 2 with the scale folded into one multiply; the log-sum-exp is returned in natural log.
 
 File order: forward kernel, backward kernels, host launchers, autograd.Function, public function.
@@ -110,8 +110,9 @@ def _fwd_kernel(
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # PEEL: the ragged last mask block (keys past SK), when kept, is the list's last entry (ascending lists); its
-    # tiles alone are masked, after the loop. Met anywhere else in the loop (a list out of order), the row's output
-    # becomes NaN, not silently wrong. Without PEEL every tile checks whether it reaches past SK.
+    # tiles alone are masked, after the loop. Met anywhere else in the loop (a list out of order), or an index
+    # outside [0, MK) met there, the row's output becomes NaN, not silently wrong (a repeated index is not
+    # detected, with or without PEEL). Without PEEL every tile checks whether it reaches past SK.
     ragged = tl.where(SK % MASK_N != 0, MK - 1, MK)  # MK: no block is ragged
     n_loop = n_it
     if PEEL:
@@ -128,8 +129,9 @@ def _fwd_kernel(
             start = _tile_start(p_idx, it, SUB, MASK_N, BLOCK_N)
         b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
-        if PEEL:
-            misplaced += (start // MASK_N == ragged).to(tl.int32)
+        if PEEL:  # the ragged block, or an index outside [0, MK), met in the unmasked loop
+            blk = start // MASK_N
+            misplaced += ((blk >= ragged) | (blk < 0)).to(tl.int32)
             b_m, b_l, b_acc = _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N, DOT_PRECISION,
                                         MASKED=0)  # fmt: skip
         else:
@@ -363,7 +365,8 @@ CARRY_INDEX = True
 # ascending index list (BlockMask's contract) keeps last, is walked after it with the key mask. Before, every tile
 # took a run-time test of whether it reached past the keys, and ptxas for sm_90a if-converted the mask into the
 # loop: 64 FSEL, 33 ISETP and 27 VIADD per tile and thread of ~620 (scripts/compile_kernels_sm90.py). A row whose
-# list holds the ragged block anywhere but last gets NaN (output and LSE), never a silently wrong result. Peeled, the
+# list holds the ragged block anywhere but last (or an index outside [0, MK)) gets NaN (output and LSE), never a
+# silently wrong result. Peeled, the
 # loop is ~500 instructions and 200 registers (229 before). H200, 3aa9e08, `benchmarks/ab_forward.py PEEL_RAGGED`,
 # on / off: 0.951-0.979 at 1.3B (5 rounds), 0.964-0.968 at 14B (2 rounds), outputs equal; Flex / vgen 1.22-1.31x.
 PEEL_RAGGED = True
@@ -573,8 +576,9 @@ def block_sparse_attention(
     PyTorch reference, which expands the mask to tokens (small sizes only).
 
     The forward relies on BlockMask's ascending index lists (with ``PEEL_RAGGED``): a row whose
-    list holds the ragged last key block anywhere but last gets NaN (output and LSE), not a
-    silently wrong result. Every mask vgen builds keeps its lists ascending.
+    list holds the ragged last key block anywhere but last, or an index outside ``[0, Mk)``, gets
+    NaN (output and LSE), not a silently wrong result (a repeated index is not detected). Every
+    mask vgen builds keeps its lists ascending.
     """
     _check_inputs(q, k, v, block_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

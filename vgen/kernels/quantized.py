@@ -212,7 +212,7 @@ def _quantize_kernel(
             b_y = tl.math.div_rn(b_x, b_scale[None, :])
         p_o = OUT + o_s[:, None] * s_os + o_d[None, :] * s_od
         if PADDED:  # rows past S lie in the output's padding (zeros in, codes 0 out): no token mask, wide stores
-            m_o = (o_s < M * BLOCK)[:, None] & m_d[None, :]
+            m_o = (o_s < M * BLOCK)[:, None] & m_d[None, :]  # (always true for the tokens: it gives the mask a shape)
         else:
             m_o = (o_s < S)[:, None] & m_d[None, :]
         if FP8:
@@ -488,8 +488,8 @@ def _quant_fwd_kernel(
     b_l = tl.zeros([ROWS], tl.float32)
     b_acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     # PEEL: the ragged last key block, when kept, is the list's last entry (ascending lists); it alone is masked,
-    # after the loop. Met anywhere else in the loop (a list out of order), the row's output becomes NaN, not
-    # silently wrong.
+    # after the loop. Met anywhere else in the loop (a list out of order), or an index outside [0, MK) met there, the
+    # row's output becomes NaN, not silently wrong.
     ragged = tl.where(SK % BLOCK_N != 0, MK - 1, MK)  # MK: no block is ragged
     n_loop = n_it
     if PEEL:
@@ -499,7 +499,7 @@ def _quant_fwd_kernel(
     for it in range(n_loop):
         j = tl.load(p_idx + it)
         if PEEL:
-            misplaced += (j == ragged).to(tl.int32)
+            misplaced += ((j >= ragged) | (j < 0)).to(tl.int32)  # the ragged block, or an index outside [0, MK)
         b_m, b_l, b_acc = _quant_tile(
             b_q, K, VT, desc_k, desc_vt, KS, VS, j, q_scale, b_m, b_l, b_acc, o_d, m_d, s_ks, s_vd, i_bh, SK, MK,
             p_levels, log2_levels, D=D, BLOCK_D=BLOCK_D, BLOCK_M_ROWS=ROWS, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA,
@@ -608,8 +608,8 @@ def quantized_attention(
         ``TRITON_INTERPRET=1``, else :func:`quantized_attention_reference`.
 
     The kernel relies on BlockMask's ascending index lists (with PEEL_RAGGED): a row whose list holds the ragged last
-    key block anywhere but last gets NaN (output and log-sum-exp), not a silently wrong result. The reference walks
-    any order and never gives NaN.
+    key block anywhere but last, or an index outside ``[0, Mk)``, gets NaN (output and log-sum-exp), not a silently
+    wrong result (a repeated index is not detected). The reference walks any order and never gives NaN.
     """
     _check_inputs(q, k, v, block_mask)
     _check_pv(pv)
