@@ -45,7 +45,8 @@ BLOCK_SPARSE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "LSE":
 BACKWARD = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DK": "*bf16",
             "DV": "*bf16", "DQ": "*bf16", "Q_NUM": "*i32", "Q_IDX": "*i32", "KV_NUM": "*i32", "KV_IDX": "*i32",
             "DQ_ACC": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
-BACKWARD_CONSTS = {"D": 128, "BLOCK_D": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32"}
+BACKWARD_CONSTS = {"D": 128, "BLOCK_D": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
+                   "PEEL": block_sparse.BWD_PEEL_RAGGED}
 KERNELS = [
     # the forward at block_sparse.CUDA_TILES (CARRY_INDEX: the default)
     (block_sparse._fwd_kernel, BLOCK_SPARSE,
@@ -64,6 +65,11 @@ KERNELS = [
                                                "REDUCE_TMA": True, "CARRY_INDEX": True}, 8, 3),
     (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": True,
                                                "REDUCE_TMA": True, "CARRY_INDEX": True}, 4, 3),
+    # the backward's peel (block_sparse.BWD_PEEL_RAGGED, a candidate): the dQ kernel and the fused dK/dV kernel
+    (block_sparse._bwd_dq_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 128, "BLOCK_N": 128,
+                                             "CARRY_INDEX": False, "PEEL": True}, 8, 2),
+    (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 128, "FUSED_DQ": True,
+                                               "REDUCE_TMA": True, "CARRY_INDEX": True, "PEEL": True}, 8, 3),
     (selection._segment_means_kernel, {"X": "*bf16", "STARTS": "*i64", "SIZES": "*i64", "OUT": "*fp32",
                                        "SPREAD": "*fp32"}, {"D": 128, "BLOCK_D": 128, "BLOCK_T": 32,
                                                             "WITH_SPREAD": True}, 4, 1),
@@ -180,6 +186,9 @@ def registers_and_spills(ptx: str) -> str:
             f"spills {spills.group(1) if spills else '?'} / {spills.group(2) if spills else '?'} B")  # fmt: skip
 
 
+SHARED_LIMIT = 232448  # bytes of shared memory a program may use on sm_90 (227 KB)
+
+
 def compile_sm90(fn, types: dict, consts: dict, warps: int, stages: int, maxnreg: int | None = None):
     """Compiled for sm_90 as a launch at the Wan shapes specialises it: pointers and the tensors' strides
     (``s_*``) divisible by 16, not the block masks' and index lists' strides (``s_n*``, ``s_i*``: multiples of
@@ -199,6 +208,8 @@ def main() -> int:
     for fn, types, consts, warps, stages, *cap in KERNELS:
         try:
             kernel = compile_sm90(fn, types, consts, warps, stages, *cap)
+            if kernel.metadata.shared > SHARED_LIMIT:  # the compiler does not check it; the launch would fail
+                raise RuntimeError(f"shared memory {kernel.metadata.shared} B is over sm_90's {SHARED_LIMIT} B")
             print(f"OK   {fn.__name__} {consts} warps {warps} stages {stages}: shared {kernel.metadata.shared} B, "
                   f"{registers_and_spills(kernel.asm['ptx'])}")  # fmt: skip
         except Exception as err:  # report every kernel, then fail

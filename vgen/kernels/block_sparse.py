@@ -179,6 +179,40 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dkdv_tile(Q, DO, LSE, DELTA, DQ_ACC, desc_dq, b_k, b_v, b_dk, b_dv, start, o_d, s_qs, s_ds, s_as, SQ, qk_scale,
+               D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
+               REDUCE_TMA: tl.constexpr, MASKED: tl.constexpr):
+    """One query tile of a key tile's dK and dV (and its dQ share with FUSED_DQ). The loads always mask rows past
+    SQ; MASKED (as the forward's _fwd_tile): 0, P is not masked; 1, P of queries past SQ is zero; 2, as 1 when the
+    tile reaches past SQ."""
+    o_m = start + tl.arange(0, BLOCK_M)
+    m_m = o_m < SQ
+    m_md = m_m[:, None] & (o_d < D)[None, :]
+    b_q = tl.load(Q + o_m[:, None] * s_qs + o_d[None, :], mask=m_md, other=0.0)
+    b_do = tl.load(DO + o_m[:, None] * s_ds + o_d[None, :], mask=m_md, other=0.0)
+    b_lse = tl.load(LSE + o_m, mask=m_m, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
+    # [BLOCK_N, BLOCK_M]: P^T recomputed from the saved LSE; padded queries contribute nothing
+    b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale - b_lse[None, :])
+    if MASKED == 1:
+        b_pt = tl.where(m_m[None, :], b_pt, 0.0)
+    elif MASKED == 2:
+        if start + BLOCK_M > SQ:  # only the ragged last tile has queries to mask
+            b_pt = tl.where(m_m[None, :], b_pt, 0.0)
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+    if FUSED_DQ:
+        b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
+        if REDUCE_TMA:
+            desc_dq.atomic_add([start, 0], b_dq)
+        else:
+            tl.atomic_add(DQ_ACC + o_m[:, None] * s_as + o_d[None, :], b_dq, mask=m_md, sem="relaxed")
+    return b_dk, b_dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, DQ_ACC,
     s_qb, s_qs, s_qh,
@@ -189,13 +223,16 @@ def _bwd_dkdv_kernel(
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
     s_ab, s_as, s_ah,
-    H, SQ, SK, qk_scale, sm_scale,
+    H, SQ, SK, MQ, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr = False, REDUCE_TMA: tl.constexpr = False, CARRY_INDEX: tl.constexpr = False,
+    PEEL: tl.constexpr = False,
 ):
     # FUSED_DQ: also add each tile's dS K into the fp32 dQ accumulator DQ_ACC ([B, S, H, D], unscaled), by a
-    # TMA reduce (REDUCE_TMA) or element atomics, so that no second kernel recomputes P for dQ
+    # TMA reduce (REDUCE_TMA) or element atomics, so that no second kernel recomputes P for dQ. PEEL: as the
+    # forward's, over query tiles (the ragged last query block walked last, with the query mask on P; the loads
+    # keep their masks); a misplaced ragged block, or an index outside [0, MQ), makes the column's dK and dV NaN
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_col = i_n * BLOCK_N // MASK_N
@@ -224,40 +261,59 @@ def _bwd_dkdv_kernel(
     SUB: tl.constexpr = MASK_M // BLOCK_M
     # one flat loop over query tiles (SUB per kept mask block), as in the forward: the pipeliner prefetches
     # the next tile's q and dO while this one computes, which a nested loop over sub-tiles prevented
+    n_it = n_q * SUB
+    ragged = tl.where(SQ % MASK_M != 0, MQ - 1, MQ)  # MQ: no query block is ragged
+    n_loop = n_it
+    if PEEL:
+        last = tl.load(p_idx + tl.maximum(n_q - 1, 0))
+        n_loop = n_it - ((n_q > 0) & (last == ragged)).to(tl.int32) * SUB
+    misplaced = n_it * 0
     if CARRY_INDEX:  # the first tile's start; each step loads the next one's (see the forward's CARRY_INDEX)
         start_next = _tile_start(p_idx, 0, SUB, MASK_M, BLOCK_M)
-    for it in range(n_q * SUB):
+    for it in range(n_loop):
         if CARRY_INDEX:
             start = start_next
-            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_q * SUB - 1), SUB, MASK_M, BLOCK_M)
+            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_loop - 1), SUB, MASK_M, BLOCK_M)
         else:
             start = _tile_start(p_idx, it, SUB, MASK_M, BLOCK_M)
-        o_m = start + tl.arange(0, BLOCK_M)
-        m_m = o_m < SQ
-        m_md = m_m[:, None] & (o_d < D)[None, :]
-        b_q = tl.load(Q + o_m[:, None] * s_qs + o_d[None, :], mask=m_md, other=0.0)
-        b_do = tl.load(DO + o_m[:, None] * s_ds + o_d[None, :], mask=m_md, other=0.0)
-        b_lse = tl.load(LSE + o_m, mask=m_m, other=0.0) * 1.4426950408889634
-        b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
-        # [BLOCK_N, BLOCK_M]: P^T recomputed from the saved LSE; padded queries contribute nothing
-        b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale - b_lse[None, :])
-        if start + BLOCK_M > SQ:  # only the ragged last tile has queries to mask
-            b_pt = tl.where(m_m[None, :], b_pt, 0.0)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
-        if FUSED_DQ:
-            b_dq = tl.dot(tl.trans(b_dst.to(b_k.dtype)), b_k, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
-            if REDUCE_TMA:
-                desc_dq.atomic_add([start, 0], b_dq)
-            else:
-                tl.atomic_add(DQ_ACC + o_m[:, None] * s_as + o_d[None, :], b_dq, mask=m_md, sem="relaxed")
+        if PEEL:
+            blk = start // MASK_M
+            misplaced += ((blk >= ragged) | (blk < 0)).to(tl.int32)
+        b_dk, b_dv = _dkdv_tile(Q, DO, LSE, DELTA, DQ_ACC, desc_dq, b_k, b_v, b_dk, b_dv, start, o_d, s_qs, s_ds, s_as,
+                                SQ, qk_scale, D, BLOCK_M, DOT_PRECISION, FUSED_DQ, REDUCE_TMA,
+                                MASKED=0 if PEEL else 2)  # fmt: skip
+    if PEEL:
+        if n_loop < n_it:  # the ragged query block's tiles (past SQ: no weight)
+            for t in tl.static_range(SUB):
+                b_dk, b_dv = _dkdv_tile(Q, DO, LSE, DELTA, DQ_ACC, desc_dq, b_k, b_v, b_dk, b_dv,
+                                        ragged * MASK_M + t * BLOCK_M, o_d, s_qs, s_ds, s_as, SQ, qk_scale, D, BLOCK_M,
+                                        DOT_PRECISION, FUSED_DQ, REDUCE_TMA, MASKED=1)  # fmt: skip
+        b_dk = tl.where(misplaced > 0, float("nan"), b_dk)
+        b_dv = tl.where(misplaced > 0, float("nan"), b_dv)
 
     p_dk = DK + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
     p_dv = DV + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
     tl.store(p_dk, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_nd)
     tl.store(p_dv, b_dv.to(DV.dtype.element_ty), mask=m_nd)
+
+
+@triton.jit
+def _dq_tile(K, V, b_q, b_do, b_lse, b_delta, b_dq, start, o_d, m_d, s_ks, s_vs, SK, qk_scale, BLOCK_N: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of a query tile's dQ; the loads always mask keys past SK, MASKED as in :func:`_dkdv_tile`."""
+    o_n = start + tl.arange(0, BLOCK_N)
+    m_n = o_n < SK
+    m_nd = m_n[:, None] & m_d[None, :]
+    b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
+    b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
+    b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale - b_lse[:, None])
+    if MASKED == 1:
+        b_p = tl.where(m_n[None, :], b_p, 0.0)
+    elif MASKED == 2:
+        if start + BLOCK_N > SK:  # only the ragged last tile has keys to mask
+            b_p = tl.where(m_n[None, :], b_p, 0.0)
+    b_ds = b_p * (tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION) - b_delta[:, None])
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -270,10 +326,13 @@ def _bwd_dq_kernel(
     s_dqb, s_dqs, s_dqh,
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
-    H, SQ, SK, qk_scale, sm_scale,
+    H, SQ, SK, MK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CARRY_INDEX: tl.constexpr = False,
+    PEEL: tl.constexpr = False,
 ):
+    # PEEL: as the forward's (the ragged last key block walked last, with the key mask on P; the loads keep their
+    # masks); a misplaced ragged block, or an index outside [0, MK), makes the row's dQ NaN
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_row = i_m * BLOCK_M // MASK_M
@@ -294,24 +353,32 @@ def _bwd_dq_kernel(
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     SUB: tl.constexpr = MASK_N // BLOCK_N
+    n_it = n_kv * SUB
+    ragged = tl.where(SK % MASK_N != 0, MK - 1, MK)  # MK: no key block is ragged
+    n_loop = n_it
+    if PEEL:
+        last = tl.load(p_idx + tl.maximum(n_kv - 1, 0))
+        n_loop = n_it - ((n_kv > 0) & (last == ragged)).to(tl.int32) * SUB
+    misplaced = n_it * 0
     if CARRY_INDEX:
         start_next = _tile_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
-    for it in range(n_kv * SUB):  # one flat loop over key tiles, as in the dK/dV kernel
+    for it in range(n_loop):  # one flat loop over key tiles, as in the dK/dV kernel
         if CARRY_INDEX:
             start = start_next
-            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_kv * SUB - 1), SUB, MASK_N, BLOCK_N)
+            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_loop - 1), SUB, MASK_N, BLOCK_N)
         else:
             start = _tile_start(p_idx, it, SUB, MASK_N, BLOCK_N)
-        o_n = start + tl.arange(0, BLOCK_N)
-        m_n = o_n < SK
-        m_nd = m_n[:, None] & m_d[None, :]
-        b_k = tl.load(K + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
-        b_v = tl.load(V + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
-        b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * qk_scale - b_lse[:, None])
-        if start + BLOCK_N > SK:  # only the ragged last tile has keys to mask
-            b_p = tl.where(m_n[None, :], b_p, 0.0)
-        b_ds = b_p * (tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION) - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+        if PEEL:
+            blk = start // MASK_N
+            misplaced += ((blk >= ragged) | (blk < 0)).to(tl.int32)
+        b_dq = _dq_tile(K, V, b_q, b_do, b_lse, b_delta, b_dq, start, o_d, m_d, s_ks, s_vs, SK, qk_scale, BLOCK_N,
+                        DOT_PRECISION, MASKED=0 if PEEL else 2)  # fmt: skip
+    if PEEL:
+        if n_loop < n_it:  # the ragged key block's tiles (past SK: no weight)
+            for t in tl.static_range(SUB):
+                b_dq = _dq_tile(K, V, b_q, b_do, b_lse, b_delta, b_dq, ragged * MASK_N + t * BLOCK_N, o_d, m_d, s_ks,
+                                s_vs, SK, qk_scale, BLOCK_N, DOT_PRECISION, MASKED=1)  # fmt: skip
+        b_dq = tl.where(misplaced > 0, float("nan"), b_dq)
 
     p_dq = DQ + i_b * s_dqb + i_h * s_dqh + o_m[:, None] * s_dqs + o_d[None, :]
     tl.store(p_dq, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_md)
@@ -381,6 +448,12 @@ PEEL_RAGGED = True
 # backward (14B) it is slower, backward ms off / on 774.8 / 926.0 dense (16ecb6a; Flex 836.1), 78.5 / 93.6 random
 # 0.1 and 79.7 / 96.3 local-3D 0.1 (ca38e08; Flex 85.9, 88.5).
 BWD_CARRY_INDEX: bool | None = None
+# The forward's PEEL_RAGGED for the backward's loops: the dQ kernel's over key tiles, the dK/dV kernel's over query
+# tiles (the ragged last query block, last in an ascending transposed list). Only P's mask leaves the loop: the
+# loads keep theirs (pointer loads, which an index out of range would take out of bounds). ptxas for sm_90a, per tile
+# and thread: the dQ loop has 64 FSEL, 33 ISETP and 32 LOP3 of its mask in ~650 instructions. Untimed (an A/B:
+# `benchmarks/ab_backward.py BWD_PEEL_RAGGED`), so off.
+BWD_PEEL_RAGGED = False
 # Tried for the forward and dropped (`benchmarks/attention.py --sweep`, `benchmarks/ab_forward.py`, H200):
 # - K/V TMA descriptors built once on the host instead of by every program: as [B, S, H, D] with [1, N, 1, D]
 #   blocks, 12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 (1.3B dense, 1.3B at 0.25, 14B at 0.5;
@@ -509,10 +582,10 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk),
         *_mask_strides(block_mask.q_num_blocks), *_mask_strides(block_mask.q_indices),
         *(_strides3(dq_acc) if fused else (0, 0, 0)),
-        h, sq, sk, scale * _LOG2E, scale,
+        h, sq, sk, triton.cdiv(sq, mask_m), scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
         DOT_PRECISION=_dot_precision(q), FUSED_DQ=fused, REDUCE_TMA=reduce_tma, CARRY_INDEX=carry,
-        num_warps=warps, num_stages=stages,
+        PEEL=BWD_PEEL_RAGGED, num_warps=warps, num_stages=stages,
     )
     if fused:
         return (dq_acc * scale).to(q.dtype), dk, dv
@@ -522,9 +595,10 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
         q, k, v, dout, lse, delta, dq, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
-        h, sq, sk, scale * _LOG2E, scale,
+        h, sq, sk, triton.cdiv(sk, mask_n), scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        DOT_PRECISION=_dot_precision(q), CARRY_INDEX=carry, num_warps=warps, num_stages=stages,
+        DOT_PRECISION=_dot_precision(q), CARRY_INDEX=carry, PEEL=BWD_PEEL_RAGGED, num_warps=warps,
+        num_stages=stages,
     )
     return dq, dk, dv
 
