@@ -183,8 +183,8 @@ def _dkdv_tile(Q, DO, LSE, DELTA, DQ_ACC, desc_dq, b_k, b_v, b_dk, b_dv, start, 
                D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
                REDUCE_TMA: tl.constexpr, MASKED: tl.constexpr):
     """One query tile of a key tile's dK and dV (and its dQ share with FUSED_DQ). The loads always mask rows past
-    SQ; MASKED (as the forward's _fwd_tile): 0, P is not masked; 1, P of queries past SQ is zero; 2, as 1 when the
-    tile reaches past SQ."""
+    SQ; MASKED: 0, P is not masked (enough: see the kernel's PEEL); 2, P of queries past SQ is zero when the tile
+    reaches past SQ."""
     o_m = start + tl.arange(0, BLOCK_M)
     m_m = o_m < SQ
     m_md = m_m[:, None] & (o_d < D)[None, :]
@@ -194,9 +194,7 @@ def _dkdv_tile(Q, DO, LSE, DELTA, DQ_ACC, desc_dq, b_k, b_v, b_dk, b_dv, start, 
     b_delta = tl.load(DELTA + o_m, mask=m_m, other=0.0)
     # [BLOCK_N, BLOCK_M]: P^T recomputed from the saved LSE; padded queries contribute nothing
     b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * qk_scale - b_lse[None, :])
-    if MASKED == 1:
-        b_pt = tl.where(m_m[None, :], b_pt, 0.0)
-    elif MASKED == 2:
+    if MASKED == 2:
         if start + BLOCK_M > SQ:  # only the ragged last tile has queries to mask
             b_pt = tl.where(m_m[None, :], b_pt, 0.0)
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
@@ -223,16 +221,17 @@ def _bwd_dkdv_kernel(
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
     s_ab, s_as, s_ah,
-    H, SQ, SK, MQ, qk_scale, sm_scale,
+    H, SQ, SK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr = False, REDUCE_TMA: tl.constexpr = False, CARRY_INDEX: tl.constexpr = False,
     PEEL: tl.constexpr = False,
 ):
     # FUSED_DQ: also add each tile's dS K into the fp32 dQ accumulator DQ_ACC ([B, S, H, D], unscaled), by a
-    # TMA reduce (REDUCE_TMA) or element atomics, so that no second kernel recomputes P for dQ. PEEL: as the
-    # forward's, over query tiles (the ragged last query block walked last, with the query mask on P; the loads
-    # keep their masks); a misplaced ragged block, or an index outside [0, MQ), makes the column's dK and dV NaN
+    # TMA reduce (REDUCE_TMA) or element atomics, so that no second kernel recomputes P for dQ. PEEL: P takes no
+    # query mask at all. It needs none: a query past SQ loads q = dO = 0 and LSE = delta = 0, so its P is 1 and
+    # every product it enters is zero (its dQ rows, with FUSED_DQ, are not stored). The walk's order then does not
+    # matter either, so unlike the forward and the dQ kernel there is nothing to peel or to check
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_col = i_n * BLOCK_N // MASK_N
@@ -261,35 +260,17 @@ def _bwd_dkdv_kernel(
     SUB: tl.constexpr = MASK_M // BLOCK_M
     # one flat loop over query tiles (SUB per kept mask block), as in the forward: the pipeliner prefetches
     # the next tile's q and dO while this one computes, which a nested loop over sub-tiles prevented
-    n_it = n_q * SUB
-    ragged = tl.where(SQ % MASK_M != 0, MQ - 1, MQ)  # MQ: no query block is ragged
-    n_loop = n_it
-    if PEEL:
-        last = tl.load(p_idx + tl.maximum(n_q - 1, 0))
-        n_loop = n_it - ((n_q > 0) & (last == ragged)).to(tl.int32) * SUB
-    misplaced = n_it * 0
     if CARRY_INDEX:  # the first tile's start; each step loads the next one's (see the forward's CARRY_INDEX)
         start_next = _tile_start(p_idx, 0, SUB, MASK_M, BLOCK_M)
-    for it in range(n_loop):
+    for it in range(n_q * SUB):
         if CARRY_INDEX:
             start = start_next
-            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_loop - 1), SUB, MASK_M, BLOCK_M)
+            start_next = _tile_start(p_idx, tl.minimum(it + 1, n_q * SUB - 1), SUB, MASK_M, BLOCK_M)
         else:
             start = _tile_start(p_idx, it, SUB, MASK_M, BLOCK_M)
-        if PEEL:
-            blk = start // MASK_M
-            misplaced += ((blk >= ragged) | (blk < 0)).to(tl.int32)
         b_dk, b_dv = _dkdv_tile(Q, DO, LSE, DELTA, DQ_ACC, desc_dq, b_k, b_v, b_dk, b_dv, start, o_d, s_qs, s_ds, s_as,
                                 SQ, qk_scale, D, BLOCK_M, DOT_PRECISION, FUSED_DQ, REDUCE_TMA,
                                 MASKED=0 if PEEL else 2)  # fmt: skip
-    if PEEL:
-        if n_loop < n_it:  # the ragged query block's tiles (past SQ: no weight)
-            for t in tl.static_range(SUB):
-                b_dk, b_dv = _dkdv_tile(Q, DO, LSE, DELTA, DQ_ACC, desc_dq, b_k, b_v, b_dk, b_dv,
-                                        ragged * MASK_M + t * BLOCK_M, o_d, s_qs, s_ds, s_as, SQ, qk_scale, D, BLOCK_M,
-                                        DOT_PRECISION, FUSED_DQ, REDUCE_TMA, MASKED=1)  # fmt: skip
-        b_dk = tl.where(misplaced > 0, float("nan"), b_dk)
-        b_dv = tl.where(misplaced > 0, float("nan"), b_dv)
 
     p_dk = DK + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
     p_dv = DV + i_b * s_dkb + i_h * s_dkh + o_n[:, None] * s_dks + o_d[None, :]
@@ -332,7 +313,9 @@ def _bwd_dq_kernel(
     PEEL: tl.constexpr = False,
 ):
     # PEEL: as the forward's (the ragged last key block walked last, with the key mask on P; the loads keep their
-    # masks); a misplaced ragged block, or an index outside [0, MK), makes the row's dQ NaN
+    # masks); a misplaced ragged block, or an index outside [0, MK) met in the loop, makes the row's dQ NaN. (The
+    # key mask matters only when a row's LSE is below about -88: a key past SK loads as zeros, so its P is
+    # exp(-lse), finite above that, and its products are zero.)
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_row = i_m * BLOCK_M // MASK_M
@@ -448,10 +431,10 @@ PEEL_RAGGED = True
 # backward (14B) it is slower, backward ms off / on 774.8 / 926.0 dense (16ecb6a; Flex 836.1), 78.5 / 93.6 random
 # 0.1 and 79.7 / 96.3 local-3D 0.1 (ca38e08; Flex 85.9, 88.5).
 BWD_CARRY_INDEX: bool | None = None
-# The forward's PEEL_RAGGED for the backward's loops: the dQ kernel's over key tiles, the dK/dV kernel's over query
-# tiles (the ragged last query block, last in an ascending transposed list). Only P's mask leaves the loop: the
-# loads keep theirs (pointer loads, which an index out of range would take out of bounds). ptxas for sm_90a, per tile
-# and thread: the dQ loop has 64 FSEL, 33 ISETP and 32 LOP3 of its mask in ~650 instructions. Untimed (an A/B:
+# The forward's PEEL_RAGGED for the dQ kernel's loop over key tiles; the dK/dV kernel's loop over query tiles drops
+# its query mask on P outright (it needs none: see the kernel). Only P's mask leaves the loops: the loads keep
+# theirs (pointer loads, which an index out of range would take out of bounds). ptxas for sm_90a, per tile and
+# thread: the dQ loop has 64 FSEL, 33 ISETP and 32 LOP3 of its mask in ~650 instructions. Untimed (an A/B:
 # `benchmarks/ab_backward.py BWD_PEEL_RAGGED`), so off.
 BWD_PEEL_RAGGED = False
 # Tried for the forward and dropped (`benchmarks/attention.py --sweep`, `benchmarks/ab_forward.py`, H200):
@@ -560,6 +543,8 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
     mask_m, mask_n = block_mask.block_size
     block_d = max(16, triton.next_power_of_2(d))
     dout = _unit_last(dout)
+    if dlse is not None:  # read as [B, H, Sq] rows: a loss such as lse.sum() hands back a stride-0 expanded tensor
+        dlse = dlse.contiguous()
     delta = torch.empty_like(lse)
     pre_m = 64
     _bwd_preprocess_kernel[(triton.cdiv(sq, pre_m), b * h)](
@@ -582,7 +567,7 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk),
         *_mask_strides(block_mask.q_num_blocks), *_mask_strides(block_mask.q_indices),
         *(_strides3(dq_acc) if fused else (0, 0, 0)),
-        h, sq, sk, triton.cdiv(sq, mask_m), scale * _LOG2E, scale,
+        h, sq, sk, scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
         DOT_PRECISION=_dot_precision(q), FUSED_DQ=fused, REDUCE_TMA=reduce_tma, CARRY_INDEX=carry,
         PEEL=BWD_PEEL_RAGGED, num_warps=warps, num_stages=stages,
