@@ -415,10 +415,10 @@ CARRY_INDEX = True
 # ascending index list (BlockMask's contract) keeps last, is walked after it with the key mask. Before, every tile
 # took a run-time test of whether it reached past the keys, and ptxas for sm_90a if-converted the mask into the
 # loop: 64 FSEL, 33 ISETP and 27 VIADD per tile and thread of ~620 (scripts/compile_kernels_sm90.py). A row whose
-# list holds the ragged block anywhere but last (or an index outside [0, MK)) gets NaN (output and LSE), never a
-# silently wrong result. Peeled, the
-# loop is ~500 instructions and 200 registers (229 before). H200, 3aa9e08, `benchmarks/ab_forward.py PEEL_RAGGED`,
-# on / off: 0.951-0.979 at 1.3B (5 rounds), 0.964-0.968 at 14B (2 rounds), outputs equal; Flex / vgen 1.22-1.31x.
+# list holds the ragged block anywhere but last (or an index outside [0, MK) before the last) gets NaN (output and
+# LSE), never a silently wrong result. Peeled, the loop is ~500 instructions and 200 registers (229 before). H200,
+# 3aa9e08, `benchmarks/ab_forward.py PEEL_RAGGED`, on / off: 0.951-0.979 at 1.3B (5 rounds), 0.964-0.968 at 14B
+# (2 rounds), outputs equal; Flex / vgen 1.22-1.31x.
 PEEL_RAGGED = True
 # (Loading the query tile by TMA instead, Q_TMA, lost its A/B at a89e975, `ab_forward.py Q_TMA --rounds 3`: on / off
 # 1.008-1.033 at 1.3B, 0.995-1.003 at 14B; removed.)
@@ -635,7 +635,7 @@ def block_sparse_attention(
     PyTorch reference, which expands the mask to tokens (small sizes only).
 
     The forward relies on BlockMask's ascending index lists (with ``PEEL_RAGGED``): a row whose
-    list holds the ragged last key block anywhere but last, or an index outside ``[0, Mk)``, gets
+    list holds the ragged last key block anywhere but last, or an index outside ``[0, Mk)`` before the last, gets
     NaN (output and LSE), not a silently wrong result (a repeated index is not detected). Every
     mask vgen builds keeps its lists ascending.
     """

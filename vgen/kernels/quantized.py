@@ -608,8 +608,9 @@ def quantized_attention(
         ``TRITON_INTERPRET=1``, else :func:`quantized_attention_reference`.
 
     The kernel relies on BlockMask's ascending index lists (with PEEL_RAGGED): a row whose list holds the ragged last
-    key block anywhere but last, or an index outside ``[0, Mk)``, gets NaN (output and log-sum-exp), not a silently
-    wrong result (a repeated index is not detected). The reference walks any order and never gives NaN.
+    key block anywhere but last, or an index outside ``[0, Mk)`` before the last, gets NaN (output and log-sum-exp),
+    not a silently wrong result (a repeated index is not detected). The reference walks any order and never gives
+    NaN.
     """
     _check_inputs(q, k, v, block_mask)
     _check_pv(pv)
