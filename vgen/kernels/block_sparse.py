@@ -36,6 +36,23 @@ def _tile_start(p_idx, it, SUB: tl.constexpr, MASK: tl.constexpr, BLOCK: tl.cons
 
 
 @triton.jit
+def _peel_split(p_idx, n_blocks, S, M, MASK: tl.constexpr, SUB: tl.constexpr):
+    """(the ragged last mask block, tiles of the unmasked loop) for a row keeping ``n_blocks`` blocks of ``p_idx``
+    (an ascending list). The ragged block holds positions past S (M, the block count, when none does); when the row
+    keeps it, it is the list's last entry, and its SUB tiles are left out of the loop, to be walked after it."""
+    ragged = tl.where(S % MASK != 0, M - 1, M)
+    last = tl.load(p_idx + tl.maximum(n_blocks - 1, 0))  # p_idx[0] exists in every row
+    return ragged, (n_blocks - ((n_blocks > 0) & (last == ragged)).to(tl.int32)) * SUB
+
+
+@triton.jit
+def _out_of_place(blk, ragged):
+    """1 for a block met in the unmasked loop that must not be there: the ragged block itself (a list out of order),
+    or an index outside [0, M); else 0. The peeled kernels turn a row that met one into NaN."""
+    return ((blk >= ragged) | (blk < 0)).to(tl.int32)
+
+
+@triton.jit
 def _load_tile(ptr, desc, start, stride, SK, o_d, m_d, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """[BLOCK_N, BLOCK_D] rows ``start ..`` of K or V; rows past SK and columns past D read as 0."""
     if USE_TMA:
@@ -113,11 +130,9 @@ def _fwd_kernel(
     # tiles alone are masked, after the loop. Met anywhere else in the loop (a list out of order), or an index
     # outside [0, MK) met there, the row's output becomes NaN, not silently wrong (a repeated index is not
     # detected, with or without PEEL). Without PEEL every tile checks whether it reaches past SK.
-    ragged = tl.where(SK % MASK_N != 0, MK - 1, MK)  # MK: no block is ragged
     n_loop = n_it
     if PEEL:
-        last = tl.load(p_idx + tl.maximum(n_blocks - 1, 0))
-        n_loop = n_it - ((n_blocks > 0) & (last == ragged)).to(tl.int32) * SUB
+        ragged, n_loop = _peel_split(p_idx, n_blocks, SK, MK, MASK_N, SUB)
     misplaced = n_it * 0
     if CARRY_INDEX:  # the first tile's start; each step loads the next one's (p_idx[0] exists in every row)
         start_next = _tile_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
@@ -129,14 +144,10 @@ def _fwd_kernel(
             start = _tile_start(p_idx, it, SUB, MASK_N, BLOCK_N)
         b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
         b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
-        if PEEL:  # the ragged block, or an index outside [0, MK), met in the unmasked loop
-            blk = start // MASK_N
-            misplaced += ((blk >= ragged) | (blk < 0)).to(tl.int32)
-            b_m, b_l, b_acc = _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N, DOT_PRECISION,
-                                        MASKED=0)  # fmt: skip
-        else:
-            b_m, b_l, b_acc = _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N, DOT_PRECISION,
-                                        MASKED=2)  # fmt: skip
+        if PEEL:
+            misplaced += _out_of_place(start // MASK_N, ragged)
+        b_m, b_l, b_acc = _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N, DOT_PRECISION,
+                                    MASKED=0 if PEEL else 2)  # fmt: skip
     if PEEL:
         if n_loop < n_it:  # the ragged block's tiles (past SK: no weight)
             for t in tl.static_range(SUB):
@@ -337,11 +348,9 @@ def _bwd_dq_kernel(
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     SUB: tl.constexpr = MASK_N // BLOCK_N
     n_it = n_kv * SUB
-    ragged = tl.where(SK % MASK_N != 0, MK - 1, MK)  # MK: no key block is ragged
     n_loop = n_it
     if PEEL:
-        last = tl.load(p_idx + tl.maximum(n_kv - 1, 0))
-        n_loop = n_it - ((n_kv > 0) & (last == ragged)).to(tl.int32) * SUB
+        ragged, n_loop = _peel_split(p_idx, n_kv, SK, MK, MASK_N, SUB)
     misplaced = n_it * 0
     if CARRY_INDEX:
         start_next = _tile_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
@@ -352,8 +361,7 @@ def _bwd_dq_kernel(
         else:
             start = _tile_start(p_idx, it, SUB, MASK_N, BLOCK_N)
         if PEEL:
-            blk = start // MASK_N
-            misplaced += ((blk >= ragged) | (blk < 0)).to(tl.int32)
+            misplaced += _out_of_place(start // MASK_N, ragged)
         b_dq = _dq_tile(K, V, b_q, b_do, b_lse, b_delta, b_dq, start, o_d, m_d, s_ks, s_vs, SK, qk_scale, BLOCK_N,
                         DOT_PRECISION, MASKED=0 if PEEL else 2)  # fmt: skip
     if PEEL:

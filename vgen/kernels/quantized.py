@@ -39,7 +39,15 @@ import torch
 import triton
 import triton.language as tl
 
-from vgen.kernels.block_sparse import _check_inputs, _descriptor_scratch, _mask_strides, _strides3, _tma_ok
+from vgen.kernels.block_sparse import (
+    _check_inputs,
+    _descriptor_scratch,
+    _mask_strides,
+    _out_of_place,
+    _peel_split,
+    _strides3,
+    _tma_ok,
+)
 from vgen.kernels.runtime import use_triton
 
 if TYPE_CHECKING:
@@ -490,16 +498,14 @@ def _quant_fwd_kernel(
     # PEEL: the ragged last key block, when kept, is the list's last entry (ascending lists); it alone is masked,
     # after the loop. Met anywhere else in the loop (a list out of order), or an index outside [0, MK) met there, the
     # row's output becomes NaN, not silently wrong.
-    ragged = tl.where(SK % BLOCK_N != 0, MK - 1, MK)  # MK: no block is ragged
     n_loop = n_it
-    if PEEL:
-        last = tl.load(p_idx + tl.maximum(n_it - 1, 0))
-        n_loop = n_it - ((n_it > 0) & (last == ragged)).to(tl.int32)
+    if PEEL:  # (a key tile is a mask block here)
+        ragged, n_loop = _peel_split(p_idx, n_it, SK, MK, BLOCK_N, 1)
     misplaced = n_it * 0
     for it in range(n_loop):
         j = tl.load(p_idx + it)
         if PEEL:
-            misplaced += ((j >= ragged) | (j < 0)).to(tl.int32)  # the ragged block, or an index outside [0, MK)
+            misplaced += _out_of_place(j, ragged)
         b_m, b_l, b_acc = _quant_tile(
             b_q, K, VT, desc_k, desc_vt, KS, VS, j, q_scale, b_m, b_l, b_acc, o_d, m_d, s_ks, s_vd, i_bh, SK, MK,
             p_levels, log2_levels, D=D, BLOCK_D=BLOCK_D, BLOCK_M_ROWS=ROWS, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA,
@@ -747,11 +753,10 @@ def _folded_reference(q8, q_scale, k8, k_scale, vq, v_scale, block_mask, qk_scal
     fp8 = pv == "fp8"
     if fp8:  # 448 * exp2(s - running maximum), rounded to e4m3
         peak_term, top, levels = running, _LOG2_448.value, 448.0
-        offset = peak_term - top
     else:  # levels * exp2(s - the tile's maximum), rounded to an integer
         levels = float(_LEVELS[_PV_BITS[pv]])
         peak_term, top = torch.where(tile_max == float("-inf"), 0.0, tile_max), _f32(math.log2(levels))
-        offset = peak_term - top
+    offset = peak_term - top
     if FOLD_MAGIC if fp8 else INT_FOLD:  # fp32 fused multiply-adds (exact in fp64, rounded once to fp32)
         c_tile = tiled(c, 1.0)[..., :1].double()  # one scale per (row, key tile)
         bias = (_MAGIC_F.value * c_tile + offset.double()).float()
