@@ -23,6 +23,8 @@ from torch.nn.attention.flex_attention import flex_attention
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import (  # noqa: E402
     ab_meta,
+    add_set_option,
+    apply_settings,
     bench,
     err_ratio,
     flex_mask,
@@ -124,7 +126,9 @@ def main() -> None:
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write the Markdown here (and a .json beside it)")
+    add_set_option(parser)
     args = parser.parse_args()
+    apply_settings(parser, args.set)
     if not hasattr(block_sparse, args.flag) or not isinstance(getattr(block_sparse, args.flag), bool | None):
         parser.error(f"flag must name a boolean (or None: auto) setting of vgen.kernels.block_sparse, "
                      f"got {args.flag!r}")  # fmt: skip

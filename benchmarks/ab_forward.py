@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import (  # noqa: E402
     DENSITIES,
     ab_meta,
+    add_set_option,
+    apply_settings,
     bench,
     err_ratio,
     flex_mask,
@@ -102,7 +104,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["wan1.3b-480p", "wan14b-720p"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the Markdown here (and a .json beside it)")
+    add_set_option(parser)
     args = parser.parse_args()
+    apply_settings(parser, args.set)
     if not isinstance(getattr(block_sparse, args.flag, None), bool):
         parser.error(f"flag must name a boolean setting of vgen.kernels.block_sparse, got {args.flag!r}")
     if args.rounds < 1:

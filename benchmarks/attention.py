@@ -55,6 +55,31 @@ def ab_meta(flag: str, rounds: int) -> dict:
             "rounds": rounds, "flag": flag}  # fmt: skip
 
 
+_SETTING_VALUES = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False, "none": None,
+                   "auto": None}
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """``--set NAME=VALUE`` (repeatable): a boolean or auto (None) setting of vgen.kernels.block_sparse."""
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a boolean setting of vgen.kernels.block_sparse before timing, e.g. INDEX_EARLY=1 "
+                             "(values 1/0/true/false/none)")  # fmt: skip
+
+
+def apply_settings(parser: argparse.ArgumentParser, pairs: list[str]) -> dict:
+    """Apply ``--set`` pairs to vgen.kernels.block_sparse; a bad name or value is a parser error naming it."""
+    applied = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or value.lower() not in _SETTING_VALUES:
+            parser.error(f"--set takes NAME=VALUE with VALUE one of {sorted(_SETTING_VALUES)}, got {pair!r}")
+        if not isinstance(getattr(block_sparse, name, 0), bool | None) or not hasattr(block_sparse, name):
+            parser.error(f"--set must name a boolean setting of vgen.kernels.block_sparse, got {name!r}")
+        setattr(block_sparse, name, _SETTING_VALUES[value.lower()])
+        applied[name] = _SETTING_VALUES[value.lower()]
+    return applied
+
+
 def write_report(out: Path | None, text: str, meta: dict, rows: list[dict]) -> None:
     """Print the Markdown; with ``out``, write it there and the raw rows beside it as .json."""
     print(text)
@@ -423,7 +448,9 @@ def main() -> None:
     parser.add_argument("--sweep-backward", action="store_true",
                         help="time backward tile variants first and use the fastest of each kernel")
     parser.add_argument("--out", type=Path, help="write the Markdown table here (and a .json beside it)")
+    add_set_option(parser)
     args = parser.parse_args()
+    settings = apply_settings(parser, args.set)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     device = torch.device("cuda")
@@ -434,7 +461,7 @@ def main() -> None:
         print("xformers not installed: its row is left out", flush=True)
     meta = {"date": datetime.date.today().isoformat(), "commit": commit_id(),
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "command": "python " + " ".join(sys.argv)}
+            "command": "python " + " ".join(sys.argv), "settings": settings}
     sweep_rows = []
     if args.sweep:
         sweep_rows = sweep(device)

@@ -233,13 +233,18 @@ def test_merge_rejects_mismatched_shapes():
 
 @pytest.mark.parametrize("d", [64, 96])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-@pytest.mark.parametrize("carry", [False, True])
-def test_tma_forward_path(monkeypatch, d, layout, carry):
+@pytest.mark.parametrize("carry, early, q_late", [(False, False, False), (True, False, False), (True, True, False),
+                                                   (True, True, True)],
+                         ids=["no-carry", "carry", "index-early", "index-early-q-late"])
+def test_tma_forward_path(monkeypatch, d, layout, carry, early, q_late):
     """The forward's TMA path (the default on the GPU) runs in the interpreter too when forced: ragged lengths,
     a batch of two, heads side by side and as planes, a row that keeps no key block, head_dim 96; with the
-    next tile's index loaded a step ahead (CARRY_INDEX, the default) or not."""
+    next tile's index loaded a step ahead (CARRY_INDEX, the default) or not, and the prologue's orders
+    (INDEX_EARLY: the index loads between the K and V descriptors; Q_LATE: the query tile after the K one)."""
     monkeypatch.setattr(block_sparse, "_use_tma", lambda k, v: True)
     monkeypatch.setattr(block_sparse, "CARRY_INDEX", carry)
+    monkeypatch.setattr(block_sparse, "INDEX_EARLY", early)
+    monkeypatch.setattr(block_sparse, "Q_LATE", q_late)
     b, sq, sk, h, block = 2, 200, 150, 2, (64, 64)
     q, k, v = (x.detach() for x in qkv(b, sq, sk, h, d, torch.float16, seed=d, layout=layout))
     dense = random_mask(b, h, (sq, sk), block, density=0.5, seed=3)

@@ -100,6 +100,7 @@ def _fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, CARRY_INDEX: tl.constexpr, PEEL: tl.constexpr = False,
+    INDEX_EARLY: tl.constexpr = False, Q_LATE: tl.constexpr = False,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -110,7 +111,8 @@ def _fwd_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < SQ, o_d < D
     p_q = Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    if not Q_LATE:
+        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
     n_blocks = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm)
     n_it = n_blocks * SUB
@@ -121,7 +123,10 @@ def _fwd_kernel(
     desc_v = None
     if USE_TMA:
         desc_k = tl.make_tensor_descriptor(K, shape=[SK, D], strides=[s_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
-        desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
+        if not INDEX_EARLY:
+            desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
+    if Q_LATE:
+        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
@@ -136,6 +141,8 @@ def _fwd_kernel(
     misplaced = n_it * 0
     if CARRY_INDEX:  # the first tile's start; each step loads the next one's (p_idx[0] exists in every row)
         start_next = _tile_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
+    if USE_TMA and INDEX_EARLY:  # see INDEX_EARLY: the row's index loads above are in flight while this is built
+        desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
     for it in tl.range(0, n_loop, warp_specialize=WARP_SPECIALIZE):
         if CARRY_INDEX:
             start = start_next
@@ -428,6 +435,20 @@ CARRY_INDEX = True
 # 3aa9e08, `benchmarks/ab_forward.py PEEL_RAGGED`, on / off: 0.951-0.979 at 1.3B (5 rounds), 0.964-0.968 at 14B
 # (2 rounds), outputs equal; Flex / vgen 1.22-1.31x.
 PEEL_RAGGED = True
+# The forward's prologue, before its first key tile, ran one step after another: the query tile's loads, the K
+# descriptor, the V descriptor, then the row's block indices (the ragged check's p_idx[n - 1] after the count, and
+# p_idx[0]), then the first TMA copy. A descriptor built on the device ends in a global atomic and a wait on every
+# outstanding load (sm_90a: ATOMG.EXCH, DEPBAR {5,4,3,2,1,0}), so loads issued before it cannot overlap it and
+# loads after it wait for it. INDEX_EARLY issues the index loads between the two descriptor builds: they are in
+# flight while the V descriptor is built, one round trip less per program. Each program pays this prologue once,
+# which weighs most on short rows (1.3B at density 0.1: 26 key tiles per program). A/B: `benchmarks/ab_forward.py
+# INDEX_EARLY`.
+INDEX_EARLY = False
+# Also a prologue order: the query tile's loads after the K descriptor is built (with INDEX_EARLY: the block count's
+# load, the K descriptor, then the query tile and the row's indices together, the V descriptor), so that the count's
+# load overlaps the K descriptor's round trip instead of waiting behind the query tile. A/B: `ab_forward.py Q_LATE
+# --set INDEX_EARLY=1`.
+Q_LATE = False
 # (Loading the query tile by TMA instead, Q_TMA, lost its A/B at a89e975, `ab_forward.py Q_TMA --rounds 3`: on / off
 # 1.008-1.033 at 1.3B, 0.995-1.003 at 14B; removed.)
 # The same for the backward's loops (dK/dV over query tiles, dQ over key tiles), and one more pipeline stage for
@@ -540,6 +561,7 @@ def _launch_forward(q, k, v, block_mask, scale):
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m,
         MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
         WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX, PEEL=PEEL_RAGGED,
+        INDEX_EARLY=INDEX_EARLY, Q_LATE=Q_LATE,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
