@@ -39,7 +39,7 @@ from vgen.kernels import block_sparse  # noqa: E402
 from vgen.kernels.block_sparse import block_sparse_attention  # noqa: E402
 
 
-def run(flag: str, shapes: list[str], rounds: int) -> list[dict]:
+def run(flag: str, shapes: list[str], rounds: int, densities: list[float]) -> list[dict]:
     device = torch.device("cuda")
     before = getattr(block_sparse, flag)
     flex = torch.compile(flex_attention, dynamic=False)
@@ -48,7 +48,7 @@ def run(flag: str, shapes: list[str], rounds: int) -> list[dict]:
         heads, head_dim, grid = shape_of(name)
         seq = grid.num_video_tokens
         q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
-        for density in DENSITIES:
+        for density in densities:
             mask = random_mask(heads, seq, density, device)
             fm = flex_mask(mask)
 
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("flag", help="a boolean setting of vgen.kernels.block_sparse, e.g. USE_TMA")
     parser.add_argument("--shapes", nargs="+", default=["wan1.3b-480p", "wan14b-720p"])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--out", type=Path, help="write the Markdown here (and a .json beside it)")
     add_set_option(parser)
     args = parser.parse_args()
@@ -111,10 +112,12 @@ def main() -> None:
         parser.error(f"flag must name a boolean setting of vgen.kernels.block_sparse, got {args.flag!r}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not all(0.0 < d <= 1.0 for d in args.densities):
+        parser.error(f"--densities must lie in (0, 1], got {args.densities}")
     if not torch.cuda.is_available():
         sys.exit("ab_forward.py times the kernels on a GPU; none is available")
     meta = ab_meta(args.flag, args.rounds)
-    rows = run(args.flag, args.shapes, args.rounds)
+    rows = run(args.flag, args.shapes, args.rounds, args.densities)
     write_report(args.out, markdown(args.flag, meta, rows), meta, rows)
 
 

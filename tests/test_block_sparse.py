@@ -233,18 +233,16 @@ def test_merge_rejects_mismatched_shapes():
 
 @pytest.mark.parametrize("d", [64, 96])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-@pytest.mark.parametrize("carry, early, q_late", [(False, False, False), (True, False, False), (True, True, False),
-                                                   (True, True, True)],
-                         ids=["no-carry", "carry", "index-early", "index-early-q-late"])
-def test_tma_forward_path(monkeypatch, d, layout, carry, early, q_late):
+@pytest.mark.parametrize("carry, early", [(False, False), (True, False), (True, True)],
+                         ids=["no-carry", "carry", "index-early"])
+def test_tma_forward_path(monkeypatch, d, layout, carry, early):
     """The forward's TMA path (the default on the GPU) runs in the interpreter too when forced: ragged lengths,
     a batch of two, heads side by side and as planes, a row that keeps no key block, head_dim 96; with the
-    next tile's index loaded a step ahead (CARRY_INDEX, the default) or not, and the prologue's orders
-    (INDEX_EARLY: the index loads between the K and V descriptors; Q_LATE: the query tile after the K one)."""
+    next tile's index loaded a step ahead (CARRY_INDEX, the default) or not, and the index loads between the K and
+    V descriptor builds (INDEX_EARLY)."""
     monkeypatch.setattr(block_sparse, "_use_tma", lambda k, v: True)
     monkeypatch.setattr(block_sparse, "CARRY_INDEX", carry)
     monkeypatch.setattr(block_sparse, "INDEX_EARLY", early)
-    monkeypatch.setattr(block_sparse, "Q_LATE", q_late)
     b, sq, sk, h, block = 2, 200, 150, 2, (64, 64)
     q, k, v = (x.detach() for x in qkv(b, sq, sk, h, d, torch.float16, seed=d, layout=layout))
     dense = random_mask(b, h, (sq, sk), block, density=0.5, seed=3)
@@ -348,7 +346,7 @@ def test_forward_index_out_of_range_gives_nan_not_a_wrong_output(monkeypatch, sk
 @pytest.mark.parametrize("sub", [1, 2], ids=["tile=block", "two-tiles-per-block"])
 @pytest.mark.parametrize("fused", [False, True], ids=["two-kernel-bwd", "fused-dq-bwd"])
 def test_backward_peeled_ragged_blocks_match_the_reference(monkeypatch, request, fused, sub, shift):
-    """BWD_PEEL_RAGGED (a candidate, off by default): the dQ loop walks the ragged last key block after its
+    """BWD_PEEL_RAGGED (on by default): the dQ loop walks the ragged last key block after its
     unmasked tiles; the dK/dV loop takes no query mask. Gradients against the fp32 reference and against the
     per-tile masked walk, with ragged queries and keys (within a tile and at a tile edge). With logits near -90
     (shift) the LSE is too: a key past the sequence (zeros) would get P = exp(90), infinite in fp32, so the dQ

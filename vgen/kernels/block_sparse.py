@@ -100,7 +100,7 @@ def _fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, CARRY_INDEX: tl.constexpr, PEEL: tl.constexpr = False,
-    INDEX_EARLY: tl.constexpr = False, Q_LATE: tl.constexpr = False,
+    INDEX_EARLY: tl.constexpr = False,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -111,8 +111,7 @@ def _fwd_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < SQ, o_d < D
     p_q = Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :]
-    if not Q_LATE:
-        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
     n_blocks = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm)
     n_it = n_blocks * SUB
@@ -125,8 +124,6 @@ def _fwd_kernel(
         desc_k = tl.make_tensor_descriptor(K, shape=[SK, D], strides=[s_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
         if not INDEX_EARLY:
             desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
-    if Q_LATE:
-        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
@@ -444,11 +441,10 @@ PEEL_RAGGED = True
 # which weighs most on short rows (1.3B at density 0.1: 26 key tiles per program). A/B: `benchmarks/ab_forward.py
 # INDEX_EARLY`.
 INDEX_EARLY = False
-# Also a prologue order: the query tile's loads after the K descriptor is built (with INDEX_EARLY: the block count's
-# load, the K descriptor, then the query tile and the row's indices together, the V descriptor), so that the count's
-# load overlaps the K descriptor's round trip instead of waiting behind the query tile. A/B: `ab_forward.py Q_LATE
-# --set INDEX_EARLY=1`.
-Q_LATE = False
+# (Also tried: the query tile's loads after the K descriptor, so that the block count's load overlaps the K
+# descriptor's round trip instead of waiting behind the query tile. H200, ead6290, `ab_forward.py Q_LATE --set
+# INDEX_EARLY=1 --shapes wan1.3b-480p`: on / off 0.998 / 1.015 / 1.028 / 1.000 at densities 1.0 / 0.5 / 0.25 /
+# 0.102; removed.)
 # (Loading the query tile by TMA instead, Q_TMA, lost its A/B at a89e975, `ab_forward.py Q_TMA --rounds 3`: on / off
 # 1.008-1.033 at 1.3B, 0.995-1.003 at 14B; removed.)
 # The same for the backward's loops (dK/dV over query tiles, dQ over key tiles), and one more pipeline stage for
@@ -463,9 +459,11 @@ BWD_CARRY_INDEX: bool | None = None
 # The forward's PEEL_RAGGED for the dQ kernel's loop over key tiles; the dK/dV kernel's loop over query tiles drops
 # its query mask on P outright (it needs none: see the kernel). Only P's mask leaves the loops: the loads keep
 # theirs (pointer loads, which an index out of range would take out of bounds). ptxas for sm_90a, per tile and
-# thread: the dQ loop has 64 FSEL, 33 ISETP and 32 LOP3 of its mask in ~650 instructions. Untimed (an A/B:
-# `benchmarks/ab_backward.py BWD_PEEL_RAGGED`), so off.
-BWD_PEEL_RAGGED = False
+# thread: the dQ loop has 64 FSEL, 33 ISETP and 32 LOP3 of its mask in ~650 instructions. H200, ead6290,
+# `benchmarks/ab_backward.py BWD_PEEL_RAGGED --shapes wan1.3b-480p wan14b-720p` (3 rounds in turns), forward +
+# backward on / off: 0.991-0.997 at 1.3B (the fused kernel), 0.964-0.970 at 14B (two kernels), random and local-3D
+# masks, densities 1.0 to 0.1; gradients equal at 14B, within 3.4e-5 at 1.3B (the fused dQ's reduce order).
+BWD_PEEL_RAGGED = True
 # Tried for the forward and dropped (`benchmarks/attention.py --sweep`, `benchmarks/ab_forward.py`, H200):
 # - K/V TMA descriptors built once on the host instead of by every program: as [B, S, H, D] with [1, N, 1, D]
 #   blocks, 12.34 / 3.18 / 117.09 ms against 12.17 / 3.20 / 110.72 (1.3B dense, 1.3B at 0.25, 14B at 0.5;
@@ -561,7 +559,7 @@ def _launch_forward(q, k, v, block_mask, scale):
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m,
         MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
         WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX, PEEL=PEEL_RAGGED,
-        INDEX_EARLY=INDEX_EARLY, Q_LATE=Q_LATE,
+        INDEX_EARLY=INDEX_EARLY,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
