@@ -438,9 +438,11 @@ PEEL_RAGGED = True
 # outstanding load (sm_90a: ATOMG.EXCH, DEPBAR {5,4,3,2,1,0}), so loads issued before it cannot overlap it and
 # loads after it wait for it. INDEX_EARLY issues the index loads between the two descriptor builds: they are in
 # flight while the V descriptor is built, one round trip less per program. Each program pays this prologue once,
-# which weighs most on short rows (1.3B at density 0.1: 26 key tiles per program). A/B: `benchmarks/ab_forward.py
-# INDEX_EARLY`.
-INDEX_EARLY = False
+# which weighs most on short rows (1.3B at density 0.1: 26 key tiles per program). H200, `benchmarks/ab_forward.py
+# INDEX_EARLY --shapes wan1.3b-480p`, on / off: 0.981 at density 0.102 and 0.997-1.020 at 0.25-1.0 (ead6290, 5
+# rounds); 0.990 at 0.102 and 1.002 dense (78004f1, 15 rounds: on below off at every rank of the sorted rounds but
+# the highest). Outputs equal.
+INDEX_EARLY = True
 # (Also tried: the query tile's loads after the K descriptor, so that the block count's load overlaps the K
 # descriptor's round trip instead of waiting behind the query tile. H200, ead6290, `ab_forward.py Q_LATE --set
 # INDEX_EARLY=1 --shapes wan1.3b-480p`: on / off 0.998 / 1.015 / 1.028 / 1.000 at densities 1.0 / 0.5 / 0.25 /
