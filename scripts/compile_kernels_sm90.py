@@ -51,7 +51,8 @@ KERNELS = [
     # the forward at block_sparse.CUDA_TILES (CARRY_INDEX: the default)
     (block_sparse._fwd_kernel, BLOCK_SPARSE,
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
-      "USE_TMA": True, "WARP_SPECIALIZE": False, "CARRY_INDEX": True, "PEEL": block_sparse.PEEL_RAGGED}, 8, 3),
+      "USE_TMA": True, "WARP_SPECIALIZE": False, "CARRY_INDEX": True, "PEEL": block_sparse.PEEL_RAGGED,
+      "INDEX_EARLY": block_sparse.INDEX_EARLY, "ONE_DESC": block_sparse.ONE_KV_DESC}, 8, 3),
     # the two-kernel backward at block_sparse.CUDA_TILES (BWD_CARRY_INDEX auto: off here), and with it on (3 stages)
     (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": False,
                                                "REDUCE_TMA": False, "CARRY_INDEX": False}, 4, 2),

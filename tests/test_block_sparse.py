@@ -233,27 +233,35 @@ def test_merge_rejects_mismatched_shapes():
 
 @pytest.mark.parametrize("d", [64, 96])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-@pytest.mark.parametrize("carry, early", [(False, False), (True, False), (True, True)],
-                         ids=["no-carry", "carry", "index-early"])
-def test_tma_forward_path(monkeypatch, d, layout, carry, early):
+@pytest.mark.parametrize("carry, early, one_desc", [(False, False, False), (True, False, False), (True, True, False),
+                                                     (True, True, True)],
+                         ids=["no-carry", "carry", "index-early", "one-kv-descriptor"])
+def test_tma_forward_path(monkeypatch, d, layout, carry, early, one_desc):
     """The forward's TMA path (the default on the GPU) runs in the interpreter too when forced: ragged lengths,
     a batch of two, heads side by side and as planes, a row that keeps no key block, head_dim 96; with the
     next tile's index loaded a step ahead (CARRY_INDEX, the default) or not, and the index loads between the K and
-    V descriptor builds (INDEX_EARLY)."""
+    V descriptor builds (INDEX_EARLY), and K and V through one descriptor over both (ONE_KV_DESC; V above K and
+    below it)."""
     monkeypatch.setattr(block_sparse, "_use_tma", lambda k, v: True)
     monkeypatch.setattr(block_sparse, "CARRY_INDEX", carry)
     monkeypatch.setattr(block_sparse, "INDEX_EARLY", early)
+    monkeypatch.setattr(block_sparse, "ONE_KV_DESC", one_desc)
     b, sq, sk, h, block = 2, 200, 150, 2, (64, 64)
     q, k, v = (x.detach() for x in qkv(b, sq, sk, h, d, torch.float16, seed=d, layout=layout))
     dense = random_mask(b, h, (sq, sk), block, density=0.5, seed=3)
     dense[..., -1] = True  # the ragged last key block
     dense[1, 0, 2] = False  # a row that keeps nothing: zeros and a -inf LSE
     mask = BlockMask.from_dense(dense.to(DEVICE), block, (sq, sk))
-    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True)
     ref_out, ref_lse = attention_reference(q.float(), k.float(), v.float(), mask=mask.expand_tokens(), return_lse=True)
-    assert err_ratio(out, ref_out) < 5e-3
-    assert err_ratio(lse, ref_lse) < 1e-5
-    assert (out[1, 128:192, 0] == 0).all() and (lse[1, 0, 128:192] == float("-inf")).all()
+    kv = torch.stack([k, v]) if layout == "bshd" else torch.stack([v, k])  # one buffer: V above K, then below it
+    pairs = [(k, v), (kv[0], kv[1]) if layout == "bshd" else (kv[1], kv[0])]
+    gap, v_plane = block_sparse._kv_planes(*pairs[1])
+    assert gap == kv[0].numel() and v_plane == (layout == "bshd")  # planes one [B, S, H, D] apart
+    for k_, v_ in pairs:
+        out, lse = block_sparse_attention(q, k_, v_, mask, return_lse=True)
+        assert err_ratio(out, ref_out) < 5e-3
+        assert err_ratio(lse, ref_lse) < 1e-5
+        assert (out[1, 128:192, 0] == 0).all() and (lse[1, 0, 128:192] == float("-inf")).all()
 
 
 def test_fused_backward_is_chosen_by_accumulator_size(monkeypatch):

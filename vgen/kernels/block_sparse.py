@@ -62,6 +62,21 @@ def _load_tile(ptr, desc, start, stride, SK, o_d, m_d, BLOCK_N: tl.constexpr, US
 
 
 @triton.jit
+def _load_kv(K, V, desc_k, desc_v, start, s_ks, s_vs, SK, o_d, m_d, v_plane, BLOCK_N: tl.constexpr,
+             USE_TMA: tl.constexpr, ONE_DESC: tl.constexpr):
+    """The K and V tiles at key ``start``: from their own descriptors (or pointers), or from the two planes of one."""
+    if ONE_DESC:
+        b_k = desc_k.load([1 - v_plane, start, 0])
+        b_v = desc_k.load([v_plane, start, 0])
+        b_k = b_k.reshape(b_k.shape[1], b_k.shape[2])
+        b_v = b_v.reshape(b_v.shape[1], b_v.shape[2])
+    else:
+        b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
+        b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
+    return b_k, b_v
+
+
+@triton.jit
 def _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N: tl.constexpr,
               DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of the online softmax: the running maxima, row sums and accumulator after it. MASKED: 0, every
@@ -96,11 +111,11 @@ def _fwd_kernel(
     s_ob, s_os, s_oh,
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
-    H, SQ, SK, MK, qk_scale,
+    H, SQ, SK, MK, qk_scale, kv_gap, v_plane,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, CARRY_INDEX: tl.constexpr, PEEL: tl.constexpr = False,
-    INDEX_EARLY: tl.constexpr = False,
+    INDEX_EARLY: tl.constexpr = False, ONE_DESC: tl.constexpr = False,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -120,7 +135,9 @@ def _fwd_kernel(
     V += i_b * s_vb + i_h * s_vh
     desc_k = None
     desc_v = None
-    if USE_TMA:
+    if ONE_DESC:
+        pass
+    elif USE_TMA:
         desc_k = tl.make_tensor_descriptor(K, shape=[SK, D], strides=[s_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
         if not INDEX_EARLY:
             desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
@@ -138,7 +155,11 @@ def _fwd_kernel(
     misplaced = n_it * 0
     if CARRY_INDEX:  # the first tile's start; each step loads the next one's (p_idx[0] exists in every row)
         start_next = _tile_start(p_idx, 0, SUB, MASK_N, BLOCK_N)
-    if USE_TMA and INDEX_EARLY:  # see INDEX_EARLY: the row's index loads above are in flight while this is built
+    if ONE_DESC:  # K and V as the two planes of one [2, SK, D] view: plane v_plane is V, kv_gap elements apart
+        desc_k = tl.make_tensor_descriptor(K - kv_gap * (1 - v_plane), shape=[2, SK, D], strides=[kv_gap, s_ks, 1],
+                                           block_shape=[1, BLOCK_N, BLOCK_D])
+        desc_v = desc_k
+    elif USE_TMA and INDEX_EARLY:  # see INDEX_EARLY: the row's index loads above are in flight while this is built
         desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
     for it in tl.range(0, n_loop, warp_specialize=WARP_SPECIALIZE):
         if CARRY_INDEX:
@@ -146,8 +167,8 @@ def _fwd_kernel(
             start_next = _tile_start(p_idx, tl.minimum(it + 1, n_loop - 1), SUB, MASK_N, BLOCK_N)
         else:
             start = _tile_start(p_idx, it, SUB, MASK_N, BLOCK_N)
-        b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
-        b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
+        b_k, b_v = _load_kv(K, V, desc_k, desc_v, start, s_ks, s_vs, SK, o_d, m_d, v_plane, BLOCK_N, USE_TMA,
+                            ONE_DESC)
         if PEEL:
             misplaced += _out_of_place(start // MASK_N, ragged)
         b_m, b_l, b_acc = _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N, DOT_PRECISION,
@@ -156,8 +177,8 @@ def _fwd_kernel(
         if n_loop < n_it:  # the ragged block's tiles (past SK: no weight)
             for t in tl.static_range(SUB):
                 start = ragged * MASK_N + t * BLOCK_N
-                b_k = _load_tile(K, desc_k, start, s_ks, SK, o_d, m_d, BLOCK_N, USE_TMA)
-                b_v = _load_tile(V, desc_v, start, s_vs, SK, o_d, m_d, BLOCK_N, USE_TMA)
+                b_k, b_v = _load_kv(K, V, desc_k, desc_v, start, s_ks, s_vs, SK, o_d, m_d, v_plane, BLOCK_N,
+                                    USE_TMA, ONE_DESC)
                 b_m, b_l, b_acc = _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N,
                                             DOT_PRECISION, MASKED=1)  # fmt: skip
         b_l = tl.where(misplaced > 0, float("nan"), b_l)
@@ -443,6 +464,10 @@ PEEL_RAGGED = True
 # rounds); 0.990 at 0.102 and 1.002 dense (78004f1, 15 rounds: on below off at every rank of the sorted rounds but
 # the highest). Outputs equal.
 INDEX_EARLY = True
+# One descriptor for K and V instead of two: a [2, S, D] view whose planes are K and V (their strides equal, their
+# bases a multiple of 16 bytes apart), so the prologue builds one (one global atomic and wait fewer). Untimed: an
+# A/B, `ab_forward.py ONE_KV_DESC`.
+ONE_KV_DESC = False
 # (Also tried: the query tile's loads after the K descriptor, so that the block count's load overlaps the K
 # descriptor's round trip instead of waiting behind the query tile. H200, ead6290, `ab_forward.py Q_LATE --set
 # INDEX_EARLY=1 --shapes wan1.3b-480p`: on / off 0.998 / 1.015 / 1.028 / 1.000 at densities 1.0 / 0.5 / 0.25 /
@@ -492,6 +517,16 @@ def _descriptor_scratch(device: torch.device) -> None:
 def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the forward loads K/V tiles by TMA (a function, so the tests can run those paths in the interpreter)."""
     return k.is_cuda and USE_TMA and all(_tma_ok(x) for x in (k, v))
+
+
+def _kv_planes(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+    """(gap, V's plane) for reading K and V through one descriptor over a [2, S, D] view: their strides equal and
+    their bases a positive multiple of 16 bytes apart (V's plane is 1 when it lies above K, else 0); (0, 0) when
+    they cannot be (then each gets its own descriptor)."""
+    gap_bytes = v.data_ptr() - k.data_ptr()
+    if k.stride() != v.stride() or gap_bytes == 0 or gap_bytes % 16 or abs(gap_bytes) >= 2**40:
+        return 0, 0
+    return abs(gap_bytes) // k.element_size(), int(gap_bytes > 0)
 
 
 def _use_fused_dq(q: torch.Tensor) -> bool:
@@ -551,17 +586,18 @@ def _launch_forward(q, k, v, block_mask, scale):
     use_tma = _use_tma(k, v)
     if use_tma:
         _descriptor_scratch(q.device)
+    kv_gap, v_plane = _kv_planes(k, v) if use_tma and ONE_KV_DESC else (0, 0)
     out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(sq, block_m), b * h)](
         q, k, v, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
-        h, sq, sk, triton.cdiv(sk, mask_n), scale * _LOG2E,
+        h, sq, sk, triton.cdiv(sk, mask_n), scale * _LOG2E, kv_gap, v_plane,
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m,
         MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
         WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX, PEEL=PEEL_RAGGED,
-        INDEX_EARLY=INDEX_EARLY,
+        INDEX_EARLY=INDEX_EARLY, ONE_DESC=kv_gap > 0,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
