@@ -465,9 +465,12 @@ PEEL_RAGGED = True
 # the highest). Outputs equal.
 INDEX_EARLY = True
 # One descriptor for K and V instead of two: a [2, S, D] view whose planes are K and V (their strides equal, their
-# bases a multiple of 16 bytes apart), so the prologue builds one (one global atomic and wait fewer). Untimed: an
-# A/B, `ab_forward.py ONE_KV_DESC`.
-ONE_KV_DESC = False
+# bases a multiple of 16 bytes apart), so the prologue builds one (one global atomic and wait fewer); K and V with
+# other strides get one each, as before. Meant for the prologue, it is faster at every density: H200, 94da717,
+# `benchmarks/ab_forward.py ONE_KV_DESC --densities 1.0 0.1`, on / off: 0.981 dense and 0.975 at 0.102 at 1.3B (11
+# rounds in turns), 0.959 dense and 0.975 at 0.1 at 14B (2 rounds, 211.1 against 220.1 ms dense); outputs equal.
+# (sm_90a: 196 registers against 200, 1,704 loop instructions per tile and thread against 1,725.)
+ONE_KV_DESC = True
 # (Also tried: the query tile's loads after the K descriptor, so that the block count's load overlaps the K
 # descriptor's round trip instead of waiting behind the query tile. H200, ead6290, `ab_forward.py Q_LATE --set
 # INDEX_EARLY=1 --shapes wan1.3b-480p`: on / off 0.998 / 1.015 / 1.028 / 1.000 at densities 1.0 / 0.5 / 0.25 /
