@@ -135,9 +135,7 @@ def _fwd_kernel(
     V += i_b * s_vb + i_h * s_vh
     desc_k = None
     desc_v = None
-    if ONE_DESC:
-        pass
-    elif USE_TMA:
+    if USE_TMA and not ONE_DESC:  # (ONE_DESC builds its one descriptor after the index loads, below)
         desc_k = tl.make_tensor_descriptor(K, shape=[SK, D], strides=[s_ks, 1], block_shape=[BLOCK_N, BLOCK_D])
         if not INDEX_EARLY:
             desc_v = tl.make_tensor_descriptor(V, shape=[SK, D], strides=[s_vs, 1], block_shape=[BLOCK_N, BLOCK_D])
