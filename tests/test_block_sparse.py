@@ -438,3 +438,40 @@ def test_backward_takes_an_expanded_lse_gradient():
     ref = grads(lambda *x: attention_reference(*x, mask=mask.expand_tokens(), return_lse=True))
     for name, g, r in zip("qkv", ours, ref, strict=True):
         assert err_ratio(g, r) < 1e-5, f"d{name}"
+
+
+def test_heavy_first_order_matches_a_stable_descending_sort():
+    """The per-call row order (block_sparse._heavy_first): per (batch, head) of the mask, rows by descending kept
+    count, ties in row order, each packed with its count; against torch's stable sort, with ties, zero counts,
+    a row count that is not a multiple of the kernel's blocks, and a broadcast mask."""
+    torch.manual_seed(0)
+    for shape in [(2, 3, 200), (1, 1, 37), (1, 2, 5)]:
+        num = torch.randint(0, 6, shape, dtype=torch.int32).to(DEVICE)  # many ties
+        order = block_sparse._heavy_first(num)
+        ref = torch.sort(num.long(), dim=-1, descending=True, stable=True).indices
+        assert order.dtype == torch.int64 and order.shape == num.shape
+        assert torch.equal(order & 0xFFFFFFFF, ref)
+        assert torch.equal(order >> 32, torch.gather(num.long(), -1, ref))
+
+
+@pytest.mark.parametrize("broadcast", [False, True], ids=["per-head", "broadcast-mask"])
+def test_forward_heavy_first_matches_index_order(monkeypatch, broadcast):
+    """HEAVY_FIRST (programs take the rows heaviest first) computes every row once, as the index-order launch
+    does: the same output and LSE, bit for bit, and the fp32 reference; uneven counts, a row that keeps nothing,
+    ragged lengths, TMA path forced, per-head and broadcast masks."""
+    monkeypatch.setattr(block_sparse, "_use_tma", lambda k, v: True)
+    b, sq, sk, h, block = 2, 300, 170, 2, (32, 32)
+    q, k, v = (x.detach() for x in qkv(b, sq, sk, h, 32, torch.float32, seed=5))
+    g = torch.Generator().manual_seed(1)
+    mb, mh = (1, 1) if broadcast else (b, h)
+    mq, mk = -(-sq // 32), -(-sk // 32)
+    dense = torch.rand(mb, mh, mq, mk, generator=g) < torch.linspace(0.05, 0.9, mq)[:, None]  # counts rise by row
+    dense[..., 3, :] = False  # a row that keeps nothing
+    mask = BlockMask.from_dense(dense.to(DEVICE), block, (sq, sk))
+    outs = {}
+    for heavy in (False, True):
+        monkeypatch.setattr(block_sparse, "HEAVY_FIRST", heavy)
+        outs[heavy] = block_sparse_attention(q, k, v, mask, return_lse=True)
+    ref_out, ref_lse = attention_reference(q, k, v, mask=mask.expand_tokens(), return_lse=True)
+    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
+    assert err_ratio(outs[True][0], ref_out) < 1e-5 and err_ratio(outs[True][1], ref_lse) < 1e-5

@@ -103,22 +103,45 @@ def _fwd_tile(b_q, b_k, b_v, start, b_m, b_l, b_acc, SK, qk_scale, BLOCK_N: tl.c
 
 
 @triton.jit
+def _heavy_first_kernel(NUM, ORDER, s_nb, s_nh, s_nm, MH, M, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """ORDER[g, rank] = row | count << 32 for the M rows of group g (one (batch, head) of the mask), ranked by
+    descending count, ties in row order: rank(i) = #{j: c_j > c_i} + #{j < i: c_j == c_i}."""
+    g, i_c = tl.program_id(0), tl.program_id(1)
+    p_num = NUM + (g // MH) * s_nb + (g % MH) * s_nh
+    o_i = i_c * BLOCK_I + tl.arange(0, BLOCK_I)
+    m_i = o_i < M
+    c_i = tl.load(p_num + o_i * s_nm, mask=m_i, other=0)
+    rank = tl.zeros([BLOCK_I], tl.int32)
+    for j0 in range(0, M, BLOCK_J):
+        o_j = j0 + tl.arange(0, BLOCK_J)
+        c_j = tl.load(p_num + o_j * s_nm, mask=o_j < M, other=-1)  # past M: -1, below every count
+        before = (c_j[None, :] > c_i[:, None]) | ((c_j[None, :] == c_i[:, None]) & (o_j[None, :] < o_i[:, None]))
+        rank += tl.sum(before.to(tl.int32), 1)
+    tl.store(ORDER + g * M + rank, o_i.to(tl.int64) | (c_i.to(tl.int64) << 32), mask=m_i)
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, KV_NUM, KV_IDX,
+    Q, K, V, OUT, LSE, KV_NUM, KV_IDX, ORDER,
     s_qb, s_qs, s_qh,
     s_kb, s_ks, s_kh,
     s_vb, s_vs, s_vh,
     s_ob, s_os, s_oh,
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
+    s_nrb, s_nrh,
     H, SQ, SK, MK, qk_scale, kv_gap, v_plane,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, CARRY_INDEX: tl.constexpr, PEEL: tl.constexpr = False,
-    INDEX_EARLY: tl.constexpr = False, ONE_DESC: tl.constexpr = False,
+    INDEX_EARLY: tl.constexpr = False, ONE_DESC: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    if HEAVY_FIRST:  # program i_m of a head takes the row ranked i_m by kept blocks (BLOCK_M == MASK_M), and its count
+        packed = tl.load(ORDER + i_b * s_nrb + i_h * s_nrh + i_m)
+        i_m = (packed & 0xFFFFFFFF).to(tl.int32)
+        n_blocks = (packed >> 32).to(tl.int32)
     i_row = i_m * BLOCK_M // MASK_M
     SUB: tl.constexpr = MASK_N // BLOCK_N
 
@@ -128,7 +151,8 @@ def _fwd_kernel(
     p_q = Q + i_b * s_qb + i_h * s_qh + o_m[:, None] * s_qs + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
-    n_blocks = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm)
+    if not HEAVY_FIRST:
+        n_blocks = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm)
     n_it = n_blocks * SUB
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_row * s_im
     K += i_b * s_kb + i_h * s_kh
@@ -473,6 +497,17 @@ ONE_KV_DESC = True
 # descriptor's round trip instead of waiting behind the query tile. H200, ead6290, `ab_forward.py Q_LATE --set
 # INDEX_EARLY=1 --shapes wan1.3b-480p`: on / off 0.998 / 1.015 / 1.028 / 1.000 at densities 1.0 / 0.5 / 0.25 /
 # 0.102; removed.)
+# Programs take a head's query rows heaviest first: the forward's grid stays (row rank, batch x head), and the
+# program of rank r reads the row ranked r by kept key blocks (and its count) from an order built per call by one
+# small kernel (`_heavy_first`). Rows launched in index order put whatever rows come last at the end of the run;
+# with uneven counts (local windows: 9 to 75 kept blocks per row at the 1.3B shape, density 0.1) the last wave then
+# has long rows on a few SMs while the rest idle. A list-scheduling model of the launch (132 SMs, a row costing
+# 3.8 us + 2 us per kept block, fitted to the 1.3B table) gives time / (density x dense) 1.114 in index order and
+# 1.059 heaviest-first per head for that mask (1.065 either way for random masks, whose counts are equal); the
+# measured figure in index order is 1.105-1.113. Used when the query tile is the mask block (BLOCK_M == MASK_M).
+# Untimed: an A/B, `benchmarks/ab_forward.py HEAVY_FIRST` (random masks) and `benchmarks/linearity.py --set
+# HEAVY_FIRST=1` (local-3D).
+HEAVY_FIRST = False
 # (Loading the query tile by TMA instead, Q_TMA, lost its A/B at a89e975, `ab_forward.py Q_TMA --rounds 3`: on / off
 # 1.008-1.033 at 1.3B, 0.995-1.003 at 14B; removed.)
 # The same for the backward's loops (dK/dV over query tiles, dQ over key tiles), and one more pipeline stage for
@@ -518,6 +553,17 @@ def _descriptor_scratch(device: torch.device) -> None:
 def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the forward loads K/V tiles by TMA (a function, so the tests can run those paths in the interpreter)."""
     return k.is_cuda and USE_TMA and all(_tma_ok(x) for x in (k, v))
+
+
+def _heavy_first(num: torch.Tensor) -> torch.Tensor:
+    """int64 [MB, MH, M]: per (batch, head) of a mask's ``kv_num_blocks`` [MB, MH, M], its rows ranked by
+    descending count (ties in row order), each as row | count << 32. One launch, no host synchronisation."""
+    mb, mh, m = num.shape
+    order = torch.empty(mb, mh, m, dtype=torch.int64, device=num.device)
+    block_i = min(128, max(16, triton.next_power_of_2(m)))
+    _heavy_first_kernel[(mb * mh, triton.cdiv(m, block_i))](num, order, *num.stride(), mh, m, BLOCK_I=block_i,
+                                                            BLOCK_J=64)
+    return order
 
 
 def _kv_planes(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
@@ -588,17 +634,19 @@ def _launch_forward(q, k, v, block_mask, scale):
     if use_tma:
         _descriptor_scratch(q.device)
     kv_gap, v_plane = _kv_planes(k, v) if use_tma and ONE_KV_DESC else (0, 0)
+    heavy_first = HEAVY_FIRST and block_m == mask_m
+    order = _heavy_first(block_mask.kv_num_blocks) if heavy_first else block_mask.kv_num_blocks
     out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(sq, block_m), b * h)](
-        q, k, v, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices,
+        q, k, v, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices, order,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
+        *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices), *_mask_strides(order)[:2],
         h, sq, sk, triton.cdiv(sk, mask_n), scale * _LOG2E, kv_gap, v_plane,
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m,
         MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
         WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX, PEEL=PEEL_RAGGED,
-        INDEX_EARLY=INDEX_EARLY, ONE_DESC=kv_gap > 0,
+        INDEX_EARLY=INDEX_EARLY, ONE_DESC=kv_gap > 0, HEAVY_FIRST=heavy_first,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
