@@ -5,7 +5,8 @@
 A sweep (`attention.py --sweep`) times each candidate once, one after another; a difference of 1-2% between
 two candidates is then within the drift of the GPU's speed over a run. Here the two settings and
 FlexAttention (the reference the issue's ratios are taken against) are timed in turns, ``--rounds`` times,
-at every shape and density of `attention.py`'s table (random masks), and the medians are reported with the
+at every shape and density of `attention.py`'s table (random masks; `--masks random local-3D` adds the
+local-3D windows), and the medians are reported with the
 spread of the rounds. The outputs of the two settings are checked against each other first. The setting is
 put back as it was at the end. (At cdb5451 it timed HOST_DESC, descriptors built on the host, since removed.)
 """
@@ -30,6 +31,7 @@ from attention import (  # noqa: E402
     bench,
     err_ratio,
     flex_mask,
+    local_mask,
     random_mask,
     shape_of,
     write_report,
@@ -39,7 +41,7 @@ from vgen.kernels import block_sparse  # noqa: E402
 from vgen.kernels.block_sparse import block_sparse_attention  # noqa: E402
 
 
-def run(flag: str, shapes: list[str], rounds: int, densities: list[float]) -> list[dict]:
+def run(flag: str, shapes: list[str], rounds: int, densities: list[float], kinds: list[str]) -> list[dict]:
     device = torch.device("cuda")
     before = getattr(block_sparse, flag)
     flex = torch.compile(flex_attention, dynamic=False)
@@ -48,8 +50,9 @@ def run(flag: str, shapes: list[str], rounds: int, densities: list[float]) -> li
         heads, head_dim, grid = shape_of(name)
         seq = grid.num_video_tokens
         q, k, v = (torch.randn(1, seq, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
-        for density in densities:
-            mask = random_mask(heads, seq, density, device)
+        for kind, density in [(kind, d) for kind in kinds for d in densities if kind == "random" or d < 1.0]:
+            mask = random_mask(heads, seq, density, device) if kind == "random" else local_mask(grid, density,
+                                                                                                  device)[0]
             fm = flex_mask(mask)
 
             def ours(on: bool, q=q, k=k, v=v, mask=mask):
@@ -69,7 +72,7 @@ def run(flag: str, shapes: list[str], rounds: int, densities: list[float]) -> li
                     times["on"].append(bench(lambda: ours(True)))
                     times["flex"].append(bench(theirs))
             setattr(block_sparse, flag, before)
-            row = {"shape": name, "density": mask.density(), "err_on_vs_off": err,
+            row = {"shape": name, "mask": kind, "density": mask.density(), "err_on_vs_off": err,
                    **{f"{key}_ms": statistics.median(t) for key, t in times.items()},
                    **{f"{key}_rounds": t for key, t in times.items()}}  # fmt: skip
             rows.append(row)
@@ -81,20 +84,20 @@ def run(flag: str, shapes: list[str], rounds: int, densities: list[float]) -> li
 
 def markdown(flag: str, meta: dict, rows: list[dict]) -> str:
     lines = [f"### Forward A/B: `block_sparse.{flag}` off / on, {meta['date']}, commit {meta['commit']}, {meta['gpu']}",
-             "", f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; bf16, B=1, random "
-             f"masks; off, on and FlexAttention timed in turns, {meta['rounds']} rounds; medians (range of the "
-             "rounds).", "",
-             "| shape | density | off ms | on ms | **on / off** | Flex ms | off: Flex / vgen | on: Flex / vgen | "
-             "on vs off output |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "", f"Command: `{meta['command']}`; torch {meta['torch']}, triton {meta['triton']}; bf16, B=1; off, on "
+             f"and FlexAttention timed in turns, {meta['rounds']} rounds; medians (range of the rounds).", "",
+             "| shape | mask | density | off ms | on ms | **on / off** | Flex ms | off: Flex / vgen | on: Flex / vgen "
+             "| on vs off output |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def cell(r, key):
         t = r[f"{key}_rounds"]
         return f"{r[f'{key}_ms']:.2f} ({min(t):.2f}-{max(t):.2f})"
 
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['density']:.3f} | {cell(r, 'off')} | {cell(r, 'on')} | "
-                     f"{r['on_ms'] / r['off_ms']:.3f} | {cell(r, 'flex')} | {r['flex_ms'] / r['off_ms']:.3f}x | "
-                     f"{r['flex_ms'] / r['on_ms']:.3f}x | {r['err_on_vs_off']:.1e} |")  # fmt: skip
+        lines.append(f"| {r['shape']} | {r.get('mask', 'random')} | {r['density']:.3f} | {cell(r, 'off')} | "
+                     f"{cell(r, 'on')} | {r['on_ms'] / r['off_ms']:.3f} | {cell(r, 'flex')} | "
+                     f"{r['flex_ms'] / r['off_ms']:.3f}x | {r['flex_ms'] / r['on_ms']:.3f}x | "
+                     f"{r['err_on_vs_off']:.1e} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -104,6 +107,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["wan1.3b-480p", "wan14b-720p"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    parser.add_argument("--masks", nargs="+", choices=["random", "local-3D"], default=["random"],
+                        help="mask kinds (local-3D: the window closest to each density; density 1.0 random only)")
     parser.add_argument("--out", type=Path, help="write the Markdown here (and a .json beside it)")
     add_set_option(parser)
     args = parser.parse_args()
@@ -117,7 +122,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("ab_forward.py times the kernels on a GPU; none is available")
     meta = ab_meta(args.flag, args.rounds)
-    rows = run(args.flag, args.shapes, args.rounds, args.densities)
+    rows = run(args.flag, args.shapes, args.rounds, args.densities, args.masks)
     write_report(args.out, markdown(args.flag, meta, rows), meta, rows)
 
 

@@ -56,12 +56,14 @@ def test_variant_tables_show_times_and_errors():
 def test_ab_table_shows_ratios_and_round_ranges():
     import ab_forward
 
-    row = {"shape": "wan1.3b-480p", "density": 0.1, "err_on_vs_off": 0.0, "off_ms": 2.0, "on_ms": 1.9,
-           "flex_ms": 2.4, "off_rounds": [2.0, 2.1, 1.9], "on_rounds": [1.9, 1.8, 2.0], "flex_rounds": [2.4] * 3}
+    row = {"shape": "wan1.3b-480p", "mask": "local-3D", "density": 0.1, "err_on_vs_off": 0.0, "off_ms": 2.0,
+           "on_ms": 1.9, "flex_ms": 2.4, "off_rounds": [2.0, 2.1, 1.9], "on_rounds": [1.9, 1.8, 2.0],
+           "flex_rounds": [2.4] * 3}  # fmt: skip
     meta = {**META, "rounds": 3}
     text = ab_forward.markdown("USE_TMA", meta, [row])
-    assert cells(text, "| wan1.3b-480p") == ["wan1.3b-480p", "0.100", "2.00 (1.90-2.10)", "1.90 (1.80-2.00)", "0.950",
-                                             "2.40 (2.40-2.40)", "1.200x", "1.263x", "0.0e+00"]
+    assert cells(text, "| wan1.3b-480p") == ["wan1.3b-480p", "local-3D", "0.100", "2.00 (1.90-2.10)",
+                                             "1.90 (1.80-2.00)", "0.950", "2.40 (2.40-2.40)", "1.200x", "1.263x",
+                                             "0.0e+00"]  # fmt: skip
 
 
 def test_quality_settings_keep_the_plain_variant_at_the_same_density():
@@ -106,3 +108,18 @@ def test_rectified_psa_measures_each_method_at_its_default_setting():
         if "rectified" in runs:  # (the smoke run's part 3 has psa only)
             assert runs["rectified"].config["mass"] == runs["rectified"].plain["mass"] == mass
         assert runs["psa"].config["budget"] == runs["psa"].plain["budget"] == budget
+
+
+def test_schedule_model_list_schedules_and_orders_heaviest_first():
+    """benchmarks/schedule_model.py: greedy list scheduling onto free SMs, against sums worked by hand, and the
+    heaviest-first order within each head."""
+    import schedule_model
+    import torch
+
+    # 2 SMs, no fixed cost: in order 3 | 1, 1, 1 -> both end at 3; in order 1, 1, 1, 3 -> 1+1 then 1+3: 4
+    assert schedule_model.makespan([3, 1, 1, 1], 2, 0.0, 1.0) == 3.0
+    assert schedule_model.makespan([1, 1, 1, 3], 2, 0.0, 1.0) == 4.0
+    assert schedule_model.makespan([2, 2], 1, 0.5, 1.0) == 5.0  # one SM: (0.5 + 2) x 2
+    orders = schedule_model.launch_orders(torch.tensor([[1, 3, 2]]), heads=2)
+    assert orders["index order"] == [1, 3, 2, 1, 3, 2]
+    assert orders["heaviest first per head"] == [3, 2, 1, 3, 2, 1]
