@@ -48,9 +48,9 @@ FWD_DEFAULTS = {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_
                 "ONE_DESC": block_sparse.ONE_KV_DESC, "HEAVY_FIRST": block_sparse.HEAVY_FIRST}
 BACKWARD = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DK": "*bf16",
             "DV": "*bf16", "DQ": "*bf16", "Q_NUM": "*i32", "Q_IDX": "*i32", "KV_NUM": "*i32", "KV_IDX": "*i32",
-            "DQ_ACC": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
+            "DQ_ACC": "*fp32", "ORDER": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
 BACKWARD_CONSTS = {"D": 128, "BLOCK_D": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
-                   "PEEL": block_sparse.BWD_PEEL_RAGGED}
+                   "PEEL": block_sparse.BWD_PEEL_RAGGED, "HEAVY_FIRST": block_sparse.HEAVY_FIRST}
 KERNELS = [
     # the forward at block_sparse.CUDA_TILES (CARRY_INDEX: the default)
     (block_sparse._fwd_kernel, BLOCK_SPARSE, FWD_DEFAULTS, 8, 3),
@@ -70,11 +70,15 @@ KERNELS = [
                                                "REDUCE_TMA": True, "CARRY_INDEX": True}, 8, 3),
     (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": True,
                                                "REDUCE_TMA": True, "CARRY_INDEX": True}, 4, 3),
-    # the backward's peel (block_sparse.BWD_PEEL_RAGGED, a candidate): the dQ kernel and the fused dK/dV kernel
-    (block_sparse._bwd_dq_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 128, "BLOCK_N": 128,
-                                             "CARRY_INDEX": False, "PEEL": True}, 8, 2),
-    (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 128, "FUSED_DQ": True,
-                                               "REDUCE_TMA": True, "CARRY_INDEX": True, "PEEL": True}, 8, 3),
+    # rows heaviest first (block_sparse.HEAVY_FIRST, a candidate): the fused dK/dV kernel, the two-kernel ones
+    (block_sparse._bwd_dkdv_kernel, {**BACKWARD, "ORDER": "*i64"},
+     {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 128, "FUSED_DQ": True, "REDUCE_TMA": True, "CARRY_INDEX": True,
+      "HEAVY_FIRST": True}, 8, 3),
+    (block_sparse._bwd_dkdv_kernel, {**BACKWARD, "ORDER": "*i64"},
+     {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": False, "REDUCE_TMA": False, "CARRY_INDEX": False,
+      "HEAVY_FIRST": True}, 4, 2),
+    (block_sparse._bwd_dq_kernel, {**BACKWARD, "ORDER": "*i64"},
+     {**BACKWARD_CONSTS, "BLOCK_M": 128, "BLOCK_N": 128, "CARRY_INDEX": False, "HEAVY_FIRST": True}, 8, 2),
     (selection._segment_means_kernel, {"X": "*bf16", "STARTS": "*i64", "SIZES": "*i64", "OUT": "*fp32",
                                        "SPREAD": "*fp32"}, {"D": 128, "BLOCK_D": 128, "BLOCK_T": 32,
                                                             "WITH_SPREAD": True}, 4, 1),

@@ -454,13 +454,25 @@ def test_heavy_first_order_matches_a_stable_descending_sort():
         assert torch.equal(order >> 32, torch.gather(num.long(), -1, ref))
 
 
+def _half_tiles(monkeypatch):
+    """Tiles of half the mask block (two per block), as on the GPU where CUDA_TILES' tiles are smaller."""
+    from vgen.kernels.block_sparse import _tiles
+
+    monkeypatch.setattr(block_sparse, "_tiles", lambda kind, m, n, cuda: (m // 2, n // 2,
+                                                                          *_tiles(kind, m, n, cuda)[2:]))
+
+
+@pytest.mark.parametrize("sub", [1, 2], ids=["tile=block", "two-tiles-per-block"])
 @pytest.mark.parametrize("broadcast", [False, True], ids=["per-head", "broadcast-mask"])
-def test_forward_heavy_first_matches_index_order(monkeypatch, broadcast):
+def test_forward_heavy_first_matches_index_order(monkeypatch, broadcast, sub):
     """HEAVY_FIRST (programs take the rows heaviest first) computes every row once, as the index-order launch
     does: the same output and LSE, bit for bit, and the fp32 reference; uneven counts, a row that keeps nothing,
-    ragged lengths, TMA path forced, per-head and broadcast masks."""
+    ragged lengths (the last block's second tile wholly past the queries), TMA path forced, per-head and broadcast
+    masks, one or two tiles per mask block."""
     monkeypatch.setattr(block_sparse, "_use_tma", lambda k, v: True)
-    b, sq, sk, h, block = 2, 300, 170, 2, (32, 32)
+    if sub == 2:
+        _half_tiles(monkeypatch)
+    b, sq, sk, h, block = 2, 300, 170, 2, (32, 32)  # 300 = 9 blocks + 12: the last block's second tile is empty
     q, k, v = (x.detach() for x in qkv(b, sq, sk, h, 32, torch.float32, seed=5))
     g = torch.Generator().manual_seed(1)
     mb, mh = (1, 1) if broadcast else (b, h)
@@ -475,3 +487,34 @@ def test_forward_heavy_first_matches_index_order(monkeypatch, broadcast):
     ref_out, ref_lse = attention_reference(q, k, v, mask=mask.expand_tokens(), return_lse=True)
     assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
     assert err_ratio(outs[True][0], ref_out) < 1e-5 and err_ratio(outs[True][1], ref_lse) < 1e-5
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["two-kernel-bwd", "fused-dq-bwd"])
+@pytest.mark.parametrize("sub", [1, 2], ids=["tile=block", "two-tiles-per-block"])
+def test_backward_heavy_first_matches_index_order(monkeypatch, fused, sub):
+    """HEAVY_FIRST in the backward: the dK/dV programs take key columns by descending count of kept query blocks,
+    the dQ programs query rows by kept key blocks; gradients as in index order (dK, dV bit for bit; dQ too with two
+    kernels, to fp32 rounding when fused: its reduce-adds arrive in another order) and against the fp32 reference,
+    with counts that rise along the rows and columns, ragged lengths, one or two tiles per mask block."""
+    if sub == 2:
+        _half_tiles(monkeypatch)
+    monkeypatch.setattr(block_sparse, "FUSED_DQ", fused)
+    sq, sk = 150, 200
+    q, k, v = qkv(1, sq, sk, 2, 32, torch.float32, seed=11)
+    g = torch.Generator().manual_seed(2)
+    mq, mk = -(-sq // 32), -(-sk // 32)
+    dense = torch.rand(1, 2, mq, mk, generator=g) < torch.linspace(0.1, 0.9, mq)[:, None] * torch.linspace(
+        0.3, 1.0, mk)[None, :]
+    dense[..., 0] = True  # every row keeps a block
+    mask = BlockMask.from_dense(dense.to(DEVICE), (32, 32), (sq, sk))
+    grads = {}
+    for heavy in (False, True):
+        monkeypatch.setattr(block_sparse, "HEAVY_FIRST", heavy)
+        torch.manual_seed(0)
+        (_, _, grads[heavy]), (_, _, ref_grads) = run_against_reference(q, k, v, mask)
+    for name, got, ref, plain in zip("qkv", grads[True], ref_grads, grads[False], strict=True):
+        assert err_ratio(got, ref) < 1e-5, f"d{name}"
+        if name == "q" and fused:
+            torch.testing.assert_close(got, plain, atol=1e-6, rtol=1e-6)
+        else:
+            assert torch.equal(got, plain), f"d{name}"

@@ -121,6 +121,14 @@ def _heavy_first_kernel(NUM, ORDER, s_nb, s_nh, s_nm, MH, M, BLOCK_I: tl.constex
 
 
 @triton.jit
+def _ordered(ORDER, i_b, i_h, s_rb, s_rh, pid, SUB: tl.constexpr):
+    """(tile, its row's count) for program ``pid`` of a (batch, head) when rows go heaviest first: the row ranked
+    pid // SUB in ORDER (row | count << 32), and its sub-tile pid % SUB (SUB tiles per mask block)."""
+    packed = tl.load(ORDER + i_b * s_rb + i_h * s_rh + pid // SUB)
+    return (packed & 0xFFFFFFFF).to(tl.int32) * SUB + pid % SUB, (packed >> 32).to(tl.int32)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, KV_NUM, KV_IDX, ORDER,
     s_qb, s_qs, s_qh,
@@ -138,10 +146,8 @@ def _fwd_kernel(
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if HEAVY_FIRST:  # program i_m of a head takes the row ranked i_m by kept blocks (BLOCK_M == MASK_M), and its count
-        packed = tl.load(ORDER + i_b * s_nrb + i_h * s_nrh + i_m)
-        i_m = (packed & 0xFFFFFFFF).to(tl.int32)
-        n_blocks = (packed >> 32).to(tl.int32)
+    if HEAVY_FIRST:  # program i_m of a head takes a tile of the row ranked i_m // SUB_M by kept blocks, and its count
+        i_m, n_blocks = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_m, MASK_M // BLOCK_M)
     i_row = i_m * BLOCK_M // MASK_M
     SUB: tl.constexpr = MASK_N // BLOCK_N
 
@@ -270,7 +276,7 @@ def _dkdv_tile(Q, DO, LSE, DELTA, DQ_ACC, desc_dq, b_k, b_v, b_dk, b_dv, start, 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, DQ_ACC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, DQ_ACC, ORDER,
     s_qb, s_qs, s_qh,
     s_kb, s_ks, s_kh,
     s_vb, s_vs, s_vh,
@@ -279,11 +285,12 @@ def _bwd_dkdv_kernel(
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
     s_ab, s_as, s_ah,
+    s_nrb, s_nrh,
     H, SQ, SK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr = False, REDUCE_TMA: tl.constexpr = False, CARRY_INDEX: tl.constexpr = False,
-    PEEL: tl.constexpr = False,
+    PEEL: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False,
 ):
     # FUSED_DQ: also add each tile's dS K into the fp32 dQ accumulator DQ_ACC ([B, S, H, D], unscaled), by a
     # TMA reduce (REDUCE_TMA) or element atomics, so that no second kernel recomputes P for dQ. PEEL: P takes no
@@ -292,6 +299,8 @@ def _bwd_dkdv_kernel(
     # matter either, so unlike the forward and the dQ kernel there is nothing to peel or to check
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    if HEAVY_FIRST:  # key columns by descending count of kept query blocks (see the forward)
+        i_n, n_q = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_n, MASK_N // BLOCK_N)
     i_col = i_n * BLOCK_N // MASK_N
 
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -300,7 +309,8 @@ def _bwd_dkdv_kernel(
     b_k = tl.load(K + i_b * s_kb + i_h * s_kh + o_n[:, None] * s_ks + o_d[None, :], mask=m_nd, other=0.0)
     b_v = tl.load(V + i_b * s_vb + i_h * s_vh + o_n[:, None] * s_vs + o_d[None, :], mask=m_nd, other=0.0)
 
-    n_q = tl.load(Q_NUM + i_b * s_nb + i_h * s_nh + i_col * s_nm)
+    if not HEAVY_FIRST:
+        n_q = tl.load(Q_NUM + i_b * s_nb + i_h * s_nh + i_col * s_nm)
     p_idx = Q_IDX + i_b * s_ib + i_h * s_ih + i_col * s_im
     Q += i_b * s_qb + i_h * s_qh
     DO += i_b * s_db + i_h * s_dh
@@ -357,7 +367,7 @@ def _dq_tile(K, V, b_q, b_do, b_lse, b_delta, b_dq, start, o_d, m_d, s_ks, s_vs,
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, ORDER,
     s_qb, s_qs, s_qh,
     s_kb, s_ks, s_kh,
     s_vb, s_vs, s_vh,
@@ -365,10 +375,11 @@ def _bwd_dq_kernel(
     s_dqb, s_dqs, s_dqh,
     s_nb, s_nh, s_nm,
     s_ib, s_ih, s_im,
+    s_nrb, s_nrh,
     H, SQ, SK, MK, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_M: tl.constexpr, MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, CARRY_INDEX: tl.constexpr = False,
-    PEEL: tl.constexpr = False,
+    PEEL: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False,
 ):
     # PEEL: as the forward's (the ragged last key block walked last, with the key mask on P; the loads keep their
     # masks); a misplaced ragged block, or an index outside [0, MK) met in the loop, makes the row's dQ NaN. (The
@@ -376,6 +387,8 @@ def _bwd_dq_kernel(
     # exp(-lse), finite above that, and its products are zero.)
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    if HEAVY_FIRST:  # query rows by descending count of kept key blocks (see the forward)
+        i_m, n_kv = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_m, MASK_M // BLOCK_M)
     i_row = i_m * BLOCK_M // MASK_M
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -387,7 +400,8 @@ def _bwd_dq_kernel(
     b_lse = tl.load(LSE + i_bh * SQ + o_m, mask=m_m, other=0.0) * 1.4426950408889634
     b_delta = tl.load(DELTA + i_bh * SQ + o_m, mask=m_m, other=0.0)
 
-    n_kv = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm)
+    if not HEAVY_FIRST:
+        n_kv = tl.load(KV_NUM + i_b * s_nb + i_h * s_nh + i_row * s_nm)
     p_idx = KV_IDX + i_b * s_ib + i_h * s_ih + i_row * s_im
     K += i_b * s_kb + i_h * s_kh
     V += i_b * s_vb + i_h * s_vh
@@ -497,16 +511,18 @@ ONE_KV_DESC = True
 # descriptor's round trip instead of waiting behind the query tile. H200, ead6290, `ab_forward.py Q_LATE --set
 # INDEX_EARLY=1 --shapes wan1.3b-480p`: on / off 0.998 / 1.015 / 1.028 / 1.000 at densities 1.0 / 0.5 / 0.25 /
 # 0.102; removed.)
-# Programs take a head's query rows heaviest first: the forward's grid stays (row rank, batch x head), and the
-# program of rank r reads the row ranked r by kept key blocks (and its count) from an order built per call by one
-# small kernel (`_heavy_first`). Rows launched in index order put whatever rows come last at the end of the run;
-# with uneven counts (local windows: 9 to 75 kept blocks per row at the 1.3B shape, density 0.1) the last wave then
-# has long rows on a few SMs while the rest idle. A list-scheduling model of the launch (132 SMs, a row costing
-# 3.8 us + 2 us per kept block, fitted to the 1.3B table) gives time / (density x dense) 1.114 in index order and
-# 1.059 heaviest-first per head for that mask (1.065 either way for random masks, whose counts are equal); the
-# measured figure in index order is 1.105-1.113. Used when the query tile is the mask block (BLOCK_M == MASK_M).
-# Untimed: an A/B, `benchmarks/ab_forward.py HEAVY_FIRST` (random masks) and `benchmarks/linearity.py --set
-# HEAVY_FIRST=1` (local-3D).
+# Programs take a head's rows heaviest first: the grid stays (row rank, batch x head), and the program of rank r
+# reads the row ranked r by kept blocks (and its count) from an order built per call by one small kernel
+# (`_heavy_first`): query rows by kept key blocks in the forward and the dQ kernel, key columns by kept query
+# blocks in the dK/dV kernel (fused or not). With tiles smaller than the mask block, a row's tiles go together.
+# Rows launched in index order put whatever rows come last at the end of the run; with uneven counts (local
+# windows: 9 to 75 kept blocks per row at the 1.3B shape, density 0.1) the last wave then has long rows on a few
+# SMs while the rest idle. A list-scheduling model of the launch (132 SMs, a row costing 3.8 us + 2 us per kept
+# block, fitted to the 1.3B table) gives time / (density x dense) 1.114 in index order and 1.059 heaviest first
+# per head for that mask (1.065 either way for random masks, whose counts are equal); the measured figure in index
+# order is 1.105-1.113 (`benchmarks/schedule_model.py` prints the model per mask). Untimed: an A/B,
+# `benchmarks/ab_forward.py HEAVY_FIRST --masks random local-3D`, `benchmarks/ab_backward.py HEAVY_FIRST` and
+# `benchmarks/linearity.py --set HEAVY_FIRST=1`.
 HEAVY_FIRST = False
 # (Loading the query tile by TMA instead, Q_TMA, lost its A/B at a89e975, `ab_forward.py Q_TMA --rounds 3`: on / off
 # 1.008-1.033 at 1.3B, 0.995-1.003 at 14B; removed.)
@@ -564,6 +580,17 @@ def _heavy_first(num: torch.Tensor) -> torch.Tensor:
     _heavy_first_kernel[(mb * mh, triton.cdiv(m, block_i))](num, order, *num.stride(), mh, m, BLOCK_I=block_i,
                                                             BLOCK_J=64)
     return order
+
+
+def _row_schedule(num: torch.Tensor, length: int, block: int, mask_block: int):
+    """(order, its (batch, head) strides, programs per (batch, head)) of a launch over the rows of ``num``
+    ([MB, MH, M] counts) in tiles of ``block``: heaviest first with HEAVY_FIRST (every row's tiles, M x
+    mask_block / block programs; tiles past ``length`` load and store nothing), else index order (``num`` stands
+    in for the unused order)."""
+    if not HEAVY_FIRST:
+        return num, (0, 0), triton.cdiv(length, block)
+    order = _heavy_first(num)
+    return order, _mask_strides(order)[:2], num.shape[-1] * (mask_block // block)
 
 
 def _kv_planes(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
@@ -634,19 +661,18 @@ def _launch_forward(q, k, v, block_mask, scale):
     if use_tma:
         _descriptor_scratch(q.device)
     kv_gap, v_plane = _kv_planes(k, v) if use_tma and ONE_KV_DESC else (0, 0)
-    heavy_first = HEAVY_FIRST and block_m == mask_m
-    order = _heavy_first(block_mask.kv_num_blocks) if heavy_first else block_mask.kv_num_blocks
+    order, order_strides, programs = _row_schedule(block_mask.kv_num_blocks, sq, block_m, mask_m)
     out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
-    _fwd_kernel[(triton.cdiv(sq, block_m), b * h)](
+    _fwd_kernel[(programs, b * h)](
         q, k, v, out, lse, block_mask.kv_num_blocks, block_mask.kv_indices, order,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices), *_mask_strides(order)[:2],
+        *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices), *order_strides,
         h, sq, sk, triton.cdiv(sk, mask_n), scale * _LOG2E, kv_gap, v_plane,
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m,
         MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
         WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX, PEEL=PEEL_RAGGED,
-        INDEX_EARLY=INDEX_EARLY, ONE_DESC=kv_gap > 0, HEAVY_FIRST=heavy_first,
+        INDEX_EARLY=INDEX_EARLY, ONE_DESC=kv_gap > 0, HEAVY_FIRST=HEAVY_FIRST,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -677,28 +703,30 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
     carry = fused if BWD_CARRY_INDEX is None else BWD_CARRY_INDEX
     if carry and q.is_cuda:  # with direct gathers a third stage prefetches two steps ahead (sm_90: fits)
         stages += 1
-    _bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * h)](
-        q, k, v, dout, lse, delta, dk, dv, block_mask.q_num_blocks, block_mask.q_indices, dq_acc,
+    order, order_strides, programs = _row_schedule(block_mask.q_num_blocks, sk, block_n, mask_n)
+    _bwd_dkdv_kernel[(programs, b * h)](
+        q, k, v, dout, lse, delta, dk, dv, block_mask.q_num_blocks, block_mask.q_indices, dq_acc, order,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk),
         *_mask_strides(block_mask.q_num_blocks), *_mask_strides(block_mask.q_indices),
-        *(_strides3(dq_acc) if fused else (0, 0, 0)),
+        *(_strides3(dq_acc) if fused else (0, 0, 0)), *order_strides,
         h, sq, sk, scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
         DOT_PRECISION=_dot_precision(q), FUSED_DQ=fused, REDUCE_TMA=reduce_tma, CARRY_INDEX=carry,
-        PEEL=BWD_PEEL_RAGGED, num_warps=warps, num_stages=stages,
+        PEEL=BWD_PEEL_RAGGED, HEAVY_FIRST=HEAVY_FIRST, num_warps=warps, num_stages=stages,
     )
     if fused:
         return (dq_acc * scale).to(q.dtype), dk, dv
     dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     block_m, block_n, warps, stages = _tiles("dq", mask_m, mask_n, q.is_cuda)
-    _bwd_dq_kernel[(triton.cdiv(sq, block_m), b * h)](
-        q, k, v, dout, lse, delta, dq, block_mask.kv_num_blocks, block_mask.kv_indices,
+    order, order_strides, programs = _row_schedule(block_mask.kv_num_blocks, sq, block_m, mask_m)
+    _bwd_dq_kernel[(programs, b * h)](
+        q, k, v, dout, lse, delta, dq, block_mask.kv_num_blocks, block_mask.kv_indices, order,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
-        *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices),
+        *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices), *order_strides,
         h, sq, sk, triton.cdiv(sk, mask_n), scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        DOT_PRECISION=_dot_precision(q), CARRY_INDEX=carry, PEEL=BWD_PEEL_RAGGED, num_warps=warps,
-        num_stages=stages,
+        DOT_PRECISION=_dot_precision(q), CARRY_INDEX=carry, PEEL=BWD_PEEL_RAGGED, HEAVY_FIRST=HEAVY_FIRST,
+        num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 
