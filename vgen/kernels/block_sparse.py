@@ -129,6 +129,13 @@ def _ordered(ORDER, i_b, i_h, s_rb, s_rh, pid, SUB: tl.constexpr):
 
 
 @triton.jit
+def _tile_count(n, tile, BLOCK: tl.constexpr, S):
+    """A row's count for one of its tiles, 0 for a tile wholly past the sequence (the last mask block's second
+    tile, say, which the heaviest-first launch also runs): it walks nothing and stores nothing."""
+    return tl.where(tile * BLOCK < S, n, 0)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, KV_NUM, KV_IDX, ORDER,
     s_qb, s_qs, s_qh,
@@ -148,6 +155,7 @@ def _fwd_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     if HEAVY_FIRST:  # program i_m of a head takes a tile of the row ranked i_m // SUB_M by kept blocks, and its count
         i_m, n_blocks = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_m, MASK_M // BLOCK_M)
+        n_blocks = _tile_count(n_blocks, i_m, BLOCK_M, SQ)
     i_row = i_m * BLOCK_M // MASK_M
     SUB: tl.constexpr = MASK_N // BLOCK_N
 
@@ -301,6 +309,7 @@ def _bwd_dkdv_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     if HEAVY_FIRST:  # key columns by descending count of kept query blocks (see the forward)
         i_n, n_q = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_n, MASK_N // BLOCK_N)
+        n_q = _tile_count(n_q, i_n, BLOCK_N, SK)
     i_col = i_n * BLOCK_N // MASK_N
 
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -389,6 +398,7 @@ def _bwd_dq_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     if HEAVY_FIRST:  # query rows by descending count of kept key blocks (see the forward)
         i_m, n_kv = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_m, MASK_M // BLOCK_M)
+        n_kv = _tile_count(n_kv, i_m, BLOCK_M, SQ)
     i_row = i_m * BLOCK_M // MASK_M
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
