@@ -254,9 +254,16 @@ def test_tma_forward_path(monkeypatch, d, layout, carry, early, one_desc):
     mask = BlockMask.from_dense(dense.to(DEVICE), block, (sq, sk))
     ref_out, ref_lse = attention_reference(q.float(), k.float(), v.float(), mask=mask.expand_tokens(), return_lse=True)
     kv = torch.stack([k, v]) if layout == "bshd" else torch.stack([v, k])  # one buffer: V above K, then below it
-    pairs = [(k, v), (kv[0], kv[1]) if layout == "bshd" else (kv[1], kv[0])]
+    # rows past Sk that hold NaN: every path must read keys past Sk as zeros (the shared view too)
+    padded = torch.full((2, b, sk + 40, h, d), float("nan"), dtype=k.dtype, device=k.device)
+    padded[0, :, :sk], padded[1, :, :sk] = k, v
+    interleaved = torch.stack([k, v], dim=2)  # [B, S, 2, H, D]: K and V alternate row by row
+    pairs = [(k, v), (kv[0], kv[1]) if layout == "bshd" else (kv[1], kv[0]), (padded[0, :, :sk], padded[1, :, :sk]),
+             (interleaved[:, :, 0], interleaved[:, :, 1])]
     gap, v_plane = block_sparse._kv_planes(*pairs[1])
     assert gap == kv[0].numel() and v_plane == (layout == "bshd")  # planes one [B, S, H, D] apart
+    assert block_sparse._kv_planes(*pairs[2])[0] == padded[0].numel()
+    assert block_sparse._kv_planes(*pairs[3]) == (0, 0)  # a plane stride below the row stride: two descriptors
     for k_, v_ in pairs:
         out, lse = block_sparse_attention(q, k_, v_, mask, return_lse=True)
         assert err_ratio(out, ref_out) < 5e-3
@@ -443,15 +450,17 @@ def test_backward_takes_an_expanded_lse_gradient():
 def test_heavy_first_order_matches_a_stable_descending_sort():
     """The per-call row order (block_sparse._heavy_first): per (batch, head) of the mask, rows by descending kept
     count, ties in row order, each packed with its count; against torch's stable sort, with ties, zero counts,
-    a row count that is not a multiple of the kernel's blocks, and a broadcast mask."""
+    counts below zero (a malformed mask: they rank as 0 and stay in range), a row count that is not a multiple of
+    the kernel's blocks, and a broadcast mask."""
     torch.manual_seed(0)
     for shape in [(2, 3, 200), (1, 1, 37), (1, 2, 5)]:
-        num = torch.randint(0, 6, shape, dtype=torch.int32).to(DEVICE)  # many ties
+        num = torch.randint(-2, 6, shape, dtype=torch.int32).to(DEVICE)  # many ties; below 0 (malformed) ranks as 0
         order = block_sparse._heavy_first(num)
-        ref = torch.sort(num.long(), dim=-1, descending=True, stable=True).indices
+        counts = num.long().clamp(min=0)
+        ref = torch.sort(counts, dim=-1, descending=True, stable=True).indices
         assert order.dtype == torch.int64 and order.shape == num.shape
         assert torch.equal(order & 0xFFFFFFFF, ref)
-        assert torch.equal(order >> 32, torch.gather(num.long(), -1, ref))
+        assert torch.equal(order >> 32, torch.gather(counts, -1, ref))
 
 
 def _half_tiles(monkeypatch):
@@ -518,3 +527,26 @@ def test_backward_heavy_first_matches_index_order(monkeypatch, fused, sub):
             torch.testing.assert_close(got, plain, atol=1e-6, rtol=1e-6)
         else:
             assert torch.equal(got, plain), f"d{name}"
+
+
+def test_backward_heavy_first_skips_tiles_past_the_keys(monkeypatch):
+    """The heaviest-first launch runs every tile of a mask block; a key tile wholly past Sk must walk nothing. With
+    logits far below 0 (every LSE below -89) such a tile would get P = exp(-LSE) = inf and put NaN into the fused
+    dQ. Sk = 208 is a whole number of 16-key tiles, so no tile is partly past Sk (the fused kernel's known limit)
+    and only the 13th tile of the last 32-key block lies wholly past it."""
+    _half_tiles(monkeypatch)
+    monkeypatch.setattr(block_sparse, "FUSED_DQ", True)
+    monkeypatch.setattr(block_sparse, "HEAVY_FIRST", True)
+    sq, sk = 96, 208
+    q, k, v = qkv(1, sq, sk, 2, 32, torch.float32, seed=4)
+    with torch.no_grad():
+        q -= 5.0
+        k += 5.0
+    dense = random_mask(1, 2, (sq, sk), (32, 32), density=0.6, seed=8)
+    dense[..., -1] = True  # every row keeps the last key block
+    mask = BlockMask.from_dense(dense.to(DEVICE), (32, 32), (sq, sk))
+    torch.manual_seed(0)
+    (_, lse, grads), (_, _, ref_grads) = run_against_reference(q, k, v, mask)
+    assert lse.max() < -89  # exp(89) is past fp32's largest value
+    for name, got, ref in zip("qkv", grads, ref_grads, strict=True):
+        assert torch.isfinite(got).all() and err_ratio(got, ref) < 5e-5, f"d{name}"  # logits near -140: fp32

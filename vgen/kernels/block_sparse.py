@@ -110,13 +110,15 @@ def _heavy_first_kernel(NUM, ORDER, s_nb, s_nh, s_nm, MH, M, BLOCK_I: tl.constex
     p_num = NUM + (g // MH) * s_nb + (g % MH) * s_nh
     o_i = i_c * BLOCK_I + tl.arange(0, BLOCK_I)
     m_i = o_i < M
-    c_i = tl.load(p_num + o_i * s_nm, mask=m_i, other=0)
+    # a count below 0 (a malformed mask) ranks as 0, as its walk in index order would be empty
+    c_i = tl.maximum(tl.load(p_num + o_i * s_nm, mask=m_i, other=0), 0)
     rank = tl.zeros([BLOCK_I], tl.int32)
     for j0 in range(0, M, BLOCK_J):
         o_j = j0 + tl.arange(0, BLOCK_J)
-        c_j = tl.load(p_num + o_j * s_nm, mask=o_j < M, other=-1)  # past M: -1, below every count
+        m_j = o_j < M
+        c_j = tl.maximum(tl.load(p_num + o_j * s_nm, mask=m_j, other=0), 0)
         before = (c_j[None, :] > c_i[:, None]) | ((c_j[None, :] == c_i[:, None]) & (o_j[None, :] < o_i[:, None]))
-        rank += tl.sum(before.to(tl.int32), 1)
+        rank += tl.sum((before & m_j[None, :]).to(tl.int32), 1)  # rows past M rank nothing
     tl.store(ORDER + g * M + rank, o_i.to(tl.int64) | (c_i.to(tl.int64) << 32), mask=m_i)
 
 
@@ -604,11 +606,14 @@ def _row_schedule(num: torch.Tensor, length: int, block: int, mask_block: int):
 
 
 def _kv_planes(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
-    """(gap, V's plane) for reading K and V through one descriptor over a [2, S, D] view: their strides equal and
-    their bases a positive multiple of 16 bytes apart (V's plane is 1 when it lies above K, else 0); (0, 0) when
-    they cannot be (then each gets its own descriptor)."""
+    """(gap, V's plane) for reading K and V through one descriptor over a [2, S, D] view: their strides equal, their
+    bases a multiple of 16 bytes apart, and at least a plane's rows apart (S x the row stride: separate tensors,
+    or two slices of one [2, ...] buffer; V's plane is 1 when it lies above K, else 0). (0, 0) otherwise, and then
+    each gets its own descriptor: K and V interleaved row by row (split from one [B, S, 2, H, D] tensor, say) give
+    a plane stride below the row stride, which the GPU runs have not covered."""
     gap_bytes = v.data_ptr() - k.data_ptr()
-    if k.stride() != v.stride() or gap_bytes == 0 or gap_bytes % 16 or abs(gap_bytes) >= 2**40:
+    plane_bytes = k.shape[1] * k.stride(1) * k.element_size()
+    if k.stride() != v.stride() or gap_bytes % 16 or not plane_bytes <= abs(gap_bytes) < 2**40:
         return 0, 0
     return abs(gap_bytes) // k.element_size(), int(gap_bytes > 0)
 
