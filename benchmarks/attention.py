@@ -73,7 +73,7 @@ def apply_settings(parser: argparse.ArgumentParser, pairs: list[str]) -> dict:
         name, sep, value = pair.partition("=")
         if not sep or value.lower() not in _SETTING_VALUES:
             parser.error(f"--set takes NAME=VALUE with VALUE one of {sorted(_SETTING_VALUES)}, got {pair!r}")
-        if not isinstance(getattr(block_sparse, name, 0), bool | None) or not hasattr(block_sparse, name):
+        if not hasattr(block_sparse, name) or not isinstance(getattr(block_sparse, name), bool | None):
             parser.error(f"--set must name a boolean setting of vgen.kernels.block_sparse, got {name!r}")
         setattr(block_sparse, name, _SETTING_VALUES[value.lower()])
         applied[name] = _SETTING_VALUES[value.lower()]

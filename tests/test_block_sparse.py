@@ -60,6 +60,25 @@ def run_against_reference(q, k, v, mask):
     return ours, run(ref, q, k, v, dout, dlse)
 
 
+def grads_off_on(monkeypatch, flag, q, k, v, mask):
+    """({False: grads, True: grads}) of vgen's kernel with block_sparse.``flag`` off and on, for the same output and
+    LSE gradients, and the fp32 reference's grads."""
+    grads = {}
+    for on in (False, True):
+        monkeypatch.setattr(block_sparse, flag, on)
+        torch.manual_seed(0)
+        (_, _, grads[on]), (_, _, ref_grads) = run_against_reference(q, k, v, mask)
+    return grads, ref_grads
+
+
+def _half_tiles(monkeypatch):
+    """Tiles of half the mask block (two per block), as on the GPU where CUDA_TILES' tiles are smaller."""
+    from vgen.kernels.block_sparse import _tiles
+
+    monkeypatch.setattr(block_sparse, "_tiles", lambda kind, m, n, cuda: (m // 2, n // 2,
+                                                                          *_tiles(kind, m, n, cuda)[2:]))
+
+
 CASES = [
     # (B, Sq, Sk, H, D, block_size, dtype, layout)
     pytest.param(2, 200, 200, 2, 64, (128, 128), torch.float16, "bshd", id="blocks128-ragged-d64"),
@@ -376,11 +395,8 @@ def test_backward_peeled_ragged_blocks_match_the_reference(monkeypatch, request,
     if fused and shift:
         request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
                                               reason="fused backward, LSE below -88: NaN dQ (known)"))
-    from vgen.kernels.block_sparse import _tiles
-
     if sub == 2:
-        monkeypatch.setattr(block_sparse, "_tiles", lambda kind, m, n, cuda: (m // 2, n // 2,
-                                                                              *_tiles(kind, m, n, cuda)[2:]))
+        _half_tiles(monkeypatch)
     monkeypatch.setattr(block_sparse, "FUSED_DQ", fused)
     for sq, sk in ((90, 100), (112, 80)):
         q, k, v = qkv(1, sq, sk, 2, 32, torch.float32, seed=sq + sub)
@@ -392,11 +408,7 @@ def test_backward_peeled_ragged_blocks_match_the_reference(monkeypatch, request,
         dense[0, 0, -1, -1] = True  # the ragged query block keeps only the ragged key block
         dense[0, 1, :, -1] = True
         mask = BlockMask.from_dense(dense.to(DEVICE), (32, 32), (sq, sk))
-        grads = {}
-        for peel in (False, True):
-            monkeypatch.setattr(block_sparse, "BWD_PEEL_RAGGED", peel)
-            torch.manual_seed(0)
-            (_, _, grads[peel]), (_, _, ref_grads) = run_against_reference(q, k, v, mask)
+        grads, ref_grads = grads_off_on(monkeypatch, "BWD_PEEL_RAGGED", q, k, v, mask)
         for name, g, r, unpeeled in zip("qkv", grads[True], ref_grads, grads[False], strict=True):
             assert err_ratio(g, r) < 1e-5, f"d{name}"
             torch.testing.assert_close(g, unpeeled, atol=1e-5, rtol=1e-5)
@@ -463,14 +475,6 @@ def test_heavy_first_order_matches_a_stable_descending_sort():
         assert torch.equal(order >> 32, torch.gather(counts, -1, ref))
 
 
-def _half_tiles(monkeypatch):
-    """Tiles of half the mask block (two per block), as on the GPU where CUDA_TILES' tiles are smaller."""
-    from vgen.kernels.block_sparse import _tiles
-
-    monkeypatch.setattr(block_sparse, "_tiles", lambda kind, m, n, cuda: (m // 2, n // 2,
-                                                                          *_tiles(kind, m, n, cuda)[2:]))
-
-
 @pytest.mark.parametrize("sub", [1, 2], ids=["tile=block", "two-tiles-per-block"])
 @pytest.mark.parametrize("broadcast", [False, True], ids=["per-head", "broadcast-mask"])
 def test_forward_heavy_first_matches_index_order(monkeypatch, broadcast, sub):
@@ -516,11 +520,7 @@ def test_backward_heavy_first_matches_index_order(monkeypatch, fused, sub):
         0.3, 1.0, mk)[None, :]
     dense[..., 0] = True  # every row keeps a block
     mask = BlockMask.from_dense(dense.to(DEVICE), (32, 32), (sq, sk))
-    grads = {}
-    for heavy in (False, True):
-        monkeypatch.setattr(block_sparse, "HEAVY_FIRST", heavy)
-        torch.manual_seed(0)
-        (_, _, grads[heavy]), (_, _, ref_grads) = run_against_reference(q, k, v, mask)
+    grads, ref_grads = grads_off_on(monkeypatch, "HEAVY_FIRST", q, k, v, mask)
     for name, got, ref, plain in zip("qkv", grads[True], ref_grads, grads[False], strict=True):
         assert err_ratio(got, ref) < 1e-5, f"d{name}"
         if name == "q" and fused:

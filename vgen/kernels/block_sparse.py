@@ -123,18 +123,14 @@ def _heavy_first_kernel(NUM, ORDER, s_nb, s_nh, s_nm, MH, M, BLOCK_I: tl.constex
 
 
 @triton.jit
-def _ordered(ORDER, i_b, i_h, s_rb, s_rh, pid, SUB: tl.constexpr):
+def _ordered(ORDER, i_b, i_h, s_rb, s_rh, pid, SUB: tl.constexpr, BLOCK: tl.constexpr, S):
     """(tile, its row's count) for program ``pid`` of a (batch, head) when rows go heaviest first: the row ranked
-    pid // SUB in ORDER (row | count << 32), and its sub-tile pid % SUB (SUB tiles per mask block)."""
+    pid // SUB in ORDER (row | count << 32), and its sub-tile pid % SUB (SUB tiles of BLOCK per mask block). A
+    tile wholly past the sequence's S positions (the last mask block's second tile, say, which this launch also
+    runs) gets a count of 0: it walks nothing and stores nothing."""
     packed = tl.load(ORDER + i_b * s_rb + i_h * s_rh + pid // SUB)
-    return (packed & 0xFFFFFFFF).to(tl.int32) * SUB + pid % SUB, (packed >> 32).to(tl.int32)
-
-
-@triton.jit
-def _tile_count(n, tile, BLOCK: tl.constexpr, S):
-    """A row's count for one of its tiles, 0 for a tile wholly past the sequence (the last mask block's second
-    tile, say, which the heaviest-first launch also runs): it walks nothing and stores nothing."""
-    return tl.where(tile * BLOCK < S, n, 0)
+    tile = (packed & 0xFFFFFFFF).to(tl.int32) * SUB + pid % SUB
+    return tile, tl.where(tile * BLOCK < S, (packed >> 32).to(tl.int32), 0)
 
 
 @triton.jit
@@ -156,8 +152,7 @@ def _fwd_kernel(
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     if HEAVY_FIRST:  # program i_m of a head takes a tile of the row ranked i_m // SUB_M by kept blocks, and its count
-        i_m, n_blocks = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_m, MASK_M // BLOCK_M)
-        n_blocks = _tile_count(n_blocks, i_m, BLOCK_M, SQ)
+        i_m, n_blocks = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_m, MASK_M // BLOCK_M, BLOCK_M, SQ)
     i_row = i_m * BLOCK_M // MASK_M
     SUB: tl.constexpr = MASK_N // BLOCK_N
 
@@ -310,8 +305,7 @@ def _bwd_dkdv_kernel(
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     if HEAVY_FIRST:  # key columns by descending count of kept query blocks (see the forward)
-        i_n, n_q = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_n, MASK_N // BLOCK_N)
-        n_q = _tile_count(n_q, i_n, BLOCK_N, SK)
+        i_n, n_q = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_n, MASK_N // BLOCK_N, BLOCK_N, SK)
     i_col = i_n * BLOCK_N // MASK_N
 
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -399,8 +393,7 @@ def _bwd_dq_kernel(
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     if HEAVY_FIRST:  # query rows by descending count of kept key blocks (see the forward)
-        i_m, n_kv = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_m, MASK_M // BLOCK_M)
-        n_kv = _tile_count(n_kv, i_m, BLOCK_M, SQ)
+        i_m, n_kv = _ordered(ORDER, i_b, i_h, s_nrb, s_nrh, i_m, MASK_M // BLOCK_M, BLOCK_M, SQ)
     i_row = i_m * BLOCK_M // MASK_M
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
