@@ -475,6 +475,19 @@ def test_heavy_first_order_matches_a_stable_descending_sort():
         assert torch.equal(order >> 32, torch.gather(counts, -1, ref))
 
 
+def test_heavy_first_auto_follows_one_heads_kv_bytes(monkeypatch):
+    """HEAVY_FIRST = None (auto): rows heaviest first while one head's K and V fit in HEAVY_FIRST_KV_BYTES, the
+    Wan 1.3B 480p shape (2 x 32,760 x 128 bf16, 16.8 MB) but not 14B 720p (75,600 tokens, 38.7 MB); True / False
+    force it."""
+    monkeypatch.setattr(block_sparse, "HEAVY_FIRST", None)
+    k13, k14 = (torch.empty(1, s, 2, 128, dtype=torch.bfloat16, device="meta") for s in (32_760, 75_600))
+    assert block_sparse._heavy_first_on(k13) and not block_sparse._heavy_first_on(k14)
+    assert not block_sparse._heavy_first_on(k13.float())  # fp32 K/V of 1.3B: 33.5 MB
+    for forced in (False, True):
+        monkeypatch.setattr(block_sparse, "HEAVY_FIRST", forced)
+        assert block_sparse._heavy_first_on(k13) is forced and block_sparse._heavy_first_on(k14) is forced
+
+
 @pytest.mark.parametrize("sub", [1, 2], ids=["tile=block", "two-tiles-per-block"])
 @pytest.mark.parametrize("broadcast", [False, True], ids=["per-head", "broadcast-mask"])
 def test_forward_heavy_first_matches_index_order(monkeypatch, broadcast, sub):

@@ -523,12 +523,20 @@ ONE_KV_DESC = True
 # Rows launched in index order put whatever rows come last at the end of the run; with uneven counts (local
 # windows: 9 to 75 kept blocks per row at the 1.3B shape, density 0.1) the last wave then has long rows on a few
 # SMs while the rest idle. A list-scheduling model of the launch (132 SMs, a row costing 3.8 us + 2 us per kept
-# block, fitted to the 1.3B table) gives time / (density x dense) 1.114 in index order and 1.059 heaviest first
-# per head for that mask (1.065 either way for random masks, whose counts are equal); the measured figure in index
-# order is 1.105-1.113 (`benchmarks/schedule_model.py` prints the model per mask). Untimed: an A/B,
-# `benchmarks/ab_forward.py HEAVY_FIRST --masks random local-3D`, `benchmarks/ab_backward.py HEAVY_FIRST` and
-# `benchmarks/linearity.py --set HEAVY_FIRST=1`.
-HEAVY_FIRST = False
+# block, fitted to the 1.3B table; `benchmarks/schedule_model.py`) gives time / (density x dense) 1.114 in index
+# order and 1.059 heaviest first for that mask, no change for random masks (equal counts). H200, 89bcc31,
+# `benchmarks/ab_forward.py HEAVY_FIRST --masks random local-3D --shapes wan1.3b-480p --densities 1.0 0.25 0.1
+# --rounds 5`, on / off: local-3D 0.961 at 0.100 and 0.980 at 0.238; random 0.991-1.007; outputs equal.
+# `benchmarks/linearity.py --set HEAVY_FIRST=1 --shapes wan1.3b-480p --rounds 11`: 1.3B at density 0.1 from
+# 1.105-1.113 (local-3D) and 1.080 (random) to 1.067 and 1.076. The backward too: `benchmarks/ab_backward.py
+# HEAVY_FIRST --shapes wan1.3b-480p wan14b-720p` (3 rounds in turns, spread under 1%), backward alone on / off
+# 0.950-0.966 at 1.3B densities 0.1-0.25, 0.992 dense. It costs where a head's K/V do not sit in L2: at 14B (38.7 MB
+# a head) local-3D forward 1.034 at 0.245 and 1.012 at 0.105, backward 1.041 and 1.022; random neutral (forward)
+# and 0.973-0.975 (backward). Likely L2: in index order the programs in flight hold neighbouring windows, which
+# share K/V blocks; ranked, they do not. True / False force it; None (auto) takes rows heaviest first while one
+# head's K and V fit in HEAVY_FIRST_KV_BYTES (the 1.3B shape, not the 14B).
+HEAVY_FIRST: bool | None = None
+HEAVY_FIRST_KV_BYTES = 24 * 2**20
 # (Loading the query tile by TMA instead, Q_TMA, lost its A/B at a89e975, `ab_forward.py Q_TMA --rounds 3`: on / off
 # 1.008-1.033 at 1.3B, 0.995-1.003 at 14B; removed.)
 # The same for the backward's loops (dK/dV over query tiles, dQ over key tiles), and one more pipeline stage for
@@ -587,12 +595,12 @@ def _heavy_first(num: torch.Tensor) -> torch.Tensor:
     return order
 
 
-def _row_schedule(num: torch.Tensor, length: int, block: int, mask_block: int):
+def _row_schedule(num: torch.Tensor, length: int, block: int, mask_block: int, heavy: bool):
     """(order, its (batch, head) strides, programs per (batch, head)) of a launch over the rows of ``num``
-    ([MB, MH, M] counts) in tiles of ``block``: heaviest first with HEAVY_FIRST (every row's tiles, M x
+    ([MB, MH, M] counts) in tiles of ``block``: heaviest first when ``heavy`` (every row's tiles, M x
     mask_block / block programs; tiles past ``length`` load and store nothing), else index order (``num`` stands
     in for the unused order)."""
-    if not HEAVY_FIRST:
+    if not heavy:
         return num, (0, 0), triton.cdiv(length, block)
     order = _heavy_first(num)
     return order, _mask_strides(order)[:2], num.shape[-1] * (mask_block // block)
@@ -616,6 +624,14 @@ def _use_fused_dq(q: torch.Tensor) -> bool:
     if FUSED_DQ is None:
         return q.shape[1] * q.shape[3] * 4 <= FUSED_DQ_BYTES
     return FUSED_DQ
+
+
+def _heavy_first_on(k: torch.Tensor) -> bool:
+    """HEAVY_FIRST, read at call time; None: heaviest rows first while one head's K and V (2 x Sk x D) fit in
+    HEAVY_FIRST_KV_BYTES."""
+    if HEAVY_FIRST is None:
+        return 2 * k.shape[1] * k.shape[3] * k.element_size() <= HEAVY_FIRST_KV_BYTES
+    return HEAVY_FIRST
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -669,7 +685,8 @@ def _launch_forward(q, k, v, block_mask, scale):
     if use_tma:
         _descriptor_scratch(q.device)
     kv_gap, v_plane = _kv_planes(k, v) if use_tma and ONE_KV_DESC else (0, 0)
-    order, order_strides, programs = _row_schedule(block_mask.kv_num_blocks, sq, block_m, mask_m)
+    heavy = _heavy_first_on(k)
+    order, order_strides, programs = _row_schedule(block_mask.kv_num_blocks, sq, block_m, mask_m, heavy)
     out = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     _fwd_kernel[(programs, b * h)](
@@ -680,7 +697,7 @@ def _launch_forward(q, k, v, block_mask, scale):
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m,
         MASK_N=mask_n, DOT_PRECISION=_dot_precision(q), USE_TMA=use_tma,
         WARP_SPECIALIZE=WARP_SPECIALIZE and q.is_cuda, CARRY_INDEX=CARRY_INDEX, PEEL=PEEL_RAGGED,
-        INDEX_EARLY=INDEX_EARLY, ONE_DESC=kv_gap > 0, HEAVY_FIRST=HEAVY_FIRST,
+        INDEX_EARLY=INDEX_EARLY, ONE_DESC=kv_gap > 0, HEAVY_FIRST=heavy,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -711,7 +728,8 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
     carry = fused if BWD_CARRY_INDEX is None else BWD_CARRY_INDEX
     if carry and q.is_cuda:  # with direct gathers a third stage prefetches two steps ahead (sm_90: fits)
         stages += 1
-    order, order_strides, programs = _row_schedule(block_mask.q_num_blocks, sk, block_n, mask_n)
+    heavy = _heavy_first_on(k)
+    order, order_strides, programs = _row_schedule(block_mask.q_num_blocks, sk, block_n, mask_n, heavy)
     _bwd_dkdv_kernel[(programs, b * h)](
         q, k, v, dout, lse, delta, dk, dv, block_mask.q_num_blocks, block_mask.q_indices, dq_acc, order,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk),
@@ -720,20 +738,20 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
         h, sq, sk, scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
         DOT_PRECISION=_dot_precision(q), FUSED_DQ=fused, REDUCE_TMA=reduce_tma, CARRY_INDEX=carry,
-        PEEL=BWD_PEEL_RAGGED, HEAVY_FIRST=HEAVY_FIRST, num_warps=warps, num_stages=stages,
+        PEEL=BWD_PEEL_RAGGED, HEAVY_FIRST=heavy, num_warps=warps, num_stages=stages,
     )
     if fused:
         return (dq_acc * scale).to(q.dtype), dk, dv
     dq = torch.empty(b, sq, h, d, device=q.device, dtype=q.dtype)
     block_m, block_n, warps, stages = _tiles("dq", mask_m, mask_n, q.is_cuda)
-    order, order_strides, programs = _row_schedule(block_mask.kv_num_blocks, sq, block_m, mask_m)
+    order, order_strides, programs = _row_schedule(block_mask.kv_num_blocks, sq, block_m, mask_m, heavy)
     _bwd_dq_kernel[(programs, b * h)](
         q, k, v, dout, lse, delta, dq, block_mask.kv_num_blocks, block_mask.kv_indices, order,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
         *_mask_strides(block_mask.kv_num_blocks), *_mask_strides(block_mask.kv_indices), *order_strides,
         h, sq, sk, triton.cdiv(sk, mask_n), scale * _LOG2E, scale,
         D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, MASK_M=mask_m, MASK_N=mask_n,
-        DOT_PRECISION=_dot_precision(q), CARRY_INDEX=carry, PEEL=BWD_PEEL_RAGGED, HEAVY_FIRST=HEAVY_FIRST,
+        DOT_PRECISION=_dot_precision(q), CARRY_INDEX=carry, PEEL=BWD_PEEL_RAGGED, HEAVY_FIRST=heavy,
         num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
