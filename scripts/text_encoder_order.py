@@ -3,11 +3,12 @@
     python3 scripts/text_encoder_order.py [--model assets/reference/model] [--prior 0 20 50]
 
 A two-object caption and the same caption with the two colours swapped ("a red square ... a blue circle" /
-"a blue square ... a red circle") hold the same words. If the encoder's output for a shared word ("square",
-"moves", "circle") is the same in both, the transformer is given the same multiset of embeddings for the two
-captions and cannot tell which object has which colour. Prints that difference (||e_a - e_b|| / ||e_a|| at the
-shared words), the mean-pooled cosine, and, with --prior P, the same after `add_position_prior` (P on the
-relative-position bias of head 0 at distance -1 and head 1 at +1 in every layer; how strong it must be to matter).
+"a blue square ... a red circle"), or with the two motions swapped, hold the same words. If the encoder's output
+for a shared word ("square", "moves", "circle") is the same in both, the transformer is given the same multiset of
+embeddings for the two captions and cannot tell which object has which colour or motion. Prints that difference
+(||e_a - e_b|| / ||e_a|| at the shared words), the mean-pooled cosine, and, with --prior P, the same after
+`add_position_prior` (P on the relative-position bias of head 0 at distance -1 and head 1 at +1 in every layer;
+how strong it must be to matter).
 """
 
 import argparse
@@ -22,6 +23,9 @@ PAIRS = [
     ("a red square moves left while a blue circle grows", "a blue square moves left while a red circle grows"),
     ("a purple square moves down while an orange circle moves up",
      "an orange square moves down while a purple circle moves up"),
+    # the motions swapped instead of the colours: which object goes down is told only by words two and more apart
+    ("a purple square moves down while an orange circle moves up",
+     "a purple square moves up while an orange circle moves down"),
 ]  # fmt: skip
 
 

@@ -249,8 +249,9 @@ def test_bad_arguments_are_named(tmp_path, capsys):
 
 def test_position_prior_makes_the_text_encoder_see_word_order():
     """add_position_prior (TrainSettings.position_prior) adds its prior at relative positions -1 (head 0) and +1
-    (head 1) of every layer; with a prior as large as content logits can be, two captions with the same words in
-    another order give other outputs for their shared words. Bad values are named."""
+    (head 1) of every layer, or at the (head, offset) pairs given (position_prior_at); with a prior as large as
+    content logits can be, two captions with the same words in another order give other outputs for their shared
+    words. Bad values are named."""
     from vgen.models.train import TrainSettings, add_position_prior
 
     pipe = build_reference_pipeline(TINY, 0)
@@ -272,7 +273,24 @@ def test_position_prior_makes_the_text_encoder_see_word_order():
             change = module.weight.detach() - before[name]
             assert change[1, 0] == 50.0 and change[buckets // 2 + 1, 1] == 50.0 and change.abs().sum() == 100.0
     assert shared_word_difference() > max(3 * difference, 0.05)
+    # other (head, offset) pairs, as a continuation of run 7 adds them: +2 is bucket buckets // 2 + 2, -2 bucket 2
+    heads = next(iter(before.values())).shape[1]
+    added = {n: m.weight.detach().clone() for n, m in encoder.named_modules() if n in before}
+    add_position_prior(encoder, 7.0, [(heads - 1, 2), (0, -2)])
+    for name, module in encoder.named_modules():
+        if name in before:
+            change = module.weight.detach() - added[name]
+            assert change[buckets // 2 + 2, heads - 1] == 7.0 and change[2, 0] == 7.0 and change.abs().sum() == 14.0
+    settings = TrainSettings(device="cpu", position_prior=50.0, position_prior_at=[[2, 2], [3, -2]])
+    settings.check()
+    assert settings.position_prior_at == ((2, 2), (3, -2))
     with pytest.raises(ValueError, match="position_prior"):
         TrainSettings(device="cpu", position_prior=-1.0).check()
+    for bad in ([[0, 0]], [[-1, 1]], [[0, 1.5]], [], [[0, 1, 2]]):
+        with pytest.raises(ValueError, match="position_prior_at"):
+            TrainSettings(device="cpu", position_prior_at=bad).check()
+    for bad in ([(heads, 1)], [(0, buckets // 4)]):
+        with pytest.raises(ValueError, match="out of range"):
+            add_position_prior(encoder, 1.0, bad)
     with pytest.raises(ValueError, match="relative-position"):
         add_position_prior(torch.nn.Linear(2, 2), 1.0)

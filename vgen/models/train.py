@@ -107,6 +107,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "float | None": (int, float, type(None)),
     "tuple[int, int]": (tuple,),
     "tuple[float, float]": (tuple,),
+    "tuple[tuple[int, int], ...]": (tuple, list),  # position_prior_at: checked on its own below
 }
 
 
@@ -160,6 +161,8 @@ class TrainSettings:
             relative-position bias (:func:`add_position_prior`), which weight decay then leaves alone; 0: off.
             Without it the encoder trained blind to word order (``scripts/text_encoder_order.py``). It adds to
             the weights it finds: a continuation of a model trained with it should not set it again.
+        position_prior_at: the (head, relative position) pairs that get ``position_prior``; the default is run 7's
+            (head 0 at -1, head 1 at +1). A continuation of run 7 can add others, e.g. ``[[2, 2], [3, -2]]``.
         ema_decay: EMA decay of the stage-3 weights (0: no EMA).
         size_cycle: stage-3 steps at the training size, then at the demo size, per cycle (``(1, 1)``
             alternates; ``(1, 3)`` spends most steps on the cheap demo size; ``(1, 0)``: no demo size).
@@ -211,6 +214,7 @@ class TrainSettings:
     caption_dropout: float = 0.1
     first_frame_weight: float = 1.0
     position_prior: float = 0.0
+    position_prior_at: tuple[tuple[int, int], ...] = ((0, -1), (1, 1))
     ema_decay: float = 0.999
     size_cycle: tuple[int, int] = (1, 1)
     demo_batch: int = 32
@@ -228,7 +232,8 @@ class TrainSettings:
             value, kinds = getattr(self, setting.name), _FIELD_TYPES[setting.type]
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 raise ValueError(f"{setting.name} must be {setting.type}, got {value!r}")
-            if isinstance(value, tuple) and (len(value) != 2 or not all(isinstance(v, int | float) for v in value)):
+            if setting.type in ("tuple[int, int]", "tuple[float, float]") and (
+                    len(value) != 2 or not all(isinstance(v, int | float) for v in value)):
                 raise ValueError(f"{setting.name} must be {setting.type}, got {value!r}")
         reference_config(self.config)
         if self.device not in ("cuda", "cpu"):
@@ -279,6 +284,13 @@ class TrainSettings:
             raise ValueError(f"first_frame_weight must be > 0, got {self.first_frame_weight!r}")
         if not (isinstance(self.position_prior, int | float) and 0.0 <= self.position_prior < math.inf):
             raise ValueError(f"position_prior must be a finite number >= 0, got {self.position_prior!r}")
+        pairs = self.position_prior_at
+        if not (isinstance(pairs, list | tuple) and pairs and all(
+                isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                     for x in p) and p[0] >= 0 and p[1] != 0
+                for p in pairs)):
+            raise ValueError(f"position_prior_at must be (head >= 0, nonzero offset) pairs, got {pairs!r}")
+        self.position_prior_at = tuple(tuple(p) for p in pairs)
         if self.two_shape_share is not None and not 0.0 <= self.two_shape_share <= 1.0:
             raise ValueError(f"two_shape_share must be None or in [0, 1], got {self.two_shape_share!r}")
         if not all(isinstance(n, int) and n >= 0 for n in self.size_cycle) or self.size_cycle[0] < 1:
@@ -867,24 +879,34 @@ class _Denoiser(torch.nn.Module):
                                   generator=generator, u=u, first_frame_weight=first_frame_weight)  # fmt: skip
 
 
-def add_position_prior(text_encoder: torch.nn.Module, prior: float) -> None:
-    """Add ``prior`` to the relative-position bias of every layer of a (U)MT5 encoder: head 0 at relative position
-    -1 (each word toward the one before it), head 1 at +1 (toward the one after). The reference encoder's attention
-    is one-hot by content (T5 does not scale its logits) and its trained bias had a std of 0.06, so two captions
-    with the same words in another order gave the same per-word outputs; a prior near the content logits (50 moves
-    the shared words' outputs by 5-36%) makes a word's output depend on its neighbours.
+def add_position_prior(
+    text_encoder: torch.nn.Module, prior: float, at: Sequence[Sequence[int]] = ((0, -1), (1, 1))
+) -> None:
+    """Add ``prior`` to the relative-position bias of every layer of a (U)MT5 encoder, for each (head, offset) in
+    ``at``: by default head 0 at relative position -1 (each word toward the one before it) and head 1 at +1 (toward
+    the one after). The reference encoder's attention is one-hot by content (T5 does not scale its logits) and its
+    trained bias had a std of 0.06, so two captions with the same words in another order gave the same per-word
+    outputs; a prior near the content logits (50 moves the shared words' outputs by 5-36%) makes a word's output
+    depend on its neighbours. Offsets are exact T5 buckets: 1 <= |offset| < buckets / 4.
 
     Raises:
-        ValueError: the encoder has no relative-position bias or fewer than two heads.
+        ValueError: the encoder has no relative-position bias, or a head or offset it cannot take.
     """
     biases = [m.weight for n, m in text_encoder.named_modules() if n.endswith("relative_attention_bias")]
-    if not biases or biases[0].shape[1] < 2:
-        raise ValueError("add_position_prior needs a T5-style encoder with relative-position biases and 2+ heads")
-    buckets = biases[0].shape[0]  # bidirectional T5 buckets: -1 -> 1, +1 -> buckets // 2 + 1
+    if not biases:
+        raise ValueError("add_position_prior needs a T5-style encoder with relative-position biases")
+    buckets, heads = biases[0].shape  # bidirectional T5 buckets: -d -> d, +d -> buckets // 2 + d while d is exact
+    for pair in at:
+        if len(pair) != 2 or not all(isinstance(x, int) for x in pair):
+            raise ValueError(f"position prior entries must be (head, offset) pairs of ints, got {pair!r}")
+        head, offset = pair
+        if not 0 <= head < heads or not 1 <= abs(offset) < buckets // 4:
+            raise ValueError(f"position prior (head, offset) {pair!r} out of range: heads 0..{heads - 1}, offsets "
+                             f"1 <= |offset| < {buckets // 4}")
     with torch.no_grad():
         for weight in biases:
-            weight[1, 0] += prior
-            weight[buckets // 2 + 1, 1] += prior
+            for head, offset in at:
+                weight[buckets // 2 + offset if offset > 0 else -offset, head] += prior
 
 
 class _Ema:
@@ -947,8 +969,9 @@ def _train_dit(
         model.load_state_dict(state["model"])
         entry.update(state["log"])
     elif settings.position_prior:
-        add_position_prior(model.text_encoder, settings.position_prior)
+        add_position_prior(model.text_encoder, settings.position_prior, settings.position_prior_at)
         entry["position_prior"] = settings.position_prior
+        entry["position_prior_at"] = [list(pair) for pair in settings.position_prior_at]
     model.to(device).train().requires_grad_(True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -1280,7 +1303,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, f"{stage}_minutes") is not None or (args.minutes is not None and stage != "decoder"):
             overrides.setdefault(f"{stage}_steps", None)
     for key, value in args.set:
-        overrides[key] = tuple(value) if isinstance(value, list) else value
+        overrides[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) \
+            else value
     try:
         settings = default_settings(args.config, **overrides)
         settings.check()
