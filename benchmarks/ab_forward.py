@@ -113,8 +113,9 @@ def main() -> None:
     add_set_option(parser)
     args = parser.parse_args()
     apply_settings(parser, args.set)
-    if not isinstance(getattr(block_sparse, args.flag, None), bool):
-        parser.error(f"flag must name a boolean setting of vgen.kernels.block_sparse, got {args.flag!r}")
+    if not hasattr(block_sparse, args.flag) or not isinstance(getattr(block_sparse, args.flag), bool | None):
+        parser.error(f"flag must name a boolean (or auto: None) setting of vgen.kernels.block_sparse, "
+                     f"got {args.flag!r}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not all(0.0 < d <= 1.0 for d in args.densities):

@@ -160,8 +160,8 @@ def set_flag(setting: str) -> None:
     if not module or value not in ("0", "1"):
         raise SystemExit(f"--set takes MODULE.FLAG=0|1 (a vgen.kernels module's boolean), got {setting!r}")
     target = importlib.import_module(f"vgen.kernels.{module}")
-    if not isinstance(getattr(target, flag, None), bool):
-        raise SystemExit(f"--set: vgen.kernels.{module} has no boolean {flag!r}")
+    if not hasattr(target, flag) or not isinstance(getattr(target, flag), bool | None):
+        raise SystemExit(f"--set: vgen.kernels.{module} has no boolean (or auto: None) setting {flag!r}")
     setattr(target, flag, value == "1")
 
 

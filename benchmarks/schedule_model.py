@@ -9,7 +9,8 @@ prologue: query tile, descriptors, indices, first copy; the epilogue) plus a par
 defaults are fitted to the 1.3B rows of `attention.py`'s table: time = 0.088 ms + 12.28 ms x density, that is
 3.8 us per program and wave and 2.0 us per kept block (128 x 128 x 128, bf16). The model list-schedules the
 programs onto ``--sms`` SMs and reports time / (density x the dense mask's time), the quantity issue 3 bounds by
-1.10, in index order (the kernel's launch) and heaviest rows first within each head (`block_sparse.HEAVY_FIRST`).
+1.10, in index order and heaviest rows first within each head (`block_sparse.HEAVY_FIRST`; the kernel's launch
+while one head's K and V fit in L2, as at the 1.3B shape).
 It runs on a CPU; it says where a launch order can matter, the GPU says by how much.
 """
 

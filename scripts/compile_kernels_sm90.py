@@ -45,16 +45,16 @@ BLOCK_SPARSE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "LSE":
 FWD_DEFAULTS = {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "MASK_M": 128, "MASK_N": 128,
                 "DOT_PRECISION": "tf32", "USE_TMA": True, "WARP_SPECIALIZE": False, "CARRY_INDEX": True,
                 "PEEL": block_sparse.PEEL_RAGGED, "INDEX_EARLY": block_sparse.INDEX_EARLY,
-                "ONE_DESC": block_sparse.ONE_KV_DESC, "HEAVY_FIRST": block_sparse.HEAVY_FIRST}
+                "ONE_DESC": block_sparse.ONE_KV_DESC, "HEAVY_FIRST": False}
 BACKWARD = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DK": "*bf16",
             "DV": "*bf16", "DQ": "*bf16", "Q_NUM": "*i32", "Q_IDX": "*i32", "KV_NUM": "*i32", "KV_IDX": "*i32",
             "DQ_ACC": "*fp32", "ORDER": "*i32", "qk_scale": "fp32", "sm_scale": "fp32"}  # fmt: skip
 BACKWARD_CONSTS = {"D": 128, "BLOCK_D": 128, "MASK_M": 128, "MASK_N": 128, "DOT_PRECISION": "tf32",
-                   "PEEL": block_sparse.BWD_PEEL_RAGGED, "HEAVY_FIRST": block_sparse.HEAVY_FIRST}
+                   "PEEL": block_sparse.BWD_PEEL_RAGGED, "HEAVY_FIRST": False}
 KERNELS = [
-    # the forward at block_sparse.CUDA_TILES (CARRY_INDEX: the default)
+    # the forward at block_sparse.CUDA_TILES (CARRY_INDEX: the default) in index order (HEAVY_FIRST auto at 14B)
     (block_sparse._fwd_kernel, BLOCK_SPARSE, FWD_DEFAULTS, 8, 3),
-    # rows heaviest first (the order packs each row with its count: int64)
+    # rows heaviest first (HEAVY_FIRST auto at 1.3B; the order packs each row with its count: int64)
     (block_sparse._fwd_kernel, {**BLOCK_SPARSE, "ORDER": "*i64"}, {**FWD_DEFAULTS, "HEAVY_FIRST": True}, 8, 3),
     (block_sparse._heavy_first_kernel, {"NUM": "*i32", "ORDER": "*i64"}, {"BLOCK_I": 128, "BLOCK_J": 64}, 4, 1),
     # the two-kernel backward at block_sparse.CUDA_TILES (BWD_CARRY_INDEX auto: off here), and with it on (3 stages)
@@ -70,7 +70,8 @@ KERNELS = [
                                                "REDUCE_TMA": True, "CARRY_INDEX": True}, 8, 3),
     (block_sparse._bwd_dkdv_kernel, BACKWARD, {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 64, "FUSED_DQ": True,
                                                "REDUCE_TMA": True, "CARRY_INDEX": True}, 4, 3),
-    # rows heaviest first (block_sparse.HEAVY_FIRST, a candidate): the fused dK/dV kernel, the two-kernel ones
+    # rows heaviest first (block_sparse.HEAVY_FIRST; auto: the fused one at 1.3B): the fused dK/dV kernel, the
+    # two-kernel ones
     (block_sparse._bwd_dkdv_kernel, {**BACKWARD, "ORDER": "*i64"},
      {**BACKWARD_CONSTS, "BLOCK_M": 64, "BLOCK_N": 128, "FUSED_DQ": True, "REDUCE_TMA": True, "CARRY_INDEX": True,
       "HEAVY_FIRST": True}, 8, 3),

@@ -483,6 +483,7 @@ def test_heavy_first_auto_follows_one_heads_kv_bytes(monkeypatch):
     k13, k14 = (torch.empty(1, s, 2, 128, dtype=torch.bfloat16, device="meta") for s in (32_760, 75_600))
     assert block_sparse._heavy_first_on(k13) and not block_sparse._heavy_first_on(k14)
     assert not block_sparse._heavy_first_on(k13.float())  # fp32 K/V of 1.3B: 33.5 MB
+    assert not block_sparse._heavy_first_on(k13, k14)  # the backward: the larger of Q/dO and K/V (cross-attention)
     for forced in (False, True):
         monkeypatch.setattr(block_sparse, "HEAVY_FIRST", forced)
         assert block_sparse._heavy_first_on(k13) is forced and block_sparse._heavy_first_on(k14) is forced

@@ -286,11 +286,18 @@ def test_position_prior_makes_the_text_encoder_see_word_order():
     assert settings.position_prior_at == ((2, 2), (3, -2))
     with pytest.raises(ValueError, match="position_prior"):
         TrainSettings(device="cpu", position_prior=-1.0).check()
-    for bad in ([[0, 0]], [[-1, 1]], [[0, 1.5]], [], [[0, 1, 2]]):
+    for bad in ([[0, 0]], [[-1, 1]], [[0, 1.5]], [], [[0, 1, 2]], [[0, True]], [[2, 2], [2, 2]]):
         with pytest.raises(ValueError, match="position_prior_at"):
             TrainSettings(device="cpu", position_prior_at=bad).check()
+    for bad in ([[4, 1]], [[0, 8]], [[0, -8]]):  # the reference encoder: 4 heads, exact buckets up to 7
+        with pytest.raises(ValueError, match="out of range for config 'reference'"):
+            TrainSettings(device="cpu", position_prior=1.0, position_prior_at=bad).check()
+    TrainSettings(device="cpu", position_prior=1.0, position_prior_at=[[3, 7], [0, -7]]).check()
     for bad in ([(heads, 1)], [(0, buckets // 4)]):
         with pytest.raises(ValueError, match="out of range"):
+            add_position_prior(encoder, 1.0, bad)
+    for bad in ([(True, 1)], [3], [(0, 1, 2)]):
+        with pytest.raises(ValueError, match="pairs of ints"):
             add_position_prior(encoder, 1.0, bad)
     with pytest.raises(ValueError, match="relative-position"):
         add_position_prior(torch.nn.Linear(2, 2), 1.0)

@@ -626,11 +626,13 @@ def _use_fused_dq(q: torch.Tensor) -> bool:
     return FUSED_DQ
 
 
-def _heavy_first_on(k: torch.Tensor) -> bool:
-    """HEAVY_FIRST, read at call time; None: heaviest rows first while one head's K and V (2 x Sk x D) fit in
-    HEAVY_FIRST_KV_BYTES."""
+def _heavy_first_on(*xs: torch.Tensor) -> bool:
+    """HEAVY_FIRST, read at call time; None: heaviest rows first while the pair that the programs in flight share
+    fits in HEAVY_FIRST_KV_BYTES: one head's K and V (2 x Sk x D) in the forward, and in the backward, whose dK/dV
+    programs share Q and dO, the larger of those and K and V (the same for self-attention). Launches shorter than a
+    wave gain nothing from the order and pay its one small launch; this does not tell them apart."""
     if HEAVY_FIRST is None:
-        return 2 * k.shape[1] * k.shape[3] * k.element_size() <= HEAVY_FIRST_KV_BYTES
+        return max(2 * x.shape[1] * x.shape[3] * x.element_size() for x in xs) <= HEAVY_FIRST_KV_BYTES
     return HEAVY_FIRST
 
 
@@ -728,7 +730,7 @@ def _launch_backward(q, k, v, out, lse, dout, dlse, block_mask, scale):
     carry = fused if BWD_CARRY_INDEX is None else BWD_CARRY_INDEX
     if carry and q.is_cuda:  # with direct gathers a third stage prefetches two steps ahead (sm_90: fits)
         stages += 1
-    heavy = _heavy_first_on(k)
+    heavy = _heavy_first_on(q, k)
     order, order_strides, programs = _row_schedule(block_mask.q_num_blocks, sk, block_n, mask_n, heavy)
     _bwd_dkdv_kernel[(programs, b * h)](
         q, k, v, dout, lse, delta, dk, dv, block_mask.q_num_blocks, block_mask.q_indices, dq_acc, order,

@@ -291,6 +291,16 @@ class TrainSettings:
                 for p in pairs)):
             raise ValueError(f"position_prior_at must be (head >= 0, nonzero offset) pairs, got {pairs!r}")
         self.position_prior_at = tuple(tuple(p) for p in pairs)
+        if len(set(self.position_prior_at)) != len(pairs):
+            raise ValueError(f"position_prior_at repeats a pair (it would add the prior twice): {pairs!r}")
+        if self.position_prior:  # the encoder's heads and exact buckets (UMT5's 32: offsets up to 7)
+            from transformers import UMT5Config
+
+            heads, reach = reference_config(self.config).text_heads, UMT5Config().relative_attention_num_buckets // 4
+            for head, offset in self.position_prior_at:
+                if head >= heads or abs(offset) >= reach:
+                    raise ValueError(f"position_prior_at pair {(head, offset)} out of range for config "
+                                     f"{self.config!r}: heads 0..{heads - 1}, offsets 1 <= |offset| < {reach}")
         if self.two_shape_share is not None and not 0.0 <= self.two_shape_share <= 1.0:
             raise ValueError(f"two_shape_share must be None or in [0, 1], got {self.two_shape_share!r}")
         if not all(isinstance(n, int) and n >= 0 for n in self.size_cycle) or self.size_cycle[0] < 1:
@@ -887,7 +897,7 @@ def add_position_prior(
     the one after). The reference encoder's attention is one-hot by content (T5 does not scale its logits) and its
     trained bias had a std of 0.06, so two captions with the same words in another order gave the same per-word
     outputs; a prior near the content logits (50 moves the shared words' outputs by 5-36%) makes a word's output
-    depend on its neighbours. Offsets are exact T5 buckets: 1 <= |offset| < buckets / 4.
+    depend on its neighbours. Offsets are exact T5 buckets: 1 <= |offset| < buckets // 4.
 
     Raises:
         ValueError: the encoder has no relative-position bias, or a head or offset it cannot take.
@@ -897,7 +907,8 @@ def add_position_prior(
         raise ValueError("add_position_prior needs a T5-style encoder with relative-position biases")
     buckets, heads = biases[0].shape  # bidirectional T5 buckets: -d -> d, +d -> buckets // 2 + d while d is exact
     for pair in at:
-        if len(pair) != 2 or not all(isinstance(x, int) for x in pair):
+        if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in pair):
             raise ValueError(f"position prior entries must be (head, offset) pairs of ints, got {pair!r}")
         head, offset = pair
         if not 0 <= head < heads or not 1 <= abs(offset) < buckets // 4:
