@@ -161,7 +161,7 @@ def set_flag(setting: str) -> None:
         raise SystemExit(f"--set takes MODULE.FLAG=0|1 (a vgen.kernels module's boolean), got {setting!r}")
     target = importlib.import_module(f"vgen.kernels.{module}")
     if not hasattr(target, flag) or not isinstance(getattr(target, flag), bool | None):
-        raise SystemExit(f"--set: vgen.kernels.{module} has no boolean (or auto: None) setting {flag!r}")
+        raise SystemExit(f"--set: vgen.kernels.{module} has no boolean {flag!r} (a setting of True, False or None)")
     setattr(target, flag, value == "1")
 
 

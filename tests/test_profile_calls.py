@@ -32,6 +32,11 @@ def test_set_flag_sets_a_kernel_boolean_and_names_bad_input(monkeypatch):
     monkeypatch.setattr(selection, "RADIX_COUNT", False)
     profile_calls.set_flag("selection.RADIX_COUNT=1")
     assert selection.RADIX_COUNT is True
+    import vgen.kernels.block_sparse as block_sparse
+
+    monkeypatch.setattr(block_sparse, "HEAVY_FIRST", None)  # an auto setting (None) takes 0 and 1 too
+    profile_calls.set_flag("block_sparse.HEAVY_FIRST=0")
+    assert block_sparse.HEAVY_FIRST is False
     for bad, message in (("selection.RADIX_COUNT=yes", "MODULE.FLAG=0|1"), ("selection.NOPE=1", "no boolean 'NOPE'")):
         with pytest.raises(SystemExit, match=message):
             profile_calls.set_flag(bad)
