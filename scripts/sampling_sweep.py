@@ -57,8 +57,8 @@ def main() -> None:
             began = time.perf_counter()
             report = adherence_report(pipe, prompts, [0], num_frames=args.frames, height=args.size,
                                       width=args.size, num_inference_steps=args.steps, guidance_scale=guidance)
-            ok = [bool(c.colour and c.position) for c in report.clips]
-            motion = [bool(c.colour and c.motion) for c in report.clips]
+            ok = [c.placed for c in report.clips]
+            motion = [c.follows for c in report.clips]
             single = [o for o, t in zip(ok, two, strict=True) if not t]
             double = [o for o, t in zip(ok, two, strict=True) if t]
             row = (f"| {shift:g} | {guidance:g} | {sum(ok[:20])} / {min(20, len(ok))} | {sum(ok)} / {len(ok)} "

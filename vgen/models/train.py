@@ -285,12 +285,9 @@ class TrainSettings:
         if not (isinstance(self.position_prior, int | float) and 0.0 <= self.position_prior < math.inf):
             raise ValueError(f"position_prior must be a finite number >= 0, got {self.position_prior!r}")
         pairs = self.position_prior_at
-        if not (isinstance(pairs, list | tuple) and pairs and all(
-                isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                     for x in p) and p[0] >= 0 and p[1] != 0
-                for p in pairs)):
+        if not (isinstance(pairs, list | tuple) and pairs):
             raise ValueError(f"position_prior_at must be (head >= 0, nonzero offset) pairs, got {pairs!r}")
-        self.position_prior_at = tuple(tuple(p) for p in pairs)
+        self.position_prior_at = _prior_pairs(pairs, "position_prior_at")
         if len(set(self.position_prior_at)) != len(pairs):
             raise ValueError(f"position_prior_at repeats a pair (it would add the prior twice): {pairs!r}")
         if self.position_prior:  # the encoder's heads and exact buckets (UMT5's 32: offsets up to 7)
@@ -889,6 +886,15 @@ class _Denoiser(torch.nn.Module):
                                   generator=generator, u=u, first_frame_weight=first_frame_weight)  # fmt: skip
 
 
+def _prior_pairs(pairs: Sequence[Sequence[int]], name: str) -> tuple[tuple[int, int], ...]:
+    """``pairs`` as (head, offset) tuples of ints, head >= 0 and offset != 0; a ValueError naming ``name`` else."""
+    for pair in pairs:
+        if not (isinstance(pair, list | tuple) and len(pair) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in pair) and pair[0] >= 0 and pair[1]):
+            raise ValueError(f"{name} must be (head >= 0, nonzero offset) pairs of ints, got {pair!r} in {pairs!r}")
+    return tuple((head, offset) for head, offset in pairs)
+
+
 def add_position_prior(
     text_encoder: torch.nn.Module, prior: float, at: Sequence[Sequence[int]] = ((0, -1), (1, 1))
 ) -> None:
@@ -906,12 +912,10 @@ def add_position_prior(
     if not biases:
         raise ValueError("add_position_prior needs a T5-style encoder with relative-position biases")
     buckets, heads = biases[0].shape  # bidirectional T5 buckets: -d -> d, +d -> buckets // 2 + d while d is exact
+    at = _prior_pairs(at, "position prior entries")
     for pair in at:
-        if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in pair):
-            raise ValueError(f"position prior entries must be (head, offset) pairs of ints, got {pair!r}")
         head, offset = pair
-        if not 0 <= head < heads or not 1 <= abs(offset) < buckets // 4:
+        if head >= heads or abs(offset) >= buckets // 4:
             raise ValueError(f"position prior (head, offset) {pair!r} out of range: heads 0..{heads - 1}, offsets "
                              f"1 <= |offset| < {buckets // 4}")
     with torch.no_grad():
@@ -1302,6 +1306,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _as_tuples(value: Any) -> Any:
+    """JSON lists from ``--set`` as tuples, nested ones too (settings hold tuples)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _arguments(argv)
@@ -1314,8 +1323,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, f"{stage}_minutes") is not None or (args.minutes is not None and stage != "decoder"):
             overrides.setdefault(f"{stage}_steps", None)
     for key, value in args.set:
-        overrides[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) \
-            else value
+        overrides[key] = _as_tuples(value)
     try:
         settings = default_settings(args.config, **overrides)
         settings.check()
