@@ -1,17 +1,18 @@
 """Does the reference model's text encoder see word order? Swapped two-object captions, token by token.
 
-    python3 scripts/text_encoder_order.py [--model assets/reference/model] [--prior 0 20 50]
+    python3 scripts/text_encoder_order.py [--model assets/reference/model] [--prior 0 20 50] [--at '[[0,-1],[1,1]]']
 
 A two-object caption and the same caption with the two colours swapped ("a red square ... a blue circle" /
 "a blue square ... a red circle"), or with the two motions swapped, hold the same words. If the encoder's output
 for a shared word ("square", "moves", "circle") is the same in both, the transformer is given the same multiset of
 embeddings for the two captions and cannot tell which object has which colour or motion. Prints that difference
 (||e_a - e_b|| / ||e_a|| at the shared words), the mean-pooled cosine, and, with --prior P, the same after
-`add_position_prior` (P on the relative-position bias of head 0 at distance -1 and head 1 at +1 in every layer;
-how strong it must be to matter).
+`add_position_prior` (P on the relative-position bias of head 0 at distance -1 and head 1 at +1 in every layer, or
+at the (head, distance) pairs of --at, given as JSON; how strong it must be to matter).
 """
 
 import argparse
+import json
 
 import torch
 from diffusers import WanPipeline
@@ -33,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="assets/reference/model")
     parser.add_argument("--prior", type=float, nargs="*", default=[0.0])
+    parser.add_argument("--at", type=json.loads, default=[[0, -1], [1, 1]],
+                        help="the prior's (head, distance) pairs as JSON (default: [[0,-1],[1,1]])")
     args = parser.parse_args()
     pipe = WanPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
@@ -42,7 +45,7 @@ def main() -> None:
             for name, p in encoder.named_parameters():
                 if name in biases:
                     p.copy_(biases[name])
-            add_position_prior(encoder, prior)
+            add_position_prior(encoder, prior, args.at)
             for a, b in PAIRS:
                 e = encode_prompts(tokenizer, encoder, [a, b], 64)  # 64 tokens: more than any caption
                 words = tokenizer.convert_ids_to_tokens(tokenizer(a)["input_ids"])

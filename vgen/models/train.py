@@ -160,9 +160,9 @@ class TrainSettings:
         position_prior: added, when stage 3 starts afresh (not from its checkpoint), to the text encoder's
             relative-position bias (:func:`add_position_prior`), which weight decay then leaves alone; 0: off.
             Without it the encoder trained blind to word order (``scripts/text_encoder_order.py``). It adds to
-            the weights it finds: a continuation of a model trained with it should not set it again.
+            the weights it finds: a continuation that sets it again at the same pairs doubles those priors.
         position_prior_at: the (head, relative position) pairs that get ``position_prior``; the default is run 7's
-            (head 0 at -1, head 1 at +1). A continuation of run 7 can add others, e.g. ``[[2, 2], [3, -2]]``.
+            (head 0 at -1, head 1 at +1); run 8 added ``[[2, 2], [3, -2]]`` to run 7's.
         ema_decay: EMA decay of the stage-3 weights (0: no EMA).
         size_cycle: stage-3 steps at the training size, then at the demo size, per cycle (``(1, 1)``
             alternates; ``(1, 3)`` spends most steps on the cheap demo size; ``(1, 0)``: no demo size).
