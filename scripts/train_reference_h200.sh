@@ -27,8 +27,10 @@ case "${1:-}" in
 start)
     nvidia-smi -L || true
     python3 -c "import torch, diffusers, triton; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'triton', triton.__version__)"
-    echo "== smoke test: the tiny config end to end on CUDA"
-    [[ -n "${SKIP_SMOKE:-}" ]] || python3 -m vgen.models.train --out /tmp/smoke --config tiny --device cuda 2>&1 | tail -n 4
+    echo "== smoke test: the tiny config end to end on CUDA (compiled too when TRAIN_ARGS has --compile)"
+    smoke=(--out /tmp/smoke --config tiny --device cuda)
+    [[ " $ARGS " == *" --compile "* ]] && smoke+=(--compile)
+    [[ -n "${SKIP_SMOKE:-}" ]] || python3 -m vgen.models.train "${smoke[@]}" 2>&1 | tail -n 4
     mkdir -p "$RUN/side"
     echo "== training: python3 -m vgen.models.train --out $RUN $ARGS"
     # shellcheck disable=SC2086
