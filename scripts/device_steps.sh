@@ -6,7 +6,8 @@
 # The first argument is the deadline in seconds from the start: each command runs under `timeout` with the time
 # left, and one that is cut short or fails does not stop the next. Commands write under $R ($OUT/r). The GPU's
 # clocks go to $R/clocks.txt before and after; each command's output goes to $R/steps.log. At the end $R is
-# packed into $OUT/results.tar (a call brings back 8 files at most) and removed.
+# packed into $OUT/results.tar (a call brings back 8 files at most, each at most 16 MiB: a larger tar is
+# split into 15 MB pieces, results.tar.part-*) and removed.
 set -uo pipefail
 deadline=${1:?usage: device_steps.sh DEADLINE_S COMMAND...}
 shift
@@ -34,3 +35,8 @@ done
 clocks end
 tail -n 40 "$R/steps.log"
 tar -C "$OUT" -cf "$OUT/results.tar" r && rm -rf "$R"
+# a call brings back files of at most 16 MiB: a larger tar goes in 15 MB pieces (cat results.tar.part-* | tar -x)
+if (($(stat -c %s "$OUT/results.tar") > 15000000)); then
+    split -b 15000000 "$OUT/results.tar" "$OUT/results.tar.part-" && rm "$OUT/results.tar"
+    ls -l "$OUT"
+fi
