@@ -287,17 +287,15 @@ class TrainSettings:
         pairs = self.position_prior_at
         if not (isinstance(pairs, list | tuple) and pairs):
             raise ValueError(f"position_prior_at must be (head >= 0, nonzero offset) pairs, got {pairs!r}")
-        self.position_prior_at = _prior_pairs(pairs, "position_prior_at")
-        if len(set(self.position_prior_at)) != len(pairs):
-            raise ValueError(f"position_prior_at repeats a pair (it would add the prior twice): {pairs!r}")
+        heads = buckets = None
         if self.position_prior:  # the encoder's heads and exact buckets (UMT5's 32: offsets up to 7)
             from transformers import UMT5Config
 
-            heads, reach = reference_config(self.config).text_heads, UMT5Config().relative_attention_num_buckets // 4
-            for head, offset in self.position_prior_at:
-                if head >= heads or abs(offset) >= reach:
-                    raise ValueError(f"position_prior_at pair {(head, offset)} out of range for config "
-                                     f"{self.config!r}: heads 0..{heads - 1}, offsets 1 <= |offset| < {reach}")
+            heads, buckets = reference_config(self.config).text_heads, UMT5Config().relative_attention_num_buckets
+        self.position_prior_at = _prior_pairs(pairs, "position_prior_at", heads, buckets or 0,
+                                              f" for config {self.config!r}")
+        if len(set(self.position_prior_at)) != len(pairs):
+            raise ValueError(f"position_prior_at repeats a pair (it would add the prior twice): {pairs!r}")
         if self.two_shape_share is not None and not 0.0 <= self.two_shape_share <= 1.0:
             raise ValueError(f"two_shape_share must be None or in [0, 1], got {self.two_shape_share!r}")
         if not all(isinstance(n, int) and n >= 0 for n in self.size_cycle) or self.size_cycle[0] < 1:
@@ -886,12 +884,19 @@ class _Denoiser(torch.nn.Module):
                                   generator=generator, u=u, first_frame_weight=first_frame_weight)  # fmt: skip
 
 
-def _prior_pairs(pairs: Sequence[Sequence[int]], name: str) -> tuple[tuple[int, int], ...]:
-    """``pairs`` as (head, offset) tuples of ints, head >= 0 and offset != 0; a ValueError naming ``name`` else."""
+def _prior_pairs(
+    pairs: Sequence[Sequence[int]], name: str, heads: int | None = None, buckets: int = 0, where: str = ""
+) -> tuple[tuple[int, int], ...]:
+    """``pairs`` as (head, offset) tuples of ints, head >= 0 and offset != 0, and, given the encoder's ``heads``
+    and relative-position ``buckets``, a head it has and an exact T5 bucket (1 <= |offset| < buckets // 4); a
+    ValueError naming ``name`` (and ``where``) else."""
     for pair in pairs:
         if not (isinstance(pair, list | tuple) and len(pair) == 2
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in pair) and pair[0] >= 0 and pair[1]):
             raise ValueError(f"{name} must be (head >= 0, nonzero offset) pairs of ints, got {pair!r} in {pairs!r}")
+        if heads is not None and (pair[0] >= heads or abs(pair[1]) >= buckets // 4):
+            raise ValueError(f"{name} pair {tuple(pair)} out of range{where}: heads 0..{heads - 1}, offsets "
+                             f"1 <= |offset| < {buckets // 4}")
     return tuple((head, offset) for head, offset in pairs)
 
 
@@ -912,12 +917,7 @@ def add_position_prior(
     if not biases:
         raise ValueError("add_position_prior needs a T5-style encoder with relative-position biases")
     buckets, heads = biases[0].shape  # bidirectional T5 buckets: -d -> d, +d -> buckets // 2 + d while d is exact
-    at = _prior_pairs(at, "position prior entries")
-    for pair in at:
-        head, offset = pair
-        if head >= heads or abs(offset) >= buckets // 4:
-            raise ValueError(f"position prior (head, offset) {pair!r} out of range: heads 0..{heads - 1}, offsets "
-                             f"1 <= |offset| < {buckets // 4}")
+    at = _prior_pairs(at, "position prior", heads, buckets)
     with torch.no_grad():
         for weight in biases:
             for head, offset in at:
