@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from vgen.models import (
     weight_bytes,
     word_tokenizer,
 )
-from vgen.models.train import default_settings, flow_matching_loss, main
+from vgen.models.train import _from_model, _plot, default_settings, flow_matching_loss, main
 
 MB = 10**6
 
@@ -206,7 +207,7 @@ def test_from_model_continues_the_transformer(run, tmp_path):
     argv = ["--out", str(out), "--config", "tiny", "--device", "cpu", "--from-model", str(run / "model")]
     assert main([*argv, "--decoder-steps", "0", "--dit-steps", "2", "--samples", "0"]) == 0
     log = json.loads((out / "log.json").read_text())
-    assert log["from_model"] == str(run / "model") and len(log["history"]) == 1
+    assert log["from_model"] == str(run / "model") and len(log["history"]) == 1 and log["run"] == 2
     assert log["history"][0]["dit"]["steps"] >= 3 and log["dit"]["steps"] == 2
     assert "vae" not in log and (out / "loss.png").is_file()
     vae_before, vae_after = _weights(run / "model", "vae"), _weights(out / "model", "vae")
@@ -217,6 +218,23 @@ def test_from_model_continues_the_transformer(run, tmp_path):
     old = json.loads((run / "model" / "vae" / "config.json").read_text())
     new = json.loads((out / "model" / "vae" / "config.json").read_text())
     assert new["latents_mean"] == old["latents_mean"] and new["latents_std"] == old["latents_std"]
+
+
+def test_run_numbers_continue_the_shipped_log_and_label_the_plot(run, tmp_path, monkeypatch):
+    folder = tmp_path / "shipped"
+    shutil.copytree(run / "model", folder / "model")
+    earlier = {"run": 1, "dit": {"loss": [[1, 0.4]], "steps": 1}}  # run 2 was tried and not kept
+    shipped = {"run": 3, "history": [earlier], "dit": {"loss": [[1, 0.3]], "steps": 1}}
+    (folder / "log.json").write_text(json.dumps(shipped))
+    log: dict = {}
+    _from_model(str(folder / "model"), log)
+    assert log["run"] == 4 and [r["run"] for r in log["history"]] == [1, 3]
+    log["dit"] = {"loss": [[1, 0.2]], "held_out_loss": [[1, 0.25]], "steps": 1}
+    figures = []
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", lambda fig, *a, **k: figures.append(fig))
+    _plot(log, tmp_path / "loss.png")
+    labels = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
+    assert labels == ["train (run 1)", "train (run 3)", "train (run 4)", "held out (run 4)"]
 
 
 def test_resume_continues_stage_3_only(run):

@@ -162,7 +162,8 @@ class TrainSettings:
             Without it the encoder trained blind to word order (``scripts/text_encoder_order.py``). It adds to
             the weights it finds: a continuation that sets it again at the same pairs doubles those priors.
         position_prior_at: the (head, relative position) pairs that get ``position_prior``; the default is run 7's
-            (head 0 at -1, head 1 at +1); run 8 added ``[[2, 2], [3, -2]]`` to run 7's.
+            (head 0 at -1, head 1 at +1); run 8 added ``[[2, 2], [3, -2]]`` to run 7's, and run 9 added 50 more at
+            all four, ``[[0, -1], [1, 1], [2, 2], [3, -2]]``.
         ema_decay: EMA decay of the stage-3 weights (0: no EMA).
         size_cycle: stage-3 steps at the training size, then at the demo size, per cycle (``(1, 1)``
             alternates; ``(1, 3)`` spends most steps on the cheap demo size; ``(1, 0)``: no demo size).
@@ -1160,17 +1161,19 @@ def _plot(log: dict[str, Any], path: Path) -> None:
         offset = 0
         for i, run in enumerate(runs):  # runs that continue a model go on where it stopped
             entry = run.get(key, {})
-            label = f" (run {i + 1})" if len(runs) > 1 else ""
-            for series, style in (("loss", "-"), ("held_out_loss", "o-")):
+            label = f" (run {run.get('run', i + 1)})" if len(runs) > 1 else ""
+            colour = f"C{i % 10}"  # one colour per run: its training loss faint, its held-out loss solid
+            for series, style, alpha in (("loss", "-", 0.45), ("held_out_loss", "o-", 1.0)):
                 if entry.get(series):
                     steps, values = zip(*entry[series], strict=True)
                     name = "train" if series == "loss" else "held out"
-                    ax.plot([offset + s for s in steps], values, style, label=name + label, linewidth=1, markersize=3)
+                    ax.plot([offset + s for s in steps], values, style, label=name + label, linewidth=1, markersize=3,
+                            color=colour, alpha=alpha)
             offset += entry.get("steps", 0)
         ax.set(title=titles[key], xlabel="step", ylabel="loss", yscale="log")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
+        if ax.lines:  # many runs make a long legend: small, two columns, top right (the losses fall)
+            ax.legend(fontsize="x-small", ncols=2 if len(ax.lines) > 6 else 1, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -1191,14 +1194,17 @@ def _from_model(folder: str, log: dict[str, Any]) -> WanPipeline:
 
     If the run that made it left its ``log.json`` beside the folder, that run (and the runs before
     it) go into ``log["history"]``, oldest first, so that the loss plot shows the whole training.
+    ``log["run"]`` numbers this run one after that run's number (its place in the history when it
+    has none), so that a run tried and not kept leaves a gap instead of shifting later numbers.
     """
     pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     log["from_model"] = str(folder)
     earlier = Path(folder).parent / "log.json"
     if earlier.is_file():
         previous = json.loads(earlier.read_text())
-        run = {key: previous[key] for key in ("settings", "from_model", *_STAGES) if key in previous}
+        run = {key: previous[key] for key in ("run", "settings", "from_model", *_STAGES) if key in previous}
         log["history"] = [*previous.get("history", []), run]
+        log["run"] = run.get("run", len(log["history"])) + 1
     return pipe
 
 
