@@ -30,7 +30,9 @@ Everything runs in one process; the tables go to ``--out`` (Markdown) and a ``.j
    method kept (mean over calls) and the relative error of its attention output per layer
    (mean over steps and clips). The same again after a second calibration at density 0.2
    (``--quality-densities``). The issue's target: PSNR against dense >= 28 dB at density 0.3
-   with INT8.
+   with INT8. ``--dense-steps 2,5`` adds INT8 rows whose first 2 (then 5) denoising steps run
+   dense: their density counts those steps as 1, so they are not density 0.3 and not the target's
+   row. The dense videos are generated once and shared by every row.
 
 Kernel times are ``triton.testing.do_bench`` medians (ms); the quality part reports wall seconds.
 
@@ -58,7 +60,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,7 @@ class Sizes:
     calibration_prompts: int
     quality_prompts: int
     quality_densities: tuple[float, ...]
+    dense_steps: tuple[int, ...] = ()  # extra INT8 rows per calibration with these first steps dense
 
 
 def wan_shape(name: str) -> tuple[str, int, int, int]:
@@ -285,6 +288,7 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
     }  # fmt: skip
     print(json.dumps(info), flush=True)
     calibrations, rows = [], []
+    dense_cache: dict = {}  # the dense videos, generated once for every row
     with tempfile.TemporaryDirectory() as tmp:
         for density, share in [(d, s) for d in sizes.quality_densities for s in SHARES]:
             path = Path(tmp) / f"paro-d{density}-{share}.safetensors"
@@ -302,15 +306,17 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
                 "mask_block_fraction": calibration.masks.float().mean().item(),
             })  # fmt: skip
             print(json.dumps(calibrations[-1]), flush=True)
-            for quant in QUANTS if share == "head" else ("int8", "none"):
+            variants = [(quant, 0) for quant in (QUANTS if share == "head" else ("int8", "none"))]
+            variants += [("int8", d) for d in sizes.dense_steps if d > 0]
+            for quant, dense_steps in variants:
                 start = time.perf_counter()
-                report = quality_report(
-                    pipe, "paro", {"calibration": str(path), "quant": quant}, prompts, [0], **generate
-                )
+                config = {"calibration": str(path), "quant": quant, "dense_steps": dense_steps}
+                report = quality_report(pipe, "paro", config, prompts, [0], dense_cache=dense_cache, **generate)
                 layers = report.layers()
                 errors = [e for _, _, e in layers]
                 row = {
-                    "target_density": density, "share": share, "quant": quant, "clips": len(report.clips),
+                    "target_density": density, "share": share, "quant": quant, "dense_steps": dense_steps,
+                    "clips": len(report.clips),
                     "density": report.density, "psnr": report.mean_psnr, "psnr_min": min(c.psnr for c in report.clips),
                     "ssim": report.mean_ssim, "attention_error_mean": statistics.fmean(errors),
                     "attention_error_max": max(errors), "adherence_dense": report.adherence("dense"),
@@ -324,7 +330,7 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
     del pipe
     free_memory()
     int8 = [r for r in rows if r["quant"] == "int8" and r["target_density"] == TARGET_PSNR_DENSITY
-            and r["share"] == "head"]  # fmt: skip
+            and r["share"] == "head" and not r.get("dense_steps")]  # fmt: skip
     target = {
         "psnr": int8[0]["psnr"] if int8 else None, "target": TARGET_PSNR,
         "met": (int8[0]["psnr"] >= TARGET_PSNR) if int8 else None,
@@ -410,9 +416,12 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "Density: kept token pairs, mean over attention calls; attention error: ||out - dense|| / ||dense|| of "
             "each call's output, mean over steps and clips per layer, then mean (max) over layers.",
             "",
-            "| target density | budget shared per | quant | clips | density | **PSNR dB** (min) | SSIM | "
+            "Dense steps: the first denoising steps run dense attention (`dense_steps`); the density column counts "
+            "them as 1.",
+            "",
+            "| target density | budget shared per | quant | dense steps | clips | density | **PSNR dB** (min) | SSIM | "
             "attention error mean (max) | adherence dense / paro | seconds |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in part["rows"]:
 
@@ -420,7 +429,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
                 return "-" if value is None else f"{value:.0%}"
 
             lines.append(
-                f"| {r['target_density']} | {r.get('share', 'head')} | {r['quant']} | {r['clips']} | "
+                f"| {r['target_density']} | {r.get('share', 'head')} | {r['quant']} | {r.get('dense_steps', 0)} | "
+                f"{r['clips']} | "
                 f"{r['density']:.3f} | "
                 f"**{r['psnr']:.2f}** ({r['psnr_min']:.2f}) | {r['ssim']:.4f} | {r['attention_error_mean']:.2e} "
                 f"({r['attention_error_max']:.2e}) | {share(r['adherence_dense'])} / {share(r['adherence_method'])} | "
@@ -433,7 +443,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             f"with INT8: {fmt(t['psnr'], '.2f', ' dB')}, {verdict(t['psnr'], t['target'])}.",
             "",
         ]
-        labels = [f"{r['target_density']} {r['quant']}" for r in part["rows"]]
+        labels = [f"{r['target_density']} {r['quant']}" + (f" dense {r['dense_steps']}" if r.get("dense_steps") else "")
+                  for r in part["rows"]]  # fmt: skip
         lines += [
             "Per layer: density / attention error.",
             "",
@@ -461,6 +472,10 @@ def main() -> None:
         "--quality-densities",
         help="calibration densities of part 2, comma-separated (default 0.3,0.2; 0.3 with --smoke)",
     )
+    parser.add_argument(
+        "--dense-steps", default="",
+        help="part 2: for each value N > 0, one more INT8 row per calibration whose first N steps run dense",
+    )  # fmt: skip
     parser.add_argument("--model", type=Path, default=REFERENCE, help="diffusers Wan folder for part 2")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
     args = parser.parse_args()
@@ -472,7 +487,13 @@ def main() -> None:
     steps = args.steps or (2 if args.smoke else 20)
     densities_text = args.quality_densities or ("0.3" if args.smoke else "0.3,0.2")
     quality_densities = tuple(float(d) for d in densities_text.split(",") if d.strip())
-    sizes = (smoke_sizes if args.smoke else gpu_sizes)(steps, quality_densities)
+    try:
+        dense_steps = tuple(int(d) for d in args.dense_steps.split(",") if d.strip())
+    except ValueError:
+        sys.exit(f"--dense-steps takes comma-separated whole numbers, got {args.dense_steps!r}")
+    if any(d < 0 or d >= steps for d in dense_steps):
+        sys.exit(f"--dense-steps must each be in [0, {steps}) for {steps} steps, got {args.dense_steps!r}")
+    sizes = replace((smoke_sizes if args.smoke else gpu_sizes)(steps, quality_densities), dense_steps=dense_steps)
     cuda = sizes.device.type == "cuda"
     meta = run_meta(sizes.device, sizes.dtype, args.smoke, parts, "kernel times are do_bench medians in ms")
     print(json.dumps(meta), flush=True)
