@@ -28,7 +28,9 @@ Everything runs in one process; the tables go to ``--out`` (Markdown) and a ``.j
    20); then ``quality_report`` of ``paro`` with ``quant`` int8, int4 and none on 4 other
    held-out captions (seed 0) against dense generations: mean PSNR and SSIM, the density the
    method kept (mean over calls) and the relative error of its attention output per layer
-   (mean over steps and clips). The same again after a second calibration at density 0.2
+   (mean over steps and clips). Two more calibrations at the same density share its budget
+   differently (``share``): over all heads of a timestep bucket (``model``), and over all heads of
+   all buckets (``run``); each gets an INT8 row. The same again at density 0.2
    (``--quality-densities``). The issue's target: PSNR against dense >= 28 dB at density 0.3
    with INT8. ``--dense-steps 2,5`` adds INT8 rows whose first 2 (then 5) denoising steps run
    dense: their density counts those steps as 1, so they are not density 0.3 and not the target's
@@ -84,7 +86,9 @@ REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference" / "m
 FLEX_TOLERANCE = 2e-2  # relative error between Flex and vgen's bf16 kernel above which a row is a MISMATCH
 PV_FORMATS = ("int8", "int4", "fp8")
 QUANTS = ("int8", "int4", "fp8", "none")
-SHARES = ("head", "model")  # calibrate_paro's share: the paper's per-head budget, and all heads sharing it
+# calibrate_paro's share: the paper's per-head budget, all heads sharing it per timestep bucket, and all heads of
+# every bucket sharing it (a bucket's density then follows how spread its attention is)
+SHARES = ("head", "model", "run")
 TARGET_DENSE_INT8 = 1.3  # dense INT8 vs dense cuDNN bf16
 TARGET_SPARSE_INT8 = 4.0  # INT8 at density 0.25 vs dense cuDNN bf16
 TARGET_SPARSE_DENSITY = 0.25
@@ -304,9 +308,10 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
                 "captured_mean": statistics.fmean(captured), "captured_min": min(captured),
                 "orders": {o: orders.get(o, 0) for o in AXIS_ORDERS},
                 "mask_block_fraction": calibration.masks.float().mean().item(),
+                "bucket_density": calibration.meta["bucket_density"],
             })  # fmt: skip
             print(json.dumps(calibrations[-1]), flush=True)
-            variants = [(quant, 0) for quant in (QUANTS if share == "head" else ("int8", "none"))]
+            variants = [(quant, 0) for quant in (QUANTS if share == "head" else ("int8",))]
             variants += [("int8", d) for d in sizes.dense_steps if d > 0]
             for quant, dense_steps in variants:
                 start = time.perf_counter()
@@ -400,15 +405,15 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             f"{info['block_size']}-token blocks, on {len(info['calibration_prompts'])} held-out caption(s); quality "
             f"(`quality_report`) on {len(info['quality_prompts'])} other held-out caption(s).", "",
             "Calibrations:", "",
-            "| target density | budget shared per | kept blocks | mass captured (mean, min over heads) | head orders "
-            "| seconds |",
-            "|---|---|---|---|---|---|",
+            "| target density | budget shared per | kept blocks | kept token pairs per timestep bucket | mass captured "
+            "(mean, min over heads) | head orders | seconds |",
+            "|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for c in part["calibrations"]:
             orders = ", ".join(f"{o} {n}" for o, n in c["orders"].items() if n)
             lines.append(
                 f"| {c['density']} | {c.get('share', 'head')} | {c['mask_block_fraction']:.3f} | "
-                f"{c['captured_mean']:.3f}, "
+                f"{' / '.join(f'{d:.3f}' for d in c.get('bucket_density', []))} | {c['captured_mean']:.3f}, "
                 f"{c['captured_min']:.3f} | {orders} | {c['seconds']:.1f} |"
             )
         lines += [

@@ -171,6 +171,48 @@ def test_pooled_budget_goes_to_spread_maps_and_keeps_the_total():
     assert torch.equal(_pooled_masks(maps[:, None], seq, block, density).squeeze(1), each)
 
 
+def test_shared_masks_by_share():
+    from vgen.attention.paro import _mask_at_density, _shared_masks
+
+    torch.manual_seed(5)
+    k, layers, heads, m, block = 2, 2, 3, 5, 32
+    seq = m * block - 7  # ragged last block
+    mass = torch.rand(k, layers, heads, m, m) + 20 * torch.eye(m)  # peaked maps ...
+    mass[0] = torch.rand(layers, heads, m, m) + 1.0  # ... except bucket 0's, which are spread
+    density = 0.45
+    tokens = (seq - torch.arange(0, seq, block)).clamp(max=block).double()
+    pairs = lambda keep: (keep.double() * tokens[:, None] * tokens).sum((-1, -2))  # noqa: E731  [..] token pairs
+    one_block = block * block
+    head = _shared_masks(mass, "head", seq, block, density)
+    assert torch.equal(head, _mask_at_density(mass, seq, block, density))  # the per-head rule
+    # each budget group keeps density x its maps' token pairs, to within one block over: (bucket, layer) for
+    # "layer", bucket for "model", the whole run for "run"
+    for share, group_dims in (("layer", 2), ("model", 1), ("run", 0)):
+        masks = _shared_masks(mass, share, seq, block, density)
+        assert masks[..., torch.arange(m), torch.arange(m)].all()  # the diagonal always
+        used = pairs(masks).flatten(group_dims).sum(-1)  # [K, L], [K] or []
+        maps = mass[..., 0, 0].numel() // max(1, used.numel())
+        over = used - density * maps * seq * seq
+        assert ((over >= 0) & (over < one_block)).all(), (share, over)
+    run = _shared_masks(mass, "run", seq, block, density)
+    model = _shared_masks(mass, "model", seq, block, density)
+    assert pairs(run[0]).sum() > pairs(model[0]).sum() and pairs(run[1]).sum() < pairs(model[1]).sum()
+
+
+def test_calibration_shared_over_the_run(tiny_model, tmp_path):
+    pipe = VideoPipeline.from_pretrained(tiny_model, torch_dtype=torch.float32, device="cpu")
+    path = tmp_path / "run.safetensors"
+    cal = calibrate_paro(pipe, ["a red circle moves left"], path, density=0.4, buckets=2, block_size=32,
+                         share="run", **GENERATE)  # fmt: skip
+    assert cal.meta["share"] == "run" and len(cal.meta["bucket_density"]) == 2
+    assert cal.masks[..., torch.arange(6), torch.arange(6)].all()
+    budget, one_block = 0.4 * 2 * 2 * 2 * 36, 1  # K x L x H maps of 6 x 6 whole blocks
+    assert abs(cal.masks.sum().item() - budget) <= one_block
+    assert sum(cal.meta["bucket_density"]) / 2 == pytest.approx(cal.masks.float().mean().item())
+    with pytest.raises(ValueError, match="share must be one of"):
+        calibrate_paro(pipe, ["a red circle"], tmp_path / "x.safetensors", share="step", **GENERATE)
+
+
 def _ring_worker(rank: int, world: int, port: int, calibration: str, out: str, quant: str) -> None:
     import os
 

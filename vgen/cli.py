@@ -362,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
         paro.add_argument(name, type=int)
     paro.add_argument("--density", type=float, default=0.3, help="kept share of token pairs, in (0, 1]")
     paro.add_argument("--buckets", type=int, default=4, help="timestep buckets with their own masks")
-    paro.add_argument("--share", default="head", choices=("head", "layer", "model"),
-                      help="what shares the density budget: each head, the heads of a layer, or the whole model")
+    paro.add_argument("--share", default="head", choices=("head", "layer", "model", "run"),
+                      help="what shares the density budget: each head, the heads of a layer, the whole model (per "
+                           "timestep bucket), or the whole run (every bucket too)")
     paro.add_argument("--block-size", type=int, default=128, help="kernel block size in tokens")
     paro.add_argument("--dtype", default="float32", choices=_DTYPES)
     paro.add_argument("--device", help="cuda or cpu (default: cuda when available)")

@@ -13,7 +13,8 @@ that mass:
   the most mass.
 - The mask of each (timestep bucket, layer, head): the heaviest blocks in that order until
   ``density`` of the token pairs is kept, the diagonal blocks always included. With ``share="layer"``
-  or ``"model"`` the heads of a layer (or of the model) share that budget, heaviest blocks first.
+  or ``"model"`` the heads of a layer (or of the model) share that budget, heaviest blocks first;
+  with ``"run"`` the timestep buckets share it too, so the steps whose attention is spread get more.
 
 Both go into one safetensors file with JSON metadata, which names the model and the token grid it
 was calibrated for. ``enable_sparse_attention("paro", calibration=FILE)`` loads it. At run time,
@@ -47,6 +48,7 @@ __all__ = ["AXIS_ORDERS", "ParoCalibration", "PAROAttention", "PAROConfig", "blo
 
 AXIS_ORDERS: tuple[str, ...] = ("thw", "twh", "htw", "hwt", "wth", "wht")
 _FORMAT = "vgen-paro-calibration/1"
+SHARES = ("head", "layer", "model", "run")  # over what calibrate_paro's density budget is shared
 _QUANTS = (*_PV_FORMATS, "none")  # a PV format of the quantised kernel, or the bf16/fp16 kernel
 
 
@@ -131,6 +133,14 @@ def _pooled_masks(mass: torch.Tensor, seq: int, block: int, density: float) -> t
     kept_sorted = on_diagonal | (used_before < density * groups * seq * seq)  # add blocks while under budget
     keep = torch.zeros(flat.shape, dtype=torch.bool).scatter_(1, order, kept_sorted)
     return keep.view(*lead, groups, m, m)
+
+
+def _shared_masks(mass: torch.Tensor, share: str, seq: int, block: int, density: float) -> torch.Tensor:
+    """bool ``[K, L, H, M, M]`` masks from the block masses ``[K, L, H, M, M]`` (per bucket, layer and head, each
+    bucket's per denoising step), with the ``density`` budget shared as ``share`` says (:data:`SHARES`)."""
+    sharing = {"head": mass[..., None, :, :], "layer": mass, "model": mass.flatten(1, 2),
+               "run": mass.flatten(0, 2)[None]}[share]  # [..., G, M, M]  # fmt: skip
+    return _pooled_masks(sharing, seq, block, density).view(mass.shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -315,9 +325,16 @@ class _Calibrator(AttentionMethod):
         self.layouts.add(layout)
         with torch.no_grad():
             mass = block_mass(q, k, layout, self.block_size, scale, self.query_chunk)
-        key = (min(self.buckets - 1, step * self.buckets // self.steps), layer)
+        key = (self.bucket(step), layer)
         self.mass[key] = self.mass[key] + mass if key in self.mass else mass
         return dense_attention(q, k, v, scale=scale, attn_mask=attn_mask)
+
+    def bucket(self, step: int) -> int:
+        return min(self.buckets - 1, step * self.buckets // self.steps)
+
+    def steps_in(self, bucket: int) -> int:
+        """Denoising steps that fall in ``bucket``."""
+        return sum(self.bucket(step) == bucket for step in range(self.steps))
 
 
 def calibrate_paro(
@@ -343,10 +360,12 @@ def calibrate_paro(
         buckets: timestep buckets (the denoising steps are split evenly).
         block_size: kernel block size in tokens (a power of two >= 16).
         query_chunk: query rows per softmax evaluation while measuring.
-        share: over what the ``density`` budget is shared in each timestep bucket: ``"head"`` (every
-            head keeps ``density``, as the paper), ``"layer"`` (the heads of a layer share it: spread
-            heads get more blocks) or ``"model"`` (all heads of all layers share it). The kept work
-            of the whole model is the same.
+        share: over what the ``density`` budget is shared: ``"head"`` (every head keeps ``density`` in
+            every timestep bucket, as the paper), ``"layer"`` (the heads of a layer share it: spread
+            heads get more blocks), ``"model"`` (all heads of all layers share it, per bucket) or
+            ``"run"`` (all heads, layers and buckets share it: a bucket's density follows how spread
+            its attention is; each bucket's maps are weighed per denoising step). The kept work of the
+            whole run is the same.
         **generate: sizes and steps for ``pipe(...)``; the file is valid for that token grid only.
     """
     from vgen.pipelines.plumbing import apply_sparse_attention, remove_sparse_attention
@@ -359,8 +378,8 @@ def calibrate_paro(
         raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    if share not in ("head", "layer", "model"):
-        raise ValueError(f"share must be 'head', 'layer' or 'model', got {share!r}")
+    if share not in SHARES:
+        raise ValueError(f"share must be one of {', '.join(map(repr, SHARES))}, got {share!r}")
     from vgen.pipelines.video import call_defaults
 
     steps = generate.get("num_inference_steps") or call_defaults(pipe.pipeline).get("num_inference_steps")
@@ -386,19 +405,22 @@ def calibrate_paro(
     # [L, 6, H, M, M]: every bucket's mass per layer
     total = torch.stack([sum(mass_of[(b, layer)] for b in seen) for layer in range(layers)])
     orders = _captured(total, keep).argmax(1)  # [L, H]
-    masks = torch.zeros(buckets, layers, heads, blocks, blocks, dtype=torch.bool)
-    inside = torch.zeros(layers, heads, dtype=torch.float64)  # each head's mass inside its masks, and in all
-    whole = torch.zeros(layers, heads, dtype=torch.float64)
-    for b in range(buckets):
-        source = b if b in seen else max(s for s in seen if s <= b) if any(s <= b for s in seen) else seen[0]
-        # [L, H, M, M]: each head's mass in its chosen order
-        chosen = torch.stack([mass_of[(source, layer)][orders[layer], torch.arange(heads)] for layer in range(layers)])
-        sharing = {"head": chosen[:, :, None], "layer": chosen, "model": chosen.flatten(0, 1)}[share]  # [..., G, M, M]
-        masks[b] = _pooled_masks(sharing, layout.seq_len, block_size, density).view_as(masks[b])
-        if source == b:
-            inside += (chosen.double() * masks[b]).sum((-1, -2))
-            whole += chosen.double().sum((-1, -2))
+    sources = [b if b in seen else max(s for s in seen if s <= b) if any(s <= b for s in seen) else seen[0]
+               for b in range(buckets)]  # fmt: skip
+    # [K, L, H, M, M]: each head's mass in its chosen order, per denoising step of its bucket (so that buckets of
+    # unequal step counts weigh alike when they share a budget)
+    chosen = torch.stack([
+        torch.stack([mass_of[(source, layer)][orders[layer], torch.arange(heads)] for layer in range(layers)])
+        / calibrator.steps_in(source)
+        for source in sources
+    ])  # fmt: skip
+    masks = _shared_masks(chosen, share, layout.seq_len, block_size, density)
+    measured = torch.tensor([source == b for b, source in enumerate(sources)])
+    inside = (chosen.double() * masks)[measured].sum((0, -1, -2))  # [L, H]: each head's mass inside its masks
+    whole = chosen.double()[measured].sum((0, -1, -2))
     captured = inside / whole.clamp_min(1e-30)
+    kept = _token_counts(layout.seq_len, block_size)
+    kept = (masks.double() * kept[:, None] * kept).sum((-1, -2)) / layout.seq_len**2  # [K, L, H] token pairs
     config = pipe.transformer.config
     meta = {
         "model": type(pipe.transformer).__name__,
@@ -413,6 +435,7 @@ def calibrate_paro(
         "orders": list(AXIS_ORDERS),
         "prompts": len(prompts) * len(seeds),
         "captured": captured.tolist(),  # [L, H]: share of each head's mass inside its masks, over the buckets
+        "bucket_density": kept.mean((1, 2)).tolist(),  # [K]: kept token pairs per bucket (differ with share "run")
     }
     calibration = ParoCalibration(orders, masks, meta)
     calibration.save(out)
