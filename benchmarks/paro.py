@@ -312,7 +312,7 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
             })  # fmt: skip
             print(json.dumps(calibrations[-1]), flush=True)
             variants = [(quant, 0) for quant in (QUANTS if share == "head" else ("int8",))]
-            variants += [("int8", d) for d in sizes.dense_steps if d > 0]
+            variants += [("int8", d) for d in sizes.dense_steps]
             for quant, dense_steps in variants:
                 start = time.perf_counter()
                 config = {"calibration": str(path), "quant": quant, "dense_steps": dense_steps}
@@ -448,8 +448,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             f"with INT8: {fmt(t['psnr'], '.2f', ' dB')}, {verdict(t['psnr'], t['target'])}.",
             "",
         ]
-        labels = [f"{r['target_density']} {r['quant']}" + (f" dense {r['dense_steps']}" if r.get("dense_steps") else "")
-                  for r in part["rows"]]  # fmt: skip
+        labels = [f"{r['target_density']} {r.get('share', 'head')} {r['quant']}"
+                  + (f" dense {r['dense_steps']}" if r.get("dense_steps") else "") for r in part["rows"]]  # fmt: skip
         lines += [
             "Per layer: density / attention error.",
             "",
@@ -493,11 +493,13 @@ def main() -> None:
     densities_text = args.quality_densities or ("0.3" if args.smoke else "0.3,0.2")
     quality_densities = tuple(float(d) for d in densities_text.split(",") if d.strip())
     try:
-        dense_steps = tuple(int(d) for d in args.dense_steps.split(",") if d.strip())
+        dense_steps = tuple(dict.fromkeys(int(d) for d in args.dense_steps.split(",") if d.strip()))
     except ValueError:
         sys.exit(f"--dense-steps takes comma-separated whole numbers, got {args.dense_steps!r}")
-    if any(d < 0 or d >= steps for d in dense_steps):
-        sys.exit(f"--dense-steps must each be in [0, {steps}) for {steps} steps, got {args.dense_steps!r}")
+    if any(d < 1 or d >= steps for d in dense_steps):
+        sys.exit(f"--dense-steps must each be in [1, {steps}) for {steps} steps, got {args.dense_steps!r}")
+    if dense_steps and 2 not in parts:
+        sys.exit("--dense-steps applies to part 2 (--parts 2)")
     sizes = replace((smoke_sizes if args.smoke else gpu_sizes)(steps, quality_densities), dense_steps=dense_steps)
     cuda = sizes.device.type == "cuda"
     meta = run_meta(sizes.device, sizes.dtype, args.smoke, parts, "kernel times are do_bench medians in ms")

@@ -171,32 +171,49 @@ def test_pooled_budget_goes_to_spread_maps_and_keeps_the_total():
     assert torch.equal(_pooled_masks(maps[:, None], seq, block, density).squeeze(1), each)
 
 
-def test_shared_masks_by_share():
-    from vgen.attention.paro import _mask_at_density, _shared_masks
+def _group_sum(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """``x`` ``[K, L, H]`` summed over all but its first ``dims`` dimensions (one budget group each)."""
+    return x if dims == x.dim() else x.flatten(dims).sum(-1)
+
+
+def test_shared_masks_keep_the_heaviest_blocks_within_each_budget():
+    from vgen.attention.paro import _shared_masks
 
     torch.manual_seed(5)
     k, layers, heads, m, block = 2, 2, 3, 5, 32
     seq = m * block - 7  # ragged last block
-    mass = torch.rand(k, layers, heads, m, m) + 20 * torch.eye(m)  # peaked maps ...
-    mass[0] = torch.rand(layers, heads, m, m) + 1.0  # ... except bucket 0's, which are spread
+    steps = [1, 3]  # bucket 1 has three denoising steps: its summed mass is three steps' worth
+    per_step = torch.rand(k, layers, heads, m, m) + 20 * torch.eye(m)  # peaked maps ...
+    per_step[0] = torch.rand(layers, heads, m, m) + 1.0  # ... except bucket 0's, which are spread
+    mass = per_step * torch.tensor(steps, dtype=torch.float32).view(k, 1, 1, 1, 1)
     density = 0.45
     tokens = (seq - torch.arange(0, seq, block)).clamp(max=block).double()
-    pairs = lambda keep: (keep.double() * tokens[:, None] * tokens).sum((-1, -2))  # noqa: E731  [..] token pairs
-    one_block = block * block
-    head = _shared_masks(mass, "head", seq, block, density)
-    assert torch.equal(head, _mask_at_density(mass, seq, block, density))  # the per-head rule
-    # each budget group keeps density x its maps' token pairs, to within one block over: (bucket, layer) for
-    # "layer", bucket for "model", the whole run for "run"
-    for share, group_dims in (("layer", 2), ("model", 1), ("run", 0)):
-        masks = _shared_masks(mass, share, seq, block, density)
-        assert masks[..., torch.arange(m), torch.arange(m)].all()  # the diagonal always
-        used = pairs(masks).flatten(group_dims).sum(-1)  # [K, L], [K] or []
-        maps = mass[..., 0, 0].numel() // max(1, used.numel())
-        over = used - density * maps * seq * seq
-        assert ((over >= 0) & (over < one_block)).all(), (share, over)
-    run = _shared_masks(mass, "run", seq, block, density)
-    model = _shared_masks(mass, "model", seq, block, density)
-    assert pairs(run[0]).sum() > pairs(model[0]).sum() and pairs(run[1]).sum() < pairs(model[1]).sum()
+    pair_count = tokens[:, None] * tokens  # [M, M] token pairs per block pair
+    off = ~torch.eye(m, dtype=torch.bool)
+    # (share, how many leading dims of [K, L, H] one budget group spans, each map's weight in the budget)
+    for share, group_dims in (("head", 3), ("layer", 2), ("model", 1), ("run", 0)):
+        masks = _shared_masks(mass, share, seq, block, density, steps)
+        assert masks.shape == mass.shape and masks[..., torch.arange(m), torch.arange(m)].all()  # diagonal always
+        uses = torch.tensor(steps if share == "run" else [1, 1], dtype=torch.float64).view(k, 1, 1)
+        cost = (masks.double() * pair_count).sum((-1, -2)) * uses  # [K, L, H]
+        budget = _group_sum(torch.ones(k, layers, heads, dtype=torch.float64) * uses, group_dims) * density * seq**2
+        over = _group_sum(cost, group_dims) - budget
+        assert ((over >= 0) & (over < block * block * max(steps))).all(), (share, over)  # to within one block
+        # independent rule: within a group, no dropped block outweighs a kept one (per step for "run")
+        weight = (per_step if share == "run" else mass).double()
+        for index in torch.cartesian_prod(*[torch.arange(n) for n in (k, layers, heads)[:group_dims]]).reshape(
+                -1, group_dims) if group_dims else [()]:  # fmt: skip
+            kept_w = weight[tuple(index)][(masks[tuple(index)] & off)]
+            dropped_w = weight[tuple(index)][(~masks[tuple(index)] & off)]
+            if kept_w.numel() and dropped_w.numel():
+                assert kept_w.min() >= dropped_w.max(), (share, index)
+    run = _shared_masks(mass, "run", seq, block, density, steps)
+    model = _shared_masks(mass, "model", seq, block, density, steps)
+    assert run[0].sum() > model[0].sum() and run[1].sum() < model[1].sum()  # blocks move to the spread bucket
+    # compared per step: equal per-step maps in buckets of 1 and 3 steps get the same blocks, to a tie
+    same = per_step[1:].repeat(2, 1, 1, 1, 1) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1, 1)
+    even = _shared_masks(same, "run", seq, block, density, steps)
+    assert (even[0].sum() - even[1].sum()).abs() <= 1
 
 
 def test_calibration_shared_over_the_run(tiny_model, tmp_path):
@@ -206,11 +223,21 @@ def test_calibration_shared_over_the_run(tiny_model, tmp_path):
                          share="run", **GENERATE)  # fmt: skip
     assert cal.meta["share"] == "run" and len(cal.meta["bucket_density"]) == 2
     assert cal.masks[..., torch.arange(6), torch.arange(6)].all()
-    budget, one_block = 0.4 * 2 * 2 * 2 * 36, 1  # K x L x H maps of 6 x 6 whole blocks
-    assert abs(cal.masks.sum().item() - budget) <= one_block
-    assert sum(cal.meta["bucket_density"]) / 2 == pytest.approx(cal.masks.float().mean().item())
+    steps = [cal.bucket(step) for step in range(GENERATE["num_inference_steps"])]  # 3 steps: buckets 0, 0, 1
+    used = sum(cal.masks[b].sum().item() for b in steps)  # blocks computed over the run (all blocks whole)
+    budget = 0.4 * len(steps) * 2 * 2 * 36  # steps x layers x heads x 6 x 6 blocks
+    assert 0 <= used - budget < 2  # to within one block of the bucket with two steps
+    kept = [cal.masks[b].float().mean().item() for b in range(2)]
+    assert cal.meta["bucket_density"] == pytest.approx(kept)
     with pytest.raises(ValueError, match="share must be one of"):
         calibrate_paro(pipe, ["a red circle"], tmp_path / "x.safetensors", share="step", **GENERATE)
+
+
+def test_cli_shares_are_the_methods():
+    from vgen.attention.paro import SHARES
+    from vgen.cli import PARO_SHARES
+
+    assert PARO_SHARES == SHARES
 
 
 def _ring_worker(rank: int, world: int, port: int, calibration: str, out: str, quant: str) -> None:

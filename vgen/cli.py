@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+PARO_SHARES = ("head", "layer", "model", "run")  # vgen.attention.paro.SHARES, without importing torch here
+
 __all__ = ["main"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -223,6 +225,7 @@ def _calibrate_paro(args: argparse.Namespace) -> None:
     orders = [[meta["orders"][int(o)] for o in row] for row in calibration.orders]
     print(f"token grid {meta['grid'][:3]} (text {meta['grid'][3:]}), {meta['steps']} steps in {meta['buckets']} "
           f"buckets, density {meta['density']} (shared per {meta.get('share', 'head')}), block {meta['block_size']}")
+    print("kept token pairs per bucket: " + " ".join(f"{d:.3f}" for d in meta.get("bucket_density", [])))
     for layer, row in enumerate(orders):
         print(f"layer {layer:2d}: orders {' '.join(row)}; mass captured {meta['captured'][layer]}")
     print(f"wrote {args.out}")
@@ -362,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         paro.add_argument(name, type=int)
     paro.add_argument("--density", type=float, default=0.3, help="kept share of token pairs, in (0, 1]")
     paro.add_argument("--buckets", type=int, default=4, help="timestep buckets with their own masks")
-    paro.add_argument("--share", default="head", choices=("head", "layer", "model", "run"),
+    paro.add_argument("--share", default="head", choices=PARO_SHARES,
                       help="what shares the density budget: each head, the heads of a layer, the whole model (per "
                            "timestep bucket), or the whole run (every bucket too)")
     paro.add_argument("--block-size", type=int, default=128, help="kernel block size in tokens")

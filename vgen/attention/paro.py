@@ -114,33 +114,50 @@ def _mask_at_density(mass: torch.Tensor, seq: int, block: int, density: float) -
     return _pooled_masks(mass[..., None, :, :], seq, block, density).squeeze(-3)
 
 
-def _pooled_masks(mass: torch.Tensor, seq: int, block: int, density: float) -> torch.Tensor:
+def _pooled_masks(
+    mass: torch.Tensor, seq: int, block: int, density: float, uses: torch.Tensor | None = None
+) -> torch.Tensor:
     """bool ``[..., G, M, M]``: the G maps of each leading slice share one budget of ``density`` x G x
     ``seq``^2 token pairs: every diagonal block, then the heaviest blocks of any of the G maps, best first.
 
     The maps' masses are comparable (each sums softmax rows over the same query tokens), so a map whose
     attention is spread gets more blocks and a concentrated one fewer, for the same total kept work.
+    ``uses`` (``[G]``, default ones) counts how often each map runs, say the denoising steps of its timestep
+    bucket: a block then costs its token pairs times that count, and the budget is ``density`` x sum(uses) x
+    ``seq``^2, so that the work kept over all the runs is ``density`` (the masses should then be per run).
     """
     *lead, groups, m, _ = mass.shape
     flat = mass.reshape(-1, groups * m * m).double()
     tokens = _token_counts(seq, block)
-    pairs = (tokens[:, None] * tokens[None, :]).flatten().repeat(groups)  # token pairs per block pair
+    uses = torch.ones(groups, dtype=torch.float64) if uses is None else uses.to(torch.float64)
+    pairs = ((tokens[:, None] * tokens[None, :]).flatten()[None] * uses[:, None]).flatten()  # cost per block pair
     diagonal = torch.eye(m, dtype=torch.bool).flatten().repeat(groups)
     order = flat.argsort(-1, descending=True)  # [slices, G*M*M]
     on_diagonal = diagonal[order]
     added = torch.where(on_diagonal, 0.0, pairs[order])  # pairs each non-diagonal block adds, best first
     used_before = pairs[diagonal].sum() + added.cumsum(-1) - added
-    kept_sorted = on_diagonal | (used_before < density * groups * seq * seq)  # add blocks while under budget
+    kept_sorted = on_diagonal | (used_before < density * uses.sum() * seq * seq)  # add blocks while under budget
     keep = torch.zeros(flat.shape, dtype=torch.bool).scatter_(1, order, kept_sorted)
     return keep.view(*lead, groups, m, m)
 
 
-def _shared_masks(mass: torch.Tensor, share: str, seq: int, block: int, density: float) -> torch.Tensor:
-    """bool ``[K, L, H, M, M]`` masks from the block masses ``[K, L, H, M, M]`` (per bucket, layer and head, each
-    bucket's per denoising step), with the ``density`` budget shared as ``share`` says (:data:`SHARES`)."""
-    sharing = {"head": mass[..., None, :, :], "layer": mass, "model": mass.flatten(1, 2),
-               "run": mass.flatten(0, 2)[None]}[share]  # [..., G, M, M]  # fmt: skip
-    return _pooled_masks(sharing, seq, block, density).view(mass.shape)
+def _shared_masks(
+    mass: torch.Tensor, share: str, seq: int, block: int, density: float, steps: list[int]
+) -> torch.Tensor:
+    """bool ``[K, L, H, M, M]`` masks from the block masses ``[K, L, H, M, M]`` (per timestep bucket, layer and
+    head; each bucket's summed over its denoising steps, of which there are ``steps[k]``), with the ``density``
+    budget shared as ``share`` says (:data:`SHARES`). For ``"run"`` the buckets are compared per step and a
+    bucket's blocks cost its step count, so that the run keeps ``density`` of its work; the other shares keep it
+    in every bucket (one bucket at a time, which bounds the memory)."""
+    if share == "run":
+        uses = torch.tensor(steps, dtype=torch.float64).repeat_interleave(mass[0, ..., 0, 0].numel())
+        per_step = mass.double() / uses.view(mass.shape[:3])[..., None, None]
+        return _pooled_masks(per_step.flatten(0, 2)[None], seq, block, density, uses).view(mass.shape)
+    masks = torch.empty(mass.shape, dtype=torch.bool)
+    for k, bucket in enumerate(mass):  # [L, H, M, M]
+        sharing = {"head": bucket[..., None, :, :], "layer": bucket, "model": bucket.flatten(0, 1)}[share]
+        masks[k] = _pooled_masks(sharing, seq, block, density).view(bucket.shape)
+    return masks
 
 
 @dataclass(frozen=True, eq=False)
@@ -356,7 +373,7 @@ def calibrate_paro(
         pipe: the pipeline; its attention is stock afterwards.
         prompts: calibration prompts; ``seeds``: seeds per prompt.
         out: the file to write (safetensors with JSON metadata).
-        density: kept share of token pairs per (bucket, layer, head), in (0, 1].
+        density: kept share of token pairs, in (0, 1]: per (bucket, layer, head), or over what ``share`` says.
         buckets: timestep buckets (the denoising steps are split evenly).
         block_size: kernel block size in tokens (a power of two >= 16).
         query_chunk: query rows per softmax evaluation while measuring.
@@ -407,20 +424,21 @@ def calibrate_paro(
     orders = _captured(total, keep).argmax(1)  # [L, H]
     sources = [b if b in seen else max(s for s in seen if s <= b) if any(s <= b for s in seen) else seen[0]
                for b in range(buckets)]  # fmt: skip
-    # [K, L, H, M, M]: each head's mass in its chosen order, per denoising step of its bucket (so that buckets of
-    # unequal step counts weigh alike when they share a budget)
+    # [K', L, H, M, M]: each measured bucket's mass per head, in the head's chosen order; a bucket that no step
+    # reached (fewer steps than buckets) takes the masks of the last measured one before it
     chosen = torch.stack([
-        torch.stack([mass_of[(source, layer)][orders[layer], torch.arange(heads)] for layer in range(layers)])
-        / calibrator.steps_in(source)
-        for source in sources
+        torch.stack([mass_of[(b, layer)][orders[layer], torch.arange(heads)] for layer in range(layers)]) for b in seen
     ])  # fmt: skip
-    masks = _shared_masks(chosen, share, layout.seq_len, block_size, density)
-    measured = torch.tensor([source == b for b, source in enumerate(sources)])
-    inside = (chosen.double() * masks)[measured].sum((0, -1, -2))  # [L, H]: each head's mass inside its masks
-    whole = chosen.double()[measured].sum((0, -1, -2))
+    measured = _shared_masks(chosen, share, layout.seq_len, block_size, density, [calibrator.steps_in(b) for b in seen])
+    masks = measured[[seen.index(source) for source in sources]]
+    inside = torch.zeros(layers, heads, dtype=torch.float64)  # each head's mass inside its masks, and in all
+    whole = torch.zeros(layers, heads, dtype=torch.float64)
+    for mass, keep in zip(chosen, measured, strict=True):
+        inside += torch.where(keep, mass, 0).double().sum((-1, -2))
+        whole += mass.double().sum((-1, -2))
     captured = inside / whole.clamp_min(1e-30)
-    kept = _token_counts(layout.seq_len, block_size)
-    kept = (masks.double() * kept[:, None] * kept).sum((-1, -2)) / layout.seq_len**2  # [K, L, H] token pairs
+    tokens = _token_counts(layout.seq_len, block_size)
+    kept = (masks.double() * tokens[:, None] * tokens).sum((-1, -2)) / layout.seq_len**2  # [K, L, H] token pairs
     config = pipe.transformer.config
     meta = {
         "model": type(pipe.transformer).__name__,
