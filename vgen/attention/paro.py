@@ -141,6 +141,12 @@ def _pooled_masks(
     return keep.view(*lead, groups, m, m)
 
 
+def _bucket_of(step: int, steps: int, buckets: int) -> int:
+    """Timestep bucket of denoising step ``step`` of ``steps`` split evenly into ``buckets`` (steps past the
+    last use the last bucket)."""
+    return min(buckets - 1, step * buckets // steps)
+
+
 def _shared_masks(
     mass: torch.Tensor, share: str, seq: int, block: int, density: float, steps: list[int]
 ) -> torch.Tensor:
@@ -150,9 +156,9 @@ def _shared_masks(
     bucket's blocks cost its step count, so that the run keeps ``density`` of its work; the other shares keep it
     in every bucket (one bucket at a time, which bounds the memory)."""
     if share == "run":
-        uses = torch.tensor(steps, dtype=torch.float64).repeat_interleave(mass[0, ..., 0, 0].numel())
-        per_step = mass.double() / uses.view(mass.shape[:3])[..., None, None]
-        return _pooled_masks(per_step.flatten(0, 2)[None], seq, block, density, uses).view(mass.shape)
+        uses = torch.tensor(steps, dtype=torch.float64).view(-1, 1, 1).expand(mass.shape[:3])  # [K, L, H]
+        per_step = mass.double() / uses[..., None, None]
+        return _pooled_masks(per_step.flatten(0, 2)[None], seq, block, density, uses.flatten()).view(mass.shape)
     masks = torch.empty(mass.shape, dtype=torch.bool)
     for k, bucket in enumerate(mass):  # [L, H, M, M]
         sharing = {"head": bucket[..., None, :, :], "layer": bucket, "model": bucket.flatten(0, 1)}[share]
@@ -202,8 +208,7 @@ class ParoCalibration:
 
     def bucket(self, step: int) -> int:
         """Timestep bucket of denoising step ``step`` (steps past the calibrated ones use the last)."""
-        steps, buckets = self.meta["steps"], self.masks.shape[0]
-        return min(buckets - 1, step * buckets // steps)
+        return _bucket_of(step, self.meta["steps"], self.masks.shape[0])
 
     def check(self, layout: VideoLayout, layer: int, heads: int) -> None:
         """Raise ValueError unless this call (grid, layer, heads) is one the file was calibrated for."""
@@ -342,16 +347,13 @@ class _Calibrator(AttentionMethod):
         self.layouts.add(layout)
         with torch.no_grad():
             mass = block_mass(q, k, layout, self.block_size, scale, self.query_chunk)
-        key = (self.bucket(step), layer)
+        key = (_bucket_of(step, self.steps, self.buckets), layer)
         self.mass[key] = self.mass[key] + mass if key in self.mass else mass
         return dense_attention(q, k, v, scale=scale, attn_mask=attn_mask)
 
-    def bucket(self, step: int) -> int:
-        return min(self.buckets - 1, step * self.buckets // self.steps)
-
     def steps_in(self, bucket: int) -> int:
         """Denoising steps that fall in ``bucket``."""
-        return sum(self.bucket(step) == bucket for step in range(self.steps))
+        return sum(_bucket_of(step, self.steps, self.buckets) == bucket for step in range(self.steps))
 
 
 def calibrate_paro(
