@@ -253,6 +253,27 @@ def test_ragged_tile_out_of_order_gives_nan_not_a_wrong_output(monkeypatch, pv):
                                atol=1e-5, rtol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("codes16,sums_mma,lazy", [(True, True, True), (False, False, False), (True, False, False),
+                                                    (False, True, False), (False, False, True)])
+def test_int_codes_sums_and_lazy_rescale(monkeypatch, codes16, sums_mma, lazy):
+    """INT_CODES16 (P's codes rounded through fp16), INT_SUMS_MMA (row sums of the codes by an MMA) and
+    INT_LAZY_RESCALE (the running maximum moves only past 8 bits, the accumulator rescaled only then), each alone,
+    all and none: the kernel matches the reference and stays within INT8's accuracy of exact attention. The keys'
+    logits grow block by block, so that the running maximum rises by more than 8 bits in some tiles and by less in
+    others (both branches of the lazy rescale)."""
+    for name, value in (("INT_CODES16", codes16), ("INT_SUMS_MMA", sums_mma), ("INT_LAZY_RESCALE", lazy)):
+        monkeypatch.setattr(quantized, name, value)
+    torch.manual_seed(31)
+    q, k, v = torch.randn(1, 64, 2, 32), torch.randn(1, 170, 2, 32), torch.randn(1, 170, 2, 32)
+    k = k * (1.0 + 1.5 * (torch.arange(170) // 32)).view(1, -1, 1, 1)  # 6 key blocks, the last one ragged
+    mask = BlockMask.from_dense(torch.ones(1, 2, 2, 6, dtype=torch.bool), (32, 32), (64, 170))
+    for pv in ("int8", "int4"):
+        out = quantized_attention(q, k, v, mask, pv=pv)
+        torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv=pv), atol=1e-5, rtol=1e-5)
+        exact = attention_reference(q, k, v, mask=mask.expand_tokens())
+        assert rel(out, exact) < {"int8": 0.03, "int4": 0.35}[pv]
+
+
 @pytest.mark.parametrize("pv", ["int8", "int4", "fp8"])
 def test_outlier_channels_keep_p_at_its_top_level(pv):
     """Large Q/K scales (an outlier channel) make the folded bias about 1.5 * 2^23 * c with c above 0.01, where its

@@ -345,6 +345,28 @@ FOLD_MAGIC = True
 # instructions per tile and thread (FP8: 622). False: P against the tile maximum of p taken from p itself, rounded
 # row sums, V per key block (as before).
 INT_FOLD = True
+# pv="int8"/"int4" with INT_FOLD: P's codes rounded through half precision. Each group of four p (fp32, from the
+# exponent) goes to fp16 in pairs (one F2FP a pair), is rounded to an integer by a half-precision magic add (1.5 *
+# 2^10, one HADD2 a pair), and the four low bytes are packed into the int8 operand by one byte permute: 1.25
+# instructions a p where the fp32 magic add and the byte extraction take 2 (sm_90a, ptxas: one FADD and one PRMT a
+# p). The fp16 rounding moves p by at most 2^-11 of it (0.03 at the top code), so the largest code stays P. No fp32
+# p is kept, so the row sums are those of the rounded codes (INT_SUMS_MMA). ex2.approx.f16x2 for the exponent
+# itself was compiled too: ptxas splits it into two MUFU.EX2.F16 and repacks the halves, so it saves nothing.
+INT_CODES16 = True
+# pv="int8"/"int4" with INT_FOLD: each row's sum of the rounded codes of a key tile by one more small MMA, the codes
+# times a [BLOCK_N, 16] int8 matrix whose first column is ones (the MMA sums exactly in int32), instead of a sum of
+# p over the tile's columns in fp32 (a FADD a score and the shuffles). The sums are then those of the rounded codes,
+# as the PV product uses them (INT4's always were): the output is a convex combination of V's values.
+INT_SUMS_MMA = True
+# pv="int8" with INT_FOLD: the running maximum of a row moves only when a tile's maximum passes it by more than
+# LAZY_RESCALE_BITS (base 2; as FlashAttention-4 does), and the accumulator is rescaled only in a key tile where some
+# row's maximum moved: one branch for the program (a reduction over its rows), taken in few tiles after the first.
+# INT8's codes are against each tile's own maximum, so they never exceed P whatever the running maximum; a tile's
+# weight exp2(tile max - running max) / P is then at most 2^8 / P. The PV product is converted by I2FP (no magic
+# add, so no accumulator initialised to it) and added by one fused multiply-add: two instructions an output in the
+# tiles that skip the rescale, against three. The result is the same softmax up to rounding.
+INT_LAZY_RESCALE = True
+LAZY_RESCALE_BITS = tl.constexpr(8.0)
 # (Tried for INT8 and dropped, untimed: P against the running maximum rounded up to a whole number (base 2), so that
 # every tile's codes share one scale and the PV products add up in the MMA's own int32 accumulator across key tiles,
 # shifted right when that reference rises; no per-tile conversion of the products. It matched its step-by-step
@@ -372,12 +394,38 @@ def _folded_exp2(b_x, c, b_peak, top_log2):
     return tl.exp2(tl.fma(b_x, tl.broadcast_to(c, b_x.shape), tl.broadcast_to(-b_bias[:, None], b_x.shape)))
 
 
+_HALF_MAGIC = tl.constexpr(1536.0)  # 1.5 * 2^10: fp16 values in [1024, 2048) are the integers
+
+
+@triton.jit
+def _codes16(b_p, ASM: tl.constexpr):
+    """int8 ``round(p)`` for fp32 ``p`` in [0, 127.5) (INT_CODES16): p rounded to fp16, then to an integer by the
+    half-precision magic add, whose low byte is that integer (``1536 + k`` is ``0x6600 + k`` for ``k < 256``).
+    ``ASM``: by PTX on the GPU, four per instance; else the same roundings in tl ops (the interpreter)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 h0, h1, m;
+            mov.b32 m, 0x66006600;
+            cvt.rn.f16x2.f32 h0, $2, $1;
+            cvt.rn.f16x2.f32 h1, $4, $3;
+            add.rn.f16x2 h0, h0, m;
+            add.rn.f16x2 h1, h1, m;
+            prmt.b32 $0, h0, h1, 0x6420;
+            }""",
+            constraints="=r,r,r,r,r", args=[b_p], dtype=tl.int8, is_pure=True, pack=4,
+        )  # fmt: skip
+    b_s = b_p.to(tl.float16) + tl.full(b_p.shape, _HALF_MAGIC, tl.float16)  # rounded to the integer, ties to even
+    return (b_s.to(tl.float32) - _HALF_MAGIC).to(tl.int8)
+
+
 @triton.jit
 def _quant_tile(
     b_q, K, VT, desc_k, desc_vt, KS, VS, j, q_scale, b_m, b_l, b_acc, o_d, m_d, s_ks, s_vd, i_bh, SK, MK, p_levels,
     log2_levels, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PV_FP8: tl.constexpr, ROUND_FP8: tl.constexpr, FP8_ACC_IN_DOT: tl.constexpr,
-    MASKED: tl.constexpr, FOLD: tl.constexpr, V_BLOCKWISE: tl.constexpr,
+    MASKED: tl.constexpr, FOLD: tl.constexpr, V_BLOCKWISE: tl.constexpr, CODES16: tl.constexpr = False,
+    SUMS_MMA: tl.constexpr = False, ASM: tl.constexpr = False, b_ones=None, LAZY: tl.constexpr = False,
 ):
     """One key tile ``j`` of the online softmax: the running maxima, row sums and accumulator after it."""
     o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -399,7 +447,10 @@ def _quant_tile(
         if MASKED:
             b_x = tl.where(m_n[None, :], b_x, float("-inf"))
         b_tmax = (tl.max(b_x, 1) - _MAGIC_F) * c  # the tile's largest logit per row (base 2)
-        b_m_new = tl.maximum(b_m, b_tmax)
+        if LAZY:  # the running maximum moves only past LAZY_RESCALE_BITS (INT_LAZY_RESCALE)
+            b_m_new = tl.where(b_tmax > b_m + LAZY_RESCALE_BITS, b_tmax, b_m)
+        else:
+            b_m_new = tl.maximum(b_m, b_tmax)
     else:
         b_x = _i32_to_f32(tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32))
         if MASKED:
@@ -427,22 +478,37 @@ def _quant_tile(
         # maximum logit instead of the running one, so no maximum of p is taken and no ratio applied; the weight of
         # the tile, exp2(tile max - running max) / P, goes onto the row sums and the product
         b_p = _folded_exp2(b_x, c, b_tmax, log2_levels)
-        # rounded to an integer by the magic add; its low byte is that integer (the magic's low 22 bits are zero)
-        b_shifted = b_p + _MAGIC_F
-        b_pq = b_shifted.to(tl.int32, bitcast=True).to(tl.int8)
-        if V_BLOCKWISE:  # INT4: sums of the rounded p (at 7 levels many round to 0; unrounded sums would count them)
-            b_p = b_shifted - _MAGIC_F
+        if CODES16:  # rounded through half precision, four per PTX instance (INT_CODES16)
+            b_pq = _codes16(b_p, ASM)
+        else:
+            # rounded to an integer by the magic add; its low byte is that integer (the magic's low 22 bits are zero)
+            b_shifted = b_p + _MAGIC_F
+            b_pq = b_shifted.to(tl.int32, bitcast=True).to(tl.int8)
+            if V_BLOCKWISE or SUMS_MMA:  # sums of the rounded p (INT4: at 7 levels many round to 0)
+                b_p = b_shifted - _MAGIC_F
         # the weight with its last two mantissa bits cleared: 1.5 * 2^23 times it is then exact, so the product's
         # conversion below (pv * w - 1.5 * 2^23 * w in one fused multiply-add) rounds only once
         b_pscale = (tl.exp2(b_tmax - b_m_safe) / p_levels).to(tl.int32, bitcast=True)
         b_pscale = (b_pscale & -4).to(tl.float32, bitcast=True)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1) * b_pscale  # INT8: p unrounded, as FP8's sums
+        if SUMS_MMA:  # the rounded codes' row sums by an MMA with a column of ones (exact in int32)
+            b_sum = tl.sum(tl.dot(b_pq, b_ones, out_dtype=tl.int32), 1).to(tl.float32)
+        elif CODES16:
+            b_sum = tl.sum(b_pq.to(tl.float32), 1)
+        else:
+            b_sum = tl.sum(b_p, 1)  # INT8: p unrounded, as FP8's sums
+        b_l = b_l * b_alpha + b_sum * b_pscale
         # |p8 . v8| <= 127^2 * BLOCK_N < 2^22 for key tiles up to 256
-        b_pv = (tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32) + _MAGIC_I).to(tl.float32, bitcast=True)
-        if V_BLOCKWISE:  # V scaled per channel of each key block (INT4)
+        if LAZY:  # the accumulator rescaled only when a row's running maximum moved (one branch for the program)
+            b_pvf = tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32).to(tl.float32)  # exact: |pv| < 2^22
+            if tl.max((b_m_new != b_m).to(tl.int32), 0) > 0:
+                b_acc = b_acc * b_alpha[:, None]
+            b_acc = tl.fma(b_pvf, tl.broadcast_to(b_pscale[:, None], [BLOCK_M_ROWS, BLOCK_D]), b_acc)
+        elif V_BLOCKWISE:  # V scaled per channel of each key block (INT4)
+            b_pv = (tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32) + _MAGIC_I).to(tl.float32, bitcast=True)
             v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
             b_acc = b_acc * b_alpha[:, None] + (b_pv - _MAGIC_F) * (b_pscale[:, None] * v_scale[None, :])
         else:  # per channel over all tokens, applied at the end: two fused multiply-adds per output
+            b_pv = (tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32) + _MAGIC_I).to(tl.float32, bitcast=True)
             b_acc = tl.fma(b_acc, tl.broadcast_to(b_alpha[:, None], [BLOCK_M_ROWS, BLOCK_D]),
                            tl.fma(b_pv, tl.broadcast_to(b_pscale[:, None], [BLOCK_M_ROWS, BLOCK_D]),
                                   tl.broadcast_to(-(b_pscale * _MAGIC_F)[:, None], [BLOCK_M_ROWS, BLOCK_D])))
@@ -477,7 +543,8 @@ def _quant_fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr = False, PV_FP8: tl.constexpr = False,
     ROUND_FP8: tl.constexpr = False, FP8_ACC_IN_DOT: tl.constexpr = False, PEEL: tl.constexpr = False,
-    FOLD: tl.constexpr = False, V_BLOCKWISE: tl.constexpr = True,
+    FOLD: tl.constexpr = False, V_BLOCKWISE: tl.constexpr = True, CODES16: tl.constexpr = False,
+    SUMS_MMA: tl.constexpr = False, ASM: tl.constexpr = False, LAZY: tl.constexpr = False,
 ):
     # one program: ROWS query tokens of a mask block of BLOCK_M (a divisor: half a 128-row block keeps the
     # int32 score tile, P and the fp32 accumulator in registers)
@@ -503,6 +570,9 @@ def _quant_fwd_kernel(
     b_m = tl.full([ROWS], float("-inf"), tl.float32)
     b_l = tl.zeros([ROWS], tl.float32)
     b_acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    b_ones = None
+    if SUMS_MMA:  # [BLOCK_N, 16] int8: ones in the first column, so that codes @ b_ones holds the row sums there
+        b_ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1, 0).to(tl.int8) + tl.zeros([BLOCK_N, 16], tl.int8)
     # PEEL: the ragged last key block, when kept, is the list's last entry (ascending lists); it alone is masked,
     # after the loop. Met anywhere else in the loop (a list out of order), or an index outside [0, MK) met there, the
     # row's output becomes NaN, not silently wrong.
@@ -518,7 +588,7 @@ def _quant_fwd_kernel(
             b_q, K, VT, desc_k, desc_vt, KS, VS, j, q_scale, b_m, b_l, b_acc, o_d, m_d, s_ks, s_vd, i_bh, SK, MK,
             p_levels, log2_levels, D=D, BLOCK_D=BLOCK_D, BLOCK_M_ROWS=ROWS, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA,
             PV_FP8=PV_FP8, ROUND_FP8=ROUND_FP8, FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, MASKED=not PEEL, FOLD=FOLD,
-            V_BLOCKWISE=V_BLOCKWISE,
+            V_BLOCKWISE=V_BLOCKWISE, CODES16=CODES16, SUMS_MMA=SUMS_MMA, ASM=ASM, b_ones=b_ones, LAZY=LAZY,
         )
     if PEEL:
         if n_loop < n_it:
@@ -526,7 +596,8 @@ def _quant_fwd_kernel(
                 b_q, K, VT, desc_k, desc_vt, KS, VS, ragged, q_scale, b_m, b_l, b_acc, o_d, m_d, s_ks, s_vd, i_bh,
                 SK, MK, p_levels, log2_levels, D=D, BLOCK_D=BLOCK_D, BLOCK_M_ROWS=ROWS, BLOCK_N=BLOCK_N,
                 USE_TMA=USE_TMA, PV_FP8=PV_FP8, ROUND_FP8=ROUND_FP8, FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, MASKED=True,
-                FOLD=FOLD, V_BLOCKWISE=V_BLOCKWISE,
+                FOLD=FOLD, V_BLOCKWISE=V_BLOCKWISE, CODES16=CODES16, SUMS_MMA=SUMS_MMA, ASM=ASM, b_ones=b_ones,
+                LAZY=LAZY,
             )
         b_l = tl.where(misplaced > 0, float("nan"), b_l)
     if not V_BLOCKWISE:  # V's scales per (batch, head, channel), applied once
@@ -649,6 +720,7 @@ def quantized_attention(
     # the interpreter, so that the tests cover the sub-tiling.
     launch = QUANT_LAUNCH["fp8" if pv == "fp8" else "int"]
     levels = float(_LEVELS.get(_PV_BITS[pv], 1))
+    codes = pv != "fp8" and INT_FOLD  # P as integer codes through the exponent
     if q.is_cuda:
         rows = launch["rows"] if block_m % launch["rows"] == 0 else block_m
     else:
@@ -665,7 +737,8 @@ def quantized_attention(
         D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows,
         RETURN_LSE=return_lse, USE_TMA=use_tma, PV_FP8=pv == "fp8", ROUND_FP8=pv == "fp8" and not q.is_cuda,
         FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, PEEL=PEEL_RAGGED, FOLD=FOLD_MAGIC if pv == "fp8" else INT_FOLD,
-        V_BLOCKWISE=not _v_channels(pv),
+        V_BLOCKWISE=not _v_channels(pv), CODES16=codes and INT_CODES16, SUMS_MMA=codes and INT_SUMS_MMA, ASM=q.is_cuda,
+        LAZY=pv == "int8" and INT_FOLD and INT_LAZY_RESCALE,
         num_warps=launch["warps"] if q.is_cuda else 4, num_stages=launch["stages"] if q.is_cuda else 1,
         **({"maxnreg": launch["maxnreg"]} if q.is_cuda and launch.get("maxnreg") else {}),
     )  # fmt: skip
@@ -777,10 +850,14 @@ def _folded_reference(q8, q_scale, k8, k_scale, vq, v_scale, block_mask, qk_scal
     # each tile's weight, in units of levels * exp2(s - peak): FP8 after the running maximum's rescales; INT8/INT4
     # the tile maximum's distance to the peak, over the levels
     rescale = torch.exp2(running - peak) if fp8 else torch.exp2(tile_max - peak) / levels
-    rounded = p.to(torch.float8_e4m3fn).float() if fp8 else p.round()  # ties to even, as the magic add
+    if fp8:
+        rounded = p.to(torch.float8_e4m3fn).float()
+    else:  # ties to even, as the magic add; INT_CODES16 rounds p to fp16 first, as _codes16
+        rounded = (p.half().float() if INT_FOLD and INT_CODES16 else p).round()
     weights = (rounded * rescale).flatten(-2)[..., :sk]
-    # the sums of p unrounded, as the kernel's (INT4 rounded)
-    denom = ((rounded if pv == "int4" else p) * rescale).flatten(-2)[..., :sk].sum(-1, keepdim=True)
+    # the sums of p unrounded, as the kernel's; of the rounded codes for INT4, INT_CODES16 and INT_SUMS_MMA
+    rounded_sums = not fp8 and (pv == "int4" or (INT_FOLD and (INT_CODES16 or INT_SUMS_MMA)))
+    denom = ((rounded if rounded_sums else p) * rescale).flatten(-2)[..., :sk].sum(-1, keepdim=True)
     vd = vq.float() * (v_scale[:, None] if v_scale.ndim == 3 else v_scale)  # [B, Sk, H, D]
     out = torch.einsum("bhqk,bkhd->bqhd", weights / torch.where(denom == 0, 1.0, denom), vd).to(dtype)
     if not return_lse:
