@@ -55,16 +55,13 @@ QUANTISER_LAUNCHES = [(4, 32), (8, 32), (4, 64), (8, 64), (8, 128)]
 
 # Kernel variants timed beside each format's default (module settings of vgen.kernels.quantized; maxnreg is the
 # format's QUANT_LAUNCH register cap). None: the default itself.
-FLAGS = ("PEEL_RAGGED", "FOLD_MAGIC", "INT_FOLD", "QUANTIZE_RCP", "QUANTIZE_PADDED", "INT_CODES16", "INT_SUMS_MMA",
-         "INT_LAZY_RESCALE")
+FLAGS = ("PEEL_RAGGED", "FOLD_MAGIC", "INT_FOLD", "QUANTIZE_RCP", "QUANTIZE_PADDED", "INT_CODES16", "INT_SUMS_MMA")
 DEFAULTS = {**{name: getattr(quantized, name) for name in FLAGS},
             "maxnreg": {key: launch["maxnreg"] for key, launch in quantized.QUANT_LAUNCH.items()}}
 # (the quantiser's QUANTIZE_RCP and QUANTIZE_PADDED variants were timed at 6b02325 and 1908a99)
 VARIANTS = {
     ("int8", None): {},
-    ("int8", "eager rescale (INT_LAZY_RESCALE off)"): {"INT_LAZY_RESCALE": False},
-    ("int8", "fp32 codes and sums, eager rescale (1908a99's loop)"): {
-        "INT_CODES16": False, "INT_SUMS_MMA": False, "INT_LAZY_RESCALE": False},
+    ("int8", "fp32 codes and sums (1908a99's loop)"): {"INT_CODES16": False, "INT_SUMS_MMA": False},
     ("fp8", None): {},
 }
 
@@ -79,8 +76,7 @@ def apply(settings: dict, pv: str) -> None:
 def settings_text(settings: dict, pv: str) -> str:
     key = "fp8" if pv == "fp8" else "int"
     fold = settings["FOLD_MAGIC"] if pv == "fp8" else settings["INT_FOLD"]
-    codes = (f", INT_CODES16 {settings['INT_CODES16']}, INT_SUMS_MMA {settings['INT_SUMS_MMA']}, "
-             f"INT_LAZY_RESCALE {settings['INT_LAZY_RESCALE']}") if pv != "fp8" else ""
+    codes = f", INT_CODES16 {settings['INT_CODES16']}, INT_SUMS_MMA {settings['INT_SUMS_MMA']}" if pv != "fp8" else ""
     return (f"PEEL_RAGGED {settings['PEEL_RAGGED']}, fold {fold}, QUANTIZE_RCP {settings['QUANTIZE_RCP']}, "
             f"QUANTIZE_PADDED {settings['QUANTIZE_PADDED']}, maxnreg {settings['maxnreg'][key]}{codes}")
 

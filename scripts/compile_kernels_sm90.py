@@ -33,9 +33,8 @@ V_T = {"PADDED": quantized.QUANTIZE_PADDED, "s_os": 1}  # V written transposed: 
 QUANT_INT = {"PV_FP8": False, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False, "PEEL": quantized.PEEL_RAGGED,
              "FOLD": quantized.INT_FOLD, "V_BLOCKWISE": not quantized.INT_FOLD, "ASM": True,
              "CODES16": quantized.INT_FOLD and quantized.INT_CODES16,
-             "SUMS_MMA": quantized.INT_FOLD and quantized.INT_SUMS_MMA,
-             "LAZY": quantized.INT_FOLD and quantized.INT_LAZY_RESCALE}  # INT8 PV
-NO_CODES = {"CODES16": False, "SUMS_MMA": False, "ASM": True, "LAZY": False}  # FP8 PV: no integer codes
+             "SUMS_MMA": quantized.INT_FOLD and quantized.INT_SUMS_MMA}  # INT8 PV
+NO_CODES = {"CODES16": False, "SUMS_MMA": False, "ASM": True}  # FP8 PV: no integer codes
 QUANTIZE = {"X": "*bf16", "MEAN": "*fp32", "OUT": "*i8", "SCALE": "*fp32", "levels": "fp32"}
 POOLED_FP32 = {**POOLED, "Q": "*fp32", "SPARSE": "*fp32", "OUT": "*fp32"}
 QUANT_FWD = {"Q": "*i8", "K": "*i8", "VT": "*i8", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": "*bf16",
@@ -154,8 +153,7 @@ KERNELS = [
      quantized.QUANT_LAUNCH["int"]["maxnreg"]),
     # INT4 PV: V scaled per key block and channel
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "ROWS": 64,
-                                              "RETURN_LSE": True, "USE_TMA": True, **QUANT_INT, "V_BLOCKWISE": True,
-                                              "LAZY": False},
+                                              "RETURN_LSE": True, "USE_TMA": True, **QUANT_INT, "V_BLOCKWISE": True},
      4, 3, quantized.QUANT_LAUNCH["int"]["maxnreg"]),
     (quantized._quant_fwd_kernel, {**QUANT_FWD, "VT": "*fp8e4nv"},
      {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128, "ROWS": 64, "RETURN_LSE": True, "USE_TMA": True,

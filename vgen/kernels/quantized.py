@@ -358,15 +358,11 @@ INT_CODES16 = True
 # p over the tile's columns in fp32 (a FADD a score and the shuffles). The sums are then those of the rounded codes,
 # as the PV product uses them (INT4's always were): the output is a convex combination of V's values.
 INT_SUMS_MMA = True
-# pv="int8" with INT_FOLD: the running maximum of a row moves only when a tile's maximum passes it by more than
-# LAZY_RESCALE_BITS (base 2; as FlashAttention-4 does), and the accumulator is rescaled only in a key tile where some
-# row's maximum moved: one branch for the program (a reduction over its rows), taken in few tiles after the first.
-# INT8's codes are against each tile's own maximum, so they never exceed P whatever the running maximum; a tile's
-# weight exp2(tile max - running max) / P is then at most 2^8 / P. The PV product is converted by I2FP (no magic
-# add, so no accumulator initialised to it) and added by one fused multiply-add: two instructions an output in the
-# tiles that skip the rescale, against three. The result is the same softmax up to rounding.
-INT_LAZY_RESCALE = True
-LAZY_RESCALE_BITS = tl.constexpr(8.0)
+# (Tried and dropped, H200 at 362f8cc, `benchmarks/quantized_quick.py`: INT8's running maximum moved only when a
+# tile's maximum passed it by more than 8 bits, as FlashAttention-4 does, and the accumulator rescaled only in a tile
+# where some row's maximum moved, by one branch for the program; the PV product converted by I2FP and added by one
+# fused multiply-add. The branch is rarely taken, yet the call got slower: 9.32 -> 10.13 ms at 1.3B dense, 162.0 ->
+# 174.2 at 14B dense, 2.62 -> 2.84 and 45.4 -> 46.1 at density 0.25. ptxas spilled 4 B at the 168-register cap.)
 # (Tried for INT8 and dropped, untimed: P against the running maximum rounded up to a whole number (base 2), so that
 # every tile's codes share one scale and the PV products add up in the MMA's own int32 accumulator across key tiles,
 # shifted right when that reference rises; no per-tile conversion of the products. It matched its step-by-step
@@ -425,7 +421,7 @@ def _quant_tile(
     log2_levels, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, PV_FP8: tl.constexpr, ROUND_FP8: tl.constexpr, FP8_ACC_IN_DOT: tl.constexpr,
     MASKED: tl.constexpr, FOLD: tl.constexpr, V_BLOCKWISE: tl.constexpr, CODES16: tl.constexpr = False,
-    SUMS_MMA: tl.constexpr = False, ASM: tl.constexpr = False, b_ones=None, LAZY: tl.constexpr = False,
+    SUMS_MMA: tl.constexpr = False, ASM: tl.constexpr = False, b_ones=None,
 ):
     """One key tile ``j`` of the online softmax: the running maxima, row sums and accumulator after it."""
     o_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -447,10 +443,7 @@ def _quant_tile(
         if MASKED:
             b_x = tl.where(m_n[None, :], b_x, float("-inf"))
         b_tmax = (tl.max(b_x, 1) - _MAGIC_F) * c  # the tile's largest logit per row (base 2)
-        if LAZY:  # the running maximum moves only past LAZY_RESCALE_BITS (INT_LAZY_RESCALE)
-            b_m_new = tl.where(b_tmax > b_m + LAZY_RESCALE_BITS, b_tmax, b_m)
-        else:
-            b_m_new = tl.maximum(b_m, b_tmax)
+        b_m_new = tl.maximum(b_m, b_tmax)
     else:
         b_x = _i32_to_f32(tl.dot(b_q, tl.trans(b_k), out_dtype=tl.int32))
         if MASKED:
@@ -498,17 +491,11 @@ def _quant_tile(
             b_sum = tl.sum(b_p, 1)  # INT8: p unrounded, as FP8's sums
         b_l = b_l * b_alpha + b_sum * b_pscale
         # |p8 . v8| <= 127^2 * BLOCK_N < 2^22 for key tiles up to 256
-        if LAZY:  # the accumulator rescaled only when a row's running maximum moved (one branch for the program)
-            b_pvf = tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32).to(tl.float32)  # exact: |pv| < 2^22
-            if tl.max((b_m_new != b_m).to(tl.int32), 0) > 0:
-                b_acc = b_acc * b_alpha[:, None]
-            b_acc = tl.fma(b_pvf, tl.broadcast_to(b_pscale[:, None], [BLOCK_M_ROWS, BLOCK_D]), b_acc)
-        elif V_BLOCKWISE:  # V scaled per channel of each key block (INT4)
-            b_pv = (tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32) + _MAGIC_I).to(tl.float32, bitcast=True)
+        b_pv = (tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32) + _MAGIC_I).to(tl.float32, bitcast=True)
+        if V_BLOCKWISE:  # V scaled per channel of each key block (INT4)
             v_scale = tl.load(VS + (i_bh * MK + j) * D + o_d, mask=m_d, other=0.0)
             b_acc = b_acc * b_alpha[:, None] + (b_pv - _MAGIC_F) * (b_pscale[:, None] * v_scale[None, :])
         else:  # per channel over all tokens, applied at the end: two fused multiply-adds per output
-            b_pv = (tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32) + _MAGIC_I).to(tl.float32, bitcast=True)
             b_acc = tl.fma(b_acc, tl.broadcast_to(b_alpha[:, None], [BLOCK_M_ROWS, BLOCK_D]),
                            tl.fma(b_pv, tl.broadcast_to(b_pscale[:, None], [BLOCK_M_ROWS, BLOCK_D]),
                                   tl.broadcast_to(-(b_pscale * _MAGIC_F)[:, None], [BLOCK_M_ROWS, BLOCK_D])))
@@ -544,7 +531,7 @@ def _quant_fwd_kernel(
     RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr = False, PV_FP8: tl.constexpr = False,
     ROUND_FP8: tl.constexpr = False, FP8_ACC_IN_DOT: tl.constexpr = False, PEEL: tl.constexpr = False,
     FOLD: tl.constexpr = False, V_BLOCKWISE: tl.constexpr = True, CODES16: tl.constexpr = False,
-    SUMS_MMA: tl.constexpr = False, ASM: tl.constexpr = False, LAZY: tl.constexpr = False,
+    SUMS_MMA: tl.constexpr = False, ASM: tl.constexpr = False,
 ):
     # one program: ROWS query tokens of a mask block of BLOCK_M (a divisor: half a 128-row block keeps the
     # int32 score tile, P and the fp32 accumulator in registers)
@@ -588,7 +575,7 @@ def _quant_fwd_kernel(
             b_q, K, VT, desc_k, desc_vt, KS, VS, j, q_scale, b_m, b_l, b_acc, o_d, m_d, s_ks, s_vd, i_bh, SK, MK,
             p_levels, log2_levels, D=D, BLOCK_D=BLOCK_D, BLOCK_M_ROWS=ROWS, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA,
             PV_FP8=PV_FP8, ROUND_FP8=ROUND_FP8, FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, MASKED=not PEEL, FOLD=FOLD,
-            V_BLOCKWISE=V_BLOCKWISE, CODES16=CODES16, SUMS_MMA=SUMS_MMA, ASM=ASM, b_ones=b_ones, LAZY=LAZY,
+            V_BLOCKWISE=V_BLOCKWISE, CODES16=CODES16, SUMS_MMA=SUMS_MMA, ASM=ASM, b_ones=b_ones,
         )
     if PEEL:
         if n_loop < n_it:
@@ -597,7 +584,6 @@ def _quant_fwd_kernel(
                 SK, MK, p_levels, log2_levels, D=D, BLOCK_D=BLOCK_D, BLOCK_M_ROWS=ROWS, BLOCK_N=BLOCK_N,
                 USE_TMA=USE_TMA, PV_FP8=PV_FP8, ROUND_FP8=ROUND_FP8, FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, MASKED=True,
                 FOLD=FOLD, V_BLOCKWISE=V_BLOCKWISE, CODES16=CODES16, SUMS_MMA=SUMS_MMA, ASM=ASM, b_ones=b_ones,
-                LAZY=LAZY,
             )
         b_l = tl.where(misplaced > 0, float("nan"), b_l)
     if not V_BLOCKWISE:  # V's scales per (batch, head, channel), applied once
@@ -738,7 +724,6 @@ def quantized_attention(
         RETURN_LSE=return_lse, USE_TMA=use_tma, PV_FP8=pv == "fp8", ROUND_FP8=pv == "fp8" and not q.is_cuda,
         FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, PEEL=PEEL_RAGGED, FOLD=FOLD_MAGIC if pv == "fp8" else INT_FOLD,
         V_BLOCKWISE=not _v_channels(pv), CODES16=codes and INT_CODES16, SUMS_MMA=codes and INT_SUMS_MMA, ASM=q.is_cuda,
-        LAZY=pv == "int8" and INT_FOLD and INT_LAZY_RESCALE,
         num_warps=launch["warps"] if q.is_cuda else 4, num_stages=launch["stages"] if q.is_cuda else 1,
         **({"maxnreg": launch["maxnreg"]} if q.is_cuda and launch.get("maxnreg") else {}),
     )  # fmt: skip
