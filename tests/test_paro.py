@@ -233,6 +233,31 @@ def test_calibration_shared_over_the_run(tiny_model, tmp_path):
         calibrate_paro(pipe, ["a red circle"], tmp_path / "x.safetensors", share="step", **GENERATE)
 
 
+def test_calibration_with_a_density_schedule(tiny_model, tmp_path, capsys):
+    """A density per timestep bucket: bucket k's masks keep density[k] of the token pairs (per model here, to
+    within one block), the meta holds the schedule; a wrong length, a value out of (0, 1] or share "run" is a clear
+    error, and the CLI takes the schedule comma-separated."""
+    pipe = VideoPipeline.from_pretrained(tiny_model, torch_dtype=torch.float32, device="cpu")
+    cal = calibrate_paro(pipe, ["a red circle moves left"], tmp_path / "s.safetensors", density=[1.0, 0.4],
+                         buckets=2, block_size=32, share="model", **GENERATE)  # fmt: skip
+    assert cal.meta["density"] == [1.0, 0.4] and cal.masks[0].all()  # 6 x 6 whole blocks: pairs = blocks
+    assert 0 <= cal.masks[1].float().mean().item() - 0.4 < 1 / (2 * 2 * 36)
+    assert cal.meta["bucket_density"] == pytest.approx([1.0, cal.masks[1].float().mean().item()])
+    for density, match in (([0.5], "needs 2 values"), ([0.5, 0.0], "needs 2 values"), ("0.3", "a number in")):
+        with pytest.raises(ValueError, match=match):
+            calibrate_paro(pipe, ["a"], tmp_path / "x.safetensors", density=density, buckets=2, **GENERATE)
+    with pytest.raises(ValueError, match="share 'run' cannot take one"):
+        calibrate_paro(pipe, ["a"], tmp_path / "x.safetensors", density=[0.5, 0.3], buckets=2, share="run",
+                       **GENERATE)  # fmt: skip
+    from vgen.cli import _densities
+
+    assert _densities("0.3") == 0.3 and _densities("1,0.2") == [1.0, 0.2]
+    with pytest.raises(SystemExit):
+        main(["calibrate", "paro", "--model", str(tiny_model), "--out", str(tmp_path / "c.safetensors"),
+              "--density", "1,x"])  # fmt: skip
+    assert "comma-separated numbers" in capsys.readouterr().err
+
+
 def test_cli_shares_are_the_methods():
     from vgen.attention.paro import SHARES
     from vgen.cli import PARO_SHARES

@@ -205,6 +205,15 @@ def _bench_speed(args: argparse.Namespace) -> None:
         print(f"wrote {out}")
 
 
+def _densities(text: str) -> float | list[float]:
+    """``--density``: one number, or comma-separated numbers (a schedule, one per timestep bucket)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _calibrate_paro(args: argparse.Namespace) -> None:
     import torch
 
@@ -363,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     paro.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per prompt")
     for name in ("--frames", "--height", "--width", "--steps"):
         paro.add_argument(name, type=int)
-    paro.add_argument("--density", type=float, default=0.3, help="kept share of token pairs, in (0, 1]")
+    paro.add_argument("--density", type=_densities, default=0.3,
+                      help="kept share of token pairs, in (0, 1]; or one per timestep bucket, comma-separated, the "
+                           "first for the noisiest steps (a schedule; not with --share run)")
     paro.add_argument("--buckets", type=int, default=4, help="timestep buckets with their own masks")
     paro.add_argument("--share", default="head", choices=PARO_SHARES,
                       help="what shares the density budget: each head, the heads of a layer, the whole model (per "

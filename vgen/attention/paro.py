@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,13 +149,13 @@ def _bucket_of(step: int, steps: int, buckets: int) -> int:
 
 
 def _shared_masks(
-    mass: torch.Tensor, share: str, seq: int, block: int, density: float, steps: list[int]
+    mass: torch.Tensor, share: str, seq: int, block: int, density: float | list[float], steps: list[int]
 ) -> torch.Tensor:
     """bool ``[K, L, H, M, M]`` masks from the block masses ``[K, L, H, M, M]`` (per timestep bucket, layer and
     head; each bucket's summed over its denoising steps, of which there are ``steps[k]``), with the ``density``
     budget shared as ``share`` says (:data:`SHARES`). For ``"run"`` the buckets are compared per step and a
     bucket's blocks cost its step count, so that the run keeps ``density`` of its work; the other shares keep it
-    in every bucket (one bucket at a time, which bounds the memory)."""
+    in every bucket (one bucket at a time, which bounds the memory), or ``density[k]`` in bucket k (a list)."""
     if share == "run":
         uses = torch.tensor(steps, dtype=torch.float64).view(-1, 1, 1).expand(mass.shape[:3])  # [K, L, H]
         per_step = mass.double() / uses[..., None, None]
@@ -162,7 +163,8 @@ def _shared_masks(
     masks = torch.empty(mass.shape, dtype=torch.bool)
     for k, bucket in enumerate(mass):  # [L, H, M, M]
         sharing = {"head": bucket[..., None, :, :], "layer": bucket, "model": bucket.flatten(0, 1)}[share]
-        masks[k] = _pooled_masks(sharing, seq, block, density).view(bucket.shape)
+        budget = density[k] if isinstance(density, list) else density
+        masks[k] = _pooled_masks(sharing, seq, block, budget).view(bucket.shape)
     return masks
 
 
@@ -361,7 +363,7 @@ def calibrate_paro(
     prompts: list[str],
     out: str | Path,
     *,
-    density: float = 0.3,
+    density: float | Sequence[float] = 0.3,
     buckets: int = 4,
     block_size: int = 128,
     seeds: tuple[int, ...] = (0,),
@@ -376,6 +378,9 @@ def calibrate_paro(
         prompts: calibration prompts; ``seeds``: seeds per prompt.
         out: the file to write (safetensors with JSON metadata).
         density: kept share of token pairs, in (0, 1]: per (bucket, layer, head), or over what ``share`` says.
+            A sequence of ``buckets`` values is a schedule: bucket k keeps ``density[k]`` (the first bucket
+            holds the first, noisiest steps, which move the video most); not with share ``"run"``, which
+            moves the budget between buckets itself.
         buckets: timestep buckets (the denoising steps are split evenly).
         block_size: kernel block size in tokens (a power of two >= 16).
         query_chunk: query rows per softmax evaluation while measuring.
@@ -391,10 +396,19 @@ def calibrate_paro(
 
     if not prompts:
         raise ValueError("calibrate_paro needs at least one prompt")
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
     if not isinstance(buckets, int) or buckets < 1:
         raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
+    if isinstance(density, str) or not isinstance(density, (int, float, Sequence)):
+        raise ValueError(f"density must be a number in (0, 1] or one per bucket, got {density!r}")
+    schedule = None if isinstance(density, (int, float)) else [float(d) for d in density]
+    if schedule is not None:
+        if len(schedule) != buckets or not all(0.0 < d <= 1.0 for d in schedule):
+            raise ValueError(f"density as a schedule needs {buckets} values (one a bucket) in (0, 1], got {density!r}")
+        if share == "run":
+            raise ValueError("a density schedule fixes each bucket's budget; share 'run' cannot take one (use 'head', "
+                             "'layer' or 'model')")  # fmt: skip
+    elif not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
     if share not in SHARES:
@@ -419,8 +433,11 @@ def calibrate_paro(
     layers = 1 + max(layer for _, layer in mass_of)
     heads = next(iter(mass_of.values())).shape[1]
     blocks = -(-layout.seq_len // block_size)
-    keep = max(1, math.ceil(density * blocks * blocks))
     seen = sorted({b for b, _ in mass_of})
+    # a schedule's orders are chosen at its mean density over the steps
+    mean_density = density if schedule is None else sum(
+        schedule[b] * calibrator.steps_in(b) for b in range(buckets)) / steps
+    keep = max(1, math.ceil(mean_density * blocks * blocks))
     # [L, 6, H, M, M]: every bucket's mass per layer
     total = torch.stack([sum(mass_of[(b, layer)] for b in seen) for layer in range(layers)])
     orders = _captured(total, keep).argmax(1)  # [L, H]
@@ -431,7 +448,8 @@ def calibrate_paro(
     chosen = torch.stack([
         torch.stack([mass_of[(b, layer)][orders[layer], torch.arange(heads)] for layer in range(layers)]) for b in seen
     ])  # fmt: skip
-    measured = _shared_masks(chosen, share, layout.seq_len, block_size, density, [calibrator.steps_in(b) for b in seen])
+    budget = density if schedule is None else [schedule[b] for b in seen]
+    measured = _shared_masks(chosen, share, layout.seq_len, block_size, budget, [calibrator.steps_in(b) for b in seen])
     masks = measured[[seen.index(source) for source in sources]]
     inside = torch.zeros(layers, heads, dtype=torch.float64)  # each head's mass inside its masks, and in all
     whole = torch.zeros(layers, heads, dtype=torch.float64)
@@ -448,7 +466,7 @@ def calibrate_paro(
                         if k in config},  # fmt: skip
         "grid": [layout.frames, layout.height, layout.width, layout.text_before, layout.text_after],
         "block_size": block_size,
-        "density": density,
+        "density": density if schedule is None else schedule,
         "share": share,
         "steps": steps,
         "buckets": buckets,
