@@ -61,6 +61,7 @@ DEFAULTS = {**{name: getattr(quantized, name) for name in FLAGS},
 # (the quantiser's QUANTIZE_RCP and QUANTIZE_PADDED variants were timed at 6b02325 and 1908a99)
 VARIANTS = {
     ("int8", None): {},
+    ("int8", "sums of p unrounded, no ones MMA (INT_SUMS_MMA off)"): {"INT_SUMS_MMA": False},
     ("int8", "fp32 codes and sums (1908a99's loop)"): {"INT_CODES16": False, "INT_SUMS_MMA": False},
     ("fp8", None): {},
 }

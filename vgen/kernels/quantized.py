@@ -473,11 +473,13 @@ def _quant_tile(
         b_p = _folded_exp2(b_x, c, b_tmax, log2_levels)
         if CODES16:  # rounded through half precision, four per PTX instance (INT_CODES16)
             b_pq = _codes16(b_p, ASM)
+            if V_BLOCKWISE and not SUMS_MMA:  # INT4: sums of the rounded p
+                b_p = b_pq.to(tl.float32)
         else:
             # rounded to an integer by the magic add; its low byte is that integer (the magic's low 22 bits are zero)
             b_shifted = b_p + _MAGIC_F
             b_pq = b_shifted.to(tl.int32, bitcast=True).to(tl.int8)
-            if V_BLOCKWISE or SUMS_MMA:  # sums of the rounded p (INT4: at 7 levels many round to 0)
+            if V_BLOCKWISE:  # INT4: sums of the rounded p (at 7 levels many round to 0)
                 b_p = b_shifted - _MAGIC_F
         # the weight with its last two mantissa bits cleared: 1.5 * 2^23 times it is then exact, so the product's
         # conversion below (pv * w - 1.5 * 2^23 * w in one fused multiply-add) rounds only once
@@ -485,10 +487,8 @@ def _quant_tile(
         b_pscale = (b_pscale & -4).to(tl.float32, bitcast=True)
         if SUMS_MMA:  # the rounded codes' row sums by an MMA with a column of ones (exact in int32)
             b_sum = tl.sum(tl.dot(b_pq, b_ones, out_dtype=tl.int32), 1).to(tl.float32)
-        elif CODES16:
-            b_sum = tl.sum(b_pq.to(tl.float32), 1)
         else:
-            b_sum = tl.sum(b_p, 1)  # INT8: p unrounded, as FP8's sums
+            b_sum = tl.sum(b_p, 1)  # INT8: p unrounded, as FP8's sums (INT4: rounded)
         b_l = b_l * b_alpha + b_sum * b_pscale
         # |p8 . v8| <= 127^2 * BLOCK_N < 2^22 for key tiles up to 256
         b_pv = (tl.dot(b_pq, tl.trans(b_vt), out_dtype=tl.int32) + _MAGIC_I).to(tl.float32, bitcast=True)
@@ -840,8 +840,8 @@ def _folded_reference(q8, q_scale, k8, k_scale, vq, v_scale, block_mask, qk_scal
     else:  # ties to even, as the magic add; INT_CODES16 rounds p to fp16 first, as _codes16
         rounded = (p.half().float() if INT_FOLD and INT_CODES16 else p).round()
     weights = (rounded * rescale).flatten(-2)[..., :sk]
-    # the sums of p unrounded, as the kernel's; of the rounded codes for INT4, INT_CODES16 and INT_SUMS_MMA
-    rounded_sums = not fp8 and (pv == "int4" or (INT_FOLD and (INT_CODES16 or INT_SUMS_MMA)))
+    # the sums of p unrounded, as the kernel's; of the rounded codes for INT4 and with INT_SUMS_MMA
+    rounded_sums = not fp8 and (pv == "int4" or (INT_FOLD and INT_SUMS_MMA))
     denom = ((rounded if rounded_sums else p) * rescale).flatten(-2)[..., :sk].sum(-1, keepdim=True)
     vd = vq.float() * (v_scale[:, None] if v_scale.ndim == 3 else v_scale)  # [B, Sk, H, D]
     out = torch.einsum("bhqk,bkhd->bqhd", weights / torch.where(denom == 0, 1.0, denom), vd).to(dtype)
