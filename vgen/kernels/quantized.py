@@ -18,9 +18,10 @@ steps:
      maximum in the tile, to ``round(P * exp2(s - tile max))`` with P = 127 (INT8) or 7 (INT4),
      computed so from the exponent. They do not depend on the running maximum, and a tile far
      below the row's peak keeps its resolution; the tile's weight ``exp2(tile max - m) / P`` goes
-     onto its row sums and its product. ``dot(p_q, v_q) -> int32`` is accumulated in fp32 (INT4:
-     dequantised per channel of the key block). INT8's row sums use p unrounded, INT4's the
-     rounded p (at 7 levels many round to 0).
+     onto its row sums and its product. The codes are rounded through fp16 (``INT_CODES16``), and
+     their row sums come exactly from one more small MMA with a column of ones (``INT_SUMS_MMA``), so
+     that the sums are those of the rounded codes the product uses. ``dot(p_q, v_q) -> int32`` is
+     accumulated in fp32 (INT4: dequantised per channel of the key block).
    - FP8: ``448 * exp2(s - m)`` (448 is e4m3's largest value; the factor sits in the exponent)
      is cast straight to e4m3 and ``dot(p8, v8)`` accumulates in fp32, one key tile at a time; the
      row sums use the unrounded p, and V's scales are applied once at the end.
@@ -338,25 +339,31 @@ PEEL_RAGGED = True
 FOLD_MAGIC = True
 # pv="int8"/"int4": the same fold, and P quantised through the exponent: its bias holds the tile's maximum logit,
 # so p comes out as p / max x P in [0, P] (P = 127 or 7) with no maximum of p, no ratio and no integer subtraction;
-# INT8's row sums take p unrounded (as FP8's), and its V has one scale per (batch, head, channel) over all tokens
-# (as FP8's), applied at the end, so that each output takes two fused multiply-adds per key tile. INT4 keeps a
-# V scale per key block and channel, and sums the rounded p. On random inputs (interpreter) INT8's error against
-# exact attention goes 0.57% -> 0.60% and 0.30% -> 0.32%; INT4's is unchanged. The sm_90 loop: 1417 -> 864
-# instructions per tile and thread (FP8: 622). False: P against the tile maximum of p taken from p itself, rounded
-# row sums, V per key block (as before).
+# INT8's row sums took p unrounded (as FP8's; INT_SUMS_MMA now sums the codes), and its V has one scale per
+# (batch, head, channel) over all tokens (as FP8's), applied at the end, so that each output takes two fused
+# multiply-adds per key tile. INT4 keeps a V scale per key block and channel, and sums the rounded p. On random inputs
+# (interpreter) INT8's error against exact attention goes 0.57% -> 0.60% and 0.30% -> 0.32%; INT4's is unchanged. The
+# sm_90 loop: 1417 -> 864 instructions per tile and thread (FP8: 622). False: P against the tile maximum of p taken from
+# p itself, rounded row sums, V per key block (as before).
 INT_FOLD = True
 # pv="int8"/"int4" with INT_FOLD: P's codes rounded through half precision. Each group of four p (fp32, from the
 # exponent) goes to fp16 in pairs (one F2FP a pair), is rounded to an integer by a half-precision magic add (1.5 *
 # 2^10, one HADD2 a pair), and the four low bytes are packed into the int8 operand by one byte permute: 1.25
 # instructions a p where the fp32 magic add and the byte extraction take 2 (sm_90a, ptxas: one FADD and one PRMT a
-# p). The fp16 rounding moves p by at most 2^-11 of it (0.03 at the top code), so the largest code stays P. No fp32
-# p is kept, so the row sums are those of the rounded codes (INT_SUMS_MMA). ex2.approx.f16x2 for the exponent
-# itself was compiled too: ptxas splits it into two MUFU.EX2.F16 and repacks the halves, so it saves nothing.
+# p). The fp16 rounding moves p by at most 2^-11 of it (0.03 at the top code), so the largest code stays P. Without
+# INT_SUMS_MMA the row sums stay those of p unrounded in fp32. ex2.approx.f16x2 for the exponent itself was compiled
+# too: ptxas splits it into two MUFU.EX2.F16 and repacks the halves, so it saves nothing.
+# H200, `benchmarks/quantized_quick.py`, INT8 calls in ms at 1.3B dense / 1.3B 0.25 / 14B dense / 14B 0.25, against
+# the loop before both flags (1908a99's): at 362f8cc, both on 9.32 / 2.62 / 162.0 / 45.37 against 9.55 / 2.68 / 169.8
+# / 45.84; at 93ee971, both on 9.28 / 2.63 / 161.1 / 42.4, INT_CODES16 alone 9.29 / 2.62 / 163.7 / 45.1, neither
+# 9.50 / 2.68 / 169.0 / 45.9. sm_90a loop instructions per tile and thread: 871 neither, 839 INT_CODES16 alone, 835
+# INT_SUMS_MMA alone, 803 both.
 INT_CODES16 = True
 # pv="int8"/"int4" with INT_FOLD: each row's sum of the rounded codes of a key tile by one more small MMA, the codes
 # times a [BLOCK_N, 16] int8 matrix whose first column is ones (the MMA sums exactly in int32), instead of a sum of
 # p over the tile's columns in fp32 (a FADD a score and the shuffles). The sums are then those of the rounded codes,
-# as the PV product uses them (INT4's always were): the output is a convex combination of V's values.
+# as the PV product uses them (INT4's always were): the output is a convex combination of V's values. The MMA waits
+# on its own (Triton waits after every dot), yet it is faster than the sums in fp32 (times above).
 INT_SUMS_MMA = True
 # (Tried and dropped, H200 at 362f8cc, `benchmarks/quantized_quick.py`: INT8's running maximum moved only when a
 # tile's maximum passed it by more than 8 bits, as FlashAttention-4 does, and the accumulator rescaled only in a tile
