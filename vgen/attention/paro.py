@@ -15,6 +15,9 @@ that mass:
   ``density`` of the token pairs is kept, the diagonal blocks always included. With ``share="layer"``
   or ``"model"`` the heads of a layer (or of the model) share that budget, heaviest blocks first;
   with ``"run"`` the timestep buckets share it too, so the steps whose attention is spread get more.
+  ``density`` may also be a schedule, one value per timestep bucket: the first, noisiest steps move
+  the video most, and on the reference model a schedule that starts dense and thins out keeps
+  0.3 of the pairs over the run at 24 dB against dense, where a flat 0.3 gives 19 dB.
 
 Both go into one safetensors file with JSON metadata, which names the model and the token grid it
 was calibrated for. ``enable_sparse_attention("paro", calibration=FILE)`` loads it. At run time,
