@@ -243,6 +243,17 @@ def test_calibration_with_a_density_schedule(tiny_model, tmp_path, capsys):
     assert cal.meta["density"] == [1.0, 0.4] and cal.masks[0].all()  # 6 x 6 whole blocks: pairs = blocks
     assert 0 <= cal.masks[1].float().mean().item() - 0.4 < 1 / (2 * 2 * 36)
     assert cal.meta["bucket_density"] == pytest.approx([1.0, cal.masks[1].float().mean().item()])
+    # one measurement (the dense generations) builds any calibration: the same as calibrate_paro's, to the bit
+    from vgen.attention.paro import measure_paro
+
+    measurement = measure_paro(pipe, ["a red circle moves left"], buckets=2, block_size=32, **GENERATE)
+    again = measurement.calibration(None, density=[1.0, 0.4], share="model")
+    assert torch.equal(again.orders, cal.orders) and torch.equal(again.masks, cal.masks) and again.meta == cal.meta
+    flat = calibrate_paro(pipe, ["a red circle moves left"], tmp_path / "f.safetensors", density=0.4, buckets=2,
+                          block_size=32, **GENERATE)  # fmt: skip
+    built = measurement.calibration(tmp_path / "g.safetensors", density=0.4)
+    assert torch.equal(built.masks, flat.masks) and built.meta == flat.meta
+    assert torch.equal(ParoCalibration.load(tmp_path / "g.safetensors").masks, flat.masks)
     for density, match in (([0.5], "needs 2 values"), ([0.5, 0.0], "needs 2 values"), ("0.3", "a number in")):
         with pytest.raises(ValueError, match=match):
             calibrate_paro(pipe, ["a"], tmp_path / "x.safetensors", density=density, buckets=2, **GENERATE)

@@ -48,7 +48,10 @@ from vgen.kernels import permute_tokens, unpermute_tokens
 from vgen.kernels.permute import axis_order
 from vgen.kernels.quantized import _PV_FORMATS, quantized_attention
 
-__all__ = ["AXIS_ORDERS", "ParoCalibration", "PAROAttention", "PAROConfig", "block_mass", "calibrate_paro"]
+__all__ = [
+    "AXIS_ORDERS", "ParoCalibration", "ParoMeasurement", "PAROAttention", "PAROConfig", "block_mass", "calibrate_paro",
+    "measure_paro",
+]
 
 AXIS_ORDERS: tuple[str, ...] = ("thw", "twh", "htw", "hwt", "wth", "wht")
 _FORMAT = "vgen-paro-calibration/1"
@@ -356,9 +359,153 @@ class _Calibrator(AttentionMethod):
         self.mass[key] = self.mass[key] + mass if key in self.mass else mass
         return dense_attention(q, k, v, scale=scale, attn_mask=attn_mask)
 
+
+def _schedule_of(density: Any, buckets: int, share: str) -> list[float] | None:
+    """Check ``density`` (a number in (0, 1], or one per bucket) against ``buckets`` and ``share``; the schedule,
+    or None for one number."""
+    if isinstance(density, str) or not isinstance(density, (int, float, Sequence)):
+        raise ValueError(f"density must be a number in (0, 1] or one per bucket, got {density!r}")
+    if share not in SHARES:
+        raise ValueError(f"share must be one of {', '.join(map(repr, SHARES))}, got {share!r}")
+    if isinstance(density, (int, float)):
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density!r}")
+        return None
+    schedule = [float(d) for d in density]
+    if len(schedule) != buckets or not all(0.0 < d <= 1.0 for d in schedule):
+        raise ValueError(f"density as a schedule needs {buckets} values (one a bucket) in (0, 1], got {density!r}")
+    if share == "run":
+        raise ValueError("a density schedule fixes each bucket's budget; share 'run' cannot take one (use 'head', "
+                         "'layer' or 'model')")  # fmt: skip
+    return schedule
+
+
+@dataclass(frozen=True, eq=False)
+class ParoMeasurement:
+    """What :func:`measure_paro`'s dense generations saw: the block mass per (timestep bucket, layer) under every
+    axis order, and what a calibration file records of the model and the grid. :meth:`calibration` builds
+    calibrations from it at any density and share without generating again.
+
+    Args:
+        mass: ``{(bucket, layer): fp32 [6, H, M, M]}`` on the CPU, summed over the steps of the bucket.
+        layout: the token grid generated at.
+        steps: denoising steps; ``buckets``: timestep buckets; ``block_size``: tokens per block.
+        model: the meta of the model (``"model"`` class name and ``"transformer"`` sizes).
+        prompts: generations measured (prompts x seeds).
+    """
+
+    mass: dict[tuple[int, int], torch.Tensor]
+    layout: VideoLayout
+    steps: int
+    buckets: int
+    block_size: int
+    model: dict[str, Any]
+    prompts: int
+
     def steps_in(self, bucket: int) -> int:
         """Denoising steps that fall in ``bucket``."""
         return sum(_bucket_of(step, self.steps, self.buckets) == bucket for step in range(self.steps))
+
+    def calibration(
+        self, out: str | Path | None, *, density: float | Sequence[float] = 0.3, share: str = "head"
+    ) -> ParoCalibration:
+        """The calibration at ``density`` shared as ``share`` (as :func:`calibrate_paro`), written to ``out``
+        unless it is None."""
+        schedule = _schedule_of(density, self.buckets, share)
+        layout, block_size, buckets = self.layout, self.block_size, self.buckets
+        layers = 1 + max(layer for _, layer in self.mass)
+        heads = next(iter(self.mass.values())).shape[1]
+        blocks = -(-layout.seq_len // block_size)
+        seen = sorted({b for b, _ in self.mass})
+        # a schedule's orders are chosen at its mean density over the steps
+        mean_density = density if schedule is None else sum(
+            schedule[b] * self.steps_in(b) for b in range(buckets)) / self.steps  # fmt: skip
+        keep = max(1, math.ceil(mean_density * blocks * blocks))
+        # [L, 6, H, M, M]: every bucket's mass per layer
+        total = torch.stack([sum(self.mass[(b, layer)] for b in seen) for layer in range(layers)])
+        orders = _captured(total, keep).argmax(1)  # [L, H]
+        sources = [b if b in seen else max(s for s in seen if s <= b) if any(s <= b for s in seen) else seen[0]
+                   for b in range(buckets)]  # fmt: skip
+        # [K', L, H, M, M]: each measured bucket's mass per head, in the head's chosen order; a bucket that no step
+        # reached (fewer steps than buckets) takes the masks of the last measured one before it
+        chosen = torch.stack([
+            torch.stack([self.mass[(b, layer)][orders[layer], torch.arange(heads)] for layer in range(layers)])
+            for b in seen
+        ])  # fmt: skip
+        budget = density if schedule is None else [schedule[b] for b in seen]
+        measured = _shared_masks(chosen, share, layout.seq_len, block_size, budget, [self.steps_in(b) for b in seen])
+        masks = measured[[seen.index(source) for source in sources]]
+        inside = torch.zeros(layers, heads, dtype=torch.float64)  # each head's mass inside its masks, and in all
+        whole = torch.zeros(layers, heads, dtype=torch.float64)
+        for mass, kept_blocks in zip(chosen, measured, strict=True):
+            inside += torch.where(kept_blocks, mass, 0).double().sum((-1, -2))
+            whole += mass.double().sum((-1, -2))
+        captured = inside / whole.clamp_min(1e-30)
+        tokens = _token_counts(layout.seq_len, block_size)
+        kept = (masks.double() * tokens[:, None] * tokens).sum((-1, -2)) / layout.seq_len**2  # [K, L, H] pairs
+        meta = {
+            **self.model,
+            "grid": [layout.frames, layout.height, layout.width, layout.text_before, layout.text_after],
+            "block_size": block_size,
+            "density": density if schedule is None else schedule,
+            "share": share,
+            "steps": self.steps,
+            "buckets": buckets,
+            "orders": list(AXIS_ORDERS),
+            "prompts": self.prompts,
+            "captured": captured.tolist(),  # [L, H]: share of each head's mass inside its masks, over the buckets
+            "bucket_density": kept.mean((1, 2)).tolist(),  # [K]: kept token pairs per bucket (differ with "run")
+        }
+        calibration = ParoCalibration(orders, masks, meta)
+        if out is not None:
+            calibration.save(out)
+        return calibration
+
+
+def measure_paro(
+    pipe: Any,
+    prompts: list[str],
+    *,
+    buckets: int = 4,
+    block_size: int = 128,
+    seeds: tuple[int, ...] = (0,),
+    query_chunk: int = 1024,
+    **generate: Any,
+) -> ParoMeasurement:
+    """The dense generations of :func:`calibrate_paro` (same arguments), kept as a :class:`ParoMeasurement` so
+    that calibrations at several densities or shares need them once."""
+    from vgen.pipelines.plumbing import apply_sparse_attention, remove_sparse_attention
+    from vgen.pipelines.video import call_defaults
+
+    if not prompts:
+        raise ValueError("calibrate_paro needs at least one prompt")
+    if not isinstance(buckets, int) or buckets < 1:
+        raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+    steps = generate.get("num_inference_steps") or call_defaults(pipe.pipeline).get("num_inference_steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"calibration needs the number of denoising steps (num_inference_steps), got {steps!r}")
+    calibrator = _Calibrator(MethodConfig(), block_size, query_chunk, steps, buckets)
+    apply_sparse_attention(pipe.transformer, calibrator)
+    try:
+        for prompt in prompts:
+            for seed in seeds:
+                pipe(prompt, seed=seed, progress=False, **generate)
+    finally:
+        remove_sparse_attention(pipe.transformer)
+    if len(calibrator.layouts) != 1:
+        raise ValueError(f"calibration saw {len(calibrator.layouts)} token grids; generate at one size")
+    config = pipe.transformer.config
+    model = {
+        "model": type(pipe.transformer).__name__,
+        "transformer": {k: config[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim")
+                        if k in config},  # fmt: skip
+    }
+    return ParoMeasurement(
+        mass={key: value.cpu() for key, value in calibrator.mass.items()}, layout=next(iter(calibrator.layouts)),
+        steps=steps, buckets=buckets, block_size=block_size, model=model, prompts=len(prompts) * len(seeds),
+    )  # fmt: skip
 
 
 def calibrate_paro(
@@ -374,7 +521,8 @@ def calibrate_paro(
     share: str = "head",
     **generate: Any,
 ) -> ParoCalibration:
-    """Run dense generations with ``pipe`` (a :class:`vgen.VideoPipeline`) and write a calibration.
+    """Run dense generations with ``pipe`` (a :class:`vgen.VideoPipeline`) and write a calibration
+    (:func:`measure_paro`, then :meth:`ParoMeasurement.calibration`).
 
     Args:
         pipe: the pipeline; its attention is stock afterwards.
@@ -395,90 +543,10 @@ def calibrate_paro(
             whole run is the same.
         **generate: sizes and steps for ``pipe(...)``; the file is valid for that token grid only.
     """
-    from vgen.pipelines.plumbing import apply_sparse_attention, remove_sparse_attention
-
-    if not prompts:
-        raise ValueError("calibrate_paro needs at least one prompt")
     if not isinstance(buckets, int) or buckets < 1:
         raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
-    if isinstance(density, str) or not isinstance(density, (int, float, Sequence)):
-        raise ValueError(f"density must be a number in (0, 1] or one per bucket, got {density!r}")
-    schedule = None if isinstance(density, (int, float)) else [float(d) for d in density]
-    if schedule is not None:
-        if len(schedule) != buckets or not all(0.0 < d <= 1.0 for d in schedule):
-            raise ValueError(f"density as a schedule needs {buckets} values (one a bucket) in (0, 1], got {density!r}")
-        if share == "run":
-            raise ValueError("a density schedule fixes each bucket's budget; share 'run' cannot take one (use 'head', "
-                             "'layer' or 'model')")  # fmt: skip
-    elif not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
-    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    if share not in SHARES:
-        raise ValueError(f"share must be one of {', '.join(map(repr, SHARES))}, got {share!r}")
-    from vgen.pipelines.video import call_defaults
-
-    steps = generate.get("num_inference_steps") or call_defaults(pipe.pipeline).get("num_inference_steps")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"calibration needs the number of denoising steps (num_inference_steps), got {steps!r}")
-    calibrator = _Calibrator(MethodConfig(), block_size, query_chunk, steps, buckets)
-    apply_sparse_attention(pipe.transformer, calibrator)
-    try:
-        for prompt in prompts:
-            for seed in seeds:
-                pipe(prompt, seed=seed, progress=False, **generate)
-    finally:
-        remove_sparse_attention(pipe.transformer)
-    if len(calibrator.layouts) != 1:
-        raise ValueError(f"calibration saw {len(calibrator.layouts)} token grids; generate at one size")
-    layout = next(iter(calibrator.layouts))
-    mass_of = {key: value.cpu() for key, value in calibrator.mass.items()}
-    layers = 1 + max(layer for _, layer in mass_of)
-    heads = next(iter(mass_of.values())).shape[1]
-    blocks = -(-layout.seq_len // block_size)
-    seen = sorted({b for b, _ in mass_of})
-    # a schedule's orders are chosen at its mean density over the steps
-    mean_density = density if schedule is None else sum(
-        schedule[b] * calibrator.steps_in(b) for b in range(buckets)) / steps
-    keep = max(1, math.ceil(mean_density * blocks * blocks))
-    # [L, 6, H, M, M]: every bucket's mass per layer
-    total = torch.stack([sum(mass_of[(b, layer)] for b in seen) for layer in range(layers)])
-    orders = _captured(total, keep).argmax(1)  # [L, H]
-    sources = [b if b in seen else max(s for s in seen if s <= b) if any(s <= b for s in seen) else seen[0]
-               for b in range(buckets)]  # fmt: skip
-    # [K', L, H, M, M]: each measured bucket's mass per head, in the head's chosen order; a bucket that no step
-    # reached (fewer steps than buckets) takes the masks of the last measured one before it
-    chosen = torch.stack([
-        torch.stack([mass_of[(b, layer)][orders[layer], torch.arange(heads)] for layer in range(layers)]) for b in seen
-    ])  # fmt: skip
-    budget = density if schedule is None else [schedule[b] for b in seen]
-    measured = _shared_masks(chosen, share, layout.seq_len, block_size, budget, [calibrator.steps_in(b) for b in seen])
-    masks = measured[[seen.index(source) for source in sources]]
-    inside = torch.zeros(layers, heads, dtype=torch.float64)  # each head's mass inside its masks, and in all
-    whole = torch.zeros(layers, heads, dtype=torch.float64)
-    for mass, keep in zip(chosen, measured, strict=True):
-        inside += torch.where(keep, mass, 0).double().sum((-1, -2))
-        whole += mass.double().sum((-1, -2))
-    captured = inside / whole.clamp_min(1e-30)
-    tokens = _token_counts(layout.seq_len, block_size)
-    kept = (masks.double() * tokens[:, None] * tokens).sum((-1, -2)) / layout.seq_len**2  # [K, L, H] token pairs
-    config = pipe.transformer.config
-    meta = {
-        "model": type(pipe.transformer).__name__,
-        "transformer": {k: config[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim")
-                        if k in config},  # fmt: skip
-        "grid": [layout.frames, layout.height, layout.width, layout.text_before, layout.text_after],
-        "block_size": block_size,
-        "density": density if schedule is None else schedule,
-        "share": share,
-        "steps": steps,
-        "buckets": buckets,
-        "orders": list(AXIS_ORDERS),
-        "prompts": len(prompts) * len(seeds),
-        "captured": captured.tolist(),  # [L, H]: share of each head's mass inside its masks, over the buckets
-        "bucket_density": kept.mean((1, 2)).tolist(),  # [K]: kept token pairs per bucket (differ with share "run")
-    }
-    calibration = ParoCalibration(orders, masks, meta)
-    calibration.save(out)
-    return calibration
+    _schedule_of(density, buckets, share)  # before the generations: a bad budget fails at once
+    measurement = measure_paro(pipe, prompts, buckets=buckets, block_size=block_size, seeds=seeds,
+                               query_chunk=query_chunk, **generate)  # fmt: skip
+    return measurement.calibration(out, density=density, share=share)
 
