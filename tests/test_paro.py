@@ -263,6 +263,12 @@ def test_calibration_with_a_density_schedule(tiny_model, tmp_path, capsys):
     from vgen.cli import _densities
 
     assert _densities("0.3") == 0.3 and _densities("1,0.2") == [1.0, 0.2]
+    argv = ["calibrate", "paro", "--model", str(tiny_model), "--out", str(tmp_path / "cli.safetensors"), "--prompts",
+            "1", "--frames", "9", "--height", "64", "--width", "64", "--steps", "2", "--block-size", "16", "--buckets",
+            "2", "--share", "model", "--density", "1,0.5"]  # fmt: skip
+    assert main(argv) == 0
+    assert "density [1.0, 0.5]" in capsys.readouterr().out
+    assert ParoCalibration.load(tmp_path / "cli.safetensors").meta["density"] == [1.0, 0.5]
     with pytest.raises(SystemExit):
         main(["calibrate", "paro", "--model", str(tiny_model), "--out", str(tmp_path / "c.safetensors"),
               "--density", "1,x"])  # fmt: skip
