@@ -32,7 +32,7 @@ Everything runs in one process; the tables go to ``--out`` (Markdown) and a ``.j
    differently (``share``): over all heads of a timestep bucket (``model``), and over all heads of
    all buckets (``run``); each gets an INT8 row. The same again at density 0.2
    (``--quality-densities``). The issue's target: PSNR against dense >= 28 dB at density 0.3
-   with INT8 (the best INT8 row whose measured density is 0.3, without dense steps).
+   with INT8 (the best INT8 row whose measured density is within 0.01 of 0.3, without dense steps).
    ``--dense-steps 2,5`` adds INT8 rows whose first 2 (then 5) denoising steps run
    dense: their density counts those steps as 1, so they are not density 0.3 and not the target's
    row. ``--schedules`` adds model-shared calibrations with a density per timestep bucket, each
@@ -96,6 +96,7 @@ TARGET_DENSE_INT8 = 1.3  # dense INT8 vs dense cuDNN bf16
 TARGET_SPARSE_INT8 = 4.0  # INT8 at density 0.25 vs dense cuDNN bf16
 TARGET_SPARSE_DENSITY = 0.25
 TARGET_PSNR = 28.0  # dB against dense, INT8 at density 0.3
+TARGET_DENSITY_TOLERANCE = 0.01  # a row counts as density 0.3 when its measured density is within this of it
 TARGET_PSNR_DENSITY = 0.3
 
 
@@ -347,12 +348,14 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
     del pipe
     free_memory()
     # the target's row: INT8 at density 0.3 with no dense steps, the best share (each keeps the same total density)
-    # (the measured density: a schedule's mean is the run's density only for buckets of equal step counts)
-    int8 = [r for r in rows if r["quant"] == "int8" and r["density"] <= TARGET_PSNR_DENSITY + 0.005
-            and not r.get("dense_steps")]  # fmt: skip
+    # by the measured density, within TARGET_DENSITY_TOLERANCE of 0.3 (a schedule's mean is the run's density only
+    # for buckets of equal step counts; a calibration may overshoot its budget by up to a block)
+    int8 = [r for r in rows if r["quant"] == "int8" and not r.get("dense_steps")
+            and abs(r["density"] - TARGET_PSNR_DENSITY) <= TARGET_DENSITY_TOLERANCE]  # fmt: skip
     best = max(int8, key=lambda r: r["psnr"], default=None)
     target = {
-        "psnr": best["psnr"] if best else None, "share": best["share"] if best else None, "target": TARGET_PSNR,
+        "psnr": best["psnr"] if best else None, "share": _share_text(best) if best else None,
+        "density": best["density"] if best else None, "target": TARGET_PSNR,
         "met": (best["psnr"] >= TARGET_PSNR) if best else None,
     }  # fmt: skip
     return {"info": info, "calibrations": calibrations, "rows": rows, "target": target}
@@ -461,7 +464,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         lines += [
             "",
             f"Target (from the issue): PSNR against dense >= {t['target']:.0f} dB at density {TARGET_PSNR_DENSITY} "
-            f"with INT8, the best budget share ({t.get('share')}) without dense steps: {fmt(t['psnr'], '.2f', ' dB')}, "
+            f"with INT8, the best row measured at {TARGET_PSNR_DENSITY} +- {TARGET_DENSITY_TOLERANCE} without dense "
+            f"steps ({t.get('share')}, density {fmt(t.get('density'), '.3f', '')}): {fmt(t['psnr'], '.2f', ' dB')}, "
             f"{verdict(t['psnr'], t['target'])}.",
             "",
         ]

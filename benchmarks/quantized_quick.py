@@ -9,7 +9,7 @@ format (the tests run the kernel in the interpreter only). Then random bf16 q/k/
 the same count kept per row) at densities 1.0 and 0.25; do_bench medians in ms (the quantisation also in GPU
 and host time, as `attention.py` times the mask build); err_vs_bf16 =
 ||quantised - bf16 kernel|| / ||bf16 kernel||. Each format's kernel is also timed under the settings in
-``VARIANTS`` (the ragged tile peeled or not, the score offset folded or not, the register cap), with its output
+``VARIANTS`` (now INT8's codes through fp16 and row sums by an MMA, each off), with its output
 compared to the default's. The small check also runs FP8 accumulated in the MMA (``FP8_ACC_IN_DOT``). The full study is
 ``benchmarks/paro.py``; this is the few-minute version for kernel work. ``--sweep`` also times the INT8
 and FP8 calls under each launch in ``LAUNCHES`` (rows per program, warps, stages: ``QUANT_LAUNCH``, per format; K and

@@ -260,6 +260,12 @@ def test_calibration_with_a_density_schedule(tiny_model, tmp_path, capsys):
     with pytest.raises(ValueError, match="share 'run' cannot take one"):
         calibrate_paro(pipe, ["a"], tmp_path / "x.safetensors", density=[0.5, 0.3], buckets=2, share="run",
                        **GENERATE)  # fmt: skip
+    from vgen.attention.paro import _schedule_of
+
+    assert _schedule_of(np.array([1.0, 0.5]), 2, "model") == [1.0, 0.5] and _schedule_of(0.3, 2, "head") is None
+    for bad in (["0.3", "0.5"], True, [[0.3], [0.5]]):
+        with pytest.raises(ValueError, match="a number in"):
+            _schedule_of(bad, 2, "model")
     from vgen.cli import _densities
 
     assert _densities("0.3") == 0.3 and _densities("1,0.2") == [1.0, 0.2]

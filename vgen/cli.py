@@ -217,11 +217,12 @@ def _densities(text: str) -> float | list[float]:
 def _calibrate_paro(args: argparse.Namespace) -> None:
     import torch
 
-    from vgen.attention.paro import calibrate_paro
+    from vgen.attention.paro import _schedule_of, calibrate_paro
     from vgen.pipelines.video import VideoPipeline
 
     if args.prompts < 1 or args.seeds < 1:
         raise ValueError(f"--prompts and --seeds must be >= 1, got {args.prompts} and {args.seeds}")
+    _schedule_of(args.density, args.buckets, args.share)  # before the model loads
     prompts = args.prompt or _held_out_captions(args.prompts)
     pipe = VideoPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype), device=args.device)
     generate = {"num_frames": args.frames, "height": args.height, "width": args.width,

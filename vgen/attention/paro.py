@@ -363,15 +363,20 @@ class _Calibrator(AttentionMethod):
 def _schedule_of(density: Any, buckets: int, share: str) -> list[float] | None:
     """Check ``density`` (a number in (0, 1], or one per bucket) against ``buckets`` and ``share``; the schedule,
     or None for one number."""
-    if isinstance(density, str) or not isinstance(density, (int, float, Sequence)):
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    values = density.tolist() if hasattr(density, "tolist") else density  # numpy arrays and tensors as lists
+    if not (number(values) or (isinstance(values, Sequence) and not isinstance(values, str)
+                               and all(number(d) for d in values))):  # fmt: skip
         raise ValueError(f"density must be a number in (0, 1] or one per bucket, got {density!r}")
     if share not in SHARES:
         raise ValueError(f"share must be one of {', '.join(map(repr, SHARES))}, got {share!r}")
-    if isinstance(density, (int, float)):
-        if not 0.0 < density <= 1.0:
+    if number(values):
+        if not 0.0 < values <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {density!r}")
         return None
-    schedule = [float(d) for d in density]
+    schedule = [float(d) for d in values]
     if len(schedule) != buckets or not all(0.0 < d <= 1.0 for d in schedule):
         raise ValueError(f"density as a schedule needs {buckets} values (one a bucket) in (0, 1], got {density!r}")
     if share == "run":
@@ -412,6 +417,7 @@ class ParoMeasurement:
         """The calibration at ``density`` shared as ``share`` (as :func:`calibrate_paro`), written to ``out``
         unless it is None."""
         schedule = _schedule_of(density, self.buckets, share)
+        density = float(density) if schedule is None else schedule  # (numpy and torch values as Python numbers)
         layout, block_size, buckets = self.layout, self.block_size, self.buckets
         layers = 1 + max(layer for _, layer in self.mass)
         heads = next(iter(self.mass.values())).shape[1]
@@ -478,7 +484,7 @@ def measure_paro(
     from vgen.pipelines.video import call_defaults
 
     if not prompts:
-        raise ValueError("calibrate_paro needs at least one prompt")
+        raise ValueError("calibration needs at least one prompt")
     if not isinstance(buckets, int) or buckets < 1:
         raise ValueError(f"buckets must be an int >= 1, got {buckets!r}")
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):

@@ -34,6 +34,7 @@ shows the accuracy of 4-bit PV, not compute.
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -730,7 +731,8 @@ def quantized_attention(
         D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, ROWS=rows,
         RETURN_LSE=return_lse, USE_TMA=use_tma, PV_FP8=pv == "fp8", ROUND_FP8=pv == "fp8" and not q.is_cuda,
         FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, PEEL=PEEL_RAGGED, FOLD=FOLD_MAGIC if pv == "fp8" else INT_FOLD,
-        V_BLOCKWISE=not _v_channels(pv), CODES16=codes and INT_CODES16, SUMS_MMA=codes and INT_SUMS_MMA, ASM=q.is_cuda,
+        V_BLOCKWISE=not _v_channels(pv), CODES16=codes and INT_CODES16, SUMS_MMA=codes and INT_SUMS_MMA,
+        ASM=q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",  # the interpreter runs no inline PTX
         num_warps=launch["warps"] if q.is_cuda else 4, num_stages=launch["stages"] if q.is_cuda else 1,
         **({"maxnreg": launch["maxnreg"]} if q.is_cuda and launch.get("maxnreg") else {}),
     )  # fmt: skip
