@@ -495,6 +495,14 @@ def _share_text(row: dict[str, Any]) -> str:
     return row.get("share", "head") + (f", schedule {'/'.join(f'{d:g}' for d in schedule)}" if schedule else "")
 
 
+def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """Comma-separated values of ``flag``, each once, all in ``allowed`` (else exit with a message)."""
+    chosen = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not chosen or not set(chosen) <= set(allowed):
+        sys.exit(f"{flag} takes some of {','.join(allowed)}, got {text!r}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the Markdown here (and a .json beside it)")
@@ -538,12 +546,7 @@ def main() -> None:
         sys.exit(f"--dense-steps must each be in [1, {steps}) for {steps} steps, got {args.dense_steps!r}")
     if dense_steps and 2 not in parts:
         sys.exit("--dense-steps applies to part 2 (--parts 2)")
-    shares = tuple(dict.fromkeys(x.strip() for x in args.shares.split(",") if x.strip()))
-    quants = tuple(dict.fromkeys(x.strip() for x in args.quants.split(",") if x.strip()))
-    if not shares or not set(shares) <= set(SHARES):
-        sys.exit(f"--shares takes some of {','.join(SHARES)}, got {args.shares!r}")
-    if not quants or not set(quants) <= set(QUANTS):
-        sys.exit(f"--quants takes some of {','.join(QUANTS)}, got {args.quants!r}")
+    shares, quants = _choices("--shares", args.shares, SHARES), _choices("--quants", args.quants, QUANTS)
     for name in ("quality_block", "buckets"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             sys.exit(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}")
@@ -558,7 +561,7 @@ def main() -> None:
         sys.exit(f"--schedules: each needs one density per bucket ({buckets}), got {args.schedules!r}")
     sizes = replace(
         sizes, dense_steps=dense_steps, shares=shares, quants=quants, schedules=schedules,
-        quality_block=args.quality_block or sizes.quality_block, buckets=args.buckets or sizes.buckets,
+        quality_block=args.quality_block or sizes.quality_block, buckets=buckets,
     )  # fmt: skip
     cuda = sizes.device.type == "cuda"
     meta = run_meta(sizes.device, sizes.dtype, args.smoke, parts, "kernel times are do_bench medians in ms")

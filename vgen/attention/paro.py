@@ -453,7 +453,7 @@ class ParoMeasurement:
             **self.model,
             "grid": [layout.frames, layout.height, layout.width, layout.text_before, layout.text_after],
             "block_size": block_size,
-            "density": density if schedule is None else schedule,
+            "density": density,
             "share": share,
             "steps": self.steps,
             "buckets": buckets,

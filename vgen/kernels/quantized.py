@@ -34,7 +34,6 @@ shows the accuracy of 4-bit PV, not compute.
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,7 +49,7 @@ from vgen.kernels.block_sparse import (
     _strides3,
     _tma_ok,
 )
-from vgen.kernels.runtime import use_triton
+from vgen.kernels.runtime import interpreting, use_triton
 
 if TYPE_CHECKING:
     from vgen.attention.block_mask import BlockMask
@@ -732,7 +731,7 @@ def quantized_attention(
         RETURN_LSE=return_lse, USE_TMA=use_tma, PV_FP8=pv == "fp8", ROUND_FP8=pv == "fp8" and not q.is_cuda,
         FP8_ACC_IN_DOT=FP8_ACC_IN_DOT, PEEL=PEEL_RAGGED, FOLD=FOLD_MAGIC if pv == "fp8" else INT_FOLD,
         V_BLOCKWISE=not _v_channels(pv), CODES16=codes and INT_CODES16, SUMS_MMA=codes and INT_SUMS_MMA,
-        ASM=q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",  # the interpreter runs no inline PTX
+        ASM=q.is_cuda and not interpreting(),  # the interpreter runs no inline PTX
         num_warps=launch["warps"] if q.is_cuda else 4, num_stages=launch["stages"] if q.is_cuda else 1,
         **({"maxnreg": launch["maxnreg"]} if q.is_cuda and launch.get("maxnreg") else {}),
     )  # fmt: skip
