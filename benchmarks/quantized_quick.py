@@ -49,17 +49,13 @@ def ms(fn) -> float:
 LAUNCHES = [(128, 8, 3, True), (128, 8, 2, True), (64, 4, 2, True), (64, 4, 3, True), (64, 4, 4, True)]
 
 
-# the two-kernel quantiser's launches (quantized.QUANTIZE_STATS): the statistics kernel's warps and rows per load
-# (STATS_WARPS, STATS_SUB), the tile kernel's warps and tokens (QUANTIZE_WARPS, QUANTIZE_TILE)
-QUANTISER_LAUNCHES = [(8, 64, 4, 64), (4, 64, 4, 64), (8, 128, 4, 64), (8, 64, 4, 32), (8, 64, 4, 128),
-                      (8, 64, 8, 128)]
-QUANTISER_KNOBS = ("STATS_WARPS", "STATS_SUB", "QUANTIZE_WARPS", "QUANTIZE_TILE")
+# the quantiser's (warps, tokens held at once); (8, 128) is closest to the one-pass launch it had up to 99705e6
+QUANTISER_LAUNCHES = [(4, 32), (8, 32), (4, 64), (8, 64), (8, 128)]
 
 
 # Kernel variants timed beside each format's default (module settings of vgen.kernels.quantized; maxnreg is the
 # format's QUANT_LAUNCH register cap). None: the default itself.
-FLAGS = ("PEEL_RAGGED", "FOLD_MAGIC", "INT_FOLD", "QUANTIZE_RCP", "QUANTIZE_PADDED", "INT_CODES16", "INT_SUMS_MMA",
-         "QUANTIZE_STATS")
+FLAGS = ("PEEL_RAGGED", "FOLD_MAGIC", "INT_FOLD", "QUANTIZE_RCP", "QUANTIZE_PADDED", "INT_CODES16", "INT_SUMS_MMA")
 DEFAULTS = {**{name: getattr(quantized, name) for name in FLAGS},
             "maxnreg": {key: launch["maxnreg"] for key, launch in quantized.QUANT_LAUNCH.items()}}
 # (the quantiser's QUANTIZE_RCP and QUANTIZE_PADDED variants were timed at 6b02325 and 1908a99)
@@ -67,9 +63,7 @@ VARIANTS = {
     ("int8", None): {},
     ("int8", "sums of p unrounded, no ones MMA (INT_SUMS_MMA off)"): {"INT_SUMS_MMA": False},
     ("int8", "fp32 codes and sums (1908a99's loop)"): {"INT_CODES16": False, "INT_SUMS_MMA": False},
-    ("int8", "one-pass quantiser (QUANTIZE_STATS off)"): {"QUANTIZE_STATS": False},
     ("fp8", None): {},
-    ("fp8", "one-pass quantiser (QUANTIZE_STATS off)"): {"QUANTIZE_STATS": False},
 }
 
 
@@ -85,28 +79,25 @@ def settings_text(settings: dict, pv: str) -> str:
     fold = settings["FOLD_MAGIC"] if pv == "fp8" else settings["INT_FOLD"]
     codes = f", INT_CODES16 {settings['INT_CODES16']}, INT_SUMS_MMA {settings['INT_SUMS_MMA']}" if pv != "fp8" else ""
     return (f"PEEL_RAGGED {settings['PEEL_RAGGED']}, fold {fold}, QUANTIZE_RCP {settings['QUANTIZE_RCP']}, "
-            f"QUANTIZE_PADDED {settings['QUANTIZE_PADDED']}, QUANTIZE_STATS {settings['QUANTIZE_STATS']}, "
-            f"maxnreg {settings['maxnreg'][key]}{codes}")
+            f"QUANTIZE_PADDED {settings['QUANTIZE_PADDED']}, maxnreg {settings['maxnreg'][key]}{codes}")
 
 
 def quantiser_pieces(q, k, v, pv: str) -> str:
-    """GPU ms of the quantisation of each of Q, K (smoothed by its own mean) and V, under each QUANTIZE_STATS."""
+    """GPU ms of each step of the quantisation (_quantize_for_kernel's launches, one at a time)."""
     v_channels = quantized._v_channels(pv) and pv != "fp8"
     steps = {
         "Q": lambda: quantized._quantize_triton(q, 128, 8),
-        "K": lambda: quantized._quantize_triton(k, 128, 8, smooth=True),
+        "K mean": lambda: k.mean(1, dtype=torch.float32),
+        "K": lambda: quantized._quantize_triton(k, 128, 8, smooth=True, mean=k.mean(1, dtype=torch.float32)),
+        "V scales": lambda: quantized.channel_scales(v, 448.0 if pv == "fp8" else 127.0),
         "V": lambda: quantized._quantize_triton(v, 128, quantized._PV_BITS[pv], per_channel=True, transpose=True,
                                                 fp8=pv == "fp8", channels=v_channels),
     }
-    default, parts = quantized.QUANTIZE_STATS, []
-    try:
-        for stats in (True, False):
-            quantized.QUANTIZE_STATS = stats
-            times = ", ".join(f"{name} {build_times(fn, n=40)[0]:.3f}" for name, fn in steps.items())
-            parts.append(f"{'two kernels' if stats else 'one pass'}: {times}")
-    finally:
-        quantized.QUANTIZE_STATS = default
-    return "; ".join(parts)
+    times = {name: build_times(fn, n=40)[0] for name, fn in steps.items()}
+    times["K"] -= times["K mean"]  # (the K step recomputes its mean)
+    if pv == "fp8" or v_channels:
+        times["V"] -= times["V scales"]
+    return ", ".join(f"{name} {t:.3f}" for name, t in times.items())
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -193,21 +184,21 @@ def main() -> None:
                 usual = _quantize_for_kernel(q, k, v, mask, pv)
                 if density == 1.0:
                     print(f"    quantise {pv} by step, GPU ms: {quantiser_pieces(q, k, v, pv)}", flush=True)
-                for launch in QUANTISER_LAUNCHES if args.quantiser else ():
-                    before = [getattr(quantized, name) for name in QUANTISER_KNOBS]
-                    for name, value in zip(QUANTISER_KNOBS, launch, strict=True):
-                        setattr(quantized, name, value)
+                for warps, sub in QUANTISER_LAUNCHES if args.quantiser else ():
+                    before = quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB
+                    quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB = warps, sub
                     try:
                         again = _quantize_for_kernel(q, k, v, mask, pv)
                         same = all(torch.equal(bits(a), bits(b)) for a, b in zip(again, usual, strict=True))
                         spent = ms(lambda m=mask, q=q, k=k, v=v, pv=pv: _quantize_for_kernel(q, k, v, m, pv))
                         gpu, _ = build_times(lambda m=mask, q=q, k=k, v=v, pv=pv: _quantize_for_kernel(q, k, v, m, pv))
-                        knobs = ", ".join(f"{n} {v}" for n, v in zip(QUANTISER_KNOBS, launch, strict=True))
-                        print(f"        quantise {pv}, {knobs}: {spent:.3f} ms (GPU {gpu:.3f}), same values {same}",
-                              flush=True)  # fmt: skip
+                        print(
+                            f"        quantise {pv}, {warps} warps, {sub} tokens at once: {spent:.3f} ms "
+                            f"(GPU {gpu:.3f}), same values {same}",
+                            flush=True,
+                        )
                     finally:
-                        for name, value in zip(QUANTISER_KNOBS, before, strict=True):
-                            setattr(quantized, name, value)
+                        quantized.QUANTIZE_WARPS, quantized.QUANTIZE_SUB = before
                 del usual
                 print(
                     f"    {name} ({settings_text(settings, pv)}): {took:.2f} ms (quantise {t_quant:.2f}: GPU "

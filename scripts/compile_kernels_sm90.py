@@ -36,9 +36,6 @@ QUANT_INT = {"PV_FP8": False, "ROUND_FP8": False, "FP8_ACC_IN_DOT": False, "PEEL
              "SUMS_MMA": quantized.INT_FOLD and quantized.INT_SUMS_MMA}  # INT8 PV
 NO_CODES = {"CODES16": False, "SUMS_MMA": False, "ASM": True}  # FP8 PV: no integer codes
 QUANTIZE = {"X": "*bf16", "MEAN": "*fp32", "OUT": "*i8", "SCALE": "*fp32", "levels": "fp32"}
-TILES = {**QUANTIZE, "STATS": "*fp32"}
-TILES_INT = {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "TILE": quantized.QUANTIZE_TILE, "FP8": False, "ROUND_FP8": False,
-             "RCP": quantized.QUANTIZE_RCP}
 POOLED_FP32 = {**POOLED, "Q": "*fp32", "SPARSE": "*fp32", "OUT": "*fp32"}
 QUANT_FWD = {"Q": "*i8", "K": "*i8", "VT": "*i8", "QS": "*fp32", "KS": "*fp32", "VS": "*fp32", "OUT": "*bf16",
              "LSE": "*fp32", "KV_NUM": "*i32", "KV_IDX": "*i32", "qk_scale": "fp32", "p_levels": "fp32"}  # fmt: skip
@@ -145,20 +142,6 @@ KERNELS = [
     (quantized._quantize_kernel, QUANTIZE, {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "PER_CHANNEL": True,
                                             "SMOOTH": False, **QUANTIZE_INT, "GIVEN": True, **V_T},
      quantized.QUANTIZE_WARPS, 1),
-    # the two-kernel quantiser (quantized.QUANTIZE_STATS): block statistics (with the sums, for K's mean), then
-    # tiles of QUANTIZE_TILE tokens: Q and K (a scale per block, K smoothed), V^T per channel and block (INT4), V^T
-    # against given scales per channel in INT8 and float8 e4m3
-    (quantized._block_stats_kernel, {"X": "*bf16", "STATS": "*fp32"},
-     {"D": 128, "BLOCK_D": 128, "BLOCK": 128, "SUB": quantized.STATS_SUB, "SUM": True}, quantized.STATS_WARPS, 1),
-    (quantized._quantize_tiles_kernel, TILES, {**TILES_INT, "PER_CHANNEL": False, "SMOOTH": True, "GIVEN": False,
-                                               "PADDED": False, "s_od": 1}, quantized.QUANTIZE_WARPS, 1),
-    (quantized._quantize_tiles_kernel, TILES, {**TILES_INT, "PER_CHANNEL": True, "SMOOTH": False, "GIVEN": False,
-                                               **V_T}, quantized.QUANTIZE_WARPS, 1),
-    (quantized._quantize_tiles_kernel, TILES, {**TILES_INT, "PER_CHANNEL": True, "SMOOTH": False, "GIVEN": True,
-                                               **V_T}, quantized.QUANTIZE_WARPS, 1),
-    (quantized._quantize_tiles_kernel, {**TILES, "OUT": "*fp8e4nv"},
-     {**TILES_INT, "PER_CHANNEL": True, "SMOOTH": False, "GIVEN": True, "FP8": True, **V_T}, quantized.QUANTIZE_WARPS,
-     1),
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,
                                               "ROWS": 128, "RETURN_LSE": False, "USE_TMA": False, **QUANT_INT}, 8, 3),
     (quantized._quant_fwd_kernel, QUANT_FWD, {"D": 128, "BLOCK_D": 128, "BLOCK_M": 128, "BLOCK_N": 128,

@@ -35,13 +35,8 @@ def test_kernel_matches_its_reference(monkeypatch, tma, pv, sq, sk, dim, block):
     torch.manual_seed(sq + {"int8": 8, "int4": 4, "fp8": 3}[pv])  # int8/int4: the seeds before fp8 came
     q, k, v = torch.randn(2, sq, 2, dim), torch.randn(2, sk, 2, dim) + 2.0, torch.randn(2, sk, 2, dim)
     mask = random_mask(2, sq, sk, block, 0.6, seed=sq)
-    # the same smoothing mean for both: the kernel's own (from its blocks' sums) may differ from the reference's
-    # in the last bit, and a rounding that moves one of P's codes moves outputs by up to ~1e-3 (FP8: 1e-2; checked next)
-    k_mean = k.float().mean(1)
-    out = quantized_attention(q, k, v, mask, pv=pv, k_mean=k_mean)
-    reference = quantized_attention_reference(q, k, v, mask, pv=pv, k_mean=k_mean)
-    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
-    assert rel(quantized_attention(q, k, v, mask, pv=pv), reference) < 1e-2
+    out = quantized_attention(q, k, v, mask, pv=pv)
+    torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv=pv), atol=1e-5, rtol=1e-5)
     assert (out[:, :block[0]] == 0).all()  # the empty query block
     exact = attention_reference(q, k, v, mask=mask.expand_tokens())
     error = rel(out[:, block[0]:], exact[:, block[0]:])
@@ -57,9 +52,8 @@ def test_key_parts_with_one_smoothing_mean_merge_into_the_whole(pv):
     torch.manual_seed(11 + {"int8": 8, "int4": 4, "fp8": 3}[pv])
     q, k, v = torch.randn(1, 100, 2, 32), torch.randn(1, 160, 2, 32) + 1.5, torch.randn(1, 160, 2, 32)
     mask = random_mask(2, 100, 160, (32, 32), 0.7, seed=4)
-    k_mean = k.float().mean(1)  # [B, H, D]: the whole key sequence's (given to the whole call too: its own mean,
-    # from its blocks' sums, may differ in the last bit)
-    whole = quantized_attention(q, k, v, mask, pv=pv, k_mean=k_mean)
+    whole = quantized_attention(q, k, v, mask, pv=pv)
+    k_mean = k.float().mean(1)  # [B, H, D]: the whole key sequence's
     dense = mask.to_dense()
     parts = []
     for cols in (slice(0, 96), slice(96, 160)):  # 3 key blocks, then 2 (the last one whole)
@@ -73,8 +67,8 @@ def test_key_parts_with_one_smoothing_mean_merge_into_the_whole(pv):
         parts.append((out, lse))
     merged, merged_lse = merge_attention(*parts[0], *parts[1])
     if pv in ("fp8", "int8"):  # each part scales its own V (per channel over its tokens): close, not equal
-        torch.testing.assert_close(merged_lse, quantized_attention(q, k, v, mask, pv=pv, k_mean=k_mean,
-                                                                   return_lse=True)[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged_lse, quantized_attention(q, k, v, mask, pv=pv, return_lse=True)[1],
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
         exact = attention_reference(q, k, v, mask=mask.expand_tokens())
         assert rel(merged, exact) < 0.05 and rel(whole, exact) < 0.05
     else:
@@ -221,14 +215,13 @@ def test_peeled_ragged_tile_and_folded_offset(monkeypatch, pv):
     mask = random_mask(2, 90, 150, (32, 32), 0.7, seed=3)  # 150 keys: the fifth key block holds 22
     outputs = {}
     exact = attention_reference(q, k, v, mask=mask.expand_tokens())[:, 32:]  # query block 0 keeps nothing
-    k_mean = k.float().mean(1)  # one smoothing mean for kernel and reference (see test_kernel_matches_its_reference)
     for peel in (False, True):
         for fold in (False, True):
             monkeypatch.setattr(quantized, "PEEL_RAGGED", peel)
             monkeypatch.setattr(quantized, "FOLD_MAGIC" if pv == "fp8" else "INT_FOLD", fold)
-            outputs[peel, fold] = out = quantized_attention(q, k, v, mask, pv=pv, k_mean=k_mean)
-            torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv=pv, k_mean=k_mean),
-                                       atol=1e-5, rtol=1e-5)  # fmt: skip
+            outputs[peel, fold] = out = quantized_attention(q, k, v, mask, pv=pv)
+            torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv=pv), atol=1e-5,
+                                       rtol=1e-5)  # fmt: skip
             assert rel(out[:, 32:], exact) < {"int8": 0.03, "int4": 0.35, "fp8": 0.05}[pv]
     for fold in (False, True):
         assert torch.equal(outputs[True, fold], outputs[False, fold])
@@ -271,11 +264,9 @@ def test_int_codes_through_fp16_and_sums_by_mma(monkeypatch, codes16, sums_mma):
     q, k, v = torch.randn(1, 64, 2, 32), torch.randn(1, 170, 2, 32), torch.randn(1, 170, 2, 32)
     k = k * (1.0 + 1.5 * (torch.arange(170) // 32)).view(1, -1, 1, 1)  # 6 key blocks, the last one ragged
     mask = BlockMask.from_dense(torch.ones(1, 2, 2, 6, dtype=torch.bool), (32, 32), (64, 170))
-    k_mean = k.float().mean(1)  # one smoothing mean for kernel and reference (see test_kernel_matches_its_reference)
     for pv in ("int8", "int4"):
-        out = quantized_attention(q, k, v, mask, pv=pv, k_mean=k_mean)
-        torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv=pv, k_mean=k_mean),
-                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+        out = quantized_attention(q, k, v, mask, pv=pv)
+        torch.testing.assert_close(out, quantized_attention_reference(q, k, v, mask, pv=pv), atol=1e-5, rtol=1e-5)
         exact = attention_reference(q, k, v, mask=mask.expand_tokens())
         assert rel(out, exact) < {"int8": 0.03, "int4": 0.35}[pv]
 

@@ -212,43 +212,29 @@ def _quantize_kernel(
             tl.store(SCALE + i_bh * M + i_m, tl.max(b_scale, 0))
     if RCP:
         b_rcp = tl.math.div_rn(tl.full([BLOCK_D], 1.0, tl.float32), b_scale)  # exactly rounded, per channel
-    else:
-        b_rcp = b_scale  # unused
     for i_t in range(BLOCK // SUB):
         o_s = i_m * BLOCK + i_t * SUB + tl.arange(0, SUB)
-        _store_codes(X, MEAN, OUT, o_s, o_d, m_d, b_scale, b_rcp, S, M * BLOCK, s_xs, s_os, s_od, levels, SMOOTH=SMOOTH,
-                     FP8=FP8, ROUND_FP8=ROUND_FP8, RCP=RCP, PADDED=PADDED)
+        b_x = _quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH)
+        if RCP:  # a fused multiply-add with +0: rounded once, never contracted into the rounding's + 0.5 below
+            b_y = tl.fma(b_x, tl.broadcast_to(b_rcp[None, :], [SUB, BLOCK_D]), tl.zeros([SUB, BLOCK_D], tl.float32))
+        else:
+            b_y = tl.math.div_rn(b_x, b_scale[None, :])
+        p_o = OUT + o_s[:, None] * s_os + o_d[None, :] * s_od
+        if PADDED:  # rows past S lie in the output's padding (zeros in, codes 0 out): no token mask, wide stores
+            m_o = (o_s < M * BLOCK)[:, None] & m_d[None, :]  # (always true for the tokens: it gives the mask a shape)
+        else:
+            m_o = (o_s < S)[:, None] & m_d[None, :]
+        if FP8:
+            if ROUND_FP8:  # the interpreter's cast truncates
+                b_y = _round_e4m3(b_y)
+            tl.store(p_o, b_y.to(tl.float8e4nv), mask=m_o)
+        else:
+            b_r = tl.where(b_y >= 0, tl.floor(b_y + 0.5), -tl.floor(0.5 - b_y))
+            tl.store(p_o, tl.minimum(tl.maximum(b_r, -levels), levels).to(tl.int8), mask=m_o)
 
 
-@triton.jit
-def _store_codes(
-    X, MEAN, OUT, o_s, o_d, m_d, b_scale, b_rcp, S, S_PAD, s_xs, s_os, s_od, levels, SMOOTH: tl.constexpr,
-    FP8: tl.constexpr, ROUND_FP8: tl.constexpr, RCP: tl.constexpr, PADDED: tl.constexpr,
-):
-    """Rows ``o_s`` of X (smoothed by MEAN) over their channel scales ``b_scale`` (``b_rcp``: their reciprocals),
-    rounded and stored to OUT: e4m3 (FP8) or INT8 codes in [-levels, levels]. ``PADDED``: OUT has rows up to S_PAD,
-    and those past S take the codes of zeros."""
-    b_x = _quantize_rows(X, MEAN, o_s, o_d, m_d, S, s_xs, SMOOTH)
-    if RCP:  # a fused multiply-add with +0: rounded once, never contracted into the rounding's + 0.5 below
-        b_y = tl.fma(b_x, tl.broadcast_to(b_rcp[None, :], b_x.shape), tl.zeros(b_x.shape, tl.float32))
-    else:
-        b_y = tl.math.div_rn(b_x, b_scale[None, :])
-    p_o = OUT + o_s[:, None] * s_os + o_d[None, :] * s_od
-    if PADDED:  # rows past S lie in the output's padding (zeros in, codes 0 out): no token mask, wide stores
-        m_o = (o_s < S_PAD)[:, None] & m_d[None, :]  # (always true for the tokens: it gives the mask a shape)
-    else:
-        m_o = (o_s < S)[:, None] & m_d[None, :]
-    if FP8:
-        if ROUND_FP8:  # the interpreter's cast truncates
-            b_y = _round_e4m3(b_y)
-        tl.store(p_o, b_y.to(tl.float8e4nv), mask=m_o)
-    else:
-        b_r = tl.where(b_y >= 0, tl.floor(b_y + 0.5), -tl.floor(0.5 - b_y))
-        tl.store(p_o, tl.minimum(tl.maximum(b_r, -levels), levels).to(tl.int8), mask=m_o)
-
-
-# The quantiser's launch: warps (the one-pass kernel's and the tile kernel's, QUANTIZE_STATS), and the tokens of a
-# block the one-pass kernel holds at once (QUANTIZE_SUB, a divisor of the block; INT8/INT4 walk the block twice). Up to 99705e6 it held a whole [128, 128] block at 8 warps (240-255 registers, one
+# The quantiser's launch: warps, and the tokens of a block it holds at once (QUANTIZE_SUB, a divisor of the block;
+# INT8/INT4 walk the block twice). Up to 99705e6 it held a whole [128, 128] block at 8 warps (240-255 registers, one
 # program per SM; at 4 warps it spilled 1,084-1,612 B). `quantized_quick.py --quantiser` at a89e975, the whole
 # quantisation of q/k/v in ms, INT8 / FP8 PV (the FP8 V scales by one aminmax pass since a89e975):
 #   (warps, tokens)  1.3B: (4, 32) 0.66 / 0.72-0.76, (8, 32) 0.80 / 0.85, (4, 64) 0.51 / 0.61-0.66,
@@ -268,29 +254,27 @@ QUANTIZE_SUB = 64
 QUANTIZE_PADDED = True
 
 
-def _quantized_output(x: torch.Tensor, block: int, transpose: bool, dtype: torch.dtype):
-    """The quantised values' tensor and its (batch, token, head, channel) strides. ``transpose``: ``[B, H, D, S]``
-    with rows padded to whole blocks: Triton loads V^T tiles in wide vectors only when the row stride is a multiple
-    of 16 bytes. S = 32,760 (the 1.3B shape) is not, and there the kernel took 2.2x the time per key tile that it
-    takes at S = 75,600 (profile at 7f5eeaf)."""
-    batch, seq, heads, dim = x.shape
-    if transpose:
-        values = torch.empty(batch, heads, dim, -(-seq // block) * block, dtype=dtype, device=x.device)[..., :seq]
-        return values, (values.stride(0), values.stride(3), values.stride(1), values.stride(2))
-    values = torch.empty(batch, seq, heads, dim, dtype=dtype, device=x.device)
-    return values, (values.stride(0), values.stride(1), values.stride(2), values.stride(3))
-
-
-def _quantize_triton_onepass(
+def _quantize_triton(
     x: torch.Tensor, block: int, bits: int, *, per_channel: bool = False, smooth: bool = False,
     transpose: bool = False, mean: torch.Tensor | None = None, fp8: bool = False, channels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_quantize_triton` as up to QUANTIZE_STATS (False): one program per block walks it twice, the scales from
-    PyTorch reductions (the smoothing mean too)."""
+    """:func:`quantize_blocks` in one Triton pass; ``transpose`` writes the values ``[B, H, D, S]`` (a view
+    of rows padded to whole blocks). ``fp8``: :func:`quantize_fp8_channels` instead (``bits`` unused);
+    ``channels``: :func:`quantize_int8_channels`; either way the scales come from one PyTorch reduction."""
     batch, seq, heads, dim = x.shape
     blocks = -(-seq // block)
     dtype = torch.float8_e4m3fn if fp8 else torch.int8
-    values, strides = _quantized_output(x, block, transpose, dtype)
+    if transpose:
+        # rows padded to whole blocks: Triton loads V^T tiles in wide vectors only when the row stride is a
+        # multiple of 16 bytes. S = 32,760 (the 1.3B shape) is not, and there the kernel took 2.2x the time
+        # per key tile that it takes at S = 75,600 (profile at 7f5eeaf)
+        values = torch.empty(batch, heads, dim, blocks * block, dtype=dtype, device=x.device)[..., :seq]
+        strides = (values.stride(0), values.stride(3), values.stride(1), values.stride(2))
+    else:
+        values = torch.empty(batch, seq, heads, dim, dtype=dtype, device=x.device)
+        strides = (values.stride(0), values.stride(1), values.stride(2), values.stride(3))
+    if channels and (fp8 or bits != 8):
+        raise ValueError(f"channels=True quantises to INT8 (bits=8, fp8=False), got bits={bits}, fp8={fp8}")
     if fp8 or channels:
         scales = channel_scales(x, 448.0 if fp8 else 127.0)
     else:
@@ -309,145 +293,6 @@ def _quantize_triton_onepass(
     )  # fmt: skip
     return values, scales
 
-
-# QUANTIZE_STATS: the quantisation in two kernels per tensor. First each block's per-channel maximum and minimum (and
-# sum, for the smoothing mean) from one program per block (_block_stats_kernel); then one program per tile of
-# QUANTIZE_TILE tokens derives its scale from those (bit for bit as quantize_blocks: the smoothed maximum is
-# max(max - mean, mean - min) per channel, as subtraction rounds monotonically) and writes its codes
-# (_quantize_tiles_kernel). The means and the per-channel scales over all tokens come from the block statistics by
-# small PyTorch reductions. Before (False, _quantize_triton_onepass), one program per block walked it twice, and the
-# mean and V's channel scales were PyTorch reductions over the tokens: each program's loads ran one after the other
-# at three programs per SM.
-QUANTIZE_STATS = True
-QUANTIZE_TILE = 64  # tokens per program of the second kernel (a divisor of the block is taken)
-STATS_SUB, STATS_WARPS = 64, 8  # the first kernel's rows per load (unrolled over the block) and warps
-
-
-@triton.jit
-def _block_stats_kernel(
-    X, STATS, s_xb, s_xs, s_xh, H, S, M, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-    SUB: tl.constexpr, SUM: tl.constexpr,
-):
-    """One (block, batch x head): each channel's maximum, minimum (and with ``SUM`` sum) over the block's tokens, in
-    fp32, to STATS ``[2 or 3, B x H, M, D]``. The block's tiles are loaded in an unrolled loop (all in flight)."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    X += i_b.to(tl.int64) * s_xb + i_h * s_xh
-    b_hi = tl.full([BLOCK_D], float("-inf"), tl.float32)
-    b_lo = tl.full([BLOCK_D], float("inf"), tl.float32)
-    b_sum = tl.zeros([BLOCK_D], tl.float32)
-    for i_t in tl.static_range(BLOCK // SUB):
-        o_s = i_m * BLOCK + i_t * SUB + tl.arange(0, SUB)
-        tile = (o_s < S)[:, None] & m_d[None, :]
-        b_x = tl.load(X + o_s[:, None] * s_xs + o_d[None, :], mask=tile, other=0).to(tl.float32)
-        b_hi = tl.maximum(b_hi, tl.max(tl.where(tile, b_x, float("-inf")), 0))
-        b_lo = tl.minimum(b_lo, tl.min(tl.where(tile, b_x, float("inf")), 0))
-        if SUM:
-            b_sum += tl.sum(b_x, 0)
-    p_s = STATS + (i_bh * M + i_m) * D + o_d
-    plane = tl.num_programs(1) * M * D
-    tl.store(p_s, b_hi, mask=m_d)
-    tl.store(p_s + plane, b_lo, mask=m_d)
-    if SUM:
-        tl.store(p_s + 2 * plane, b_sum, mask=m_d)
-
-
-@triton.jit
-def _quantize_tiles_kernel(
-    X, MEAN, STATS, OUT, SCALE,
-    s_xb, s_xs, s_xh,
-    s_ob, s_os, s_oh, s_od,
-    H, S, M, levels,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    SMOOTH: tl.constexpr, GIVEN: tl.constexpr, FP8: tl.constexpr, ROUND_FP8: tl.constexpr, RCP: tl.constexpr,
-    PADDED: tl.constexpr,
-):
-    """One (tile of TILE tokens, batch x head): its codes. ``GIVEN``: the scales per (batch, head, channel) are in
-    SCALE; else they are the block's, from its statistics (STATS, from :func:`_block_stats_kernel`), per channel
-    (``PER_CHANNEL``) or one per block, and the block's first tile writes them to SCALE. Strides as
-    :func:`_quantize_kernel`'s; the grid covers the blocks whole (``PADDED``: their padding rows get the codes of
-    zeros)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_m = (i_t * TILE) // BLOCK
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    X += i_b.to(tl.int64) * s_xb + i_h * s_xh
-    OUT += i_b.to(tl.int64) * s_ob + i_h * s_oh
-    MEAN += i_bh * D
-    if GIVEN:
-        b_scale = tl.load(SCALE + i_bh * D + o_d, mask=m_d, other=1.0)
-    else:
-        p_s = STATS + (i_bh * M + i_m) * D + o_d
-        b_hi = tl.load(p_s, mask=m_d, other=0.0)
-        b_lo = tl.load(p_s + tl.num_programs(1) * M * D, mask=m_d, other=0.0)
-        if SMOOTH:  # the block's largest |x - mean| per channel: x - mean rounds monotonically in x
-            b_mean = tl.load(MEAN + o_d, mask=m_d, other=0.0)
-            b_amax = tl.maximum(b_hi - b_mean, b_mean - b_lo)
-        else:
-            b_amax = tl.maximum(b_hi, -b_lo)
-        first = (o_d * 0 + i_t * TILE) % BLOCK == 0  # the block's first tile writes its scales (as a vector mask)
-        if PER_CHANNEL:
-            b_scale = tl.maximum(tl.math.div_rn(b_amax, levels), 1e-12)
-            tl.store(SCALE + (i_bh * M + i_m) * D + o_d, b_scale, mask=m_d & first)
-        else:
-            s_block = tl.maximum(tl.math.div_rn(tl.max(b_amax, 0), levels), 1e-12)
-            b_scale = s_block + tl.zeros([BLOCK_D], tl.float32)
-            tl.store(SCALE + i_bh * M + i_m + o_d * 0, b_scale, mask=first & (o_d == 0))
-    if RCP:
-        b_rcp = tl.math.div_rn(tl.full([BLOCK_D], 1.0, tl.float32), b_scale)  # exactly rounded, per channel
-    else:
-        b_rcp = b_scale  # unused
-    o_s = i_t * TILE + tl.arange(0, TILE)
-    _store_codes(X, MEAN, OUT, o_s, o_d, m_d, b_scale, b_rcp, S, M * BLOCK, s_xs, s_os, s_od, levels, SMOOTH=SMOOTH,
-                 FP8=FP8, ROUND_FP8=ROUND_FP8, RCP=RCP, PADDED=PADDED)
-
-
-def _quantize_triton(
-    x: torch.Tensor, block: int, bits: int, *, per_channel: bool = False, smooth: bool = False,
-    transpose: bool = False, mean: torch.Tensor | None = None, fp8: bool = False, channels: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_blocks` in Triton; ``transpose`` writes the values ``[B, H, D, S]`` (a view of rows padded
-    to whole blocks). ``fp8``: :func:`quantize_fp8_channels` instead (``bits`` unused); ``channels``:
-    :func:`quantize_int8_channels`. With ``smooth`` and no ``mean``, the mean is the blocks' fp32 sums over the
-    tokens (within float rounding of ``x.float().mean(1)``, not always equal to it). QUANTIZE_STATS: two kernels
-    (above); else :func:`_quantize_triton_onepass`."""
-    if channels and (fp8 or bits != 8):
-        raise ValueError(f"channels=True quantises to INT8 (bits=8, fp8=False), got bits={bits}, fp8={fp8}")
-    if not QUANTIZE_STATS:
-        return _quantize_triton_onepass(x, block, bits, per_channel=per_channel, smooth=smooth, transpose=transpose,
-                                        mean=mean, fp8=fp8, channels=channels)  # fmt: skip
-    batch, seq, heads, dim = x.shape
-    blocks = -(-seq // block)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    given = fp8 or channels
-    need_sum = smooth and mean is None
-    stats = torch.empty(3 if need_sum else 2, batch * heads, blocks, dim, dtype=torch.float32, device=x.device)
-    block_d = max(16, triton.next_power_of_2(dim))
-    sub = math.gcd(STATS_SUB if x.is_cuda else 32, block)
-    _block_stats_kernel[(blocks, batch * heads)](
-        x, stats, *_strides3(x), heads, seq, blocks, D=dim, BLOCK_D=block_d, BLOCK=block, SUB=sub, SUM=need_sum,
-        num_warps=STATS_WARPS if x.is_cuda else 4,
-    )  # fmt: skip
-    if smooth:  # [B, H, D]: the tokens' own mean, or the one given (a ring step smooths by the whole sequence's)
-        mean = stats[2].sum(1) / seq if mean is None else mean.float().reshape(batch * heads, dim)
-        mean = mean.contiguous()
-    if given:  # one scale per (batch, head, channel) over all tokens, as channel_scales
-        top = 448.0 if fp8 else 127.0
-        scales = (torch.maximum(stats[0].amax(1), -stats[1].amin(1)) / top).clamp_min(1e-12).view(batch, heads, dim)
-    else:
-        scales = torch.empty((batch, heads, blocks, dim) if per_channel else (batch, heads, blocks), device=x.device)
-    values, strides = _quantized_output(x, block, transpose, torch.float8_e4m3fn if fp8 else torch.int8)
-    tile = math.gcd(QUANTIZE_TILE if x.is_cuda else 32, block)
-    _quantize_tiles_kernel[(blocks * block // tile, batch * heads)](
-        x, mean if smooth else stats, stats, values, scales, *_strides3(x), *strides, heads, seq, blocks,
-        float(_LEVELS.get(bits, 0)), D=dim, BLOCK_D=block_d, BLOCK=block, TILE=tile, PER_CHANNEL=per_channel,
-        SMOOTH=smooth, GIVEN=given, FP8=fp8, ROUND_FP8=fp8 and not x.is_cuda, RCP=QUANTIZE_RCP,
-        PADDED=transpose and QUANTIZE_PADDED, num_warps=QUANTIZE_WARPS if x.is_cuda else 4,
-    )  # fmt: skip
-    return values, scales
 
 # Launch of the forward kernel on the GPU, and K / V^T tiles by TMA (device-built descriptors, as the bf16
 # forward's) instead of register loads, which stage every tile through registers (no tile pipeline).
@@ -830,9 +675,7 @@ def quantized_attention(
         pv: ``"int8"`` (P quantised per row and key tile, V per channel over all tokens), ``"int4"`` (the same
             with V per channel and key block), or ``"fp8"`` (P and V in float8 e4m3, V scaled per channel over
             all tokens).
-        k_mean: fp32 ``[B, H, D]`` the keys are smoothed by (default: their own mean; with QUANTIZE_STATS from
-            the key blocks' fp32 sums, which may differ from the reference's ``k.float().mean(1)`` in the last
-            bit, and then move a few of P's codes by one: pass the same mean to compare the two). Calls over parts
+        k_mean: fp32 ``[B, H, D]`` the keys are smoothed by (default: their own mean). Calls over parts
             of one key sequence (ring steps) pass the whole sequence's, so that their logits share one
             shift and their log-sum-exps merge.
         return_lse: also return the natural-log log-sum-exp ``[B, H, Sq]`` (fp32) of the logits of the
