@@ -38,6 +38,10 @@ Everything runs in one process; the tables go to ``--out`` (Markdown) and a ``.j
    row. ``--schedules`` adds model-shared calibrations with a density per timestep bucket, each
    with an INT8 row. The calibration's dense generations run once (``measure_paro``) and every
    calibration is built from them; the dense videos are generated once and shared by every row.
+   ``--oracle`` adds INT8 rows of ``ParoOracle`` at each density, the budget per head and per
+   layer: the first calibration's head orders, but each call's mask chosen from that call's own
+   attention mass. Not a method (it needs the dense attention it replaces): an upper bound on what
+   a mask of these blocks at that density can give, chosen by mass per step, layer and head.
 
 Kernel times are ``triton.testing.do_bench`` medians (ms); the quality part reports wall seconds.
 
@@ -79,9 +83,11 @@ from vmoba import fmt, free_memory, make_clock, ratio, rel_error, run_meta  # be
 
 from vgen import VideoPipeline
 from vgen.attention.block_mask import BlockMask
-from vgen.attention.paro import AXIS_ORDERS, measure_paro
+from vgen.attention.common import key_lengths, run_block_sparse
+from vgen.attention.paro import AXIS_ORDERS, PAROAttention, PAROConfig, _pooled_masks, _token_counts, measure_paro
+from vgen.attention.registry import register_method
 from vgen.cli import _held_out_captions
-from vgen.kernels import block_sparse_attention
+from vgen.kernels import block_sparse_attention, permute_tokens, unpermute_tokens
 from vgen.kernels.quantized import _quantize_for_kernel, quantized_attention
 from vgen.pipelines.quality import quality_report
 
@@ -124,6 +130,7 @@ class Sizes:
     schedules: tuple[tuple[float, ...], ...] = ()  # density schedules (one per bucket), each shared per model
     shares: tuple[str, ...] = SHARES  # the calibrations' budget shares
     quants: tuple[str, ...] = QUANTS  # the quantisations of the "head" share's rows (the other shares: INT8)
+    oracle: bool = False  # also the oracle rows (ParoOracle) at each quality density, INT8
 
 
 def wan_shape(name: str) -> tuple[str, int, int, int]:
@@ -197,6 +204,59 @@ def display_path(path: Path) -> str:
         return str(path.resolve().relative_to(root))
     except ValueError:
         return str(path)
+
+
+# ---------------------------------------------------------------------------------------- oracle
+
+
+@dataclass(frozen=True)
+class OracleConfig(PAROConfig):
+    """:class:`ParoOracle`'s settings: a calibration (for its head orders), the density, and over what the budget
+    of each attention call is shared (``"head"`` or ``"layer"``: the heads of the call)."""
+
+    density: float = 0.3
+    share: str = "layer"
+
+
+@register_method("paro-oracle")
+class ParoOracle(PAROAttention):
+    """An upper bound, not a method: PARO's per-head orders, with each call's block mask chosen from that call's
+    own attention (its block mass, exactly, from the dense softmax) instead of a calibration. What any mask of
+    these blocks at this density, chosen per step, layer and head, could give at best by attention mass."""
+
+    config_class = OracleConfig
+    config: OracleConfig
+
+    def forward(self, q, k, v, *, layout, step, layer, scale, attn_mask):
+        self.calibration.check(layout, layer, q.shape[2])
+        block, seq = self.calibration.meta["block_size"], layout.seq_len
+        perm = self._perm(layout, layer, q.device)
+        q, k, v = (permute_tokens(x, perm) for x in (q, k, v))
+        mass = _call_mass(q, k, block, q.shape[-1] ** -0.5 if scale is None else scale)  # [H, M, M]
+        grouped = mass[:, None] if self.config.share == "head" else mass[None]  # each head alone, or all together
+        dense = _pooled_masks(grouped.cpu(), seq, block, self.config.density).reshape(mass.shape)
+        tokens = _token_counts(seq, block)
+        self.last_density = float((dense.double() * (tokens[:, None] * tokens)).sum() / (dense.shape[0] * seq * seq))
+        lengths = key_lengths(attn_mask, q.shape[0], layout)
+        out = run_block_sparse(q, k, v, dense[None].to(q.device), (block, block), scale, lengths, pv=self._pv)
+        return unpermute_tokens(out, perm)
+
+
+def _call_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """fp32 ``[H, M, M]``: the softmax mass of ``q`` ``[B, S, H, D]`` on ``k`` per (query block, key block), summed
+    over the batch, in the tokens' given order."""
+    batch, seq, heads, _ = q.shape
+    blocks = -(-seq // block)
+    chunk = max(block, chunk // block * block)
+    mass = torch.zeros(heads, blocks, blocks, dtype=torch.float32, device=q.device)
+    kt = k.transpose(1, 2).float()  # [B, H, S, D]
+    for start in range(0, seq, chunk):
+        rows = min(seq, start + chunk) - start
+        p = torch.softmax(q[:, start : start + rows].transpose(1, 2).float() @ kt.transpose(-1, -2) * scale, dim=-1)
+        p = F.pad(p.sum(0), (0, blocks * block - seq, 0, -rows % block))  # [H, rows up to a block, M x block]
+        per_key = p.view(heads, p.shape[1], blocks, block).sum(-1)  # [H, r, M]
+        mass[:, start // block : start // block + p.shape[1] // block] = per_key.view(heads, -1, block, blocks).sum(2)
+    return mass
 
 
 # ---------------------------------------------------------------------------------------- part 1
@@ -329,28 +389,25 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
                 start = time.perf_counter()
                 config = {"calibration": str(path), "quant": quant, "dense_steps": dense_steps}
                 report = quality_report(pipe, "paro", config, prompts, [0], dense_cache=dense_cache, **generate)
-                layers = report.layers()
-                errors = [e for _, _, e in layers]
-                row = {
-                    "target_density": round(statistics.fmean(schedule), 4) if schedule else density,
-                    "schedule": schedule, "share": share, "quant": quant, "dense_steps": dense_steps,
-                    "clips": len(report.clips),
-                    "density": report.density, "psnr": report.mean_psnr, "psnr_min": min(c.psnr for c in report.clips),
-                    "ssim": report.mean_ssim, "attention_error_mean": statistics.fmean(errors),
-                    "attention_error_max": max(errors), "adherence_dense": report.adherence("dense"),
-                    "adherence_method": report.adherence("method"), "seconds": time.perf_counter() - start,
-                    "layers": [{"layer": layer, "density": d, "rel_error": e} for layer, d, e in layers],
-                    "clip_psnr": [c.psnr for c in report.clips], "clip_ssim": [c.ssim for c in report.clips],
-                }  # fmt: skip
+                row = _quality_row(report, density, schedule, share, quant, dense_steps, start)
                 print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
                 rows.append(row)
                 free_memory()
+        oracle_runs = [(d, s) for d in sizes.quality_densities for s in ("head", "layer")] if sizes.oracle else []
+        for density, share in oracle_runs:  # the head orders of the first calibration
+            start = time.perf_counter()
+            config = {"calibration": str(Path(tmp) / f"paro-0-{runs[0][1]}.safetensors"), "quant": "int8",
+                      "density": density, "share": share}  # fmt: skip
+            report = quality_report(pipe, "paro-oracle", config, prompts, [0], dense_cache=dense_cache, **generate)
+            rows.append(_quality_row(report, density, None, f"oracle per call, {share}", "int8", 0, start))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "layers"}), flush=True)
+            free_memory()
     del pipe
     free_memory()
     # the target's row: INT8 at density 0.3 with no dense steps, the best share (each keeps the same total density)
     # by the measured density, within TARGET_DENSITY_TOLERANCE of 0.3 (a schedule's mean is the run's density only
     # for buckets of equal step counts; a calibration may overshoot its budget by up to a block)
-    int8 = [r for r in rows if r["quant"] == "int8" and not r.get("dense_steps")
+    int8 = [r for r in rows if r["quant"] == "int8" and not r.get("dense_steps") and "oracle" not in r["share"]
             and abs(r["density"] - TARGET_PSNR_DENSITY) <= TARGET_DENSITY_TOLERANCE]  # fmt: skip
     best = max(int8, key=lambda r: r["psnr"], default=None)
     target = {
@@ -359,6 +416,22 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
         "met": (best["psnr"] >= TARGET_PSNR) if best else None,
     }  # fmt: skip
     return {"info": info, "calibrations": calibrations, "rows": rows, "target": target}
+
+
+def _quality_row(report, density, schedule, share: str, quant: str, dense_steps: int, start: float) -> dict[str, Any]:
+    """One row of part 2 from a quality report."""
+    layers = report.layers()
+    errors = [e for _, _, e in layers]
+    return {
+        "target_density": round(statistics.fmean(schedule), 4) if schedule else density,
+        "schedule": schedule, "share": share, "quant": quant, "dense_steps": dense_steps, "clips": len(report.clips),
+        "density": report.density, "psnr": report.mean_psnr, "psnr_min": min(c.psnr for c in report.clips),
+        "ssim": report.mean_ssim, "attention_error_mean": statistics.fmean(errors),
+        "attention_error_max": max(errors), "adherence_dense": report.adherence("dense"),
+        "adherence_method": report.adherence("method"), "seconds": time.perf_counter() - start,
+        "layers": [{"layer": layer, "density": d, "rel_error": e} for layer, d, e in layers],
+        "clip_psnr": [c.psnr for c in report.clips], "clip_ssim": [c.ssim for c in report.clips],
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -527,6 +600,8 @@ def main() -> None:
     parser.add_argument(
         "--quants", default=",".join(QUANTS), help="part 2: quantisations of the head share's rows, comma-separated"
     )
+    parser.add_argument("--oracle", action="store_true",
+                        help="part 2: also INT8 rows whose masks come from each call's own attention (an upper bound)")
     parser.add_argument("--model", type=Path, default=REFERENCE, help="diffusers Wan folder for part 2")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
     args = parser.parse_args()
@@ -561,7 +636,7 @@ def main() -> None:
         sys.exit(f"--schedules: each needs one density per bucket ({buckets}), got {args.schedules!r}")
     sizes = replace(
         sizes, dense_steps=dense_steps, shares=shares, quants=quants, schedules=schedules,
-        quality_block=args.quality_block or sizes.quality_block, buckets=buckets,
+        quality_block=args.quality_block or sizes.quality_block, buckets=buckets, oracle=args.oracle,
     )  # fmt: skip
     cuda = sizes.device.type == "cuda"
     meta = run_meta(sizes.device, sizes.dtype, args.smoke, parts, "kernel times are do_bench medians in ms")
