@@ -39,9 +39,10 @@ Everything runs in one process; the tables go to ``--out`` (Markdown) and a ``.j
    with an INT8 row. The calibration's dense generations run once (``measure_paro``) and every
    calibration is built from them; the dense videos are generated once and shared by every row.
    ``--oracle`` adds INT8 rows of ``ParoOracle`` at each density, the budget per head and per
-   layer: the first calibration's head orders, but each call's mask chosen from that call's own
-   attention mass. Not a method (it needs the dense attention it replaces): an upper bound on what
-   a mask of these blocks at that density can give, chosen by mass per step, layer and head.
+   layer, and per layer at each ``--schedules`` schedule: the first calibration's head orders,
+   but each call's mask chosen from that call's own attention mass. Not a method (it needs the
+   dense attention it replaces): an upper bound on what a mask of these blocks at that density
+   can give, chosen by mass per step, layer and head.
 
 Kernel times are ``triton.testing.do_bench`` medians (ms); the quality part reports wall seconds.
 
@@ -211,10 +212,11 @@ def display_path(path: Path) -> str:
 
 @dataclass(frozen=True)
 class OracleConfig(PAROConfig):
-    """:class:`ParoOracle`'s settings: a calibration (for its head orders), the density, and over what the budget
-    of each attention call is shared (``"head"`` or ``"layer"``: the heads of the call)."""
+    """:class:`ParoOracle`'s settings: a calibration (for its head orders and timestep buckets), the density (or one
+    per bucket), and over what the budget of each attention call is shared (``"head"`` or ``"layer"``: the heads
+    of the call)."""
 
-    density: float = 0.3
+    density: float | tuple[float, ...] = 0.3
     share: str = "layer"
 
 
@@ -234,7 +236,9 @@ class ParoOracle(PAROAttention):
         q, k, v = (permute_tokens(x, perm) for x in (q, k, v))
         mass = _call_mass(q, k, block, q.shape[-1] ** -0.5 if scale is None else scale)  # [H, M, M]
         grouped = mass[:, None] if self.config.share == "head" else mass[None]  # each head alone, or all together
-        dense = _pooled_masks(grouped.cpu(), seq, block, self.config.density).reshape(mass.shape)
+        density = self.config.density
+        density = density[self.calibration.bucket(step)] if isinstance(density, tuple) else density
+        dense = _pooled_masks(grouped.cpu(), seq, block, density).reshape(mass.shape)
         tokens = _token_counts(seq, block)
         self.last_density = float((dense.double() * (tokens[:, None] * tokens)).sum() / (dense.shape[0] * seq * seq))
         lengths = key_lengths(attn_mask, q.shape[0], layout)
@@ -393,13 +397,15 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
                 print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
                 rows.append(row)
                 free_memory()
-        oracle_runs = [(d, s) for d in sizes.quality_densities for s in ("head", "layer")] if sizes.oracle else []
-        for density, share in oracle_runs:  # the head orders of the first calibration
+        oracle_runs = [(d, s) for d in sizes.quality_densities for s in ("head", "layer")]
+        oracle_runs += [(tuple(schedule), "layer") for schedule in sizes.schedules]
+        for density, share in oracle_runs if sizes.oracle else ():  # the head orders of the first calibration
             start = time.perf_counter()
             config = {"calibration": str(Path(tmp) / f"paro-0-{runs[0][1]}.safetensors"), "quant": "int8",
                       "density": density, "share": share}  # fmt: skip
             report = quality_report(pipe, "paro-oracle", config, prompts, [0], dense_cache=dense_cache, **generate)
-            rows.append(_quality_row(report, density, None, f"oracle per call, {share}", "int8", 0, start))
+            schedule = list(density) if isinstance(density, tuple) else None
+            rows.append(_quality_row(report, density, schedule, f"oracle per call, {share}", "int8", 0, start))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "layers"}), flush=True)
             free_memory()
     del pipe
