@@ -243,6 +243,12 @@ def _quantize_kernel(
 #                    (8, 128) 2.52 / 2.38.
 # (4, 64): the fastest at 14B (12% under (8, 128); the one-pass kernel before took 2.27 / 2.62 ms at 16ecb6a), and
 # within 0.02-0.07 ms of (8, 128) at 1.3B (the one-pass kernel: 0.47 / 0.61 ms); 159-168 registers.
+# (Tried and dropped, H200 at 5c27033, `benchmarks/quantized_quick.py --quantiser`: the quantisation in two kernels,
+# each block's per-channel maximum, minimum and sum first, then one program per 64-token tile deriving its scale
+# from them, so that K's mean and V's channel scales came from the block statistics instead of PyTorch reductions.
+# GPU ms for Q / K / V at 1.3B: 0.172 / 0.245 / 0.209 against this kernel's 0.070 / 0.125 / 0.128; at 14B 1.24 /
+# 1.70 / 1.30 against 0.44 / 0.69 / 0.60. One tensor is 100 MB in bf16 at 1.3B and 774 MB at 14B: this kernel reads
+# each block from DRAM once and again from L2, near the memory's speed at 14B; the split read DRAM twice.)
 QUANTIZE_WARPS = 4
 QUANTIZE_SUB = 64
 # V^T's rows (tokens) are padded to whole blocks (see _quantize_triton): stored without a token mask (PADDED), the
