@@ -84,7 +84,7 @@ from vmoba import fmt, free_memory, make_clock, ratio, rel_error, run_meta  # be
 
 from vgen import VideoPipeline
 from vgen.attention.block_mask import BlockMask
-from vgen.attention.common import key_lengths, run_block_sparse
+from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse
 from vgen.attention.paro import AXIS_ORDERS, PAROAttention, PAROConfig, _pooled_masks, _token_counts, measure_paro
 from vgen.attention.registry import register_method
 from vgen.cli import _held_out_captions
@@ -230,6 +230,7 @@ class ParoOracle(PAROAttention):
     config: OracleConfig
 
     def forward(self, q, k, v, *, layout, step, layer, scale, attn_mask):
+        check_self_attention(self.name, q, k, layout)
         self.calibration.check(layout, layer, q.shape[2])
         block, seq = self.calibration.meta["block_size"], layout.seq_len
         perm = self._perm(layout, layer, q.device)
