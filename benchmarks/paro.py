@@ -85,7 +85,7 @@ from vmoba import fmt, free_memory, make_clock, ratio, rel_error, run_meta  # be
 from vgen import VideoPipeline
 from vgen.attention.block_mask import BlockMask
 from vgen.attention.common import check_self_attention, key_lengths, run_block_sparse
-from vgen.attention.paro import AXIS_ORDERS, PAROAttention, PAROConfig, _pooled_masks, _token_counts, measure_paro
+from vgen.attention.paro import AXIS_ORDERS, PAROAttention, PAROConfig, _kept_pairs, _pooled_masks, measure_paro
 from vgen.attention.registry import register_method
 from vgen.cli import _held_out_captions
 from vgen.kernels import block_sparse_attention, permute_tokens, unpermute_tokens
@@ -240,8 +240,7 @@ class ParoOracle(PAROAttention):
         density = self.config.density
         density = density[self.calibration.bucket(step)] if isinstance(density, tuple) else density
         dense = _pooled_masks(grouped.cpu(), seq, block, density).reshape(mass.shape)
-        tokens = _token_counts(seq, block)
-        self.last_density = float((dense.double() * (tokens[:, None] * tokens)).sum() / (dense.shape[0] * seq * seq))
+        self.last_density = float(_kept_pairs(dense, seq, block).mean())
         lengths = key_lengths(attn_mask, q.shape[0], layout)
         out = run_block_sparse(q, k, v, dense[None].to(q.device), (block, block), scale, lengths, pv=self._pv)
         return unpermute_tokens(out, perm)
@@ -371,11 +370,13 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
                                **generate)  # fmt: skip
     info["measure_s"] = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
+        paths = []  # the calibrations' files (the oracle takes the first's head orders)
         runs = [(d, s) for d in sizes.quality_densities for s in sizes.shares]
         runs += [(list(schedule), "model") for schedule in sizes.schedules]  # a density per timestep bucket
         for index, (density, share) in enumerate(runs):
             schedule = density if isinstance(density, list) else None
             path = Path(tmp) / f"paro-{index}-{share}.safetensors"
+            paths.append(path)
             start = time.perf_counter()
             calibration = measurement.calibration(path, density=density, share=share)
             captured = [c for layer in calibration.meta["captured"] for c in layer]
@@ -402,8 +403,7 @@ def part_quality(sizes: Sizes, model: Path) -> dict[str, Any]:
         oracle_runs += [(tuple(schedule), "layer") for schedule in sizes.schedules]
         for density, share in oracle_runs if sizes.oracle else ():  # the head orders of the first calibration
             start = time.perf_counter()
-            config = {"calibration": str(Path(tmp) / f"paro-0-{runs[0][1]}.safetensors"), "quant": "int8",
-                      "density": density, "share": share}  # fmt: skip
+            config = {"calibration": str(paths[0]), "quant": "int8", "density": density, "share": share}
             report = quality_report(pipe, "paro-oracle", config, prompts, [0], dense_cache=dense_cache, **generate)
             schedule = list(density) if isinstance(density, tuple) else None
             rows.append(_quality_row(report, density, schedule, f"oracle per call, {share}", "int8", 0, start))

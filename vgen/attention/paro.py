@@ -115,6 +115,12 @@ def _token_counts(seq: int, block: int) -> torch.Tensor:
     return (seq - torch.arange(0, seq, block)).clamp(max=block).to(torch.float64)
 
 
+def _kept_pairs(masks: torch.Tensor, seq: int, block: int) -> torch.Tensor:
+    """fp64 ``[...]``: the share of the ``seq`` x ``seq`` token pairs each block mask ``[..., M, M]`` keeps."""
+    tokens = _token_counts(seq, block)
+    return (masks.double() * (tokens[:, None] * tokens)).sum((-1, -2)) / (seq * seq)
+
+
 def _mask_at_density(mass: torch.Tensor, seq: int, block: int, density: float) -> torch.Tensor:
     """bool ``[..., M, M]``: per leading slice (one head), the diagonal, then the heaviest blocks, until
     ``density`` of the token pairs."""
@@ -282,9 +288,7 @@ class PAROAttention(AttentionMethod):
         if key not in self._device_cache:
             dense = self.calibration.masks[bucket, layer][None]  # [1, H, M, M]
             block = self.calibration.meta["block_size"]
-            tokens = _token_counts(seq, block)
-            kept = (dense[0].double() * (tokens[:, None] * tokens)).sum() / (dense.shape[1] * seq * seq)
-            self._device_cache[key] = (dense.to(device), float(kept))
+            self._device_cache[key] = (dense.to(device), float(_kept_pairs(dense[0], seq, block).mean()))
         return self._device_cache[key]
 
     def forward(
@@ -447,8 +451,7 @@ class ParoMeasurement:
             inside += torch.where(kept_blocks, mass, 0).double().sum((-1, -2))
             whole += mass.double().sum((-1, -2))
         captured = inside / whole.clamp_min(1e-30)
-        tokens = _token_counts(layout.seq_len, block_size)
-        kept = (masks.double() * tokens[:, None] * tokens).sum((-1, -2)) / layout.seq_len**2  # [K, L, H] pairs
+        kept = _kept_pairs(masks, layout.seq_len, block_size)  # [K, L, H]
         meta = {
             **self.model,
             "grid": [layout.frames, layout.height, layout.width, layout.text_before, layout.text_after],
